@@ -1,0 +1,590 @@
+"""Property tests for the VQ-VAE reference: gradients, losses, quantizers, model, optimiser.
+
+Gradients are checked in float64 against central finite differences with a random upstream
+gradient. Hypothesis draws the structure (sizes, strides, paddings, channels) and a seed; the
+floats come from that seed. Profiles: VQVAE_HYPOTHESIS=ci (default, quick and deterministic)
+or VQVAE_HYPOTHESIS=thorough (many more examples).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+import vqvae as V
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("VQVAE_HYPOTHESIS", "ci"))
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def f64_init(seed):
+    return V.uniform_init(np.random.default_rng(seed), np, "float64")
+
+
+def numerical_grad(f, a, eps=1e-6):
+    """Central differences of the scalar f() with respect to every entry of `a` (perturbed in place)."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + eps
+        fp = f()
+        a[i] = old - eps
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def rel_error(a, b, floor=1e-8):
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), floor)
+
+
+def check_layer_grads(layer, x, rng, tol=1e-6):
+    """Input and parameter gradients of `layer` against finite differences of <layer(x), dy>."""
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape)                                  # random upstream gradient
+    dx = layer.backward(dy)
+    grads = {k: g.copy() for k, g in layer.grads.items()}
+    f = lambda: np.sum(layer.forward(x) * dy)
+    assert rel_error(dx, numerical_grad(f, x)) < tol
+    for k, p in layer.params.items():
+        assert grads[k].shape == p.shape
+        assert rel_error(grads[k], numerical_grad(f, p)) < tol, k
+
+
+def direct_conv(x, W, b, stride, padding):
+    """The definition of a convolution, one output pixel at a time (NHWC input, OIHW weights)."""
+    (t, bo), (l, r) = V._padding(padding)
+    x = np.pad(x, ((0, 0), (t, bo), (l, r), (0, 0)))
+    N, H, Wd, C = x.shape
+    O, _, kh, kw = W.shape
+    Ho, Wo = (H - kh) // stride + 1, (Wd - kw) // stride + 1
+    y = np.zeros((N, Ho, Wo, O))
+    for n in range(N):
+        for i in range(Ho):
+            for j in range(Wo):
+                patch = x[n, i * stride:i * stride + kh, j * stride:j * stride + kw, :]  # (kh, kw, C)
+                for o in range(O):
+                    y[n, i, j, o] = np.sum(patch * W[o].transpose(1, 2, 0)) + b[o]
+    return y
+
+
+@st.composite
+def conv_shapes(draw):
+    """A valid convolution: channels, kernel, stride, padding (possibly asymmetric), input size."""
+    C, O = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(st.integers(1, 3))
+    pad = ((draw(st.integers(0, 2)), draw(st.integers(0, 2))), (draw(st.integers(0, 2)), draw(st.integers(0, 2))))
+    H = draw(st.integers(max(1, kh - sum(pad[0])), 7))
+    W = draw(st.integers(max(1, kw - sum(pad[1])), 7))
+    N = draw(st.integers(1, 2))
+    return N, C, O, (kh, kw), stride, pad, H, W
+
+
+# -----------------------------------------------------------------------------
+# layers
+
+
+@given(conv_shapes(), seeds)
+def test_conv2d_equals_direct_loop_convolution(shape, seed):
+    N, C, O, k, s, pad, H, W = shape
+    rng = np.random.default_rng(seed)
+    conv = V.Conv2d(C, O, k, s, pad, init=f64_init(seed))
+    x = rng.standard_normal((N, H, W, C))
+    expected = direct_conv(x, conv.params["W"], conv.params["b"], s, pad)
+    np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-10, atol=1e-12)
+
+
+@given(conv_shapes(), seeds)
+def test_conv2d_gradients_match_finite_differences(shape, seed):
+    N, C, O, k, s, pad, H, W = shape
+    rng = np.random.default_rng(seed)
+    conv = V.Conv2d(C, O, k, s, pad, init=f64_init(seed))
+    check_layer_grads(conv, rng.standard_normal((N, H, W, C)), rng)
+
+
+@given(conv_shapes(), seeds)
+def test_conv_transpose2d_gradients_match_finite_differences(shape, seed):
+    N, C, O, k, s, pad, H, W = shape
+    # a transposed convolution needs (H - 1) s + k > top + bottom padding to give any output
+    assume((H - 1) * s + k[0] > sum(pad[0]) and (W - 1) * s + k[1] > sum(pad[1]))
+    rng = np.random.default_rng(seed)
+    convt = V.ConvTranspose2d(C, O, k, s, pad, init=f64_init(seed))
+    check_layer_grads(convt, rng.standard_normal((N, H, W, C)), rng)
+
+
+@given(conv_shapes(), seeds)
+def test_conv_transpose2d_is_the_adjoint_of_conv2d(shape, seed):
+    N, C, O, k, s, pad, H, W = shape
+    rng = np.random.default_rng(seed)
+    # make the conv's strided windows cover the padded input exactly, so A^T maps back onto x's shape
+    Hp = (H + sum(pad[0]) - k[0]) // s * s + k[0]
+    Wp = (W + sum(pad[1]) - k[1]) // s * s + k[1]
+    H, W = Hp - sum(pad[0]), Wp - sum(pad[1])
+    assume(H >= 1 and W >= 1)
+    conv = V.Conv2d(C, O, k, s, pad, init=f64_init(seed))
+    convt = V.ConvTranspose2d(O, C, k, s, pad)
+    convt.params["W"] = conv.params["W"]                               # the same tensor, read as (in=O, out=C)
+    conv.params["b"][:] = 0
+    convt.params["b"] = np.zeros(C)
+    x = rng.standard_normal((N, H, W, C))
+    Ax = conv.forward(x)
+    y = rng.standard_normal(Ax.shape)
+    ATy = convt.forward(y)
+    assert ATy.shape == x.shape                                        # (H' - 1) s - 2p + k == H
+    np.testing.assert_allclose(np.sum(Ax * y), np.sum(x * ATy), rtol=1e-10, atol=1e-10)
+
+
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), st.integers(2, 5))
+def test_conv_transpose2d_output_size_is_torch_formula(C, H, k, s):
+    convt = V.ConvTranspose2d(C, 2, k, s, padding=(k - 1) // 2)
+    y = convt.forward(np.ones((1, H, H, C), np.float32))
+    p = (k - 1) // 2
+    assert y.shape == (1, (H - 1) * s - 2 * p + k, (H - 1) * s - 2 * p + k, 2)
+
+
+@given(st.integers(1, 3), st.integers(1, 6), seeds)
+def test_relu_gradient_is_the_mask(N, C, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, 3, 3, C))
+    assume(np.min(np.abs(x)) > 1e-3)                                   # away from the kink at 0
+    check_layer_grads(V.ReLU(), x, rng)
+
+
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 5), seeds)
+def test_residual_block_gradients_match_finite_differences(ch, hidden, H, seed):
+    rng = np.random.default_rng(seed)
+    block = V.ResidualBlock(ch, hidden, init=f64_init(seed))
+    x = rng.standard_normal((2, H, H, ch))
+    # keep every ReLU input a margin away from zero, where the derivative jumps
+    inner = block.layers[1].forward(np.maximum(x, 0))
+    assume(np.min(np.abs(x)) > 1e-3 and np.min(np.abs(inner)) > 1e-3)
+    check_layer_grads(block, x, rng)
+
+
+def test_layers_keep_float32():
+    rng = np.random.default_rng(0)
+    init = V.uniform_init(rng, np, "float32")
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    for layer in (V.Conv2d(3, 4, 3, 1, 1, init), V.ConvTranspose2d(3, 4, 4, 2, 1, init),
+                  V.ReLU(), V.ResidualBlock(3, 2, init)):
+        y = layer.forward(x)
+        dx = layer.backward(np.ones_like(y))
+        assert y.dtype == dx.dtype == np.float32
+        assert all(layer.grads[k].dtype == p.dtype == np.float32 for k, p in layer.params.items())
+
+
+# -----------------------------------------------------------------------------
+# vector quantizer
+
+
+@st.composite
+def quantizer_case(draw):
+    K, D = draw(st.integers(1, 12)), draw(st.integers(1, 5))
+    N, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    return K, D, (N, h, w, D), draw(seeds)
+
+
+def min_margin(z, E):
+    """Smallest gap between the nearest and second-nearest code distance over rows of z."""
+    d = ((z[:, None, :] - E[None, :, :]) ** 2).sum(-1)
+    if E.shape[0] == 1:
+        return np.inf
+    d.sort(1)
+    return np.min(d[:, 1] - d[:, 0])
+
+
+@given(quantizer_case())
+def test_quantizer_code_is_brute_force_nearest_and_z_q_is_its_row(case):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    vq = V.VectorQuantizer(K, D, init=f64_init(seed))
+    z_e = rng.standard_normal(shape)
+    z_q, stats = vq.forward(z_e)
+    z, E = z_e.reshape(-1, D), vq.codebook
+    brute = np.argmin(((z[:, None, :] - E[None]) ** 2).sum(-1), 1)    # the (M, K, D) way, here only
+    assume(min_margin(z, E) > 1e-9)
+    np.testing.assert_array_equal(stats["codes"].ravel(), brute)
+    np.testing.assert_array_equal(z_q.reshape(-1, D), E[brute])       # exact rows, not approximations
+
+
+@given(quantizer_case())
+def test_permuting_the_codebook_permutes_the_codes(case):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    vq = V.VectorQuantizer(K, D, init=f64_init(seed))
+    z_e = rng.standard_normal(shape)
+    assume(min_margin(z_e.reshape(-1, D), vq.codebook) > 1e-9)
+    codes = vq.forward(z_e)[1]["codes"]
+    perm = rng.permutation(K)
+    vq.codebook[...] = vq.codebook[perm]                              # new row i is old row perm[i]
+    new_codes = vq.forward(z_e)[1]["codes"]
+    np.testing.assert_array_equal(perm[new_codes], codes)
+
+
+@given(quantizer_case(), st.sampled_from([0.25, 0.5, 1.0]))
+def test_quantizer_losses_equal_the_formula(case, beta):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    vq = V.VectorQuantizer(K, D, beta, init=f64_init(seed))
+    z_e = rng.standard_normal(shape)
+    z_q, s = vq.forward(z_e)
+    sq = np.mean((z_e - z_q) ** 2)
+    np.testing.assert_allclose([s["codebook"], s["commitment"], s["vq"]], [sq, sq, (1 + beta) * sq])
+    counts = np.bincount(s["codes"].ravel(), minlength=K)
+    p = counts / counts.sum()
+    np.testing.assert_allclose(s["perplexity"], np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))), rtol=1e-6)
+    assert s["usage"] == np.count_nonzero(counts) / K
+
+
+@given(quantizer_case(), st.sampled_from([0.25, 0.5]))
+def test_gradient_to_z_e_is_decoder_gradient_plus_commitment(case, beta):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    vq = V.VectorQuantizer(K, D, beta, init=f64_init(seed))
+    z_e = rng.standard_normal(shape)
+    z_q, _ = vq.forward(z_e)
+    dz_q = rng.standard_normal(shape)
+    dz_e = vq.backward(dz_q)
+    np.testing.assert_allclose(dz_e, dz_q + beta * 2 * (z_e - z_q) / z_e.size, rtol=1e-12)
+
+
+@given(quantizer_case())
+def test_codebook_gradient_reaches_only_used_rows_and_matches_finite_differences(case):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    vq = V.VectorQuantizer(K, D, init=f64_init(seed))
+    z_e = rng.standard_normal(shape)
+    assume(min_margin(z_e.reshape(-1, D), vq.codebook) > 1e-4)        # the assignment survives +-eps
+    _, stats = vq.forward(z_e)
+    vq.backward(np.zeros(shape))                                       # the decoder's part aside
+    g = vq.grads["codebook"]
+    unused = np.setdiff1d(np.arange(K), stats["codes"])
+    assert np.all(g[unused] == 0)
+    f = lambda: vq.forward(z_e)[1]["codebook"]                         # the only term with a path to E
+    np.testing.assert_allclose(g, numerical_grad(f, vq.codebook), rtol=1e-6, atol=1e-9)
+
+
+def test_quantizer_distances_never_build_an_M_K_D_array(monkeypatch):
+    # nearest() is O(M K): with M = 2048, K = 4096, D = 64 an (M, K, D) float32 array is 2 GiB
+    rng = np.random.default_rng(0)
+    vq = V.VectorQuantizer(4096, 64)
+    z = rng.standard_normal((2048, 64)).astype(np.float32)
+    import tracemalloc
+    tracemalloc.start()
+    vq.nearest(z)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2048 * 4096 * 4                                  # a few (M, K) arrays at most
+
+
+# -----------------------------------------------------------------------------
+# EMA quantizer
+
+
+def test_ema_update_equals_the_formulas_on_a_hand_made_case():
+    E0 = np.array([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    vq = V.VectorQuantizerEMA(3, 2, decay=0.9, eps=1e-5, init=f64_init(0))
+    vq.codebook[...] = E0
+    vq.buffers["ema_sum"][...] = E0
+    z = np.array([[0.1, 0.0], [0.0, -0.1], [0.2, 0.3], [1.2, 0.8]])  # codes 0, 0, 0, 1; code 2 unused
+    _, stats = vq.forward(z.reshape(1, 2, 2, 2), train=True)
+    np.testing.assert_array_equal(stats["codes"].ravel(), [0, 0, 0, 1])
+    N = 0.9 * 1 + 0.1 * np.array([3, 1, 0])                           # N_k = g N_k + (1 - g) n_k
+    m = 0.9 * E0 + 0.1 * np.array([z[:3].sum(0), z[3], [0, 0]])       # m_k = g m_k + (1 - g) sum z
+    n = N.sum()
+    N_s = (N + 1e-5) / (n + 3 * 1e-5) * n
+    np.testing.assert_allclose(vq.buffers["ema_count"], N)
+    np.testing.assert_allclose(vq.buffers["ema_sum"], m)
+    np.testing.assert_allclose(vq.codebook, m / N_s[:, None])
+    assert np.isclose(stats["vq"], 0.25 * np.mean((z - E0[[0, 0, 0, 1]]) ** 2))
+
+
+def test_ema_unused_code_stays_finite_and_close_to_where_it_was():
+    rng = np.random.default_rng(0)
+    vq = V.VectorQuantizerEMA(4, 3, decay=0.99, init=f64_init(1))
+    vq.codebook[3] = [50.0, 50.0, 50.0]                                # far from all the data
+    vq.buffers["ema_sum"][3] = vq.codebook[3]
+    for _ in range(300):
+        vq.forward(rng.standard_normal((2, 4, 4, 3)), train=True)
+    assert np.all(np.isfinite(vq.codebook))
+    np.testing.assert_allclose(vq.codebook[3], 50.0, rtol=1e-2)
+
+
+def test_ema_eval_mode_changes_nothing():
+    rng = np.random.default_rng(0)
+    vq = V.VectorQuantizerEMA(8, 3, init=f64_init(2))
+    before = {k: v.copy() for k, v in vq.buffers.items()}
+    vq.forward(rng.standard_normal((2, 4, 4, 3)), train=False)
+    for k in before:
+        np.testing.assert_array_equal(vq.buffers[k], before[k])
+    vq.forward(rng.standard_normal((2, 4, 4, 3)), train=True)
+    assert not np.array_equal(vq.buffers["ema_count"], before["ema_count"])
+
+
+@given(quantizer_case(), st.sampled_from([0.25, 0.5]))
+def test_ema_gradient_to_z_e_is_decoder_gradient_plus_commitment_only(case, beta):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    vq = V.VectorQuantizerEMA(K, D, beta, init=f64_init(seed))
+    z_e = rng.standard_normal(shape)
+    z_q, stats = vq.forward(z_e, train=False)
+    dz_q = rng.standard_normal(shape)
+    np.testing.assert_allclose(vq.backward(dz_q), dz_q + beta * 2 * (z_e - z_q) / z_e.size, rtol=1e-12)
+    assert vq.params == {} and vq.grads == {}                          # nothing for the optimiser
+    np.testing.assert_allclose(stats["vq"], beta * np.mean((z_e - z_q) ** 2))
+
+
+# -----------------------------------------------------------------------------
+# whole model
+
+
+def tiny_config(**kw):
+    base = dict(in_channels=2, hidden=4, res_hidden=3, res_blocks=1, codebook_size=6, code_dim=3,
+                dtype="float64")
+    base.update(kw)
+    return V.Config(**base)
+
+
+def all_layers(model):
+    stack = [model.encoder, model.decoder]
+    while stack:
+        layer = stack.pop()
+        yield layer
+        stack.extend(getattr(layer, "layers", []))
+
+
+class FrozenStopGradients:
+    """The quantizer of eq. 3 with every stop-gradient made a constant taken at a base point:
+
+        z_q = z_e + sg[e_k - z_e]       (straight-through: d z_q / d z_e = I)
+        codebook   = mean((sg[z_e] - e_k)^2)
+        commitment = mean((z_e - sg[e_k])^2)
+
+    Its true gradient at the base point is what VQ-VAE's backward claims, so central
+    differences of this surrogate check the straight-through estimator and where every loss
+    term sends its gradient."""
+
+    def __init__(self, vq, z_e0):
+        self.vq, self.z_e0 = vq, z_e0.copy()
+        self.codes = vq.nearest(z_e0.reshape(-1, vq.D)).reshape(z_e0.shape[:3])
+        self.e0 = vq.codebook[self.codes].copy()
+
+    def forward(self, z_e, train=False):
+        stats = {"commitment": np.mean((z_e - self.e0) ** 2)}
+        stats["vq"] = self.vq.beta * stats["commitment"]
+        if not isinstance(self.vq, V.VectorQuantizerEMA):             # the EMA codebook has no loss term
+            e = self.vq.codebook[self.codes]                           # live: finite differences perturb it
+            stats["vq"] = stats["vq"] + np.mean((self.z_e0 - e) ** 2)
+        return z_e + (self.e0 - self.z_e0), stats                      # value e_k, gradient to z_e only
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+@given(seed=seeds, H=st.sampled_from([4, 8]))
+def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quantizer, seed, H):
+    model = V.VQVAE(tiny_config(quantizer=quantizer, seed=seed % 1000), device="cpu")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, H, H, 2))
+    model.forward(x, train=False)
+    model.backward()
+    grads = {k: g.copy() for k, g in model.grads.items()}
+    relu_inputs = [layer.cache for layer in all_layers(model) if isinstance(layer, V.ReLU)]
+    assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)        # +-eps flips no ReLU
+    params, real_quantizer = model.params, model.quantizer
+    model.quantizer = FrozenStopGradients(real_quantizer, model.encoder.forward(x))
+    f = lambda: model.forward(x, train=False)["loss"]
+    for k, p in params.items():
+        # a handful of entries of each tensor keeps this quick; hypothesis varies which ones
+        idx = [np.unravel_index(i, p.shape) for i in rng.choice(p.size, min(p.size, 4), replace=False)]
+        for i in idx:
+            old = p[i]
+            p[i] = old + 1e-6
+            fp = f()
+            p[i] = old - 1e-6
+            fm = f()
+            p[i] = old
+            num = (fp - fm) / 2e-6
+            assert abs(grads[k][i] - num) <= 1e-5 * max(abs(num), 1e-3), (k, i, grads[k][i], num)
+    model.quantizer = real_quantizer
+
+
+def test_model_encode_decode_shapes_and_consistency():
+    cfg = tiny_config(dtype="float32")
+    model = V.VQVAE(cfg, device="cpu")
+    x = np.random.default_rng(0).random((3, 12, 8, 2)).astype(np.float32)
+    codes = model.encode(x)
+    assert codes.shape == (3, 3, 2) and np.issubdtype(codes.dtype, np.integer)
+    assert codes.min() >= 0 and codes.max() < cfg.codebook_size
+    x_hat = model.decode(codes)
+    assert x_hat.shape == x.shape and x_hat.dtype == np.float32
+    stats = model.forward(x, train=False)
+    np.testing.assert_array_equal(stats["codes"], codes)
+    np.testing.assert_allclose(stats["recon"], np.mean((x_hat - x) ** 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_model_float32_end_to_end_without_dtype_drift(quantizer):
+    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, codebook_size=16, code_dim=4, quantizer=quantizer))
+    x = np.random.default_rng(0).random((2, 8, 8, 3))                  # float64 input is cast once
+    opt = V.Adam(model.params, lr=1e-3)
+    stats = model.train_step(x, opt)
+    for k in ("loss", "recon", "vq", "commitment"):
+        assert stats[k].dtype == np.float32, k
+    for k, p in model.params.items():
+        assert p.dtype == np.float32 and model.grads[k].dtype == np.float32, k
+    for k, b in model.buffers.items():
+        assert b.dtype == np.float32, k
+    assert all(m.dtype == np.float32 for m in opt.m.values())
+
+
+def test_model_rejects_bad_input_with_errors_naming_the_problem():
+    model = V.VQVAE(tiny_config(dtype="float32"), device="cpu")
+    good = np.zeros((2, 8, 8, 2), np.float32)
+    with pytest.raises(ValueError, match=r"shape \(N, H, W, 2\).*\(8, 8, 2\)"):
+        model.forward(good[0])                                         # wrong rank
+    with pytest.raises(ValueError, match=r"\(N, H, W, 2\).*\(2, 8, 8, 3\)"):
+        model.forward(np.zeros((2, 8, 8, 3)))                          # wrong channel count
+    with pytest.raises(ValueError, match="multiples of 4, got 10 x 8"):
+        model.encode(np.zeros((2, 10, 8, 2)))
+    bad = good.copy()
+    bad[0, 1, 2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.forward(bad)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 6\), got values in \[6, 6\]"):
+        model.decode(np.full((1, 2, 2), 6))
+    with pytest.raises(ValueError, match=r"got values in \[-1, 0\]"):
+        model.decode(np.array([[[0, -1]]]))
+    with pytest.raises(ValueError, match="integer codes, got dtype float"):
+        model.decode(np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match=r"codes of shape \(N, h, w\)"):
+        model.decode(np.zeros((2, 2), int))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="codebook_size must be a positive integer, got 0"):
+        V.Config(codebook_size=0)
+    with pytest.raises(ValueError, match="quantizer must be 'vq' or 'ema', got 'kmeans'"):
+        V.Config(quantizer="kmeans")
+    with pytest.raises(ValueError, match=r"unknown config keys \['widht'\]"):
+        V.Config.from_dict({"widht": 3})
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_save_load_round_trip_without_pickle(tmp_path, quantizer):
+    model = V.VQVAE(tiny_config(quantizer=quantizer, dtype="float32", seed=3), device="cpu")
+    x = np.random.default_rng(0).random((2, 8, 8, 2)).astype(np.float32)
+    opt = V.Adam(model.params, lr=1e-2)
+    for _ in range(3):
+        model.train_step(x, opt)                                       # EMA buffers move away from init
+    path = tmp_path / "model.npz"
+    model.save(path)
+    with np.load(path, allow_pickle=False) as f:                       # loads without pickle
+        assert json.loads(str(f["config"]))["quantizer"] == quantizer
+    loaded = V.VQVAE.load(path, device="cpu")
+    for k, v in {**model.params, **model.buffers}.items():
+        np.testing.assert_array_equal({**loaded.params, **loaded.buffers}[k], v)
+    np.testing.assert_array_equal(loaded.reconstruct(x), model.reconstruct(x))
+
+
+def test_load_names_a_missing_or_misshapen_array(tmp_path):
+    model = V.VQVAE(tiny_config(dtype="float32"), device="cpu")
+    state = model.state_dict()
+    missing = dict(state)
+    del missing["decoder.0.W"]
+    with pytest.raises(ValueError, match="no array 'decoder.0.W'"):
+        model.load_state_dict(missing)
+    state["encoder.0.b"] = np.zeros(7, np.float32)
+    with pytest.raises(ValueError, match=r"'encoder.0.b' has shape \(7,\), model expects \(2,\)"):
+        model.load_state_dict(state)
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a VQ-VAE checkpoint"):
+        V.VQVAE.load(tmp_path / "other.npz")
+
+
+# -----------------------------------------------------------------------------
+# optimiser
+
+
+def test_adam_equals_its_formula():
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal((3, 4))
+    params = {"p": p.copy()}
+    opt = V.Adam(params, lr=0.01, betas=(0.8, 0.9), eps=1e-6)
+    m = v = np.zeros_like(p)
+    for t in range(1, 6):
+        g = rng.standard_normal(p.shape)
+        opt.step({"p": g})
+        m = 0.8 * m + 0.2 * g
+        v = 0.9 * v + 0.1 * g ** 2
+        p = p - 0.01 * (m / (1 - 0.8 ** t)) / (np.sqrt(v / (1 - 0.9 ** t)) + 1e-6)
+        np.testing.assert_allclose(params["p"], p, rtol=1e-12)
+
+
+def test_adam_state_round_trip():
+    rng = np.random.default_rng(0)
+    a, b = {"p": rng.standard_normal(5)}, None
+    opt = V.Adam(a, lr=0.1)
+    opt.step({"p": rng.standard_normal(5)})
+    b = {"p": a["p"].copy()}
+    opt2 = V.Adam(b, lr=0.1)
+    opt2.load_state_dict(opt.state_dict())
+    g = rng.standard_normal(5)
+    opt.step({"p": g})
+    opt2.step({"p": g})
+    np.testing.assert_array_equal(a["p"], b["p"])
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_training_cuts_reconstruction_error_tenfold(quantizer):
+    model = V.VQVAE(V.Config(in_channels=1, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32,
+                             code_dim=8, quantizer=quantizer, seed=0), device="cpu")
+    rng = np.random.default_rng(0)
+    x = (rng.random((4, 8, 8, 1)) > 0.5).astype(np.float32) - 0.5       # a tiny fixed batch
+    opt = V.Adam(model.params, lr=3e-3)
+    first = float(model.forward(x, train=False)["recon"])
+    for _ in range(300):
+        model.train_step(x, opt)
+    last = float(model.forward(x, train=False)["recon"])
+    assert last < first / 10, (first, last)
+
+
+# -----------------------------------------------------------------------------
+# backends
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert V.backend("cpu") is np
+    with pytest.raises(ValueError, match="device must be 'cpu', 'gpu' or 'auto', got 'tpu'"):
+        V.backend("tpu")
+    monkeypatch.setenv("VQVAE_DEVICE", "cpu")
+    assert V.backend() is np
+    if V._gpu_problem() is not None:
+        with pytest.raises(RuntimeError, match="device 'gpu' was asked for, but"):
+            V.backend("gpu")
+        monkeypatch.setenv("VQVAE_DEVICE", "auto")
+        assert V.backend() is np                                       # auto falls back quietly
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_numpy_and_cupy_agree(quantizer):
+    cfg = V.Config(hidden=16, res_hidden=8, codebook_size=32, code_dim=8, quantizer=quantizer, dtype="float64")
+    cpu, gpu = V.VQVAE(cfg, device="cpu"), V.VQVAE(cfg, device="gpu")
+    x = np.random.default_rng(0).random((4, 16, 16, 3))
+    opt_c, opt_g = V.Adam(cpu.params, lr=1e-3), V.Adam(gpu.params, lr=1e-3)
+    for _ in range(3):
+        sc, sg = cpu.train_step(x, opt_c), gpu.train_step(x, opt_g)
+        np.testing.assert_allclose(float(sc["loss"]), float(sg["loss"]), rtol=1e-9)
+    for k, v in cpu.state_dict().items():
+        np.testing.assert_allclose(gpu.state_dict()[k], v, rtol=1e-7, atol=1e-9, err_msg=k)

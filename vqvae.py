@@ -1,0 +1,606 @@
+"""VQ-VAE with hand-written forward and backward passes, in NumPy (or CuPy on a GPU).
+
+van den Oord, Vinyals, Kavukcuoglu, "Neural Discrete Representation Learning", NeurIPS 2017,
+https://arxiv.org/abs/1711.00937
+
+    x --encoder--> z_e(x) --nearest codebook row--> z_q(x) --decoder--> x_hat
+
+    loss = |x - x_hat|^2 + |sg[z_e(x)] - e|^2 + beta |z_e(x) - sg[e]|^2          (paper eq. 3)
+
+sg[.] is the stop-gradient. The decoder's gradient reaches the encoder through the quantizer
+unchanged (the straight-through estimator), the codebook term moves only the codebook, and the
+commitment term (beta = 0.25) moves only the encoder. With the EMA variant (paper appendix A.1)
+the codebook follows moving averages of the encoder outputs instead of its loss term.
+
+Conventions used everywhere below:
+- activations are channels-last, (N, H, W, C): an im2col patch is then one reshape and a
+  matmul's output is already the next layer's input, with no transposes in between;
+- weights are stored as PyTorch stores them, Conv2d (out, in, kh, kw) and ConvTranspose2d
+  (in, out, kh, kw), so they can be exchanged with a PyTorch model;
+- every layer has forward(x) -> y, backward(dy) -> dx, and dicts `params` / `grads` with the
+  same keys; backward uses only what the latest forward cached.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+try:  # CuPy is optional: without it everything runs on NumPy
+    import cupy
+except Exception:  # not installed, or installed without a working CUDA
+    cupy = None
+
+# -----------------------------------------------------------------------------
+# array backend: one `xp` handle, NumPy or CuPy, no `if gpu:` in the math
+
+
+def _gpu_problem():
+    """None when CuPy can run on a GPU here, else a sentence saying why not."""
+    if cupy is None:
+        return "CuPy is not installed (pip install cupy-cuda12x, matching your CUDA version)"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy found no GPU"
+        cupy.zeros(1).sum()  # a real kernel launch: catches a missing driver or toolkit
+    except Exception as e:
+        return f"CuPy cannot use the GPU ({type(e).__name__}: {e})"
+    return None
+
+
+def backend(device=None):
+    """The array module for `device`: 'cpu' (NumPy), 'gpu' (CuPy) or 'auto' (CuPy when a GPU
+    is usable). The default comes from $VQVAE_DEVICE, else 'auto'."""
+    device = (device or os.environ.get("VQVAE_DEVICE") or "auto").strip().lower()
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
+    if device == "cpu":
+        return np
+    problem = _gpu_problem()
+    if problem is None:
+        return cupy
+    if device == "gpu":
+        raise RuntimeError(f"device 'gpu' was asked for, but {problem}")
+    return np
+
+
+def array_module(a):
+    """np or cupy, whichever owns `a`."""
+    return cupy.get_array_module(a) if cupy is not None else np
+
+
+def to_numpy(a):
+    """A host (NumPy) copy of a NumPy or CuPy array."""
+    return cupy.asnumpy(a) if cupy is not None and isinstance(a, cupy.ndarray) else np.asarray(a)
+
+
+def uniform_init(rng, xp=np, dtype="float32"):
+    """Parameter factory: U(-bound, bound) drawn by a NumPy generator, cast, then moved to the
+    device, so that CPU and GPU runs start from identical weights."""
+    def init(shape, bound):
+        return xp.asarray(rng.uniform(-bound, bound, size=shape).astype(dtype))
+    return init
+
+
+# -----------------------------------------------------------------------------
+# layers
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _padding(p):
+    """int, (ph, pw) or ((top, bottom), (left, right)) -> ((top, bottom), (left, right))."""
+    if isinstance(p, int):
+        return ((p, p), (p, p))
+    ph, pw = p
+    return (_pair(ph), _pair(pw))
+
+
+def pad_hw(x, padding):
+    """Zero-pad the H and W axes of an (N, H, W, C) array."""
+    (t, b), (l, r) = padding
+    if t == b == l == r == 0:
+        return x
+    return array_module(x).pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
+
+
+def crop_hw(x, padding):
+    """Inverse of pad_hw: drop the padded border again."""
+    (t, b), (l, r) = padding
+    N, H, W, C = x.shape
+    return x[:, t:H - b, l:W - r, :]
+
+
+def windows(x, kh, kw, stride):
+    """All kh x kw patches of an (N, H, W, C) array, as a strided view (N, Ho, Wo, kh, kw, C).
+    No copy: patch (n, i, j) starts at pixel (i * stride, j * stride)."""
+    N, H, W, C = x.shape
+    Ho, Wo = (H - kh) // stride + 1, (W - kw) // stride + 1
+    sN, sH, sW, sC = x.strides
+    return array_module(x).lib.stride_tricks.as_strided(
+        x, shape=(N, Ho, Wo, kh, kw, C), strides=(sN, sH * stride, sW * stride, sH, sW, sC))
+
+
+def col2im(cols, H, W, stride):
+    """Adjoint of windows(): add every patch back onto the pixels it was cut from.
+    cols (N, Ho, Wo, kh, kw, C) -> (N, H, W, C). One strided-slice add per kernel offset
+    (no np.add.at, whose repeated-index scatter is an order of magnitude slower)."""
+    N, Ho, Wo, kh, kw, C = cols.shape
+    x = array_module(cols).zeros((N, H, W, C), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            x[:, i:i + stride * Ho:stride, j:j + stride * Wo:stride, :] += cols[:, :, :, i, j, :]
+    return x
+
+
+class Conv2d:
+    """y[n, i, j, o] = b[o] + sum_{c, u, v} W[o, c, u, v] x_pad[n, i*s + u, j*s + v, c],
+    computed as one matmul of the im2col patches with the weights."""
+
+    def __init__(self, in_ch, out_ch, kernel, stride=1, padding=0, init=None):
+        init = init or uniform_init(np.random.default_rng(0))
+        self.kh, self.kw = _pair(kernel)
+        self.stride, self.padding = stride, _padding(padding)
+        bound = 1 / math.sqrt(in_ch * self.kh * self.kw)  # PyTorch's default init
+        self.params = {"W": init((out_ch, in_ch, self.kh, self.kw), bound),
+                       "b": init((out_ch,), bound)}
+        self.grads = {}
+
+    def forward(self, x):
+        W, b = self.params["W"], self.params["b"]
+        O = W.shape[0]
+        x_pad = pad_hw(x, self.padding)
+        patches = windows(x_pad, self.kh, self.kw, self.stride)        # (N, Ho, Wo, kh, kw, C) view
+        N, Ho, Wo = patches.shape[:3]
+        cols = patches.reshape(N * Ho * Wo, -1)                        # (M, kh*kw*C) copy
+        W_mat = W.transpose(0, 2, 3, 1).reshape(O, -1)                 # (O, kh*kw*C)
+        y = cols @ W_mat.T + b                                         # (M, O)
+        self.cache = (x_pad.shape, cols, W_mat)
+        return y.reshape(N, Ho, Wo, O)                                 # (N, Ho, Wo, O)
+
+    def backward(self, dy):
+        x_pad_shape, cols, W_mat = self.cache
+        N, Ho, Wo, O = dy.shape
+        C = x_pad_shape[3]
+        dy = dy.reshape(-1, O)                                         # (M, O)
+        dW_mat = dy.T @ cols                                           # y = cols @ W_mat.T
+        self.grads["W"] = dW_mat.reshape(O, self.kh, self.kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
+        self.grads["b"] = dy.sum(0)                                    # y = ... + b
+        dcols = (dy @ W_mat).reshape(N, Ho, Wo, self.kh, self.kw, C)   # y = cols @ W_mat.T
+        dx_pad = col2im(dcols, x_pad_shape[1], x_pad_shape[2], self.stride)  # cols = windows(x_pad)
+        return crop_hw(dx_pad, self.padding)                           # x_pad = pad(x)
+
+
+class ConvTranspose2d:
+    """The adjoint of Conv2d plus a bias: every input pixel scatters W[c] * x[n, i, j, c] onto a
+    kh x kw patch of the output at (i*s, j*s), then the padding is cropped.
+    Output size (H - 1) * s - 2p + k, as in torch.nn.ConvTranspose2d."""
+
+    def __init__(self, in_ch, out_ch, kernel, stride=1, padding=0, init=None):
+        init = init or uniform_init(np.random.default_rng(0))
+        self.kh, self.kw = _pair(kernel)
+        self.stride, self.padding = stride, _padding(padding)
+        bound = 1 / math.sqrt(out_ch * self.kh * self.kw)  # PyTorch's default init
+        self.params = {"W": init((in_ch, out_ch, self.kh, self.kw), bound),
+                       "b": init((out_ch,), bound)}
+        self.grads = {}
+
+    def forward(self, x):
+        W, b = self.params["W"], self.params["b"]
+        N, H, W_in, Ci = x.shape
+        Co = W.shape[1]
+        s, (t, bo), (l, r) = self.stride, *self.padding
+        W_mat = W.transpose(0, 2, 3, 1).reshape(Ci, -1)                # (Ci, kh*kw*Co)
+        x_mat = x.reshape(-1, Ci)                                      # (M, Ci)
+        cols = (x_mat @ W_mat).reshape(N, H, W_in, self.kh, self.kw, Co)  # one patch per pixel
+        Hp, Wp = (H - 1) * s + self.kh, (W_in - 1) * s + self.kw
+        y = crop_hw(col2im(cols, Hp, Wp, s), self.padding) + b         # (N, Hout, Wout, Co)
+        self.cache = (x_mat, W_mat, x.shape)
+        return y
+
+    def backward(self, dy):
+        x_mat, W_mat, x_shape = self.cache
+        Co = dy.shape[3]
+        self.grads["b"] = dy.sum((0, 1, 2))                            # y = ... + b
+        dy_pad = pad_hw(dy, self.padding)                              # y = crop(y_pad)
+        dcols = windows(dy_pad, self.kh, self.kw, self.stride)         # y_pad = col2im(cols)
+        dcols = dcols.reshape(x_mat.shape[0], -1)                      # (M, kh*kw*Co)
+        dW_mat = x_mat.T @ dcols                                       # cols = x_mat @ W_mat
+        self.grads["W"] = dW_mat.reshape(-1, self.kh, self.kw, Co).transpose(0, 3, 1, 2)  # (Ci, Co, kh, kw)
+        return (dcols @ W_mat.T).reshape(x_shape)                      # cols = x_mat @ W_mat
+
+
+class ReLU:
+    def __init__(self):
+        self.params, self.grads = {}, {}
+
+    def forward(self, x):
+        self.cache = x
+        return x * (x > 0)
+
+    def backward(self, dy):
+        return dy * (self.cache > 0)                                   # 1 where x > 0, else 0
+
+
+class Sequential:
+    """Layers applied in order; parameters named '<index>.<name>' like torch.nn.Sequential."""
+
+    def __init__(self, *layers):
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    @property
+    def params(self):
+        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.params.items()}
+
+    @property
+    def grads(self):
+        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.grads.items()}
+
+
+class ResidualBlock(Sequential):
+    """x + conv1x1(relu(conv3x3(relu(x)))), the block of the paper's encoder and decoder."""
+
+    def __init__(self, ch, hidden_ch, init=None):
+        super().__init__(ReLU(), Conv2d(ch, hidden_ch, 3, padding=1, init=init),
+                         ReLU(), Conv2d(hidden_ch, ch, 1, init=init))
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+    def backward(self, dy):
+        return dy + super().backward(dy)                               # the skip adds dy unchanged
+
+
+# -----------------------------------------------------------------------------
+# quantizers
+
+
+class VectorQuantizer:
+    """Nearest-neighbour lookup in a K x D codebook, learned through its loss term (eq. 1-3).
+
+    forward(z_e (N, h, w, D)) -> z_q (N, h, w, D), stats with the codes and the loss parts.
+    """
+
+    def __init__(self, K, D, beta=0.25, init=None):
+        init = init or uniform_init(np.random.default_rng(0))
+        self.K, self.D, self.beta = K, D, beta
+        self.codebook = init((K, D), math.sqrt(3 / D))  # sonnet's VarianceScaling(uniform)
+        self.params = {"codebook": self.codebook}
+        self.buffers = {}                                # state that is not trained by Adam
+        self.grads = {}
+
+    def nearest(self, z):
+        """Index of the nearest codebook row for each row of z (M, D) -> (M,).
+        |z - e_k|^2 = |z|^2 - 2 z.e_k + |e_k|^2 expanded: memory O(M K), never an (M, K, D)
+        array. |z|^2 is the same for every k, so the argmin leaves it out."""
+        E = self.codebook
+        dist = (E * E).sum(1) - 2 * (z @ E.T)                          # (M, K), up to |z|^2
+        return dist.argmin(1)
+
+    def lookup(self, codes):
+        """z_q = e_k: codebook rows for integer codes of any shape -> codes.shape + (D,)."""
+        return self.codebook[codes]
+
+    def _assign(self, z_e):
+        """Shared by both quantizers: codes, z_q and the usage statistics."""
+        xp = array_module(z_e)
+        N, h, w, D = z_e.shape
+        z = z_e.reshape(-1, D)                                         # (M, D)
+        codes = self.nearest(z)                                        # (M,)
+        z_q = self.lookup(codes)                                       # (M, D), eq. 2
+        onehot = (codes[:, None] == xp.arange(self.K)).astype(z.dtype)  # (M, K)
+        p = onehot.mean(0)                                             # (K,) code frequencies
+        stats = {"codes": codes.reshape(N, h, w),
+                 "perplexity": xp.exp(-(p * xp.log(p + 1e-10)).sum()),  # exp(entropy)
+                 "usage": (p > 0).mean()}                              # fraction of codes used
+        return z, z_q, onehot, stats
+
+    def forward(self, z_e, train=True):
+        z, z_q, onehot, stats = self._assign(z_e)
+        stats["codebook"] = ((z_q - z) ** 2).mean()                    # |sg[z_e] - e|^2
+        stats["commitment"] = ((z - z_q) ** 2).mean()                  # |z_e - sg[e]|^2
+        stats["vq"] = stats["codebook"] + self.beta * stats["commitment"]
+        self.cache = (z, z_q, onehot)
+        return z_q.reshape(z_e.shape), stats
+
+    def backward(self, dz_q):
+        z, z_q, onehot = self.cache
+        dz_e = dz_q.reshape(z.shape)                                   # straight-through: decoder's gradient copied to the encoder
+        dz_e = dz_e + self.beta * 2 * (z - z_q) / z.size               # commitment: encoder only
+        dz_e_codebook = 2 * (z_q - z) / z.size                         # codebook loss: the codebook only
+        self.grads["codebook"] = onehot.T @ dz_e_codebook              # row k sums its assigned vectors; unused rows get 0
+        return dz_e.reshape(dz_q.shape)
+
+
+class VectorQuantizerEMA(VectorQuantizer):
+    """The codebook as exponential moving averages of the encoder outputs (paper appendix A.1):
+
+        N_k <- gamma N_k + (1 - gamma) n_k           n_k: vectors assigned to code k in the batch
+        m_k <- gamma m_k + (1 - gamma) sum z_e       over the vectors assigned to code k
+        e_k <- m_k / N_k                             with N_k Laplace-smoothed by eps
+
+    Only the commitment term reaches the encoder. The averages move only in training mode.
+
+    Initial state: N_k = 1 and m_k = e_k, so that e_k = m_k / N_k holds from the first step.
+    A code that is never used then decays as gamma^t in both m_k and N_k and stays where it
+    was (until gamma^t nears eps). Starting N_k at 0 with m_k = e_k, as several public versions
+    do, divides an unused code by ~eps and sends it far away on the first update; sonnet's
+    zero-debiased averages instead move an unused code to the origin.
+    """
+
+    def __init__(self, K, D, beta=0.25, decay=0.99, eps=1e-5, init=None):
+        super().__init__(K, D, beta, init)
+        self.decay, self.eps = decay, eps
+        xp = array_module(self.codebook)
+        self.params = {}                                               # nothing for Adam
+        self.buffers = {"codebook": self.codebook,
+                        "ema_count": xp.ones(K, dtype=self.codebook.dtype),
+                        "ema_sum": self.codebook.copy()}
+
+    def forward(self, z_e, train=True):
+        z, z_q, onehot, stats = self._assign(z_e)                      # with the codebook before the update
+        stats["commitment"] = ((z - z_q) ** 2).mean()                  # |z_e - sg[e]|^2
+        stats["vq"] = self.beta * stats["commitment"]
+        if train:
+            self.ema_update(z, onehot)
+        self.cache = (z, z_q)
+        return z_q.reshape(z_e.shape), stats
+
+    def ema_update(self, z, onehot):
+        N, m, g = self.buffers["ema_count"], self.buffers["ema_sum"], self.decay
+        n_k = onehot.sum(0)                                            # (K,) assignments per code
+        s_k = onehot.T @ z                                             # (K, D) sum of assigned z_e
+        N *= g; N += (1 - g) * n_k                                     # N_k <- g N_k + (1 - g) n_k
+        m *= g; m += (1 - g) * s_k                                     # m_k <- g m_k + (1 - g) s_k
+        n = N.sum()
+        N_smooth = (N + self.eps) / (n + self.K * self.eps) * n        # Laplace smoothing, same total n
+        self.codebook[...] = m / N_smooth[:, None]                     # e_k <- m_k / N_k
+
+    def backward(self, dz_q):
+        z, z_q = self.cache
+        dz_e = dz_q.reshape(z.shape)                                   # straight-through: decoder's gradient copied to the encoder
+        dz_e = dz_e + self.beta * 2 * (z - z_q) / z.size               # commitment: encoder only
+        return dz_e.reshape(dz_q.shape)                                # no codebook gradient: EMA moves it
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class Config:
+    in_channels: int = 3       # C: image channels
+    hidden: int = 128          # H: channels of the encoder and decoder
+    res_hidden: int = 32       # RH: hidden channels inside a residual block
+    res_blocks: int = 2        # R: residual blocks in the encoder and in the decoder
+    codebook_size: int = 512   # K: codes in the codebook
+    code_dim: int = 64         # D: dimension of a code vector
+    beta: float = 0.25         # commitment cost
+    quantizer: str = "vq"      # 'vq' (codebook loss) or 'ema' (moving averages)
+    ema_decay: float = 0.99    # gamma of the EMA quantizer
+    ema_eps: float = 1e-5      # Laplace smoothing of the EMA counts
+    dtype: str = "float32"
+    seed: int = 0              # seeds the parameter initialisation
+
+    def __post_init__(self):
+        for name in ("in_channels", "hidden", "res_hidden", "codebook_size", "code_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.hidden < 2:
+            raise ValueError(f"hidden must be at least 2 (the first layer has hidden // 2), got {self.hidden}")
+        if not isinstance(self.res_blocks, int) or self.res_blocks < 0:
+            raise ValueError(f"res_blocks must be a non-negative integer, got {self.res_blocks!r}")
+        if self.quantizer not in ("vq", "ema"):
+            raise ValueError(f"quantizer must be 'vq' or 'ema', got {self.quantizer!r}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+def make_encoder(cfg, init):
+    """x (N, H, W, C) -> z_e (N, H/4, W/4, D): the encoder of the paper (DeepMind's example)."""
+    H, RH = cfg.hidden, cfg.res_hidden
+    return Sequential(
+        Conv2d(cfg.in_channels, H // 2, 4, stride=2, padding=1, init=init), ReLU(),  # /2
+        Conv2d(H // 2, H, 4, stride=2, padding=1, init=init), ReLU(),                # /4
+        Conv2d(H, H, 3, padding=1, init=init),
+        *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU(),
+        Conv2d(H, cfg.code_dim, 1, init=init))                                       # to D
+
+
+def make_decoder(cfg, init):
+    """z_q (N, h, w, D) -> x_hat (N, 4h, 4w, C), mirroring the encoder."""
+    H, RH = cfg.hidden, cfg.res_hidden
+    return Sequential(
+        Conv2d(cfg.code_dim, H, 3, padding=1, init=init),
+        *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU(),
+        ConvTranspose2d(H, H // 2, 4, stride=2, padding=1, init=init), ReLU(),       # x2
+        ConvTranspose2d(H // 2, cfg.in_channels, 4, stride=2, padding=1, init=init)) # x4
+
+
+class VQVAE:
+    """Encoder, quantizer, decoder; images are float arrays (N, H, W, C), H and W divisible by 4."""
+
+    downsample = 4
+
+    def __init__(self, cfg=None, device=None):
+        self.cfg = cfg = cfg or Config()
+        self.xp = backend(device)
+        init = uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
+        self.encoder = make_encoder(cfg, init)
+        if cfg.quantizer == "ema":
+            self.quantizer = VectorQuantizerEMA(cfg.codebook_size, cfg.code_dim, cfg.beta,
+                                                cfg.ema_decay, cfg.ema_eps, init)
+        else:
+            self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, init)
+        self.decoder = make_decoder(cfg, init)
+
+    # --- the parts, by name: references to the live arrays, updated in place by Adam
+    @property
+    def params(self):
+        return {**{f"encoder.{k}": v for k, v in self.encoder.params.items()},
+                **{f"quantizer.{k}": v for k, v in self.quantizer.params.items()},
+                **{f"decoder.{k}": v for k, v in self.decoder.params.items()}}
+
+    @property
+    def grads(self):
+        return {**{f"encoder.{k}": v for k, v in self.encoder.grads.items()},
+                **{f"quantizer.{k}": v for k, v in self.quantizer.grads.items()},
+                **{f"decoder.{k}": v for k, v in self.decoder.grads.items()}}
+
+    @property
+    def buffers(self):
+        return {f"quantizer.{k}": v for k, v in self.quantizer.buffers.items()}
+
+    # --- input checks: a clear ValueError instead of a broadcasting surprise deep inside
+    def check_images(self, x):
+        C = self.cfg.in_channels
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 4 or shape[3] != C:
+            raise ValueError(f"expected images of shape (N, H, W, {C}), got shape {shape}")
+        if shape[0] < 1 or shape[1] % self.downsample or shape[2] % self.downsample or shape[1] < 1 or shape[2] < 1:
+            raise ValueError(f"image height and width must be positive multiples of {self.downsample}, "
+                             f"got {shape[1]} x {shape[2]} (pad or crop the images)")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise ValueError(f"expected real-valued images, got dtype {x.dtype}")
+        x = self.xp.asarray(x, dtype=self.cfg.dtype)
+        if not bool(self.xp.isfinite(x).all()):
+            raise ValueError("images contain NaN or infinite values")
+        return x
+
+    def check_codes(self, codes):
+        shape, K = getattr(codes, "shape", None), self.cfg.codebook_size
+        if shape is None or len(shape) != 3:
+            raise ValueError(f"expected integer codes of shape (N, h, w), got shape {shape}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+        codes = self.xp.asarray(codes)
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"codes must lie in [0, {K}), got values in [{lo}, {hi}]")
+        return codes
+
+    # --- training: forward caches, backward fills .grads
+    def forward(self, x, train=True):
+        """Losses of eq. 3 on a batch; `train` lets the EMA codebook move."""
+        x = self.check_images(x)
+        z_e = self.encoder.forward(x)                                  # (N, h, w, D)
+        z_q, stats = self.quantizer.forward(z_e, train)                # (N, h, w, D)
+        x_hat = self.decoder.forward(z_q)                              # (N, H, W, C)
+        stats["recon"] = ((x_hat - x) ** 2).mean()                     # |x - x_hat|^2
+        stats["loss"] = stats["recon"] + stats["vq"]
+        self.cache = (x, x_hat)
+        return stats
+
+    def backward(self):
+        x, x_hat = self.cache
+        dx_hat = 2 * (x_hat - x) / x.size                              # d recon / d x_hat
+        dz_q = self.decoder.backward(dx_hat)
+        dz_e = self.quantizer.backward(dz_q)                           # straight-through + commitment
+        self.encoder.backward(dz_e)
+
+    def train_step(self, x, opt):
+        stats = self.forward(x, train=True)
+        self.backward()
+        opt.step(self.grads)
+        return stats
+
+    # --- the tokenizer: images <-> integer codes
+    def encode(self, x):
+        """Images (N, H, W, C) -> codes (N, H/4, W/4), integers in [0, K)."""
+        z_e = self.encoder.forward(self.check_images(x))
+        N, h, w, D = z_e.shape
+        return self.quantizer.nearest(z_e.reshape(-1, D)).reshape(N, h, w)
+
+    def decode(self, codes):
+        """Codes (N, h, w) -> images (N, 4h, 4w, C)."""
+        return self.decoder.forward(self.quantizer.lookup(self.check_codes(codes)))
+
+    def reconstruct(self, x):
+        return self.decode(self.encode(x))
+
+    # --- checkpoints: .npz, config as a JSON string, loaded with allow_pickle=False
+    def state_dict(self):
+        """Host copies of every parameter and buffer, by name."""
+        return {k: to_numpy(v) for k, v in {**self.params, **self.buffers}.items()}
+
+    def load_state_dict(self, state):
+        """Copy arrays into the live parameters and buffers (in place, so an optimiser that
+        holds them stays valid). Every name must be present with the right shape."""
+        for k, v in {**self.params, **self.buffers}.items():
+            if k not in state:
+                raise ValueError(f"checkpoint has no array {k!r}")
+            if tuple(state[k].shape) != v.shape:
+                raise ValueError(f"checkpoint array {k!r} has shape {tuple(state[k].shape)}, model expects {v.shape}")
+            v[...] = self.xp.asarray(state[k], dtype=v.dtype)
+
+    def save(self, path):
+        np.savez(path, config=np.array(json.dumps(asdict(self.cfg))), **self.state_dict())
+
+    @classmethod
+    def load(cls, path, device=None):
+        with np.load(path, allow_pickle=False) as f:
+            if "config" not in f.files:
+                raise ValueError(f"{path} is not a VQ-VAE checkpoint: it has no 'config' entry")
+            model = cls(Config.from_dict(json.loads(str(f["config"]))), device)
+            model.load_state_dict({k: f[k] for k in f.files if k != "config"})
+        return model
+
+
+# -----------------------------------------------------------------------------
+# optimiser
+
+
+class Adam:
+    """Kingma & Ba 2015, bias-corrected. Updates the parameter arrays in place."""
+
+    def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = {k: array_module(p).zeros_like(p) for k, p in params.items()}  # first moment
+        self.v = {k: array_module(p).zeros_like(p) for k, p in params.items()}  # second moment
+        self.t = 0
+
+    def step(self, grads):
+        self.t += 1
+        b1, b2 = self.betas
+        for k, p in self.params.items():
+            g, m, v = grads[k], self.m[k], self.v[k]
+            m *= b1; m += (1 - b1) * g                                 # m <- b1 m + (1 - b1) g
+            v *= b2; v += (1 - b2) * g * g                             # v <- b2 v + (1 - b2) g^2
+            m_hat = m / (1 - b1 ** self.t)                             # bias corrections
+            v_hat = v / (1 - b2 ** self.t)
+            p -= self.lr * m_hat / (array_module(p).sqrt(v_hat) + self.eps)
+
+    def state_dict(self):
+        return {"t": np.array(self.t), **{f"m.{k}": to_numpy(a) for k, a in self.m.items()},
+                **{f"v.{k}": to_numpy(a) for k, a in self.v.items()}}
+
+    def load_state_dict(self, state):
+        for k in self.params:
+            for name, moments in (("m", self.m), ("v", self.v)):
+                if f"{name}.{k}" not in state:
+                    raise ValueError(f"optimiser state has no array {name}.{k!r}")
+                moments[k][...] = array_module(moments[k]).asarray(state[f"{name}.{k}"])
+        self.t = int(state["t"])
