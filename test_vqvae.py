@@ -588,3 +588,378 @@ def test_numpy_and_cupy_agree(quantizer):
         np.testing.assert_allclose(float(sc["loss"]), float(sg["loss"]), rtol=1e-9)
     for k, v in cpu.state_dict().items():
         np.testing.assert_allclose(gpu.state_dict()[k], v, rtol=1e-7, atol=1e-9, err_msg=k)
+
+
+# -----------------------------------------------------------------------------
+# train.py: data loaders on small files written here, in each exact format
+
+import gzip
+import io
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import train as T
+
+
+def idx_bytes(array):
+    """An IDX file of unsigned bytes: magic 0x0000080N, N big-endian dimensions, the data."""
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_mnist(folder, n_train=6, n_test=4, gz=True):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[prefix] = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8))
+        for kind, a in zip(("images-idx3", "labels-idx1"), arrays[prefix]):
+            name = f"{prefix}-{kind}-ubyte"
+            data = idx_bytes(a)
+            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_files_load_gzipped_or_not(tmp_path, gz):
+    arrays = write_mnist(tmp_path / "mnist", gz=gz)
+    data = T.load_dataset("mnist", tmp_path)
+    assert data["train"].shape == (6, 28, 28, 1) and data["train"].dtype == np.uint8
+    np.testing.assert_array_equal(data["train"][..., 0], arrays["train"][0])
+    np.testing.assert_array_equal(data["test"][..., 0], arrays["t10k"][0])
+    np.testing.assert_array_equal(data["test_labels"], arrays["t10k"][1])
+
+
+def test_idx_reader_rejects_bad_magic_truncation_and_damaged_gzip(tmp_path):
+    good = idx_bytes(np.zeros((3, 4, 4), np.uint8))
+    cases = {"magic.idx": (b"\x00\x00\x0d\x03" + good[4:], "bad magic number 00000d03"),
+             "short.idx": (good[:-5], "truncated or padded IDX file: 59 bytes, expected 64"),
+             "header.idx": (good[:9], "truncated IDX header"),
+             "empty.idx": (b"", r"bad magic number \(empty file\)"),
+             "cut.gz": (gzip.compress(good)[:-10], "damaged or truncated gzip")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(T.UserError, match=message):
+            T.read_idx(tmp_path / name)
+
+
+def test_missing_dataset_file_downloads_and_checks_sha256(tmp_path, monkeypatch):
+    payload = gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8)))
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    urls = []
+    monkeypatch.setattr(T.urllib.request, "urlopen", lambda url, timeout: urls.append(url) or Response(payload))
+    with pytest.raises(T.UserError, match="SHA-256 .* does not match"):
+        T.find_or_download("mnist", "t10k-images-idx3-ubyte.gz", tmp_path)
+    assert not (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").exists()      # nothing unverified is kept
+    files = dict(T.MNIST_FILES, **{"t10k-images-idx3-ubyte.gz": __import__("hashlib").sha256(payload).hexdigest()})
+    monkeypatch.setitem(T.DOWNLOADS, "mnist", (T.DOWNLOADS["mnist"][0], files))
+    path = T.find_or_download("mnist", "t10k-images-idx3-ubyte.gz", tmp_path)
+    assert path.read_bytes() == payload and urls[-1].startswith("https://")
+
+
+def test_offline_download_gives_a_clear_message(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise T.urllib.error.URLError("no route to host")
+    import urllib.error  # noqa: F401  (makes T.urllib.error available)
+    monkeypatch.setattr(T.urllib.request, "urlopen", offline)
+    with pytest.raises(T.UserError, match="are you offline.*fashion-mnist"):
+        T.load_dataset("fashion-mnist", tmp_path)
+
+
+def cifar_records(labels, rng):
+    images = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+    records = np.concatenate([np.array(labels, np.uint8)[:, None], images.reshape(len(labels), -1)], 1)
+    return records.tobytes(), images.transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cifar10_binary_records_from_folder_or_tarball(tmp_path, packed):
+    rng = np.random.default_rng(0)
+    blobs, expected = {}, {}
+    for i, name in enumerate([f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]):
+        blobs[name], expected[name] = cifar_records([i % 10, (i + 3) % 10], rng)
+    if packed:
+        (tmp_path / "cifar10").mkdir()
+        with tarfile.open(tmp_path / "cifar10" / "cifar-10-binary.tar.gz", "w:gz") as tar:
+            for name, data in blobs.items():
+                info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    else:
+        folder = tmp_path / "cifar-10-batches-bin"
+        folder.mkdir()
+        for name, data in blobs.items():
+            (folder / name).write_bytes(data)
+    data = T.load_dataset("cifar10", tmp_path)
+    assert data["train"].shape == (10, 32, 32, 3) and data["test"].shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(data["train"][:2], expected["data_batch_1.bin"])  # R, G, B planes -> HWC
+    np.testing.assert_array_equal(data["test"], expected["test_batch.bin"])
+    np.testing.assert_array_equal(data["test_labels"], [5, 8])
+
+
+def test_cifar10_record_channel_order_is_red_green_blue():
+    record = bytes([7]) + bytes([10]) * 1024 + bytes([20]) * 1024 + bytes([30]) * 1024
+    images, labels = T.parse_cifar_batch(record, "one.bin")
+    assert labels.tolist() == [7] and images[0, 5, 9].tolist() == [10, 20, 30]
+
+
+def test_cifar10_truncated_batch_is_rejected():
+    with pytest.raises(T.UserError, match="not a whole number of 3073-byte CIFAR-10 records"):
+        T.parse_cifar_batch(bytes(3073 * 2 - 100), "data_batch_1.bin")
+
+
+@pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW"])
+def test_npy_images_in_every_layout(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, (20, 12, 8, 1 if layout == "NHW" else 3), dtype=np.uint8)
+    stored = {"NHW": nhwc[..., 0], "NHWC": nhwc, "NCHW": nhwc.transpose(0, 3, 1, 2)}[layout]
+    np.save(tmp_path / "x.npy", stored)
+    data = T.load_dataset(str(tmp_path / "x.npy"), tmp_path)
+    np.testing.assert_array_equal(np.concatenate([data["train"], data["test"]]), nhwc)
+    assert len(data["test"]) == 2                                      # the last 10 % held out
+
+
+def test_npz_with_train_and_test_arrays(tmp_path):
+    train, test = np.zeros((5, 8, 8), np.uint8), np.ones((3, 8, 8), np.uint8)
+    np.savez(tmp_path / "d.npz", train=train, test=test)
+    data = T.load_dataset(str(tmp_path / "d.npz"), tmp_path)
+    assert data["train"].shape == (5, 8, 8, 1) and data["test"].shape == (3, 8, 8, 1)
+
+
+def test_array_files_with_wrong_content_are_rejected_clearly(tmp_path):
+    np.save(tmp_path / "float.npy", np.zeros((4, 8, 8), np.float32))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "flat.npy", np.zeros((4, 64), np.uint8))
+    np.savez(tmp_path / "many.npz", a=np.zeros((2, 8, 8), np.uint8), b=np.zeros((2, 8, 8), np.uint8))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "flat.npy").read_bytes()[:100])
+    cases = {"float.npy": "expected uint8 images, got dtype float32",
+             "objects.npy": "without pickle",
+             "flat.npy": r"expected images of shape .* got \(4, 64\)",
+             "many.npz": r"expected arrays 'train' and 'test', or a single array; found \['a', 'b'\]",
+             "cut.npy": "damaged or truncated",
+             "absent.npy": "no such file"}
+    for name, message in cases.items():
+        with pytest.raises(T.UserError, match=message):
+            T.load_dataset(str(tmp_path / name), tmp_path)
+    with pytest.raises(T.UserError, match="unknown dataset 'imagenet'"):
+        T.load_dataset("imagenet", tmp_path)
+
+
+def test_shapes_data_is_deterministic_varied_and_labelled():
+    a, la = T.make_shapes(50, seed=3)
+    b, lb = T.make_shapes(50, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (50, 32, 32, 3) and a.dtype == np.uint8
+    assert set(la.tolist()) == {0, 1, 2}                               # circles, squares and triangles
+    assert np.all(a.reshape(50, -1).std(1) > 5)                        # no blank images
+    assert len({img.tobytes() for img in a}) == 50
+
+
+def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
+    n, bs = 10, 3                                                      # 3 batches an epoch, 1 example left out
+    epoch0 = np.concatenate([T.batch_indices(7, s, n, bs) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 9
+    np.testing.assert_array_equal(T.batch_indices(7, 4, n, bs), T.batch_indices(7, 4, n, bs))
+    assert not np.array_equal(T.batch_indices(7, 3, n, bs), T.batch_indices(7, 0, n, bs))
+
+
+def test_sizes_are_padded_and_metrics_use_only_the_real_pixels():
+    images = np.random.default_rng(0).integers(0, 256, (3, 6, 7, 1), dtype=np.uint8)
+    padded = T.pad_to_multiple(images, 4)
+    assert padded.shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(padded[:, :6, :7], images)
+
+    class ExactOnRealPixels:                                           # perfect inside, wrong in the padding
+        cfg = V.Config(in_channels=1, codebook_size=4)
+
+        def encode(self, x):
+            self.x = x
+            return np.zeros((len(x), 2, 2), np.int64)
+
+        def decode(self, codes):
+            x = self.x.copy()
+            x[:, 6:] = x[:, :, 7:] = 100.0
+            return x
+
+    ev = T.evaluate(ExactOnRealPixels(), padded, (6, 7), batch_size=2)
+    assert ev["val_mse"] == 0 and ev["codes_used"] == 0.25
+
+
+def read_png(path):
+    """A minimal PNG reader (8-bit grey or RGB, filter 0): checks every chunk's CRC."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
+        body, crc = data[pos + 8:pos + 8 + n], struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0]
+        assert zlib.crc32(tag + body) == crc, tag
+        chunks.append((tag, body))
+        pos += 12 + n
+    assert [c[0] for c in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    W, H, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
+    C = {0: 1, 2: 3}[colour]
+    rows = np.frombuffer(zlib.decompress(chunks[1][1]), np.uint8).reshape(H, 1 + W * C)
+    assert depth == 8 and np.all(rows[:, 0] == 0)
+    return rows[:, 1:].reshape(H, W, C)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_png_writer_round_trips_pixels(tmp_path, C):
+    img = np.random.default_rng(0).integers(0, 256, (5, 7, C), dtype=np.uint8)
+    T.write_png(tmp_path / "x.png", img)
+    np.testing.assert_array_equal(read_png(tmp_path / "x.png"), img)
+
+
+# -----------------------------------------------------------------------------
+# train.py: the run, checkpoints, resume, errors
+
+TINY = ["--hidden", "8", "--res-hidden", "4", "--res-blocks", "1", "-K", "16", "-D", "4", "--batch-size", "4"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "tiny.npy", images)
+    return str(tmp_path / "tiny.npy")
+
+
+def metric_lines(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "6", "--eval-every", "3",
+                   "--log-every", "2", *TINY]) == 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "recon_000003.png", "recon_000006.png",
+                 "recon.png", "summary.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("val_mse", "val_psnr", "perplexity", "codes_used", "steps", "wall_time_s", "device"):
+        assert key in summary, key
+    assert summary["steps"] == 6 and summary["device"] == "cpu" and 0 < summary["codes_used"] <= 1
+    assert np.isclose(summary["val_psnr"], 10 * np.log10(1 / summary["val_mse"]))
+    grid = read_png(run / "recon.png")
+    assert grid.shape[2] == 3 and grid.shape[0] > 2 * 8                # originals over reconstructions
+    steps = [m["step"] for m in metric_lines(run) if "loss" in m]
+    assert steps == [2, 3, 4, 6]                                       # every 2 steps, and before each evaluation
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        assert int(f["step"]) == 6 and "opt.m.encoder.0.W" in f.files
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["codebook_size"] == 16 and config["train"]["steps"] == 6
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_data, quantizer):
+    common = ["--data", tiny_data, "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer, *TINY]
+    assert T.main([*common, "--out", str(tmp_path / "straight"), "--steps", "8"]) == 0
+    assert T.main([*common, "--out", str(tmp_path / "split"), "--steps", "4"]) == 0
+    assert T.main(["--resume", str(tmp_path / "split"), "--steps", "8"]) == 0
+    straight = [m["loss"] for m in metric_lines(tmp_path / "straight") if "loss" in m]
+    split = [m["loss"] for m in metric_lines(tmp_path / "split") if "loss" in m]
+    assert len(straight) == len(split) == 8
+    assert straight == split                                           # bit for bit on CPU
+
+
+def test_resume_refuses_to_change_the_model_and_fresh_runs_refuse_to_overwrite(tmp_path, tiny_data, capsys):
+    run = str(tmp_path / "run")
+    assert T.main(["--data", tiny_data, "--out", run, "--steps", "2", "--eval-every", "2", *TINY]) == 0
+    assert T.main(["--data", tiny_data, "--out", run, "--steps", "2", *TINY]) == 1
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert T.main(["--resume", run, "--lr", "0.5"]) == 1
+    assert "cannot change --lr when resuming" in capsys.readouterr().err
+    assert T.main(["--resume", str(tmp_path)]) == 1
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    T.save_npz(tmp_path / "checkpoint.npz", {"step": np.array(3)})
+
+    def crash(fd):
+        raise OSError("disk full")
+    monkeypatch.setattr(T.os, "fsync", crash)
+    with pytest.raises(OSError):
+        T.save_npz(tmp_path / "checkpoint.npz", {"step": np.array(4)})
+    with np.load(tmp_path / "checkpoint.npz", allow_pickle=False) as f:
+        assert int(f["step"]) == 3
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tiny_data, monkeypatch, capsys):
+    real_step = V.VQVAE.train_step
+    calls = []
+
+    def step_that_breaks(self, x, opt):
+        stats = real_step(self, x, opt)
+        calls.append(1)
+        if len(calls) == 5:
+            stats["loss"] = stats["loss"] * np.nan
+        return stats
+    monkeypatch.setattr(V.VQVAE, "train_step", step_that_breaks)
+    run = tmp_path / "run"
+    code = T.main(["--data", tiny_data, "--out", str(run), "--steps", "9", "--eval-every", "2",
+                   "--log-every", "3", *TINY])
+    assert code == 1
+    assert "loss became nan at step 5" in capsys.readouterr().err
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        assert int(f["step"]) == 4 and all(np.all(np.isfinite(f[k])) for k in f.files if f[k].dtype.kind == "f")
+
+
+def test_user_errors_exit_nonzero_with_one_line_and_no_traceback(tmp_path, tiny_data):
+    (tmp_path / "bad.idx").write_bytes(b"junk")
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + bytes(10))
+    cases = [(["--data", str(tmp_path / "missing.npy")], "no such file"),
+             (["--data", "mnist", "--data-dir", str(tmp_path)], "truncated IDX"),
+             (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+             (["--data", tiny_data, "-K", "0"], "codebook_size must be a positive integer, got 0"),
+             (["--data", tiny_data, "--batch-size", "100"], "--batch-size 100 is larger than the 36 training images")]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
+        assert r.returncode == 1, args
+        assert "Traceback" not in r.stderr and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, tiny_data):
+    import signal
+    import time
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", tiny_data, "--out", str(run), "--steps", "100000",
+                             "--log-every", "1", *TINY], cwd=Path(__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted at step" in err
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        assert 0 < int(f["step"]) < 100000
+    assert T.main(["--resume", str(run), "--steps", str(int(np.load(run / "checkpoint.npz")["step"]) + 2)]) == 0
+
+
+def test_encode_command_writes_the_codes_the_api_decodes(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "2", "--eval-every", "2", *TINY]) == 0
+    out = tmp_path / "codes.npy"
+    assert T.main(["encode", "--run", str(run), "--data", tiny_data, "--split", "test", "--out", str(out)]) == 0
+    codes = np.load(out, allow_pickle=False)
+    model = V.VQVAE.load(run / "checkpoint.npz")
+    images = T.load_dataset(tiny_data, ".")["test"]
+    assert codes.shape == (4, 2, 2)
+    np.testing.assert_array_equal(codes, model.encode(T.to_model(images)))
+    assert model.decode(codes).shape == (4, 8, 8, 3)
+    assert T.main(["encode", "--run", str(tmp_path), "--data", tiny_data, "--out", str(out)]) == 1

@@ -49,6 +49,10 @@ def _gpu_problem():
     return None
 
 
+class DeviceError(RuntimeError):
+    """The GPU was asked for but cannot be used; the message says why."""
+
+
 def backend(device=None):
     """The array module for `device`: 'cpu' (NumPy), 'gpu' (CuPy) or 'auto' (CuPy when a GPU
     is usable). The default comes from $VQVAE_DEVICE, else 'auto'."""
@@ -61,7 +65,7 @@ def backend(device=None):
     if problem is None:
         return cupy
     if device == "gpu":
-        raise RuntimeError(f"device 'gpu' was asked for, but {problem}")
+        raise DeviceError(f"device 'gpu' was asked for, but {problem}")
     return np
 
 
@@ -485,10 +489,9 @@ class VQVAE:
                              f"got {shape[1]} x {shape[2]} (pad or crop the images)")
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
             raise ValueError(f"expected real-valued images, got dtype {x.dtype}")
-        x = self.xp.asarray(x, dtype=self.cfg.dtype)
-        if not bool(self.xp.isfinite(x).all()):
+        if not bool(array_module(x).isfinite(x).all()):                # checked where x lives: no device sync for host data
             raise ValueError("images contain NaN or infinite values")
-        return x
+        return self.xp.asarray(x, dtype=self.cfg.dtype)
 
     def check_codes(self, codes):
         shape, K = getattr(codes, "shape", None), self.cfg.codebook_size
@@ -565,7 +568,7 @@ class VQVAE:
             if "config" not in f.files:
                 raise ValueError(f"{path} is not a VQ-VAE checkpoint: it has no 'config' entry")
             model = cls(Config.from_dict(json.loads(str(f["config"]))), device)
-            model.load_state_dict({k: f[k] for k in f.files if k != "config"})
+            model.load_state_dict(f)                                   # reads only the arrays it needs
         return model
 
 

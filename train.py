@@ -1,0 +1,679 @@
+"""Train a VQ-VAE from the command line.
+
+    python train.py                                 # built-in shapes data, a few minutes on a CPU
+    python train.py --data mnist --steps 5000       # IDX files from --data-dir, downloaded if absent
+    python train.py --data images.npz --quantizer ema
+    python train.py --resume runs/RUN               # continue a run exactly where it stopped
+    python train.py encode --run runs/RUN --data mnist --out codes.npy
+
+A run folder holds config.json, metrics.jsonl, checkpoint.npz (model, optimiser, step),
+recon_<step>.png grids (originals over reconstructions) and summary.json.
+"""
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import struct
+import sys
+import tarfile
+import time
+import urllib.request
+import zlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+import vqvae
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 1, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# data: uint8 images (N, H, W, C); the model sees (x / 255 - 0.5) / PIXEL_STD
+
+
+def make_shapes(n, size=32, seed=0):
+    """n RGB scenes of one to three filled shapes (circle, square, triangle) of random size,
+    place and colour on a two-tone background. Labels: the kind of the largest shape."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5                            # pixel centres
+    images = np.empty((n, size, size, 3), np.uint8)
+    labels = np.empty(n, np.int64)
+    for i in range(n):
+        top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        t = (yy / size)[..., None]
+        img = (1 - t) * top + t * bottom                               # vertical colour gradient
+        largest = 0
+        for _ in range(rng.integers(1, 4)):
+            kind, r = rng.integers(3), rng.uniform(size / 10, size / 4)
+            cy, cx = rng.uniform(r, size - r, 2)
+            if kind == 0:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+            elif kind == 1:
+                mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+            else:                                                      # apex up, base at cy + r
+                mask = (yy <= cy + r) & (np.abs(xx - cx) <= (yy - cy + r) / 2)
+            colour = rng.integers(0, 256, 3)
+            while np.abs(colour - img[mask].mean(0)).sum() < 150:      # keep shapes visible
+                colour = rng.integers(0, 256, 3)
+            img[mask] = colour
+            if r > largest:
+                largest, labels[i] = r, kind
+        images[i] = np.round(img)
+    return images, labels
+
+
+def shapes_dataset(size=32, n_train=10000, n_test=1000):
+    x_train, y_train = make_shapes(n_train, size, seed=1)
+    x_test, y_test = make_shapes(n_test, size, seed=2)
+    return {"train": x_train, "test": x_test, "train_labels": y_train, "test_labels": y_test,
+            "num_classes": 3}
+
+
+def read_idx(path):
+    """An IDX file of unsigned bytes (MNIST's format), gzipped or not -> uint8 array."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":                                         # gzip magic
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: damaged or truncated gzip file ({e})")
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or not 1 <= raw[3] <= 4:
+        raise UserError(f"{path}: bad magic number {raw[:4].hex() or '(empty file)'}, expected "
+                        f"00000801..00000804 (an IDX file of unsigned bytes)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise UserError(f"{path}: truncated or padded IDX file: {len(raw)} bytes, expected {expected} "
+                        f"for dimensions {dims}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+# name -> (url, SHA-256) of the files we may download
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+FASHION_FILES = {
+    "train-images-idx3-ubyte.gz": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+    "train-labels-idx1-ubyte.gz": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+    "t10k-images-idx3-ubyte.gz": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+    "t10k-labels-idx1-ubyte.gz": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+}
+DOWNLOADS = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", MNIST_FILES),
+    "fashion-mnist": ("https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", FASHION_FILES),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/",
+                {"cifar-10-binary.tar.gz": "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"}),
+}
+
+
+def download(dataset, name, folder):
+    """Fetch one file over HTTPS into `folder`, verify its SHA-256, then move it into place."""
+    base, files = DOWNLOADS[dataset]
+    url, dest = base + name, Path(folder) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
+    except OSError as e:
+        raise UserError(f"could not download {url} ({e}); are you offline? Put {name} into {folder} "
+                        f"yourself and run again")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != files[name]:
+        raise UserError(f"{url}: SHA-256 {digest} does not match the expected {files[name]}")
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+def find_or_download(dataset, name, data_dir):
+    """data_dir/<dataset>/name (or data_dir/name), gzipped or not; downloaded when absent."""
+    for folder in (Path(data_dir) / dataset, Path(data_dir)):
+        for candidate in (name, name.removesuffix(".gz")):
+            if (folder / candidate).is_file():
+                return folder / candidate
+    return download(dataset, name, Path(data_dir) / dataset)
+
+
+def mnist_dataset(dataset, data_dir):
+    def load(prefix):
+        images = read_idx(find_or_download(dataset, f"{prefix}-images-idx3-ubyte.gz", data_dir))
+        labels = read_idx(find_or_download(dataset, f"{prefix}-labels-idx1-ubyte.gz", data_dir))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"{dataset} {prefix}: images {images.shape} and labels {labels.shape} do not match")
+        return images[..., None], labels.astype(np.int64)              # (N, 28, 28, 1)
+    (x_train, y_train), (x_test, y_test) = load("train"), load("t10k")
+    return {"train": x_train, "test": x_test, "train_labels": y_train, "test_labels": y_test,
+            "num_classes": 10}
+
+
+CIFAR_RECORD = 1 + 3 * 32 * 32                                         # label byte, then R, G, B planes
+
+
+def parse_cifar_batch(raw, name):
+    if len(raw) == 0 or len(raw) % CIFAR_RECORD:
+        raise UserError(f"{name}: {len(raw)} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-10 records "
+                        f"(truncated file?)")
+    records = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise UserError(f"{name}: label {labels.max()} out of range; is this the CIFAR-10 *binary* version?")
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+    return images, labels
+
+
+def cifar10_dataset(data_dir):
+    """The binary version of CIFAR-10, from extracted .bin files or the .tar.gz itself."""
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    folders = [Path(data_dir) / "cifar10" / "cifar-10-batches-bin", Path(data_dir) / "cifar-10-batches-bin"]
+    folder = next((f for f in folders if all((f / n).is_file() for n in names)), None)
+    if folder is not None:
+        blobs = {n: (folder / n).read_bytes() for n in names}
+    else:
+        archive = find_or_download("cifar10", "cifar-10-binary.tar.gz", data_dir)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                blobs = {n: tar.extractfile(f"cifar-10-batches-bin/{n}").read() for n in names}
+        except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{archive}: not a readable CIFAR-10 binary archive ({e})")
+    parts = [parse_cifar_batch(blobs[n], n) for n in names]
+    return {"train": np.concatenate([p[0] for p in parts[:5]]), "test": parts[5][0],
+            "train_labels": np.concatenate([p[1] for p in parts[:5]]), "test_labels": parts[5][1],
+            "num_classes": 10}
+
+
+def to_nhwc(images, name):
+    """uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3, 4} -> (N, H, W, C)."""
+    if images.dtype != np.uint8:
+        raise UserError(f"{name}: expected uint8 images, got dtype {images.dtype}")
+    if images.ndim == 3:
+        return images[..., None]
+    if images.ndim == 4 and images.shape[3] in (1, 3, 4):
+        return images
+    if images.ndim == 4 and images.shape[1] in (1, 3, 4):
+        return images.transpose(0, 2, 3, 1)
+    raise UserError(f"{name}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with "
+                    f"C in 1, 3, 4; got {images.shape}")
+
+
+def array_file_dataset(path):
+    """A .npy of images (the last 10 % held out), or a .npz with 'train' and 'test' arrays or one array."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):                                   # an object array
+            raise UserError(f"{path}: holds Python objects, which are not read without pickle; save uint8 arrays")
+        raise UserError(f"{path}: damaged or truncated file, or not a NumPy file ({e})")
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: damaged or truncated file ({e})")
+    try:
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                keys = loaded.files
+                if "train" in keys and "test" in keys:
+                    train, test = to_nhwc(loaded["train"], f"{path}[train]"), to_nhwc(loaded["test"], f"{path}[test]")
+                    return {"train": train, "test": test, "num_classes": 0}
+                if len(keys) != 1:
+                    raise UserError(f"{path}: expected arrays 'train' and 'test', or a single array; found {keys}")
+                images = to_nhwc(loaded[keys[0]], f"{path}[{keys[0]}]")
+        else:
+            images = to_nhwc(loaded, str(path))
+    except (ValueError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: damaged or truncated file ({e})")
+    if len(images) < 2:
+        raise UserError(f"{path}: need at least 2 images to hold some out, found {len(images)}")
+    n_test = max(1, len(images) // 10)
+    return {"train": images[:-n_test], "test": images[-n_test:], "num_classes": 0}
+
+
+def load_dataset(name, data_dir):
+    if name == "shapes":
+        return shapes_dataset()
+    if name in ("mnist", "fashion-mnist"):
+        return mnist_dataset(name, data_dir)
+    if name == "cifar10":
+        return cifar10_dataset(data_dir)
+    if name.endswith((".npy", ".npz")):
+        return array_file_dataset(name)
+    raise UserError(f"unknown dataset {name!r}: use shapes, mnist, fashion-mnist, cifar10, or a .npy/.npz file")
+
+
+def pad_to_multiple(images, m):
+    """Edge-pad H and W up to multiples of m (the model's downsampling); metrics crop back."""
+    N, H, W, C = images.shape
+    ph, pw = -H % m, -W % m
+    if ph == pw == 0:
+        return images
+    return np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+
+
+PIXEL_STD = 0.25  # about the standard deviation of image pixels in [0, 1]
+
+
+def to_model(images):
+    """uint8 -> float32 with mean near 0 and variance near 1. Unit variance weighs the
+    reconstruction term against the VQ terms as sonnet's example does by dividing the MSE by
+    the data variance (a Gaussian log-likelihood with that variance)."""
+    return (images.astype(np.float32) / 255 - 0.5) / PIXEL_STD
+
+
+def to_uint8(x):
+    return np.clip(np.round((vqvae.to_numpy(x) * PIXEL_STD + 0.5) * 255), 0, 255).astype(np.uint8)
+
+
+def batch_indices(seed, step, n, batch_size):
+    """The examples of training step `step`. Each epoch is a shuffle seeded by (seed, epoch), so
+    any step's batch can be recomputed from the step alone, which makes resuming exact."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+# -----------------------------------------------------------------------------
+# pictures: PNG written with the standard library's zlib
+
+
+def write_png(path, img):
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> a PNG file (8-bit grey or RGB, no filtering)."""
+    img = np.ascontiguousarray(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    H, W = img.shape[:2]
+    colour_type = 0 if img.ndim == 2 else 2
+    rows = np.concatenate([np.zeros((H, 1), np.uint8), img.reshape(H, -1)], 1)  # filter byte 0 per row
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    png = (b"\x89PNG\r\n\x1a\n"
+           + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, colour_type, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
+           + chunk(b"IEND", b""))
+    atomic_write(path, png)
+
+
+def image_grid(rows, scale=2, gap=2):
+    """A list of uint8 batches (n, H, W, C), one per grid row -> one image with gaps between."""
+    n, H, W, C = rows[0].shape
+    grid = np.full((len(rows) * (H + gap) + gap, n * (W + gap) + gap, C), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid[gap + r * (H + gap):gap + r * (H + gap) + H, gap + c * (W + gap):gap + c * (W + gap) + W] = img
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+# -----------------------------------------------------------------------------
+# run folder: config, metrics, checkpoints (atomic, no pickle)
+
+
+def atomic_write(path, data):
+    """Write bytes to a temporary file beside `path`, then rename: a crash mid-write leaves the
+    previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npz(path, arrays):
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+@dataclass
+class TrainConfig:
+    data: str = "shapes"          # shapes, mnist, fashion-mnist, cifar10, or PATH.npy / PATH.npz
+    data_dir: str = "data"        # where dataset files are found or downloaded to
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0                 # data order; the model's initialisation uses its own seed
+    device: str = "auto"
+    log_every: int = 50
+    eval_every: int = 500         # held-out evaluation, reconstruction grid and checkpoint
+
+
+def save_checkpoint(run, model, opt, step, wall_time, cfg):
+    arrays = {**model.state_dict(), **{f"opt.{k}": v for k, v in opt.state_dict().items()},
+              "config": np.array(json.dumps(asdict(model.cfg))),
+              "train_config": np.array(json.dumps(asdict(cfg))),
+              "step": np.array(step), "wall_time_s": np.array(wall_time)}
+    save_npz(run / "checkpoint.npz", arrays)
+
+
+def load_checkpoint(run, model, opt):
+    path = run / "checkpoint.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            model.load_state_dict(f)
+            opt.load_state_dict({k[4:]: f[k] for k in f.files if k.startswith("opt.")})
+            return int(f["step"]), float(f["wall_time_s"])
+    except FileNotFoundError:
+        raise UserError(f"{path}: no checkpoint to resume from")
+    except (ValueError, KeyError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot resume from this checkpoint ({e})")
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(model, images, real_hw, batch_size):
+    """Held-out MSE and PSNR on the real pixels (padding cropped) in [0, 1], and code usage over
+    the whole split."""
+    K = model.cfg.codebook_size
+    h, w = real_hw
+    sq_err, n_values = 0.0, 0
+    counts = np.zeros(K, np.int64)
+    for i in range(0, len(images), batch_size):
+        batch = images[i:i + batch_size]
+        codes = model.encode(to_model(batch))
+        x_hat = to_uint8(model.decode(codes))[:, :h, :w]
+        diff = x_hat.astype(np.float64) / 255 - batch[:, :h, :w] / 255
+        sq_err += float((diff ** 2).sum())
+        n_values += diff.size
+        counts += np.bincount(vqvae.to_numpy(codes).ravel(), minlength=K)
+    mse = sq_err / n_values
+    p = counts / counts.sum()
+    return {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+            "perplexity": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())),
+            "codes_used": float((counts > 0).mean())}
+
+
+def recon_grid(model, images, real_hw, n=8):
+    """Up to two pairs of rows of n images: originals over their reconstructions."""
+    h, w = real_hw
+    x = images[:2 * n, :h, :w]
+    x_hat = to_uint8(model.reconstruct(to_model(images[:2 * n])))[:, :h, :w]
+    rows = [x[:n], x_hat[:n]]
+    if len(x) == 2 * n:
+        rows += [x[n:], x_hat[n:]]
+    return image_grid(rows)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train a VQ-VAE (van den Oord et al. 2017).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Subcommands: 'python train.py encode --help'.")
+    t, m = TrainConfig(), vqvae.Config()
+    run = p.add_argument_group("run")
+    run.add_argument("--data", default=t.data, help="shapes, mnist, fashion-mnist, cifar10, or PATH.npy|PATH.npz")
+    run.add_argument("--data-dir", default=t.data_dir, help="where dataset files are found or downloaded to")
+    run.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
+    run.add_argument("--steps", type=int, default=t.steps, help="total training steps")
+    run.add_argument("--batch-size", type=int, default=t.batch_size)
+    run.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
+    run.add_argument("--seed", type=int, default=t.seed, help="seed of the data order and the model's initialisation")
+    run.add_argument("--device", default=t.device, choices=["auto", "cpu", "gpu"])
+    run.add_argument("--log-every", type=int, default=t.log_every)
+    run.add_argument("--eval-every", type=int, default=t.eval_every, help="held-out evaluation, pictures, checkpoint")
+    model = p.add_argument_group("model")
+    model.add_argument("--hidden", type=int, default=64, help="H: encoder/decoder channels")
+    model.add_argument("--res-hidden", type=int, default=32, help="RH: residual block hidden channels")
+    model.add_argument("--res-blocks", type=int, default=m.res_blocks, help="R: residual blocks")
+    model.add_argument("--codebook-size", "-K", type=int, default=256, help="K: number of codes")
+    model.add_argument("--code-dim", "-D", type=int, default=32, help="D: code vector dimension")
+    model.add_argument("--beta", type=float, default=m.beta, help="commitment cost")
+    model.add_argument("--quantizer", default=m.quantizer, choices=["vq", "ema"])
+    model.add_argument("--ema-decay", type=float, default=m.ema_decay)
+    return p
+
+
+MODEL_FLAGS = {"hidden": "hidden", "res_hidden": "res_hidden", "res_blocks": "res_blocks",
+               "codebook_size": "codebook_size", "code_dim": "code_dim", "beta": "beta",
+               "quantizer": "quantizer", "ema_decay": "ema_decay"}
+RESUMABLE = {"steps", "log_every", "eval_every", "device", "resume"}  # flags that may change on resume
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags actually typed on the command line."""
+    given = set()
+    for a in argv:
+        for action in parser._actions:
+            if any(a == o or a.startswith(o + "=") for o in action.option_strings):
+                given.add(action.dest)
+    return given
+
+
+def configs_from_args(parser, args, argv):
+    """(TrainConfig, vqvae.Config, run folder, resuming?) from the flags, or from a run folder."""
+    if args.resume:
+        run = Path(args.resume)
+        try:
+            saved = json.loads((run / "config.json").read_text())
+            cfg, model_cfg = TrainConfig(**saved["train"]), vqvae.Config.from_dict(saved["model"])
+        except FileNotFoundError:
+            raise UserError(f"{run}: not a run folder (no config.json)")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{run / 'config.json'}: unreadable run config ({e})")
+        changed = sorted(d for d in given_flags(parser, argv) - RESUMABLE
+                         if getattr(args, d) != {**asdict(cfg), **asdict(model_cfg), "out": None}.get(d))
+        if changed:
+            raise UserError(f"cannot change {', '.join('--' + d.replace('_', '-') for d in changed)} when "
+                            f"resuming; only --steps, --log-every, --eval-every and --device may change")
+        for d in given_flags(parser, argv) & (RESUMABLE - {"resume"}):
+            setattr(cfg, d, getattr(args, d))
+        return cfg, model_cfg, run, True
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    model_cfg = vqvae.Config(**{k: getattr(args, a) for k, a in MODEL_FLAGS.items()}, seed=args.seed)
+    run = Path(args.out or f"runs/{Path(cfg.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run / "checkpoint.npz").exists():
+        raise UserError(f"{run} already holds a run; continue it with --resume {run}, or choose another --out")
+    return cfg, model_cfg, run, False
+
+
+def check_train_config(cfg, n_train):
+    for name in ("steps", "batch_size", "log_every", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.batch_size > n_train:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
+
+
+class Progress:
+    """One live line on a terminal; plain lines otherwise (logs, CI)."""
+
+    def __init__(self, total, stream=sys.stderr):
+        self.total, self.stream, self.live = total, stream, stream.isatty()
+
+    def show(self, text, final=False):
+        if self.live:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def train(argv):
+    # -- config
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg, model_cfg, run, resuming = configs_from_args(parser, args, argv)
+    except ValueError as e:  # vqvae.Config validation
+        raise UserError(str(e))
+
+    # -- data
+    data = load_dataset(cfg.data, cfg.data_dir)
+    real_hw = data["train"].shape[1:3]
+    if data["train"].shape[3] != model_cfg.in_channels:
+        if resuming:
+            raise UserError(f"{cfg.data} has {data['train'].shape[3]} channels, the run's model expects {model_cfg.in_channels}")
+        model_cfg.in_channels = data["train"].shape[3]
+    train_images = pad_to_multiple(data["train"], vqvae.VQVAE.downsample)
+    test_images = pad_to_multiple(data["test"], vqvae.VQVAE.downsample)
+    check_train_config(cfg, len(train_images))
+
+    # -- model, optimiser, run folder
+    model = vqvae.VQVAE(model_cfg, device=cfg.device)
+    opt = vqvae.Adam(model.params, lr=cfg.lr)
+    step, wall_before = 0, 0.0
+    run.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        step, wall_before = load_checkpoint(run, model, opt)
+    atomic_write(run / "config.json", json.dumps({"train": asdict(cfg), "model": asdict(model_cfg)}, indent=2).encode())
+    device = "gpu" if model.xp is not np else "cpu"
+    print(f"{run}: {cfg.data} {train_images.shape[1:]} ({len(train_images)} train, {len(test_images)} held out), "
+          f"{sum(p.size for p in model.params.values()):,} parameters, device {device}"
+          + (f", resuming at step {step}" if resuming else ""), file=sys.stderr)
+
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):                                      # first Ctrl-C: finish the step, save, exit
+        stop["requested"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)       # a second one interrupts at once
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    progress = Progress(cfg.steps)
+    metrics = open(run / "metrics.jsonl", "a")
+    window = []                                                        # per-step stats since the last log, on the device
+    t_start, t_log, step_log = time.time(), time.time(), step
+
+    def flush():
+        """Bring the window's stats to the host (one sync), stop on a non-finite loss, log a line."""
+        nonlocal window, t_log, step_log
+        if not window:
+            return None
+        losses = vqvae.to_numpy(model.xp.stack([s["loss"] for s in window]))
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):
+            raise UserError(f"the loss became {losses[bad[0]]} at step {step_log + bad[0] + 1}; stopping. "
+                            f"The last good checkpoint is kept in {run / 'checkpoint.npz'}")
+        keys = ("loss", "recon", "vq", "commitment", "perplexity", "usage")
+        mean = {k: float(np.mean(vqvae.to_numpy(model.xp.stack([s[k] for s in window])))) for k in keys}
+        now = time.time()
+        rate = len(window) * cfg.batch_size / max(now - t_log, 1e-9)
+        eta = (cfg.steps - step) * cfg.batch_size / rate
+        metrics.write(json.dumps({"step": step, **mean, "images_per_s": rate,
+                                  "wall_time_s": wall_before + now - t_start}) + "\n")
+        metrics.flush()
+        progress.show(f"step {step}/{cfg.steps} loss {mean['loss']:.4f} (recon {mean['recon']:.4f} vq {mean['vq']:.4f}) "
+                      f"perplexity {mean['perplexity']:.1f} codes {mean['usage']:.0%} {rate:.0f} img/s "
+                      f"ETA {eta:.0f}s", final=step == cfg.steps)
+        window, t_log, step_log = [], now, step
+
+    def checkpoint_and_eval():
+        flush()
+        ev = evaluate(model, test_images, real_hw, cfg.batch_size)
+        metrics.write(json.dumps({"step": step, **ev}) + "\n")
+        metrics.flush()
+        write_png(run / f"recon_{step:06d}.png", recon_grid(model, test_images, real_hw))
+        save_checkpoint(run, model, opt, step, wall_before + time.time() - t_start, cfg)
+        progress.show(f"step {step}: held-out mse {ev['val_mse']:.5f} psnr {ev['val_psnr']:.2f} dB "
+                      f"perplexity {ev['perplexity']:.1f} codes used {ev['codes_used']:.0%}", final=True)
+        return ev
+
+    # -- loop
+    try:
+        while step < cfg.steps and not stop["requested"]:
+            idx = batch_indices(cfg.seed, step, len(train_images), cfg.batch_size)
+            window.append(model.train_step(to_model(train_images[idx]), opt))
+            step += 1
+            if step % cfg.log_every == 0:
+                flush()
+            if step % cfg.eval_every == 0 and step < cfg.steps:
+                checkpoint_and_eval()
+        if stop["requested"]:
+            flush()
+            save_checkpoint(run, model, opt, step, wall_before + time.time() - t_start, cfg)
+            print(f"\ninterrupted at step {step}; checkpoint saved. Continue with: python train.py --resume {run}",
+                  file=sys.stderr)
+            return 130
+        ev = checkpoint_and_eval()
+    finally:
+        metrics.close()
+        signal.signal(signal.SIGINT, previous_handler)
+
+    # -- what the run leaves behind
+    write_png(run / "recon.png", recon_grid(model, test_images, real_hw))
+    summary = {**ev, "steps": step, "wall_time_s": wall_before + time.time() - t_start, "device": device,
+               "data": cfg.data, "quantizer": model_cfg.quantizer}
+    atomic_write(run / "summary.json", json.dumps(summary, indent=2).encode())
+    print(f"done: {run}/summary.json, {run}/recon.png", file=sys.stderr)
+    return 0
+
+
+def encode(argv):
+    """Write the integer codes of a dataset split with a trained model: the tokenizer."""
+    p = argparse.ArgumentParser(prog="train.py encode", description="Encode a dataset to integer codes.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder holding checkpoint.npz")
+    p.add_argument("--data", required=True)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--out", required=True, help="output .npy of codes (N, h, w)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--batch-size", type=int, default=256)
+    args = p.parse_args(argv)
+    ckpt = Path(args.run) / "checkpoint.npz"
+    if not ckpt.is_file():
+        raise UserError(f"{ckpt}: no such checkpoint")
+    try:
+        model = vqvae.VQVAE.load(ckpt, device=args.device)
+    except (ValueError, KeyError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{ckpt}: cannot load the model ({e})")
+    images = load_dataset(args.data, args.data_dir)[args.split]
+    if images.shape[3] != model.cfg.in_channels:
+        raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
+    images = pad_to_multiple(images, model.downsample)
+    codes = np.concatenate([vqvae.to_numpy(model.encode(to_model(images[i:i + args.batch_size])))
+                            for i in range(0, len(images), args.batch_size)])
+    codes = codes.astype(np.int16 if model.cfg.codebook_size <= 2**15 else np.int32)
+    buf = io.BytesIO()
+    np.save(buf, codes)
+    atomic_write(args.out, buf.getvalue())
+    print(f"wrote {args.out}: codes {codes.shape} in [0, {model.cfg.codebook_size})", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"encode": encode}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = COMMANDS.get(argv[0], train) if argv else train
+    if command is not train:
+        argv = argv[1:]
+    try:
+        return command(argv)
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except vqvae.DeviceError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
