@@ -1,4 +1,5 @@
-"""Property tests for the VQ-VAE reference: gradients, losses, quantizers, model, optimiser.
+"""Property tests for the VQ-VAE reference: layers, quantizers, model, optimiser, the PixelCNN
+prior, and train.py.
 
 Gradients are checked in float64 against central finite differences with a random upstream
 gradient. Hypothesis draws the structure (sizes, strides, paddings, channels) and a seed; the
@@ -6,12 +7,14 @@ floats come from that seed. Profiles: VQVAE_HYPOTHESIS=ci (default, quick and de
 or VQVAE_HYPOTHESIS=thorough (many more examples).
 """
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+import prior as P
 import vqvae as V
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
@@ -144,6 +147,21 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d(shape, seed):
     ATy = convt.forward(y)
     assert ATy.shape == x.shape                                        # (H' - 1) s - 2p + k == H
     np.testing.assert_allclose(np.sum(Ax * y), np.sum(x * ATy), rtol=1e-10, atol=1e-10)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(1, 9), st.integers(1, 9), seeds)
+def test_fast_conv_adjoint_equals_the_col2im_definition(C, O, s, bh, bw, H, W, seed):
+    # kernels that the stride divides and padded sizes that it divides: the space-to-depth path;
+    # the other draws exercise the fallback, which must be the definition itself
+    kh, kw = bh * s, bw * s
+    Hp, Wp = max(H, kh), max(W, kw)
+    rng = np.random.default_rng(seed)
+    Wt = rng.standard_normal((O, C, kh, kw))
+    Ho, Wo = (Hp - kh) // s + 1, (Wp - kw) // s + 1
+    dy = rng.standard_normal((2, Ho, Wo, O))
+    fast = V.conv_adjoint(dy, Wt, s, (2, Hp, Wp, C))
+    np.testing.assert_allclose(fast, V.conv_adjoint_by_col2im(dy, Wt, s, (2, Hp, Wp, C)), rtol=1e-10, atol=1e-12)
 
 
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), st.integers(2, 5))
@@ -588,6 +606,453 @@ def test_numpy_and_cupy_agree(quantizer):
         np.testing.assert_allclose(float(sc["loss"]), float(sg["loss"]), rtol=1e-9)
     for k, v in cpu.state_dict().items():
         np.testing.assert_allclose(gpu.state_dict()[k], v, rtol=1e-7, atol=1e-9, err_msg=k)
+
+
+# -----------------------------------------------------------------------------
+# prior.py: helpers
+
+
+def tiny_prior(**kw):
+    base = dict(codebook_size=5, channels=3, layers=2, kernel=3, dtype="float64")
+    base.update(kw)
+    return P.PixelCNN(P.PriorConfig(**base), device="cpu")
+
+
+def conditioning(model, N, h, w, rng):
+    """Random labels and cond for whatever the model's config asks (None where it asks nothing)."""
+    nc, cc = model.cfg.num_classes, model.cfg.cond_channels
+    labels = rng.integers(0, nc, N) if nc else None
+    cond = rng.standard_normal((N, h, w, cc)) if cc else None
+    return labels, cond
+
+
+@st.composite
+def prior_case(draw, max_hw=4):
+    """A small prior config (conditioning included or not), a grid size and a seed."""
+    cfg = dict(codebook_size=draw(st.integers(2, 6)), channels=draw(st.integers(1, 4)),
+               layers=draw(st.integers(1, 3)), kernel=draw(st.sampled_from([1, 3, 5])),
+               num_classes=draw(st.sampled_from([0, 3])), cond_channels=draw(st.sampled_from([0, 2])))
+    N, h, w = draw(st.integers(1, 2)), draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    return cfg, (N, h, w), draw(seeds)
+
+
+def receptive_field(i, j, h, w, L, r):
+    """The positions the logits at (i, j) should depend on (PixelCNN's docstring): rows
+    i-1-L*r .. i-1 over columns j-L*r .. j+L*r, and row i over columns j-1-L*r .. j-1."""
+    above = {(a, b) for a in range(i - 1 - L * r, i) for b in range(j - L * r, j + L * r + 1)}
+    left = {(i, b) for b in range(j - 1 - L * r, j)}
+    return {(a, b) for a, b in above | left if 0 <= a < h and 0 <= b < w}
+
+
+def greedy_decode(model, N, h, w, labels=None, cond=None):
+    """Argmax decoding, one full forward per position; also the smallest top-2 logit gap met."""
+    codes, gap = np.zeros((N, h, w), np.int64), np.inf
+    for i in range(h):
+        for j in range(w):
+            logits = model.forward(codes, labels, cond)[:, i, j]      # (N, K)
+            top2 = np.sort(logits, 1)[:, -2:] if logits.shape[1] > 1 else np.array([[-np.inf, 0.0]])
+            gap = min(gap, np.min(top2[:, 1] - top2[:, 0]))
+            codes[:, i, j] = logits.argmax(1)
+    return codes, gap
+
+
+# -----------------------------------------------------------------------------
+# prior.py: layers
+
+
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), seeds)
+def test_embedding_is_a_row_lookup_with_one_hot_gradient(K, C, N, h, seed):
+    rng = np.random.default_rng(seed)
+    emb = P.Embedding(K, C, f64_init(seed))
+    codes = rng.integers(0, K, (N, h, 3))                             # repeated codes: the gradient must add up
+    y = emb.forward(codes)
+    np.testing.assert_array_equal(y, emb.params["table"][codes])
+    dy = rng.standard_normal(y.shape)
+    assert emb.backward(dy) is None
+    f = lambda: np.sum(emb.forward(codes) * dy)
+    assert rel_error(emb.grads["table"], numerical_grad(f, emb.params["table"])) < 1e-6
+    unused = np.setdiff1d(np.arange(K), codes)
+    assert np.all(emb.grads["table"][unused] == 0)
+
+
+@given(st.integers(1, 4), st.integers(1, 3), seeds)
+def test_gate_gradients_match_finite_differences(p, N, seed):
+    rng = np.random.default_rng(seed)
+    check_layer_grads(P.Gate(), 3 * rng.standard_normal((N, 2, 3, 2 * p)), rng)
+
+
+def test_gate_does_not_overflow():
+    with np.errstate(all="raise"):
+        y, t, s = P.gate(np.array([[-1000.0, 1000.0, 1000.0, -1000.0]]))
+    np.testing.assert_array_equal(s, [[1.0, 0.0]])
+    np.testing.assert_array_equal(y, [[-1.0, 0.0]])
+
+
+@given(st.sampled_from([1, 2]), st.integers(1, 2), st.integers(1, 4), st.integers(1, 4), seeds)
+def test_shift_backward_is_the_adjoint_of_forward(axis, N, H, W, seed):
+    rng = np.random.default_rng(seed)
+    shift = P.Shift(axis)
+    x = rng.standard_normal((N, H, W, 2))
+    Sx = shift.forward(x)
+    assert Sx.shape == x.shape
+    expected = np.zeros_like(x)
+    if axis == 1:
+        expected[:, 1:] = x[:, :-1]
+    else:
+        expected[:, :, 1:] = x[:, :, :-1]
+    np.testing.assert_array_equal(Sx, expected)
+    y = rng.standard_normal(x.shape)
+    np.testing.assert_allclose(np.sum(Sx * y), np.sum(x * shift.backward(y)), rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.booleans(), st.sampled_from([0, 3]),
+       st.sampled_from([0, 2]), st.integers(1, 4), st.integers(1, 4), seeds)
+def test_gated_layer_gradients_match_finite_differences(p, k, first, nc, cc, H, W, seed):
+    rng = np.random.default_rng(seed)
+    layer = P.GatedLayer(p, k, first, nc, cc, init=f64_init(seed))
+    N = 2
+    v, h = rng.standard_normal((N, H, W, p)), rng.standard_normal((N, H, W, p))
+    labels = rng.integers(0, nc, N) if nc else None
+    cond = rng.standard_normal((N, H, W, cc)) if cc else None
+    v_out, h_out = layer.forward(v, h, labels, cond)
+    dv_out, dh_out = rng.standard_normal(v_out.shape), rng.standard_normal(h_out.shape)  # random upstream
+    dv, dh, dcond = layer.backward(dv_out, dh_out)
+    grads = {k: g.copy() for k, g in layer.grads.items()}
+    assert set(grads) == set(layer.params)
+
+    def f():
+        vo, ho = layer.forward(v, h, labels, cond)
+        return np.sum(vo * dv_out) + np.sum(ho * dh_out)
+
+    # f is O(1), so central differences carry ~1e-10 of rounding noise: a floor of 1e-3 keeps
+    # that from failing gradients that happen to be tiny (saturated gates) and still catches errors
+    assert rel_error(dv, numerical_grad(f, v), floor=1e-3) < 1e-6
+    assert rel_error(dh, numerical_grad(f, h), floor=1e-3) < 1e-6
+    if cc:
+        assert rel_error(dcond, numerical_grad(f, cond), floor=1e-3) < 1e-6
+    else:
+        assert dcond is None
+    for name, prm in layer.params.items():
+        assert grads[name].shape == prm.shape
+        assert rel_error(grads[name], numerical_grad(f, prm), floor=1e-3) < 1e-6, name
+
+
+@given(st.integers(1, 4), st.integers(2, 6), seeds)
+def test_head_gradients_match_finite_differences(p, K, seed):
+    rng = np.random.default_rng(seed)
+    head = P.make_head(p, K, f64_init(seed))
+    x = rng.standard_normal((2, 3, 2, p))
+    hidden = head.layers[1].forward(np.maximum(x, 0))
+    assume(np.min(np.abs(x)) > 1e-3 and np.min(np.abs(hidden)) > 1e-3)  # away from the ReLU kinks
+    check_layer_grads(head, x, rng)
+
+
+# -----------------------------------------------------------------------------
+# prior.py: model: gradients, causality, receptive field
+
+
+@given(prior_case())
+def test_prior_loss_gradients_match_finite_differences(case):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    labels, cond = conditioning(model, N, h, w, rng)
+    model.loss(codes, labels, cond)
+    dcond = model.backward()
+    grads = {k: g.copy() for k, g in model.grads.items()}
+    assert set(grads) == set(model.params)
+    relu_inputs = [layer.cache for layer in model.head.layers if isinstance(layer, V.ReLU)]
+    assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)       # +-eps flips no ReLU
+    f = lambda: model.loss(codes, labels, cond)["loss"]
+    targets = dict(model.params, **({"cond": cond} if cond is not None else {}))
+    grads["cond"] = dcond
+    for name, a in targets.items():
+        # a handful of entries per tensor keeps this quick; hypothesis varies which ones
+        for flat in rng.choice(a.size, min(a.size, 4), replace=False):
+            i = np.unravel_index(flat, a.shape)
+            old = a[i]
+            a[i] = old + 1e-6
+            fp = f()
+            a[i] = old - 1e-6
+            fm = f()
+            a[i] = old
+            num = (fp - fm) / 2e-6
+            assert abs(grads[name][i] - num) <= 1e-5 * max(abs(num), 1e-3), (name, i, grads[name][i], num)
+    if cond is None:
+        assert dcond is None
+
+
+@given(prior_case(max_hw=5), st.data())
+def test_changing_a_code_never_changes_the_logits_at_or_before_it(case, data):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    labels, cond = conditioning(model, N, h, w, rng)
+    q = data.draw(st.integers(0, h * w - 1))                          # a position in raster order
+    changed = codes.copy()
+    changed.reshape(N, -1)[:, q] = (changed.reshape(N, -1)[:, q] + 1) % cfg["codebook_size"]
+    before = model.forward(codes, labels, cond).reshape(N, h * w, -1)
+    after = model.forward(changed, labels, cond).reshape(N, h * w, -1)
+    np.testing.assert_array_equal(after[:, :q + 1], before[:, :q + 1])  # exactly: no path at all
+
+
+@given(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.integers(1, 6), st.integers(1, 6), seeds, st.data())
+def test_logits_depend_on_exactly_the_receptive_field(L, k, h, w, seed, data):
+    # no blind spot: every earlier position in the field, the row above to the right of (i, j)
+    # included, changes the logits at (i, j); nothing outside it does
+    i, j = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    model = tiny_prior(codebook_size=5, channels=16, layers=L, kernel=k, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 5, (1, h, w))
+    base = model.forward(codes)[0, i, j]
+    head_relus = [layer.cache[0, i, j] for layer in model.head.layers if isinstance(layer, V.ReLU)]
+    assume(all(np.any(a > 0) for a in head_relus))                    # the head passes something on
+    depends = set()
+    for a in range(h):
+        for b in range(w):
+            changed = codes.copy()
+            changed[0, a, b] = (codes[0, a, b] + 1 + rng.integers(0, 4)) % 5  # any other code
+            if not np.array_equal(model.forward(changed)[0, i, j], base):
+                depends.add((a, b))
+    field = receptive_field(i, j, h, w, L, k // 2)
+    assert depends == field, (sorted(field - depends), sorted(depends - field))
+    if k > 1 and i >= 1 and j + 1 < w:
+        assert (i - 1, j + 1) in depends                               # the classic blind-spot pixel
+
+
+def test_receptive_field_of_a_three_layer_3x3_prior():
+    # a hand-drawn picture of the field of (3, 3) on a 6 x 8 grid: L = 3, r = 1
+    expected = ["xxxxxxx.",
+                "xxxxxxx.",
+                "xxxxxxx.",
+                "xxxo....",
+                "........",
+                "........"]
+    field = receptive_field(3, 3, 6, 8, 3, 1)
+    drawn = {(a, b) for a, row in enumerate(expected) for b, c in enumerate(row) if c == "x"}
+    assert field == drawn
+
+
+# -----------------------------------------------------------------------------
+# prior.py: model: loss, conditioning, training, dtype, checkpoints, input checks
+
+
+@given(prior_case())
+def test_loss_equals_the_cross_entropy_formula(case):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    labels, cond = conditioning(model, N, h, w, rng)
+    logits = model.forward(codes, labels, cond)
+    logp = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+    nll = -np.mean(np.take_along_axis(logp, codes[..., None], -1))
+    stats = model.loss(codes, labels, cond)
+    np.testing.assert_allclose(stats["loss"], nll, rtol=1e-12)
+    np.testing.assert_allclose(stats["bits_per_code"], nll / np.log(2), rtol=1e-12)
+
+
+def test_class_and_spatial_conditioning_change_every_logit():
+    rng = np.random.default_rng(0)
+    model = tiny_prior(channels=16, num_classes=3, cond_channels=2)   # wide enough that no head goes dead
+    codes = rng.integers(0, 5, (2, 3, 4))
+    cond = rng.standard_normal((2, 3, 4, 2))
+    base = model.forward(codes, np.array([0, 1]), cond)
+    other_class = model.forward(codes, np.array([2, 0]), cond)
+    other_cond = model.forward(codes, np.array([0, 1]), rng.standard_normal((2, 3, 4, 2)))
+    assert np.all(np.any(other_class != base, -1))                     # at every position, (0, 0) too
+    assert np.all(np.any(other_cond != base, -1))
+
+
+def test_tiny_prior_overfits_four_code_grids():
+    # four random 4 x 4 grids, each with its own class label: the label makes each grid
+    # deterministic, so the cross-entropy can go to zero (unconditionally, the first code alone
+    # would keep it above (ln 4) / 16)
+    rng = np.random.default_rng(0)
+    codes, labels = rng.integers(0, 8, (4, 4, 4)), np.arange(4)
+    model = P.PixelCNN(P.PriorConfig(codebook_size=8, channels=16, layers=2, num_classes=4, seed=0), device="cpu")
+    opt = V.Adam(model.params, lr=1e-2)
+    first = float(model.loss(codes, labels)["loss"])
+    for _ in range(300):
+        model.train_step(codes, opt, labels)
+    last = float(model.loss(codes, labels)["loss"])
+    assert first > 1.5 and last < 0.05, (first, last)
+
+
+def test_prior_float32_end_to_end_without_dtype_drift():
+    cfg = P.PriorConfig(codebook_size=6, channels=4, layers=2, num_classes=2, cond_channels=3)
+    model = P.PixelCNN(cfg, device="cpu")
+    rng = np.random.default_rng(0)
+    codes, labels = rng.integers(0, 6, (2, 3, 3)), np.array([0, 1])
+    cond = rng.standard_normal((2, 3, 3, 3))                            # float64 input is cast once
+    opt = V.Adam(model.params, lr=1e-3)
+    stats = model.train_step(codes, opt, labels, cond)
+    assert stats["loss"].dtype == stats["bits_per_code"].dtype == np.float32
+    assert model.backward().dtype == np.float32                        # d cond
+    assert model.forward(codes, labels, cond).dtype == np.float32
+    for k, p in model.params.items():
+        assert p.dtype == np.float32 and model.grads[k].dtype == np.float32, k
+    assert all(m.dtype == np.float32 for m in opt.m.values())
+    samples = P.sample(model, 2, 3, 3, 0, 1.0, labels, cond)
+    assert samples.shape == (2, 3, 3) and np.issubdtype(samples.dtype, np.integer)
+
+
+def test_prior_save_load_round_trip_without_pickle(tmp_path):
+    model = tiny_prior(num_classes=2, cond_channels=2, dtype="float32", seed=3)
+    rng = np.random.default_rng(0)
+    codes, labels, cond = rng.integers(0, 5, (2, 3, 3)), np.array([1, 0]), rng.standard_normal((2, 3, 3, 2))
+    opt = V.Adam(model.params, lr=1e-2)
+    for _ in range(3):
+        model.train_step(codes, opt, labels, cond)                     # move away from the init
+    path = tmp_path / "prior.npz"
+    model.save(path)
+    with np.load(path, allow_pickle=False) as f:                       # loads without pickle
+        assert json.loads(str(f["config"]))["num_classes"] == 2
+    loaded = P.PixelCNN.load(path, device="cpu")
+    assert loaded.cfg == model.cfg
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(loaded.params[k], v)
+    np.testing.assert_array_equal(loaded.forward(codes, labels, cond), model.forward(codes, labels, cond))
+
+
+def test_prior_load_names_a_missing_or_misshapen_array(tmp_path):
+    model = tiny_prior()
+    state = model.state_dict()
+    missing = dict(state)
+    del missing["layers.1.link.W"]
+    with pytest.raises(ValueError, match="no array 'layers.1.link.W'"):
+        model.load_state_dict(missing)
+    state["head.3.b"] = np.zeros(7)
+    with pytest.raises(ValueError, match=r"'head.3.b' has shape \(7,\), model expects \(5,\)"):
+        model.load_state_dict(state)
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a PixelCNN prior checkpoint"):
+        P.PixelCNN.load(tmp_path / "other.npz")
+
+
+def test_prior_rejects_bad_input_with_errors_naming_the_problem():
+    plain, cond_model = tiny_prior(), tiny_prior(num_classes=3, cond_channels=2)
+    codes = np.zeros((2, 3, 3), np.int64)
+    with pytest.raises(ValueError, match=r"codes of shape \(N, h, w\), got shape \(3, 3\)"):
+        plain.forward(codes[0])
+    with pytest.raises(ValueError, match="integer codes, got dtype float"):
+        plain.loss(codes.astype(float))
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 5\), got values in \[0, 5\]"):
+        plain.forward(np.array([[[0, 5]]]))
+    with pytest.raises(ValueError, match=r"num_classes=3\): pass labels of shape \(2,\)"):
+        cond_model.forward(codes, cond=np.zeros((2, 3, 3, 2)))
+    with pytest.raises(ValueError, match=r"labels of shape \(2,\), got shape \(2, 1\)"):
+        cond_model.forward(codes, np.zeros((2, 1), int), np.zeros((2, 3, 3, 2)))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 3\]"):
+        cond_model.forward(codes, np.array([0, 3]), np.zeros((2, 3, 3, 2)))
+    with pytest.raises(ValueError, match=r"expected cond of shape \(2, 3, 3, 2\), got shape \(2, 3, 3, 1\)"):
+        cond_model.forward(codes, np.array([0, 1]), np.zeros((2, 3, 3, 1)))
+    with pytest.raises(ValueError, match="labels were given, but this prior has num_classes=0"):
+        plain.forward(codes, np.array([0, 1]))
+    with pytest.raises(ValueError, match="cond was given, but this prior has cond_channels=0"):
+        plain.forward(codes, cond=np.zeros((2, 3, 3, 1)))
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got -1"):
+        P.sample(plain, 1, 2, 2, 0, temperature=-1)
+    with pytest.raises(ValueError, match="h must be a positive integer, got 0"):
+        P.sample_naive(plain, 1, 0, 2, 0)
+    with pytest.raises(RuntimeError, match=r"call loss\(\) first"):
+        tiny_prior().backward()
+    plain.loss(codes)
+    plain.forward(codes)                                               # a forward without loss ...
+    with pytest.raises(RuntimeError, match=r"call loss\(\) first"):    # ... leaves nothing to backpropagate
+        plain.backward()
+
+
+def test_prior_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="kernel must be odd .*, got 4"):
+        P.PriorConfig(kernel=4)
+    with pytest.raises(ValueError, match="channels must be a positive integer, got 0"):
+        P.PriorConfig(channels=0)
+    with pytest.raises(ValueError, match=r"num_classes must be a non-negative integer \(0 = none\), got -1"):
+        P.PriorConfig(num_classes=-1)
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64', got 'float16'"):
+        P.PriorConfig(dtype="float16")
+    with pytest.raises(ValueError, match=r"unknown config keys \['chanels'\]"):
+        P.PriorConfig.from_dict({"chanels": 3})
+
+
+# -----------------------------------------------------------------------------
+# prior.py: sampling
+
+
+@given(prior_case(), st.sampled_from(["float64", "float32"]), st.sampled_from([1.0, 0.6]))
+def test_fast_sampler_returns_the_naive_samplers_codes(case, dtype, temperature):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, dtype=dtype, seed=seed % 1000)
+    labels, cond = conditioning(model, N, h, w, np.random.default_rng(seed))
+    fast = P.sample(model, N, h, w, seed, temperature, labels, cond)
+    naive = P.sample_naive(model, N, h, w, seed, temperature, labels, cond)
+    assert fast.shape == (N, h, w) and np.issubdtype(fast.dtype, np.integer)
+    assert fast.min() >= 0 and fast.max() < cfg["codebook_size"]
+    np.testing.assert_array_equal(fast, naive)
+
+
+@given(prior_case(), st.sampled_from(["float64", "float32"]))
+def test_zero_temperature_is_greedy_decoding(case, dtype):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, dtype=dtype, seed=seed % 1000)
+    labels, cond = conditioning(model, N, h, w, np.random.default_rng(seed))
+    greedy, gap = greedy_decode(model, N, h, w, labels, cond)
+    first = model.forward(np.zeros((N, h, w), np.int64), labels, cond)[:, 0, 0]  # (0, 0) sees no codes
+    fast = P.sample(model, N, h, w, seed, 0, labels, cond)
+    np.testing.assert_array_equal(fast[:, 0, 0], first.argmax(1))
+    np.testing.assert_array_equal(fast, greedy)
+    np.testing.assert_array_equal(P.sample_naive(model, N, h, w, seed, 0, labels, cond), greedy)
+    if gap > 1e-3:                                                     # no near-tie: a tiny T is the argmax too
+        np.testing.assert_array_equal(P.sample(model, N, h, w, seed, 1e-6, labels, cond), greedy)
+
+
+def test_pick_is_the_inverse_cdf():
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]] * 5))
+    u = np.array([0.05, 0.15, 0.35, 0.65, 0.99])                       # cdf = 0.1, 0.3, 0.6, 1.0
+    np.testing.assert_array_equal(P.pick(logits, u, 1.0), [0, 1, 2, 3, 3])
+    np.testing.assert_array_equal(P.pick(logits, u, 0), [3, 3, 3, 3, 3])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_first_code_frequencies_follow_the_tempered_softmax(temperature):
+    model = tiny_prior(codebook_size=4, seed=7)
+    n = 20000
+    codes = P.sample(model, n, 1, 1, 0, temperature)
+    logits = model.forward(np.zeros((1, 1, 1), np.int64))[0, 0, 0] / temperature
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    freq = np.bincount(codes.ravel(), minlength=4) / n
+    assert np.max(np.abs(freq - p)) < 4 * np.sqrt(0.25 / n), (freq, p)  # 4 standard errors at most
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    model = tiny_prior(codebook_size=6)
+    a, b = P.sample(model, 4, 3, 3, 11), P.sample(model, 4, 3, 3, np.random.default_rng(11))
+    np.testing.assert_array_equal(a, b)                                # an int or a Generator
+    assert not np.array_equal(a, P.sample(model, 4, 3, 3, 12))
+
+
+# -----------------------------------------------------------------------------
+# prior.py: backends
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+def test_prior_numpy_and_cupy_agree():
+    cfg = P.PriorConfig(codebook_size=7, channels=4, layers=2, num_classes=2, cond_channels=2, dtype="float64")
+    cpu, gpu = P.PixelCNN(cfg, device="cpu"), P.PixelCNN(cfg, device="gpu")
+    rng = np.random.default_rng(0)
+    codes, labels, cond = rng.integers(0, 7, (2, 4, 4)), np.array([0, 1]), rng.standard_normal((2, 4, 4, 2))
+    np.testing.assert_allclose(float(cpu.loss(codes, labels, cond)["loss"]),
+                               float(gpu.loss(codes, labels, cond)["loss"]), rtol=1e-10)
+    cpu.backward(), gpu.backward()
+    for k, g in cpu.grads.items():
+        np.testing.assert_allclose(V.to_numpy(gpu.grads[k]), g, rtol=1e-7, atol=1e-10, err_msg=k)
+    fast = V.to_numpy(P.sample(gpu, 2, 4, 4, 0, 1.0, labels, cond))
+    np.testing.assert_array_equal(fast, V.to_numpy(P.sample_naive(gpu, 2, 4, 4, 0, 1.0, labels, cond)))
+    np.testing.assert_array_equal(fast, P.sample(cpu, 2, 4, 4, 0, 1.0, labels, cond))
 
 
 # -----------------------------------------------------------------------------

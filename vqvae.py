@@ -104,11 +104,14 @@ def _padding(p):
 
 
 def pad_hw(x, padding):
-    """Zero-pad the H and W axes of an (N, H, W, C) array."""
+    """Zero-pad the H and W axes of an (N, H, W, C) array (faster than np.pad)."""
     (t, b), (l, r) = padding
     if t == b == l == r == 0:
         return x
-    return array_module(x).pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
+    N, H, W, C = x.shape
+    out = array_module(x).zeros((N, t + H + b, l + W + r, C), dtype=x.dtype)
+    out[:, t:t + H, l:l + W] = x
+    return out
 
 
 def crop_hw(x, padding):
@@ -140,47 +143,92 @@ def col2im(cols, H, W, stride):
     return x
 
 
-class Conv2d:
-    """y[n, i, j, o] = b[o] + sum_{c, u, v} W[o, c, u, v] x_pad[n, i*s + u, j*s + v, c],
-    computed as one matmul of the im2col patches with the weights."""
+def conv(x_pad, W, stride):
+    """y[n, i, j, o] = sum_{c, u, v} W[o, c, u, v] x_pad[n, i*s + u, j*s + v, c], no bias.
+    One matmul of the im2col patches with the weights -> (y (N, Ho, Wo, O), patches (M, kh*kw*C))."""
+    O, C, kh, kw = W.shape
+    patches = windows(x_pad, kh, kw, stride)                           # (N, Ho, Wo, kh, kw, C) view
+    N, Ho, Wo = patches.shape[:3]
+    cols = patches.reshape(N * Ho * Wo, -1)                            # (M, kh*kw*C) copy (a view for 1x1)
+    W_mat = W.transpose(0, 2, 3, 1).reshape(O, -1)                     # (O, kh*kw*C), rows match a patch
+    return (cols @ W_mat.T).reshape(N, Ho, Wo, O), cols
 
-    def __init__(self, in_ch, out_ch, kernel, stride=1, padding=0, init=None):
+
+def conv_adjoint_by_col2im(dy, W, stride, x_pad_shape):
+    """The adjoint of conv(., W, stride) by its definition: each output pixel's gradient spread
+    over the patch it was computed from, dy (N, Ho, Wo, O) -> dx_pad (N, Hp, Wp, C)."""
+    O, C, kh, kw = W.shape
+    N, Ho, Wo, _ = dy.shape
+    W_mat = W.transpose(0, 2, 3, 1).reshape(O, -1)                     # (O, kh*kw*C)
+    dcols = (dy.reshape(-1, O) @ W_mat).reshape(N, Ho, Wo, kh, kw, C)  # cols @ W_mat.T = y
+    return col2im(dcols, x_pad_shape[1], x_pad_shape[2], stride)       # cols = windows(x_pad)
+
+
+def conv_adjoint(dy, W, stride, x_pad_shape):
+    """The same as conv_adjoint_by_col2im, as a convolution, where the stride divides the kernel
+    and the padded input: col2im's kh*kw strided adds run on one core in NumPy, a matmul on all.
+
+    Fold each s x s block of pixels into channels (space-to-depth): the convolution becomes a
+    stride-1 one with kernel (kh/s, kw/s). The adjoint of a stride-1 convolution is a convolution
+    of the zero-padded dy with the kernel rotated by 180 degrees and in/out channels swapped.
+    Unfold the blocks again (depth-to-space). For s = 1 the folding does nothing."""
+    O, C, kh, kw = W.shape
+    N, Hp, Wp, _ = x_pad_shape
+    s = stride
+    if kh % s or kw % s or Hp % s or Wp % s:
+        return conv_adjoint_by_col2im(dy, W, stride, x_pad_shape)
+    bh, bw = kh // s, kw // s
+    W_blocks = W.reshape(O, C, bh, s, bw, s).transpose(0, 3, 5, 1, 2, 4).reshape(O, s * s * C, bh, bw)
+    W_rot = W_blocks[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)          # (s*s*C, O, bh, bw)
+    dx_blocks, _ = conv(pad_hw(dy, ((bh - 1, bh - 1), (bw - 1, bw - 1))), W_rot, 1)  # (N, Hp/s, Wp/s, s*s*C)
+    dx_pad = dx_blocks.reshape(N, Hp // s, Wp // s, s, s, C).transpose(0, 1, 3, 2, 4, 5)  # (N, Hp/s, s, Wp/s, s, C)
+    return dx_pad.reshape(N, Hp, Wp, C)
+
+
+class Conv2d:
+    """y = conv(pad(x), W, stride) + b, weights (out, in, kh, kw) as torch.nn.Conv2d.
+    input_grad=False skips dx where nobody needs it (a first layer's image gradient)."""
+
+    def __init__(self, in_ch, out_ch, kernel, stride=1, padding=0, init=None, input_grad=True):
         init = init or uniform_init(np.random.default_rng(0))
         self.kh, self.kw = _pair(kernel)
-        self.stride, self.padding = stride, _padding(padding)
+        self.stride, self.padding, self.input_grad = stride, _padding(padding), input_grad
         bound = 1 / math.sqrt(in_ch * self.kh * self.kw)  # PyTorch's default init
         self.params = {"W": init((out_ch, in_ch, self.kh, self.kw), bound),
                        "b": init((out_ch,), bound)}
         self.grads = {}
 
+    def apply(self, x_pad):
+        """The layer on an input that already holds its padding, caching nothing (the prior's
+        incremental sampler calls it on slices) -> (y, patches)."""
+        y, cols = conv(x_pad, self.params["W"], self.stride)
+        y += self.params["b"]                                          # in place: one pass fewer
+        return y, cols
+
     def forward(self, x):
-        W, b = self.params["W"], self.params["b"]
-        O = W.shape[0]
         x_pad = pad_hw(x, self.padding)
-        patches = windows(x_pad, self.kh, self.kw, self.stride)        # (N, Ho, Wo, kh, kw, C) view
-        N, Ho, Wo = patches.shape[:3]
-        cols = patches.reshape(N * Ho * Wo, -1)                        # (M, kh*kw*C) copy
-        W_mat = W.transpose(0, 2, 3, 1).reshape(O, -1)                 # (O, kh*kw*C)
-        y = cols @ W_mat.T + b                                         # (M, O)
-        self.cache = (x_pad.shape, cols, W_mat)
-        return y.reshape(N, Ho, Wo, O)                                 # (N, Ho, Wo, O)
+        y, cols = self.apply(x_pad)
+        self.cache = (x_pad.shape, cols)
+        return y                                                       # (N, Ho, Wo, O)
 
     def backward(self, dy):
-        x_pad_shape, cols, W_mat = self.cache
-        N, Ho, Wo, O = dy.shape
-        C = x_pad_shape[3]
-        dy = dy.reshape(-1, O)                                         # (M, O)
-        dW_mat = dy.T @ cols                                           # y = cols @ W_mat.T
+        x_pad_shape, cols = self.cache
+        O, C = self.params["W"].shape[:2]
+        dy_mat = dy.reshape(-1, O)                                     # (M, O)
+        dW_mat = dy_mat.T @ cols                                       # y = cols @ W_mat.T
         self.grads["W"] = dW_mat.reshape(O, self.kh, self.kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
-        self.grads["b"] = dy.sum(0)                                    # y = ... + b
-        dcols = (dy @ W_mat).reshape(N, Ho, Wo, self.kh, self.kw, C)   # y = cols @ W_mat.T
-        dx_pad = col2im(dcols, x_pad_shape[1], x_pad_shape[2], self.stride)  # cols = windows(x_pad)
+        self.grads["b"] = dy_mat.sum(0)                                # y = ... + b
+        if not self.input_grad:
+            return None
+        dx_pad = conv_adjoint(dy, self.params["W"], self.stride, x_pad_shape)  # y = conv(x_pad)
         return crop_hw(dx_pad, self.padding)                           # x_pad = pad(x)
 
 
 class ConvTranspose2d:
     """The adjoint of Conv2d plus a bias: every input pixel scatters W[c] * x[n, i, j, c] onto a
     kh x kw patch of the output at (i*s, j*s), then the padding is cropped.
+    Weights (in, out, kh, kw) as torch.nn.ConvTranspose2d: read as a Conv2d weight from `out`
+    channels to `in` channels, this layer is that convolution's adjoint.
     Output size (H - 1) * s - 2p + k, as in torch.nn.ConvTranspose2d."""
 
     def __init__(self, in_ch, out_ch, kernel, stride=1, padding=0, init=None):
@@ -193,28 +241,21 @@ class ConvTranspose2d:
         self.grads = {}
 
     def forward(self, x):
-        W, b = self.params["W"], self.params["b"]
+        W = self.params["W"]
         N, H, W_in, Ci = x.shape
-        Co = W.shape[1]
-        s, (t, bo), (l, r) = self.stride, *self.padding
-        W_mat = W.transpose(0, 2, 3, 1).reshape(Ci, -1)                # (Ci, kh*kw*Co)
-        x_mat = x.reshape(-1, Ci)                                      # (M, Ci)
-        cols = (x_mat @ W_mat).reshape(N, H, W_in, self.kh, self.kw, Co)  # one patch per pixel
-        Hp, Wp = (H - 1) * s + self.kh, (W_in - 1) * s + self.kw
-        y = crop_hw(col2im(cols, Hp, Wp, s), self.padding) + b         # (N, Hout, Wout, Co)
-        self.cache = (x_mat, W_mat, x.shape)
-        return y
+        Hp, Wp = (H - 1) * self.stride + self.kh, (W_in - 1) * self.stride + self.kw
+        y_pad = conv_adjoint(x, W, self.stride, (N, Hp, Wp, W.shape[1]))  # (N, Hp, Wp, Co)
+        self.cache = x
+        return crop_hw(y_pad, self.padding) + self.params["b"]         # (N, Hout, Wout, Co)
 
     def backward(self, dy):
-        x_mat, W_mat, x_shape = self.cache
-        Co = dy.shape[3]
+        x = self.cache
+        Ci, Co = self.params["W"].shape[:2]
         self.grads["b"] = dy.sum((0, 1, 2))                            # y = ... + b
-        dy_pad = pad_hw(dy, self.padding)                              # y = crop(y_pad)
-        dcols = windows(dy_pad, self.kh, self.kw, self.stride)         # y_pad = col2im(cols)
-        dcols = dcols.reshape(x_mat.shape[0], -1)                      # (M, kh*kw*Co)
-        dW_mat = x_mat.T @ dcols                                       # cols = x_mat @ W_mat
-        self.grads["W"] = dW_mat.reshape(-1, self.kh, self.kw, Co).transpose(0, 3, 1, 2)  # (Ci, Co, kh, kw)
-        return (dcols @ W_mat.T).reshape(x_shape)                      # cols = x_mat @ W_mat
+        dx, dcols = conv(pad_hw(dy, self.padding), self.params["W"], self.stride)  # the adjoint's adjoint
+        dW_mat = x.reshape(-1, Ci).T @ dcols                           # (Ci, kh*kw*Co)
+        self.grads["W"] = dW_mat.reshape(Ci, self.kh, self.kw, Co).transpose(0, 3, 1, 2)  # (Ci, Co, kh, kw)
+        return dx                                                      # (N, H, W, Ci)
 
 
 class ReLU:
@@ -223,7 +264,7 @@ class ReLU:
 
     def forward(self, x):
         self.cache = x
-        return x * (x > 0)
+        return array_module(x).maximum(x, 0)
 
     def backward(self, dy):
         return dy * (self.cache > 0)                                   # 1 where x > 0, else 0
@@ -291,7 +332,8 @@ class VectorQuantizer:
         |z - e_k|^2 = |z|^2 - 2 z.e_k + |e_k|^2 expanded: memory O(M K), never an (M, K, D)
         array. |z|^2 is the same for every k, so the argmin leaves it out."""
         E = self.codebook
-        dist = (E * E).sum(1) - 2 * (z @ E.T)                          # (M, K), up to |z|^2
+        dist = z @ (-2 * E.T)                                          # (M, K): -2 z.e_k
+        dist += (E * E).sum(1)                                         # + |e_k|^2, in place
         return dist.argmin(1)
 
     def lookup(self, codes):
@@ -305,8 +347,9 @@ class VectorQuantizer:
         z = z_e.reshape(-1, D)                                         # (M, D)
         codes = self.nearest(z)                                        # (M,)
         z_q = self.lookup(codes)                                       # (M, D), eq. 2
-        onehot = (codes[:, None] == xp.arange(self.K)).astype(z.dtype)  # (M, K)
-        p = onehot.mean(0)                                             # (K,) code frequencies
+        onehot = xp.zeros((len(codes), self.K), dtype=z.dtype)         # (M, K)
+        onehot[xp.arange(len(codes)), codes] = 1                       # one write per row: no repeats
+        p = xp.bincount(codes, minlength=self.K) / len(codes)          # (K,) code frequencies
         stats = {"codes": codes.reshape(N, h, w),
                  "perplexity": xp.exp(-(p * xp.log(p + 1e-10)).sum()),  # exp(entropy)
                  "usage": (p > 0).mean()}                              # fraction of codes used
@@ -427,7 +470,7 @@ def make_encoder(cfg, init):
     """x (N, H, W, C) -> z_e (N, H/4, W/4, D): the encoder of the paper (DeepMind's example)."""
     H, RH = cfg.hidden, cfg.res_hidden
     return Sequential(
-        Conv2d(cfg.in_channels, H // 2, 4, stride=2, padding=1, init=init), ReLU(),  # /2
+        Conv2d(cfg.in_channels, H // 2, 4, stride=2, padding=1, init=init, input_grad=False), ReLU(),  # /2
         Conv2d(H // 2, H, 4, stride=2, padding=1, init=init), ReLU(),                # /4
         Conv2d(H, H, 3, padding=1, init=init),
         *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU(),

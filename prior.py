@@ -1,0 +1,460 @@
+"""A gated PixelCNN prior over VQ-VAE codes, with hand-written forward and backward passes.
+
+van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves, Kavukcuoglu, "Conditional Image
+Generation with PixelCNN Decoders", NeurIPS 2016, https://arxiv.org/abs/1606.05328
+
+The VQ-VAE turns an image into a grid of integer codes (N, h, w); this model learns
+p(codes) = prod_{i,j} p(code[i, j] | the codes before it in raster order)  (paper eq. 1)
+and samples new grids one code at a time. Each gated layer (paper Figure 2) has two stacks:
+
+    vertical:   v_pre = conv_v(v) [+ cond]          kernel (r+1, k): rows i-r..i, all k columns
+                v_out = tanh(v_pre_f) * sigmoid(v_pre_g)                          (paper eq. 2)
+    link:       conv1x1(down_shift(v_pre))          row i gets the vertical stack of rows <= i-1
+    horizontal: h_pre = conv_h(h) + link [+ cond]   kernel (1, r+1): row i, columns j-r..j
+                h_out = h + conv1x1(tanh(h_pre_f) * sigmoid(h_pre_g))    (no "h +" in layer 1)
+
+with r = k // 2. The vertical stack sees the whole rectangle above (and the current row, which
+is why it reaches the horizontal stack only one row down); the horizontal stack sees the row
+so far. Together they cover everything before (i, j) with no blind spot. The first layer
+shifts its horizontal input one column right (mask type A), so (i, j) never sees its own code.
+
+Sampling is ancestral, one code at a time in raster order. sample_naive() reruns the whole
+forward for every code; sample() computes each pixel of each layer once, row by row, and
+returns the same codes for the same seed.
+
+Same conventions as vqvae.py: activations (N, H, W, C), weights (out, in, kh, kw), every layer
+has forward -> y, backward(dy) -> dx and `params` / `grads` dicts with the same keys.
+"""
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, crop_hw, pad_hw,
+                   to_numpy, uniform_init)
+
+# -----------------------------------------------------------------------------
+# layers
+
+
+class Embedding:
+    """A learned vector per integer: integer codes of any shape S -> S + (C,), rows of table (K, C)."""
+
+    def __init__(self, K, C, init=None):
+        init = init or uniform_init(np.random.default_rng(0))
+        self.params = {"table": init((K, C), math.sqrt(3))}           # unit variance, like torch's N(0, 1)
+        self.grads = {}
+
+    def forward(self, codes):
+        self.cache = codes
+        return self.params["table"][codes]                             # S + (C,)
+
+    def backward(self, dy):
+        K, C = self.params["table"].shape
+        xp = array_module(dy)
+        onehot = (self.cache.reshape(-1, 1) == xp.arange(K)).astype(dy.dtype)  # (M, K)
+        self.grads["table"] = onehot.T @ dy.reshape(-1, C)            # y = table[codes]: row k sums its positions
+        return None                                                    # integer codes have no gradient
+
+
+def gate(a):
+    """tanh(a_f) * sigmoid(a_g) of the two channel halves of a (paper eq. 2); also t and s."""
+    xp = array_module(a)
+    p = a.shape[-1] // 2
+    t = xp.tanh(a[..., :p])
+    s = 0.5 * (1 + xp.tanh(0.5 * a[..., p:]))                          # = 1 / (1 + exp(-a_g)), never overflows
+    return t * s, t, s
+
+
+class Gate:
+    """(N, H, W, 2p) -> (N, H, W, p): the gated activation of paper eq. 2."""
+
+    def __init__(self):
+        self.params, self.grads = {}, {}
+
+    def forward(self, a):
+        y, t, s = gate(a)
+        self.cache = (t, s)
+        return y
+
+    def backward(self, dy):
+        t, s = self.cache
+        da_f = dy * s * (1 - t * t)                                    # y = t * s, t = tanh(a_f)
+        da_g = dy * t * s * (1 - s)                                    # y = t * s, s = sigmoid(a_g)
+        return array_module(dy).concatenate([da_f, da_g], axis=-1)    # (N, H, W, 2p)
+
+
+class Shift:
+    """Move an (N, H, W, C) array one row down (axis 1) or one column right (axis 2), zero-filled."""
+
+    def __init__(self, axis):
+        self.front = ((1, 0), (0, 0)) if axis == 1 else ((0, 0), (1, 0))  # the zero row / column
+        self.back = ((0, 1), (0, 0)) if axis == 1 else ((0, 0), (0, 1))   # the one that falls off
+        self.params, self.grads = {}, {}
+
+    def forward(self, x):
+        return pad_hw(crop_hw(x, self.back), self.front)               # y[i] = x[i - 1], y[0] = 0
+
+    def backward(self, dy):
+        return pad_hw(crop_hw(dy, self.front), self.back)              # dx[i] = dy[i + 1], dx[last] = 0
+
+
+class GatedLayer:
+    """One gated layer (paper Figure 2): (v, h) -> (v_out, h_out), p channels in each stack.
+
+    Conditioning, added to both pre-activations (paper eq. 4-5): a learned bias per class
+    (labels (N,)) and a 1x1 convolution of a spatial map cond (N, h, w, Cc).
+
+    The first layer has no residual connection: its h is the embedding of the code at (i, j)
+    itself, and adding it to h_out would show every pixel its own code. Later layers add h,
+    which holds only what (i, j) may see.
+    """
+
+    def __init__(self, p, k, first, num_classes=0, cond_channels=0, init=None):
+        r = k // 2
+        self.first = first
+        self.conv_v = Conv2d(p, 2 * p, (r + 1, k), padding=((r, 0), (r, r)), init=init)  # rows i-r..i
+        self.conv_h = Conv2d(p, 2 * p, (1, r + 1), padding=((0, 0), (r, 0)), init=init)  # cols j-r..j
+        self.link = Conv2d(2 * p, 2 * p, 1, init=init)                 # vertical -> horizontal
+        self.out = Conv2d(p, p, 1, init=init)
+        self.gate_v, self.gate_h = Gate(), Gate()
+        self.down, self.right = Shift(1), Shift(2)
+        self.parts = {"conv_v": self.conv_v, "conv_h": self.conv_h, "link": self.link, "out": self.out}
+        if num_classes:
+            self.class_v = self.parts["class_v"] = Embedding(num_classes, 2 * p, init)
+            self.class_h = self.parts["class_h"] = Embedding(num_classes, 2 * p, init)
+        if cond_channels:
+            self.cond_v = self.parts["cond_v"] = Conv2d(cond_channels, 2 * p, 1, init=init)
+            self.cond_h = self.parts["cond_h"] = Conv2d(cond_channels, 2 * p, 1, init=init)
+
+    @property
+    def params(self):
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
+
+    @property
+    def grads(self):
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
+
+    def conditioning(self, labels, cond):
+        """The terms added to v_pre and h_pre: 0.0, or class biases (N, 1, 1, 2p) and/or the
+        projected map (N, h, w, 2p)."""
+        c_v = c_h = 0.0
+        if labels is not None:
+            c_v = c_v + self.class_v.forward(labels[:, None, None])    # (N, 1, 1, 2p)
+            c_h = c_h + self.class_h.forward(labels[:, None, None])
+        if cond is not None:
+            c_v = c_v + self.cond_v.forward(cond)                      # (N, h, w, 2p)
+            c_h = c_h + self.cond_h.forward(cond)
+        return c_v, c_h
+
+    def forward(self, v, h, labels=None, cond=None):
+        c_v, c_h = self.conditioning(labels, cond)
+        v_pre = self.conv_v.forward(v) + c_v                           # (N, H, W, 2p), rows <= i
+        v_out = self.gate_v.forward(v_pre)                             # (N, H, W, p)
+        link = self.link.forward(self.down.forward(v_pre))             # row i: rows <= i-1 only
+        h_in = self.right.forward(h) if self.first else h              # mask A: not (i, j) itself
+        h_pre = self.conv_h.forward(h_in) + link + c_h                 # (N, H, W, 2p)
+        h_out = self.out.forward(self.gate_h.forward(h_pre))           # (N, H, W, p)
+        if not self.first:
+            h_out = h_out + h                                          # residual
+        self.cache = (labels is not None, cond is not None)
+        return v_out, h_out
+
+    def backward(self, dv_out, dh_out):
+        """-> dv, dh, dcond (None without a cond map)."""
+        has_labels, has_cond = self.cache
+        dh_pre = self.gate_h.backward(self.out.backward(dh_out))       # h_out = out(gate(h_pre))
+        dh = self.conv_h.backward(dh_pre)                              # h_pre = conv_h(h_in) + ...
+        dh = self.right.backward(dh) if self.first else dh + dh_out    # h_in = shift(h); h_out = ... + h
+        dlink = self.down.backward(self.link.backward(dh_pre))         # h_pre = ... + link(down(v_pre))
+        dv_pre = self.gate_v.backward(dv_out) + dlink                  # v_out = gate(v_pre)
+        dv = self.conv_v.backward(dv_pre)                              # v_pre = conv_v(v) + ...
+        if has_labels:                                                 # the class bias is broadcast over H, W
+            self.class_v.backward(dv_pre.sum((1, 2), keepdims=True))   # v_pre = ... + class_v(labels)
+            self.class_h.backward(dh_pre.sum((1, 2), keepdims=True))   # h_pre = ... + class_h(labels)
+        dcond = None
+        if has_cond:
+            dcond = self.cond_v.backward(dv_pre) + self.cond_h.backward(dh_pre)  # both pre-activations
+        return dv, dh, dcond
+
+
+def make_head(p, K, init):
+    """h (N, h, w, p) -> logits (N, h, w, K): ReLU, 1x1 conv, ReLU, 1x1 conv, pixel by pixel."""
+    return Sequential(ReLU(), Conv2d(p, p, 1, init=init), ReLU(), Conv2d(p, K, 1, init=init))
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class PriorConfig:
+    codebook_size: int = 512   # K: codes of the VQ-VAE, one logit each
+    channels: int = 64         # p: channels of each stack
+    layers: int = 8            # L: gated layers
+    kernel: int = 3            # k: odd; each layer reaches r = k // 2 further
+    num_classes: int = 0       # class-conditional when > 0: labels (N,) in [0, num_classes)
+    cond_channels: int = 0     # spatially conditioned when > 0: cond (N, h, w, cond_channels)
+    dtype: str = "float32"
+    seed: int = 0              # seeds the parameter initialisation
+
+    def __post_init__(self):
+        for name in ("codebook_size", "channels", "layers", "kernel"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd (centred on the current column), got {self.kernel}")
+        for name in ("num_classes", "cond_channels"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+class PixelCNN:
+    """Codes (N, h, w) -> logits (N, h, w, K) of each code given the codes before it.
+
+    With r = k // 2, the logits at (i, j) see the codes in rows i-1-L*r .. i-1 over columns
+    j-L*r .. j+L*r, and in row i over columns j-1-L*r .. j-1 (clipped to the grid).
+    """
+
+    def __init__(self, cfg=None, device=None):
+        self.cfg = cfg = cfg or PriorConfig()
+        self.xp = backend(device)
+        init = uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
+        p = cfg.channels
+        self.embed = Embedding(cfg.codebook_size, p, init)
+        self.layers = [GatedLayer(p, cfg.kernel, l == 0, cfg.num_classes, cfg.cond_channels, init)
+                       for l in range(cfg.layers)]
+        self.head = make_head(p, cfg.codebook_size, init)
+        self.cache = None
+
+    @property
+    def params(self):
+        return {**{f"embed.{k}": v for k, v in self.embed.params.items()},
+                **{f"layers.{l}.{k}": v for l, layer in enumerate(self.layers) for k, v in layer.params.items()},
+                **{f"head.{k}": v for k, v in self.head.params.items()}}
+
+    @property
+    def grads(self):
+        return {**{f"embed.{k}": v for k, v in self.embed.grads.items()},
+                **{f"layers.{l}.{k}": v for l, layer in enumerate(self.layers) for k, v in layer.grads.items()},
+                **{f"head.{k}": v for k, v in self.head.grads.items()}}
+
+    # --- input checks: a clear ValueError instead of a broadcasting surprise deep inside
+    def check_codes(self, codes):
+        shape, K = getattr(codes, "shape", None), self.cfg.codebook_size
+        if shape is None or len(shape) != 3 or 0 in shape:
+            raise ValueError(f"expected integer codes of shape (N, h, w), got shape {shape}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+        codes = self.xp.asarray(codes)
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"codes must lie in [0, {K}), got values in [{lo}, {hi}]")
+        return codes
+
+    def check_conditioning(self, shape, labels, cond):
+        """labels (N,) and cond (N, h, w, Cc) for a grid of `shape` (N, h, w), as the config asks."""
+        N, h, w = shape
+        nc, cc = self.cfg.num_classes, self.cfg.cond_channels
+        if labels is None and nc:
+            raise ValueError(f"this prior is class-conditional (num_classes={nc}): pass labels of shape ({N},)")
+        if labels is not None:
+            if not nc:
+                raise ValueError("labels were given, but this prior has num_classes=0")
+            if getattr(labels, "shape", None) != (N,) or not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"expected integer labels of shape ({N},), got shape "
+                                 f"{getattr(labels, 'shape', None)} and dtype {getattr(labels, 'dtype', None)}")
+            labels = self.xp.asarray(labels)
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= nc:
+                raise ValueError(f"labels must lie in [0, {nc}), got values in [{lo}, {hi}]")
+        if cond is None and cc:
+            raise ValueError(f"this prior is spatially conditioned (cond_channels={cc}): "
+                             f"pass cond of shape {(N, h, w, cc)}")
+        if cond is not None:
+            if not cc:
+                raise ValueError("cond was given, but this prior has cond_channels=0")
+            if getattr(cond, "shape", None) != (N, h, w, cc):
+                raise ValueError(f"expected cond of shape {(N, h, w, cc)}, got shape {getattr(cond, 'shape', None)}")
+            if not np.issubdtype(cond.dtype, np.number) or np.issubdtype(cond.dtype, np.complexfloating):
+                raise ValueError(f"expected a real-valued cond, got dtype {cond.dtype}")
+            if not bool(array_module(cond).isfinite(cond).all()):     # where cond lives: no device sync
+                raise ValueError("cond contains NaN or infinite values")
+            cond = self.xp.asarray(cond, dtype=self.cfg.dtype)
+        return labels, cond
+
+    # --- training: loss caches, backward fills .grads
+    def forward(self, codes, labels=None, cond=None):
+        codes = self.check_codes(codes)
+        labels, cond = self.check_conditioning(codes.shape, labels, cond)
+        self.cache = None                                              # backward needs loss(), not this
+        x = self.embed.forward(codes)                                  # (N, h, w, p)
+        v = h = x                                                      # both stacks start from the codes
+        for layer in self.layers:
+            v, h = layer.forward(v, h, labels, cond)
+        return self.head.forward(h)                                    # (N, h, w, K)
+
+    def loss(self, codes, labels=None, cond=None):
+        """Mean cross-entropy -log p(code[i, j] | codes before it), in nats and in bits."""
+        codes = self.check_codes(codes)
+        logits = self.forward(codes, labels, cond)
+        K = self.cfg.codebook_size
+        z = logits.reshape(-1, K)                                      # (M, K)
+        z = z - z.max(1, keepdims=True)                                # same softmax, no overflow
+        logp = z - self.xp.log(self.xp.exp(z).sum(1, keepdims=True))   # log softmax
+        onehot = (codes.reshape(-1, 1) == self.xp.arange(K)).astype(z.dtype)  # (M, K)
+        nll = -(onehot * logp).sum() / z.shape[0]
+        self.cache = (self.xp.exp(logp), onehot, logits.shape, cond is not None)
+        return {"loss": nll, "bits_per_code": nll / math.log(2)}
+
+    def backward(self):
+        """Fill .grads from the latest loss(); returns d loss / d cond, or None without cond."""
+        if self.cache is None:
+            raise RuntimeError("backward() needs the cache of loss(): call loss() first")
+        probs, onehot, shape, has_cond = self.cache
+        dlogits = ((probs - onehot) / probs.shape[0]).reshape(shape)   # d mean(-log softmax) / d logits
+        dh = self.head.backward(dlogits)
+        dv = self.xp.zeros_like(dh)                                    # the last v_out feeds nothing
+        dcond = None
+        for layer in reversed(self.layers):
+            dv, dh, dc = layer.backward(dv, dh)
+            dcond = dc if dcond is None else dcond + dc                # every layer reads cond
+        self.embed.backward(dv + dh)                                   # v = h = embed(codes)
+        return dcond if has_cond else None
+
+    def train_step(self, codes, opt, labels=None, cond=None):
+        stats = self.loss(codes, labels, cond)
+        self.backward()
+        opt.step(self.grads)
+        return stats
+
+    # --- checkpoints: .npz, config as a JSON string, loaded with allow_pickle=False
+    def state_dict(self):
+        return {k: to_numpy(v) for k, v in self.params.items()}
+
+    def load_state_dict(self, state):
+        """Copy arrays into the live parameters (in place, so an optimiser holding them stays valid)."""
+        for k, v in self.params.items():
+            if k not in state:
+                raise ValueError(f"checkpoint has no array {k!r}")
+            if tuple(state[k].shape) != v.shape:
+                raise ValueError(f"checkpoint array {k!r} has shape {tuple(state[k].shape)}, model expects {v.shape}")
+            v[...] = self.xp.asarray(state[k], dtype=v.dtype)
+
+    def save(self, path):
+        np.savez(path, config=np.array(json.dumps(asdict(self.cfg))), **self.state_dict())
+
+    @classmethod
+    def load(cls, path, device=None):
+        with np.load(path, allow_pickle=False) as f:
+            if "config" not in f.files:
+                raise ValueError(f"{path} is not a PixelCNN prior checkpoint: it has no 'config' entry")
+            model = cls(PriorConfig.from_dict(json.loads(str(f["config"]))), device)
+            model.load_state_dict(f)                                   # reads only the arrays it needs
+        return model
+
+
+# -----------------------------------------------------------------------------
+# sampling: ancestral, in raster order, one uniform per code drawn up front
+
+
+def pick(logits, u, temperature):
+    """Codes for logits (N, K) and uniforms u (N,): the first k with cumsum(softmax(logits / T))[k] > u
+    (inverse CDF). Temperature 0 is the limit T -> 0: the argmax."""
+    if temperature == 0:
+        return logits.argmax(1)
+    xp = array_module(logits)
+    z = logits / temperature
+    e = xp.exp(z - z.max(1, keepdims=True))
+    cdf = xp.cumsum(e / e.sum(1, keepdims=True), axis=1)              # (N, K), nondecreasing
+    k = (cdf <= u[:, None]).sum(1)                                     # how many are still <= u
+    return xp.minimum(k, logits.shape[1] - 1)                          # rounding may leave cdf[-1] < u
+
+
+def _sampling_setup(model, N, h, w, seed, temperature, labels, cond):
+    for name, n in (("N", N), ("h", h), ("w", w)):
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    labels, cond = model.check_conditioning((N, h, w), labels, cond)
+    u = model.xp.asarray(np.random.default_rng(seed).random((N, h, w)))  # every uniform, up front
+    codes = model.xp.zeros((N, h, w), dtype=np.int64)
+    return float(temperature), labels, cond, u, codes
+
+
+def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None):
+    """h * w full forward passes: the logits at (i, j) are read off a forward of the grid so far.
+    Slow, obviously correct. seed: an int or a np.random.Generator."""
+    T, labels, cond, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond)
+    for i in range(h):
+        for j in range(w):
+            logits = model.forward(codes, labels, cond)[:, i, j]       # (N, K); later codes are still 0
+            codes[:, i, j] = pick(logits, u[:, i, j], T)
+    return codes
+
+
+def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None):
+    """The codes of sample_naive (same seed, same uniforms), computing each pixel of each layer once.
+
+    Row by row: once row i-1 is final, every layer's vertical stack is computed for row i-1 only
+    (from the cached vertical inputs of rows i-1-r .. i-1), which gives the links of row i. Then
+    row i left to right: for pixel (i, j) the horizontal stack of all layers (from the cached
+    horizontal inputs of columns j-r .. j of row i), the head, and the code. The caches are
+    zero-padded exactly as conv_v and conv_h pad, so the arithmetic is the forward's.
+    """
+    T, labels, cond, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond)
+    xp, dtype, p, r = model.xp, model.cfg.dtype, model.cfg.channels, model.cfg.kernel // 2
+    layers, table = model.layers, model.embed.params["table"]
+    model.cache = None                                                 # layers' caches are overwritten
+
+    def conditioning_row(layer, a):
+        """Row a of the conditioning terms, broadcasts materialised: (N, 1, w, 2p) each."""
+        c_v, c_h = layer.conditioning(labels, None if cond is None else cond[:, a:a + 1])
+        return xp.zeros((N, 1, w, 2 * p), dtype) + c_v, xp.zeros((N, 1, w, 2 * p), dtype) + c_h
+
+    # vertical inputs of every layer, padded as conv_v pads: r zero rows on top, r columns each side
+    V = [xp.zeros((N, h + r, w + 2 * r, p), dtype) for _ in layers]    # (N, h + r, w + 2r, p)
+    for i in range(h):
+        # 1. every layer's vertical stack on row i-1 -> the links of row i
+        links, c_h_row = [], []
+        for l, layer in enumerate(layers):
+            if i == 0:
+                v_pre = xp.zeros((N, 1, w, 2 * p), dtype)              # the zero row of down_shift
+            else:
+                c_v = conditioning_row(layer, i - 1)[0]
+                v_pre = layer.conv_v.apply(V[l][:, i - 1:i + r])[0] + c_v  # (N, 1, w, 2p)
+                if l + 1 < len(layers):
+                    V[l + 1][:, i - 1 + r, r:r + w] = gate(v_pre)[0][:, 0]     # v_out of row i-1
+            links.append(layer.link.apply(v_pre)[0])                # (N, 1, w, 2p)
+            c_h_row.append(conditioning_row(layer, i)[1])
+        # 2. row i, pixel by pixel. Horizontal inputs padded as conv_h pads (r zero columns on the
+        #    left), one more column for layer 0, whose input is shifted right (mask A)
+        H = [xp.zeros((N, 1, w + r + int(layer.first), p), dtype) for layer in layers]  # (N, 1, w + r (+1), p)
+        for j in range(w):
+            for l, layer in enumerate(layers):
+                h_pre = (layer.conv_h.apply(H[l][:, :, j:j + r + 1])[0]        # (N, 1, 1, 2p)
+                         + links[l][:, :, j:j + 1] + c_h_row[l][:, :, j:j + 1])
+                h_out = layer.out.apply(gate(h_pre)[0])[0]          # (N, 1, 1, p)
+                if not layer.first:
+                    h_out = h_out + H[l][:, :, j + r:j + r + 1]        # residual: this layer's h at (i, j)
+                if l + 1 < len(layers):
+                    H[l + 1][:, :, j + r] = h_out[:, :, 0]
+            logits = model.head.forward(h_out)[:, 0, 0]                # (N, K)
+            codes[:, i, j] = code = pick(logits, u[:, i, j], T)
+            e = table[code]                                            # (N, p): embedding of the new code
+            H[0][:, 0, j + r + 1] = e                                  # layer 0 sees it from (i, j+1) on
+            V[0][:, i + r, j + r] = e                                  # the vertical stack, from row i+1 on
+    return codes
