@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, crop_hw, pad_hw,
+from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, crop_hw, pad_hw,
                    to_numpy, uniform_init)
 
 # -----------------------------------------------------------------------------
@@ -252,18 +252,6 @@ class PixelCNN:
                 **{f"head.{k}": v for k, v in self.head.grads.items()}}
 
     # --- input checks: a clear ValueError instead of a broadcasting surprise deep inside
-    def check_codes(self, codes):
-        shape, K = getattr(codes, "shape", None), self.cfg.codebook_size
-        if shape is None or len(shape) != 3 or 0 in shape:
-            raise ValueError(f"expected integer codes of shape (N, h, w), got shape {shape}")
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
-        codes = self.xp.asarray(codes)
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= K:
-            raise ValueError(f"codes must lie in [0, {K}), got values in [{lo}, {hi}]")
-        return codes
-
     def check_conditioning(self, shape, labels, cond):
         """labels (N,) and cond (N, h, w, Cc) for a grid of `shape` (N, h, w), as the config asks."""
         N, h, w = shape
@@ -276,10 +264,10 @@ class PixelCNN:
             if getattr(labels, "shape", None) != (N,) or not np.issubdtype(labels.dtype, np.integer):
                 raise ValueError(f"expected integer labels of shape ({N},), got shape "
                                  f"{getattr(labels, 'shape', None)} and dtype {getattr(labels, 'dtype', None)}")
-            labels = self.xp.asarray(labels)
-            lo, hi = int(labels.min()), int(labels.max())
+            lo, hi = int(labels.min()), int(labels.max())                # where labels live: no device sync for host ones
             if lo < 0 or hi >= nc:
                 raise ValueError(f"labels must lie in [0, {nc}), got values in [{lo}, {hi}]")
+            labels = self.xp.asarray(labels)
         if cond is None and cc:
             raise ValueError(f"this prior is spatially conditioned (cond_channels={cc}): "
                              f"pass cond of shape {(N, h, w, cc)}")
@@ -297,7 +285,7 @@ class PixelCNN:
 
     # --- training: loss caches, backward fills .grads
     def forward(self, codes, labels=None, cond=None):
-        codes = self.check_codes(codes)
+        codes = check_codes(codes, self.cfg.codebook_size, self.xp)
         labels, cond = self.check_conditioning(codes.shape, labels, cond)
         self.cache = None                                              # backward needs loss(), not this
         x = self.embed.forward(codes)                                  # (N, h, w, p)
@@ -308,7 +296,7 @@ class PixelCNN:
 
     def loss(self, codes, labels=None, cond=None):
         """Mean cross-entropy -log p(code[i, j] | codes before it), in nats and in bits."""
-        codes = self.check_codes(codes)
+        codes = check_codes(codes, self.cfg.codebook_size, self.xp)
         logits = self.forward(codes, labels, cond)
         K = self.cfg.codebook_size
         z = logits.reshape(-1, K)                                      # (M, K)

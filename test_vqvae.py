@@ -1289,7 +1289,8 @@ def test_png_writer_round_trips_pixels(tmp_path, C):
 # -----------------------------------------------------------------------------
 # train.py: the run, checkpoints, resume, errors
 
-TINY = ["--hidden", "8", "--res-hidden", "4", "--res-blocks", "1", "-K", "16", "-D", "4", "--batch-size", "4"]
+TINY = ["--hidden", "8", "--res-hidden", "4", "--res-blocks", "1", "-K", "16", "-D", "4", "--batch-size", "4",
+        "--prior-steps", "2", "--prior-channels", "4", "--prior-layers", "2", "--prior-batch-size", "4"]
 
 
 @pytest.fixture
@@ -1299,8 +1300,8 @@ def tiny_data(tmp_path):
     return str(tmp_path / "tiny.npy")
 
 
-def metric_lines(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+def metric_lines(run, stage="vqvae"):
+    return [m for m in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if m["stage"] == stage]
 
 
 def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
@@ -1308,33 +1309,62 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "6", "--eval-every", "3",
                    "--log-every", "2", *TINY]) == 0
     for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "recon_000003.png", "recon_000006.png",
-                 "recon.png", "summary.json"):
+                 "recon.png", "prior.npz", "samples.png", "summary.json"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("val_mse", "val_psnr", "perplexity", "codes_used", "steps", "wall_time_s", "device"):
+    for key in ("val_mse", "val_psnr", "perplexity", "codes_used", "steps", "wall_time_s", "device",
+                "prior_val_bits_per_code", "sample_time_s"):
         assert key in summary, key
     assert summary["steps"] == 6 and summary["device"] == "cpu" and 0 < summary["codes_used"] <= 1
     assert np.isclose(summary["val_psnr"], 10 * np.log10(1 / summary["val_mse"]))
+    assert 0 < summary["prior_val_bits_per_code"] < 10 and summary["sample_time_s"] > 0
     grid = read_png(run / "recon.png")
     assert grid.shape[2] == 3 and grid.shape[0] > 2 * 8                # originals over reconstructions
+    assert read_png(run / "samples.png").shape[0] > 4 * 8              # four rows of samples (no labels)
     steps = [m["step"] for m in metric_lines(run) if "loss" in m]
     assert steps == [2, 3, 4, 6]                                       # every 2 steps, and before each evaluation
+    assert [m["step"] for m in metric_lines(run, "prior") if "prior_val_bits_per_code" in m] == [2]
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
         assert int(f["step"]) == 6 and "opt.m.encoder.0.W" in f.files
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["codebook_size"] == 16 and config["train"]["steps"] == 6
+    assert config["prior"]["codebook_size"] == 16 and config["prior"]["layers"] == 2
 
 
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_data, quantizer):
     common = ["--data", tiny_data, "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer, *TINY]
-    assert T.main([*common, "--out", str(tmp_path / "straight"), "--steps", "8"]) == 0
-    assert T.main([*common, "--out", str(tmp_path / "split"), "--steps", "4"]) == 0
-    assert T.main(["--resume", str(tmp_path / "split"), "--steps", "8"]) == 0
-    straight = [m["loss"] for m in metric_lines(tmp_path / "straight") if "loss" in m]
-    split = [m["loss"] for m in metric_lines(tmp_path / "split") if "loss" in m]
-    assert len(straight) == len(split) == 8
-    assert straight == split                                           # bit for bit on CPU
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert T.main([*common, "--out", straight, "--steps", "8", "--prior-steps", "4"]) == 0
+    assert T.main([*common, "--out", split, "--steps", "4", "--stage", "vqvae"]) == 0
+    assert T.main(["--resume", split, "--steps", "8", "--prior-steps", "2"]) == 0   # VQ-VAE 4 -> 8, prior 0 -> 2
+    assert T.main(["--resume", split, "--stage", "prior", "--prior-steps", "4"]) == 0  # prior 2 -> 4
+    for stage in ("vqvae", "prior"):
+        a = [m["loss"] for m in metric_lines(straight, stage) if "loss" in m]
+        b = [m["loss"] for m in metric_lines(split, stage) if "loss" in m]
+        assert len(a) == len(b) == {"vqvae": 8, "prior": 4}[stage]
+        assert a == b, stage                                           # bit for bit on CPU
+
+
+def test_prior_stage_needs_a_finished_vqvae(tmp_path, tiny_data, capsys):
+    run = str(tmp_path / "run")
+    assert T.main(["--data", tiny_data, "--out", run, "--stage", "prior", *TINY]) == 1
+    assert "--stage prior trains a prior for an existing run" in capsys.readouterr().err
+    assert T.main(["--data", tiny_data, "--out", run, "--steps", "2", "--eval-every", "2", "--stage", "vqvae", *TINY]) == 0
+    assert T.main(["--resume", run, "--stage", "prior", "--steps", "4"]) == 1
+    assert "stopped at step 2 of 4: finish it first" in capsys.readouterr().err
+
+
+def test_sample_command_draws_new_images_from_a_run(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "2", "--eval-every", "2", *TINY]) == 0
+    out, codes_out = tmp_path / "s.png", tmp_path / "s.npy"
+    assert T.main(["sample", "--run", str(run), "--out", str(out), "--codes-out", str(codes_out),
+                   "--rows", "2", "--per-row", "3", "--temperature", "0.5"]) == 0
+    codes = np.load(codes_out, allow_pickle=False)
+    assert codes.shape == (6, 2, 2) and codes.min() >= 0 and codes.max() < 16
+    assert read_png(out).shape == ((2 * (8 + 2) + 2) * 2, (3 * (8 + 2) + 2) * 2, 3)
+    assert T.main(["sample", "--run", str(tmp_path)]) == 1
 
 
 def test_resume_refuses_to_change_the_model_and_fresh_runs_refuse_to_overwrite(tmp_path, tiny_data, capsys):
@@ -1375,7 +1405,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     code = T.main(["--data", tiny_data, "--out", str(run), "--steps", "9", "--eval-every", "2",
                    "--log-every", "3", *TINY])
     assert code == 1
-    assert "loss became nan at step 5" in capsys.readouterr().err
+    assert "vqvae: the loss became nan at step 5" in capsys.readouterr().err
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
         assert int(f["step"]) == 4 and all(np.all(np.isfinite(f[k])) for k in f.files if f[k].dtype.kind == "f")
 
@@ -1388,7 +1418,8 @@ def test_user_errors_exit_nonzero_with_one_line_and_no_traceback(tmp_path, tiny_
              (["--data", "mnist", "--data-dir", str(tmp_path)], "truncated IDX"),
              (["--data", "imagenet"], "unknown dataset 'imagenet'"),
              (["--data", tiny_data, "-K", "0"], "codebook_size must be a positive integer, got 0"),
-             (["--data", tiny_data, "--batch-size", "100"], "--batch-size 100 is larger than the 36 training images")]
+             (["--data", tiny_data, "--batch-size", "100"], "--batch-size 100 is larger than the 36 training images"),
+             (["--data", tiny_data, "--prior-kernel", "2"], "kernel must be odd")]
     for args, message in cases:
         r = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "r")],
                            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)

@@ -1,13 +1,15 @@
-"""Train a VQ-VAE from the command line.
+"""Train a VQ-VAE, then a PixelCNN prior over its codes, then sample: the two-stage recipe.
 
-    python train.py                                 # built-in shapes data, a few minutes on a CPU
+    python train.py                                 # built-in shapes data, about five minutes on a CPU
     python train.py --data mnist --steps 5000       # IDX files from --data-dir, downloaded if absent
-    python train.py --data images.npz --quantizer ema
+    python train.py --data images.npz --quantizer vq --stage vqvae
     python train.py --resume runs/RUN               # continue a run exactly where it stopped
     python train.py encode --run runs/RUN --data mnist --out codes.npy
+    python train.py sample --run runs/RUN --temperature 0.8
 
-A run folder holds config.json, metrics.jsonl, checkpoint.npz (model, optimiser, step),
-recon_<step>.png grids (originals over reconstructions) and summary.json.
+A run folder holds config.json, metrics.jsonl, checkpoint.npz (VQ-VAE, optimiser, step),
+recon_<step>.png grids (originals over reconstructions), recon.png, prior.npz, samples.png
+and summary.json.
 """
 import argparse
 import gzip
@@ -28,11 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
+import prior as P
 import vqvae
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 1, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a stage after its checkpoint was saved."""
 
 
 # -----------------------------------------------------------------------------
@@ -348,25 +355,32 @@ def save_npz(path, arrays):
 class TrainConfig:
     data: str = "shapes"          # shapes, mnist, fashion-mnist, cifar10, or PATH.npy / PATH.npz
     data_dir: str = "data"        # where dataset files are found or downloaded to
-    steps: int = 3000
+    stage: str = "all"            # vqvae, prior, or all (the VQ-VAE, then the prior over its codes)
+    steps: int = 3000             # VQ-VAE training steps
     batch_size: int = 32
     lr: float = 1e-3
-    seed: int = 0                 # data order; the model's initialisation uses its own seed
+    seed: int = 0                 # data order, initialisation and sampling
     device: str = "auto"
     log_every: int = 50
-    eval_every: int = 500         # held-out evaluation, reconstruction grid and checkpoint
+    eval_every: int = 500         # held-out evaluation, pictures and a checkpoint
+    prior_steps: int = 1500       # PixelCNN prior training steps
+    prior_batch_size: int = 32
+    prior_lr: float = 1e-3
+    prior_labels: bool = True     # condition the prior on the class labels, where the data has them
+    temperature: float = 1.0      # of the samples drawn at the end
 
 
-def save_checkpoint(run, model, opt, step, wall_time, cfg):
+def save_checkpoint(path, model, opt, step, wall_time):
+    """Parameters (and EMA buffers), optimiser state, step and time so far, and the model's
+    config, in one .npz that loads without pickle; VQVAE.load / PixelCNN.load read it directly."""
     arrays = {**model.state_dict(), **{f"opt.{k}": v for k, v in opt.state_dict().items()},
               "config": np.array(json.dumps(asdict(model.cfg))),
-              "train_config": np.array(json.dumps(asdict(cfg))),
               "step": np.array(step), "wall_time_s": np.array(wall_time)}
-    save_npz(run / "checkpoint.npz", arrays)
+    save_npz(path, arrays)
+    return path
 
 
-def load_checkpoint(run, model, opt):
-    path = run / "checkpoint.npz"
+def load_checkpoint(path, model, opt):
     try:
         with np.load(path, allow_pickle=False) as f:
             model.load_state_dict(f)
@@ -378,8 +392,24 @@ def load_checkpoint(run, model, opt):
         raise UserError(f"{path}: cannot resume from this checkpoint ({e})")
 
 
+def load_model(path, cls, device):
+    """A trained model from a run's checkpoint, with a clear error for a missing or broken file."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        return cls.load(path, device=device)
+    except (ValueError, KeyError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot load the model ({e})")
+
+
 # -----------------------------------------------------------------------------
-# evaluation
+# evaluation, pictures, codes
+
+
+def encode_all(model, images, batch_size=256):
+    """uint8 images -> integer codes (N, h, w) on the host."""
+    return np.concatenate([vqvae.to_numpy(model.encode(to_model(images[i:i + batch_size])))
+                           for i in range(0, len(images), batch_size)])
 
 
 def evaluate(model, images, real_hw, batch_size):
@@ -404,6 +434,15 @@ def evaluate(model, images, real_hw, batch_size):
             "codes_used": float((counts > 0).mean())}
 
 
+def evaluate_prior(prior, codes, labels, batch_size):
+    """Held-out negative log-likelihood of the codes, in bits per code, over the whole split."""
+    total = 0.0
+    for i in range(0, len(codes), batch_size):
+        batch_labels = None if labels is None else labels[i:i + batch_size]
+        total += float(prior.loss(codes[i:i + batch_size], batch_labels)["bits_per_code"]) * len(codes[i:i + batch_size])
+    return {"prior_val_bits_per_code": total / len(codes)}
+
+
 def recon_grid(model, images, real_hw, n=8):
     """Up to two pairs of rows of n images: originals over their reconstructions."""
     h, w = real_hw
@@ -415,43 +454,162 @@ def recon_grid(model, images, real_hw, n=8):
     return image_grid(rows)
 
 
+def draw_samples(model, prior, rows, per_row, seed, temperature, real_hw):
+    """New images: codes sampled from the prior (one row per class when it is class-conditional),
+    decoded by the VQ-VAE. -> (grid, codes, seconds spent sampling the codes)."""
+    h, w = real_hw
+    N = rows * per_row
+    labels = np.repeat(np.arange(rows), per_row) if prior.cfg.num_classes else None
+    H, W = model.downsample, model.downsample
+    grid_h, grid_w = -(-h // H), -(-w // W)                            # the code grid of a padded image
+    t = time.time()
+    codes = vqvae.to_numpy(P.sample(prior, N, grid_h, grid_w, seed, temperature, labels))
+    seconds = time.time() - t
+    images = to_uint8(model.decode(codes))[:, :h, :w]
+    return image_grid([images[r * per_row:(r + 1) * per_row] for r in range(rows)]), codes, seconds
+
+
+# -----------------------------------------------------------------------------
+# the training loop both stages share
+
+
+class CtrlC:
+    """While active, the first Ctrl-C asks the loop to save and stop after the current step;
+    a second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class Progress:
+    """One live line on a terminal; plain lines otherwise (logs, CI)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.live = stream, stream.isatty()
+
+    def show(self, text, final=False):
+        if self.live:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp, log, stop):
+    """Steps start..steps of one stage. step_fn(step) trains on that step's batch and returns
+    its stats as device scalars. They stay on the device until every log_every steps, when
+    they come to the host in one sync: a non-finite loss stops the run there, before anything
+    is saved. Every eval_every steps and at the end: evaluate_fn(step) and save_fn(step) -> path.
+    Returns the last evaluation; on Ctrl-C, saves and raises Interrupted."""
+    window, step = [], start
+    t_log, step_log = time.time(), start
+
+    def flush():
+        nonlocal window, t_log, step_log
+        if not window:
+            return
+        losses = vqvae.to_numpy(xp.stack([s["loss"] for s in window]))
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):
+            raise UserError(f"{stage}: the loss became {losses[bad[0]]} at step {step_log + bad[0] + 1}; "
+                            f"stopping. The last good checkpoint is kept")
+        keys = [k for k in window[0] if k != "codes"]
+        mean = {k: float(np.mean(vqvae.to_numpy(xp.stack([s[k] for s in window])))) for k in keys}
+        now = time.time()
+        rate = len(window) * batch_size / max(now - t_log, 1e-9)
+        log({"stage": stage, "step": step, **mean, "items_per_s": rate},
+            f"{stage} {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in mean.items())
+            + f" | {rate:.0f}/s ETA {(steps - step) * batch_size / rate:.0f}s", final=False)
+        window, t_log, step_log = [], now, step
+
+    ev = None
+    while step < steps and not stop.requested:
+        window.append(step_fn(step))
+        step += 1
+        if step % cfg.log_every == 0:
+            flush()
+        if step % cfg.eval_every == 0 or step == steps:
+            flush()
+            ev = evaluate_fn(step)
+            save_fn(step)
+            log({"stage": stage, "step": step, **ev},
+                f"{stage} {step}/{steps} held out: " + " ".join(f"{k} {v:.4g}" for k, v in ev.items()), final=True)
+    if stop.requested:
+        flush()
+        path = save_fn(step)
+        raise Interrupted(f"{stage} stage interrupted at step {step}, saved in {path}. "
+                          f"Continue with: python train.py --resume {path.parent}")
+    if ev is None:                                                     # nothing left to train: just evaluate
+        ev = evaluate_fn(step)
+    return ev
+
+
 # -----------------------------------------------------------------------------
 # command line
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except where there is none."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a VQ-VAE (van den Oord et al. 2017).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="Subcommands: 'python train.py encode --help'.")
-    t, m = TrainConfig(), vqvae.Config()
+    p = argparse.ArgumentParser(description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN prior "
+                                            "over its codes, and sample new images.",
+                                formatter_class=HelpFormatter,
+                                epilog="Subcommands: 'python train.py encode --help', 'python train.py sample --help'.")
+    t, m, pc = TrainConfig(), vqvae.Config(), P.PriorConfig()
     run = p.add_argument_group("run")
     run.add_argument("--data", default=t.data, help="shapes, mnist, fashion-mnist, cifar10, or PATH.npy|PATH.npz")
     run.add_argument("--data-dir", default=t.data_dir, help="where dataset files are found or downloaded to")
     run.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
-    run.add_argument("--steps", type=int, default=t.steps, help="total training steps")
-    run.add_argument("--batch-size", type=int, default=t.batch_size)
-    run.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
-    run.add_argument("--seed", type=int, default=t.seed, help="seed of the data order and the model's initialisation")
-    run.add_argument("--device", default=t.device, choices=["auto", "cpu", "gpu"])
-    run.add_argument("--log-every", type=int, default=t.log_every)
+    run.add_argument("--stage", default=t.stage, choices=["vqvae", "prior", "all"],
+                     help="train the VQ-VAE, the prior over its codes (needs --resume), or both")
+    run.add_argument("--seed", type=int, default=t.seed, help="seed of the data order, initialisation and sampling")
+    run.add_argument("--device", default=t.device, choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
+    run.add_argument("--log-every", type=int, default=t.log_every, help="steps between progress lines")
     run.add_argument("--eval-every", type=int, default=t.eval_every, help="held-out evaluation, pictures, checkpoint")
-    model = p.add_argument_group("model")
+    model = p.add_argument_group("VQ-VAE")
+    model.add_argument("--steps", type=int, default=t.steps, help="VQ-VAE training steps")
+    model.add_argument("--batch-size", type=int, default=t.batch_size, help="images per step")
+    model.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
     model.add_argument("--hidden", type=int, default=64, help="H: encoder/decoder channels")
     model.add_argument("--res-hidden", type=int, default=32, help="RH: residual block hidden channels")
     model.add_argument("--res-blocks", type=int, default=m.res_blocks, help="R: residual blocks")
     model.add_argument("--codebook-size", "-K", type=int, default=256, help="K: number of codes")
     model.add_argument("--code-dim", "-D", type=int, default=32, help="D: code vector dimension")
     model.add_argument("--beta", type=float, default=m.beta, help="commitment cost")
-    model.add_argument("--quantizer", default=m.quantizer, choices=["vq", "ema"])
-    model.add_argument("--ema-decay", type=float, default=m.ema_decay)
+    model.add_argument("--quantizer", default="ema", choices=["vq", "ema"],
+                       help="codebook learned by its loss term (vq) or by moving averages (ema)")
+    model.add_argument("--ema-decay", type=float, default=m.ema_decay, help="gamma of the EMA codebook")
+    prior = p.add_argument_group("PixelCNN prior")
+    prior.add_argument("--prior-steps", type=int, default=t.prior_steps, help="prior training steps")
+    prior.add_argument("--prior-batch-size", type=int, default=t.prior_batch_size, help="code grids per step")
+    prior.add_argument("--prior-lr", type=float, default=t.prior_lr, help="Adam learning rate of the prior")
+    prior.add_argument("--prior-channels", type=int, default=pc.channels, help="p: channels of each stack")
+    prior.add_argument("--prior-layers", type=int, default=pc.layers, help="L: gated layers")
+    prior.add_argument("--prior-kernel", type=int, default=pc.kernel, help="k: odd kernel size")
+    prior.add_argument("--prior-labels", default=t.prior_labels, action=argparse.BooleanOptionalAction,
+                       help="condition the prior on class labels where the data has them")
+    prior.add_argument("--temperature", type=float, default=t.temperature, help="of the samples drawn at the end")
     return p
 
 
-MODEL_FLAGS = {"hidden": "hidden", "res_hidden": "res_hidden", "res_blocks": "res_blocks",
-               "codebook_size": "codebook_size", "code_dim": "code_dim", "beta": "beta",
-               "quantizer": "quantizer", "ema_decay": "ema_decay"}
-RESUMABLE = {"steps", "log_every", "eval_every", "device", "resume"}  # flags that may change on resume
+MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "codebook_size", "code_dim", "beta", "quantizer", "ema_decay")
+PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel"}
+RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "resume"}
 
 
 def given_flags(parser, argv):
@@ -465,54 +623,50 @@ def given_flags(parser, argv):
 
 
 def configs_from_args(parser, args, argv):
-    """(TrainConfig, vqvae.Config, run folder, resuming?) from the flags, or from a run folder."""
+    """(TrainConfig, vqvae.Config, prior config as a dict, run folder, resuming?) from the
+    flags, or from a run folder's config.json when resuming."""
+    given = given_flags(parser, argv)
     if args.resume:
         run = Path(args.resume)
         try:
             saved = json.loads((run / "config.json").read_text())
             cfg, model_cfg = TrainConfig(**saved["train"]), vqvae.Config.from_dict(saved["model"])
+            prior_cfg = saved["prior"]
         except FileNotFoundError:
             raise UserError(f"{run}: not a run folder (no config.json)")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{run / 'config.json'}: unreadable run config ({e})")
-        changed = sorted(d for d in given_flags(parser, argv) - RESUMABLE
-                         if getattr(args, d) != {**asdict(cfg), **asdict(model_cfg), "out": None}.get(d))
+        old = {**asdict(cfg), **asdict(model_cfg), **{k: prior_cfg[v] for k, v in PRIOR_FLAGS.items()}}
+        changed = sorted(d for d in given - RESUMABLE if getattr(args, d) != old.get(d))
         if changed:
             raise UserError(f"cannot change {', '.join('--' + d.replace('_', '-') for d in changed)} when "
-                            f"resuming; only --steps, --log-every, --eval-every and --device may change")
-        for d in given_flags(parser, argv) & (RESUMABLE - {"resume"}):
+                            f"resuming; only {', '.join('--' + d.replace('_', '-') for d in sorted(RESUMABLE - {'resume'}))} may change")
+        for d in given & (RESUMABLE - {"resume"}):
             setattr(cfg, d, getattr(args, d))
-        return cfg, model_cfg, run, True
+        return cfg, model_cfg, prior_cfg, run, True
+    if args.stage == "prior":
+        raise UserError("--stage prior trains a prior for an existing run: add --resume RUN_DIR")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    model_cfg = vqvae.Config(**{k: getattr(args, a) for k, a in MODEL_FLAGS.items()}, seed=args.seed)
+    model_cfg = vqvae.Config(**{k: getattr(args, k) for k in MODEL_FLAGS}, seed=args.seed)
+    prior_cfg = {v: getattr(args, k) for k, v in PRIOR_FLAGS.items()}
     run = Path(args.out or f"runs/{Path(cfg.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (run / "checkpoint.npz").exists():
         raise UserError(f"{run} already holds a run; continue it with --resume {run}, or choose another --out")
-    return cfg, model_cfg, run, False
+    return cfg, model_cfg, prior_cfg, run, False
 
 
 def check_train_config(cfg, n_train):
-    for name in ("steps", "batch_size", "log_every", "eval_every"):
+    for name in ("steps", "batch_size", "log_every", "eval_every", "prior_steps", "prior_batch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.batch_size > n_train:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training images")
-
-
-class Progress:
-    """One live line on a terminal; plain lines otherwise (logs, CI)."""
-
-    def __init__(self, total, stream=sys.stderr):
-        self.total, self.stream, self.live = total, stream, stream.isatty()
-
-    def show(self, text, final=False):
-        if self.live:
-            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+    for name in ("lr", "prior_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not cfg.temperature >= 0:
+        raise UserError(f"--temperature must be at least 0, got {cfg.temperature}")
+    for name in ("batch_size", "prior_batch_size"):
+        if getattr(cfg, name) > n_train:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is larger than the {n_train} training images")
 
 
 def train(argv):
@@ -520,8 +674,8 @@ def train(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg, model_cfg, run, resuming = configs_from_args(parser, args, argv)
-    except ValueError as e:  # vqvae.Config validation
+        cfg, model_cfg, prior_cfg, run, resuming = configs_from_args(parser, args, argv)
+    except ValueError as e:                                            # vqvae.Config validation
         raise UserError(str(e))
 
     # -- data
@@ -534,121 +688,113 @@ def train(argv):
     train_images = pad_to_multiple(data["train"], vqvae.VQVAE.downsample)
     test_images = pad_to_multiple(data["test"], vqvae.VQVAE.downsample)
     check_train_config(cfg, len(train_images))
+    use_labels = cfg.prior_labels and data.get("num_classes", 0) > 0 and "train_labels" in data
+    try:
+        prior_cfg = P.PriorConfig(**{**prior_cfg, "codebook_size": model_cfg.codebook_size,
+                                     "num_classes": data["num_classes"] if use_labels else 0,
+                                     "dtype": model_cfg.dtype, "seed": cfg.seed})
+    except ValueError as e:
+        raise UserError(str(e))
 
-    # -- model, optimiser, run folder
+    # -- models, optimisers, run folder
     model = vqvae.VQVAE(model_cfg, device=cfg.device)
     opt = vqvae.Adam(model.params, lr=cfg.lr)
-    step, wall_before = 0, 0.0
+    xp, device = model.xp, "gpu" if model.xp is not np else "cpu"
     run.mkdir(parents=True, exist_ok=True)
+    step, wall = 0, 0.0
     if resuming:
-        step, wall_before = load_checkpoint(run, model, opt)
-    atomic_write(run / "config.json", json.dumps({"train": asdict(cfg), "model": asdict(model_cfg)}, indent=2).encode())
-    device = "gpu" if model.xp is not np else "cpu"
+        step, wall = load_checkpoint(run / "checkpoint.npz", model, opt)
+    if cfg.stage == "prior" and step < cfg.steps:
+        raise UserError(f"the VQ-VAE of {run} stopped at step {step} of {cfg.steps}: finish it first "
+                        f"(--resume {run} --stage vqvae)")
+    config = {"train": asdict(cfg), "model": asdict(model_cfg), "prior": asdict(prior_cfg)}
+    atomic_write(run / "config.json", json.dumps(config, indent=2).encode())
     print(f"{run}: {cfg.data} {train_images.shape[1:]} ({len(train_images)} train, {len(test_images)} held out), "
-          f"{sum(p.size for p in model.params.values()):,} parameters, device {device}"
+          f"VQ-VAE with {sum(p.size for p in model.params.values()):,} parameters, device {device}"
           + (f", resuming at step {step}" if resuming else ""), file=sys.stderr)
 
-    stop = {"requested": False}
+    progress = Progress()
+    summary = {"data": cfg.data, "image_hw": list(real_hw), "device": device, "quantizer": model_cfg.quantizer}
+    t_start = time.time()
+    with open(run / "metrics.jsonl", "a") as metrics, CtrlC() as stop:
+        def log(record, text, final):
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            progress.show(text, final)
 
-    def on_sigint(signum, frame):                                      # first Ctrl-C: finish the step, save, exit
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)       # a second one interrupts at once
+        # -- stage 1: the VQ-VAE
+        if cfg.stage in ("vqvae", "all"):
+            def vqvae_step(s):
+                return model.train_step(to_model(train_images[batch_indices(cfg.seed, s, len(train_images), cfg.batch_size)]), opt)
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    progress = Progress(cfg.steps)
-    metrics = open(run / "metrics.jsonl", "a")
-    window = []                                                        # per-step stats since the last log, on the device
-    t_start, t_log, step_log = time.time(), time.time(), step
+            def vqvae_eval(s):
+                write_png(run / f"recon_{s:06d}.png", recon_grid(model, test_images, real_hw))
+                return evaluate(model, test_images, real_hw, cfg.batch_size)
 
-    def flush():
-        """Bring the window's stats to the host (one sync), stop on a non-finite loss, log a line."""
-        nonlocal window, t_log, step_log
-        if not window:
-            return None
-        losses = vqvae.to_numpy(model.xp.stack([s["loss"] for s in window]))
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if len(bad):
-            raise UserError(f"the loss became {losses[bad[0]]} at step {step_log + bad[0] + 1}; stopping. "
-                            f"The last good checkpoint is kept in {run / 'checkpoint.npz'}")
-        keys = ("loss", "recon", "vq", "commitment", "perplexity", "usage")
-        mean = {k: float(np.mean(vqvae.to_numpy(model.xp.stack([s[k] for s in window])))) for k in keys}
-        now = time.time()
-        rate = len(window) * cfg.batch_size / max(now - t_log, 1e-9)
-        eta = (cfg.steps - step) * cfg.batch_size / rate
-        metrics.write(json.dumps({"step": step, **mean, "images_per_s": rate,
-                                  "wall_time_s": wall_before + now - t_start}) + "\n")
-        metrics.flush()
-        progress.show(f"step {step}/{cfg.steps} loss {mean['loss']:.4f} (recon {mean['recon']:.4f} vq {mean['vq']:.4f}) "
-                      f"perplexity {mean['perplexity']:.1f} codes {mean['usage']:.0%} {rate:.0f} img/s "
-                      f"ETA {eta:.0f}s", final=step == cfg.steps)
-        window, t_log, step_log = [], now, step
+            def vqvae_save(s):
+                return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
 
-    def checkpoint_and_eval():
-        flush()
-        ev = evaluate(model, test_images, real_hw, cfg.batch_size)
-        metrics.write(json.dumps({"step": step, **ev}) + "\n")
-        metrics.flush()
-        write_png(run / f"recon_{step:06d}.png", recon_grid(model, test_images, real_hw))
-        save_checkpoint(run, model, opt, step, wall_before + time.time() - t_start, cfg)
-        progress.show(f"step {step}: held-out mse {ev['val_mse']:.5f} psnr {ev['val_psnr']:.2f} dB "
-                      f"perplexity {ev['perplexity']:.1f} codes used {ev['codes_used']:.0%}", final=True)
-        return ev
+            ev = fit("vqvae", vqvae_step, vqvae_eval, vqvae_save, step, cfg.steps, cfg.batch_size, cfg, xp, log, stop)
+        else:
+            ev = evaluate(model, test_images, real_hw, cfg.batch_size)
+        write_png(run / "recon.png", recon_grid(model, test_images, real_hw))
+        summary.update(ev, steps=cfg.steps)
 
-    # -- loop
-    try:
-        while step < cfg.steps and not stop["requested"]:
-            idx = batch_indices(cfg.seed, step, len(train_images), cfg.batch_size)
-            window.append(model.train_step(to_model(train_images[idx]), opt))
-            step += 1
-            if step % cfg.log_every == 0:
-                flush()
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                checkpoint_and_eval()
-        if stop["requested"]:
-            flush()
-            save_checkpoint(run, model, opt, step, wall_before + time.time() - t_start, cfg)
-            print(f"\ninterrupted at step {step}; checkpoint saved. Continue with: python train.py --resume {run}",
-                  file=sys.stderr)
-            return 130
-        ev = checkpoint_and_eval()
-    finally:
-        metrics.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        # -- stage 2: the PixelCNN prior over the codes, then samples
+        if cfg.stage in ("prior", "all"):
+            print(f"encoding {len(train_images) + len(test_images)} images to codes", file=sys.stderr)
+            codes_train, codes_test = encode_all(model, train_images), encode_all(model, test_images)
+            labels_train = data["train_labels"] if use_labels else None
+            labels_test = data["test_labels"] if use_labels else None
+            prior = P.PixelCNN(prior_cfg, device=cfg.device)
+            prior_opt = vqvae.Adam(prior.params, lr=cfg.prior_lr)
+            prior_step, prior_wall = 0, 0.0
+            if resuming and (run / "prior.npz").exists():
+                prior_step, prior_wall = load_checkpoint(run / "prior.npz", prior, prior_opt)
+            t_prior = time.time()
 
-    # -- what the run leaves behind
-    write_png(run / "recon.png", recon_grid(model, test_images, real_hw))
-    summary = {**ev, "steps": step, "wall_time_s": wall_before + time.time() - t_start, "device": device,
-               "data": cfg.data, "quantizer": model_cfg.quantizer}
+            def prior_train_step(s):
+                idx = batch_indices(cfg.seed + 1, s, len(codes_train), cfg.prior_batch_size)
+                return prior.train_step(codes_train[idx], prior_opt, None if labels_train is None else labels_train[idx])
+
+            def prior_eval(s):
+                return evaluate_prior(prior, codes_test, labels_test, cfg.prior_batch_size)
+
+            def prior_save(s):
+                return save_checkpoint(run / "prior.npz", prior, prior_opt, s, prior_wall + time.time() - t_prior)
+
+            prior_ev = fit("prior", prior_train_step, prior_eval, prior_save, prior_step, cfg.prior_steps,
+                           cfg.prior_batch_size, cfg, xp, log, stop)
+            rows = prior_cfg.num_classes or 4
+            grid, _, seconds = draw_samples(model, prior, rows, 8, cfg.seed, cfg.temperature, real_hw)
+            write_png(run / "samples.png", grid)
+            summary.update(prior_ev, prior_steps=cfg.prior_steps, sample_time_s=seconds, samples=rows * 8)
+
+    summary["wall_time_s"] = wall + time.time() - t_start
+    if (run / "summary.json").exists():                               # a later stage adds to an earlier one
+        summary = {**json.loads((run / "summary.json").read_text()), **summary}
     atomic_write(run / "summary.json", json.dumps(summary, indent=2).encode())
-    print(f"done: {run}/summary.json, {run}/recon.png", file=sys.stderr)
+    print(f"done: {run}/summary.json, {run}/recon.png" + (", samples.png" if "sample_time_s" in summary else ""),
+          file=sys.stderr)
     return 0
 
 
 def encode(argv):
     """Write the integer codes of a dataset split with a trained model: the tokenizer."""
     p = argparse.ArgumentParser(prog="train.py encode", description="Encode a dataset to integer codes.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="run folder holding checkpoint.npz")
-    p.add_argument("--data", required=True)
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--data", required=True, help="as for training")
+    p.add_argument("--data-dir", default="data", help="as for training")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split to encode")
     p.add_argument("--out", required=True, help="output .npy of codes (N, h, w)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
     args = p.parse_args(argv)
-    ckpt = Path(args.run) / "checkpoint.npz"
-    if not ckpt.is_file():
-        raise UserError(f"{ckpt}: no such checkpoint")
-    try:
-        model = vqvae.VQVAE.load(ckpt, device=args.device)
-    except (ValueError, KeyError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{ckpt}: cannot load the model ({e})")
+    model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
-    images = pad_to_multiple(images, model.downsample)
-    codes = np.concatenate([vqvae.to_numpy(model.encode(to_model(images[i:i + args.batch_size])))
-                            for i in range(0, len(images), args.batch_size)])
+    codes = encode_all(model, pad_to_multiple(images, model.downsample))
     codes = codes.astype(np.int16 if model.cfg.codebook_size <= 2**15 else np.int32)
     buf = io.BytesIO()
     np.save(buf, codes)
@@ -657,7 +803,41 @@ def encode(argv):
     return 0
 
 
-COMMANDS = {"encode": encode}
+def sample(argv):
+    """Draw new images from a finished run: codes from the prior, decoded by the VQ-VAE."""
+    p = argparse.ArgumentParser(prog="train.py sample", description="Sample new images from a trained run.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--run", required=True, help="run folder holding checkpoint.npz and prior.npz")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/samples_seed<seed>.png)")
+    p.add_argument("--codes-out", default=None, help="also write the sampled codes to this .npy")
+    p.add_argument("--per-row", type=int, default=8, help="samples per row (one row per class if conditional)")
+    p.add_argument("--rows", type=int, default=4, help="rows, for an unconditional prior")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="below 1: safer samples; 0: argmax")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    model = load_model(run / "checkpoint.npz", vqvae.VQVAE, args.device)
+    prior = load_model(run / "prior.npz", P.PixelCNN, args.device)
+    try:
+        real_hw = tuple(json.loads((run / "summary.json").read_text())["image_hw"])
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{run}: no summary.json with the image size; finish the run first")
+    if args.per_row < 1 or args.rows < 1 or not args.temperature >= 0:
+        raise UserError("--per-row and --rows must be at least 1 and --temperature at least 0")
+    rows = prior.cfg.num_classes or args.rows
+    grid, codes, seconds = draw_samples(model, prior, rows, args.per_row, args.seed, args.temperature, real_hw)
+    out = Path(args.out or run / f"samples_seed{args.seed}.png")
+    write_png(out, grid)
+    if args.codes_out:
+        buf = io.BytesIO()
+        np.save(buf, codes)
+        atomic_write(args.codes_out, buf.getvalue())
+    print(f"wrote {out}: {len(codes)} samples, codes sampled in {seconds:.2f}s", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"encode": encode, "sample": sample}
 
 
 def main(argv=None):
@@ -667,6 +847,9 @@ def main(argv=None):
         argv = argv[1:]
     try:
         return command(argv)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1

@@ -427,6 +427,20 @@ class VectorQuantizerEMA(VectorQuantizer):
 # model
 
 
+def check_codes(codes, K, xp):
+    """Integer codes (N, h, w) in [0, K), moved to xp; a ValueError naming the problem otherwise.
+    The range is checked where the codes live, so host codes cost no device sync."""
+    shape = getattr(codes, "shape", None)
+    if shape is None or len(shape) != 3 or 0 in shape:
+        raise ValueError(f"expected integer codes of shape (N, h, w), got shape {shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= K:
+        raise ValueError(f"codes must lie in [0, {K}), got values in [{lo}, {hi}]")
+    return xp.asarray(codes)
+
+
 @dataclass
 class Config:
     in_channels: int = 3       # C: image channels
@@ -536,18 +550,6 @@ class VQVAE:
             raise ValueError("images contain NaN or infinite values")
         return self.xp.asarray(x, dtype=self.cfg.dtype)
 
-    def check_codes(self, codes):
-        shape, K = getattr(codes, "shape", None), self.cfg.codebook_size
-        if shape is None or len(shape) != 3:
-            raise ValueError(f"expected integer codes of shape (N, h, w), got shape {shape}")
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
-        codes = self.xp.asarray(codes)
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= K:
-            raise ValueError(f"codes must lie in [0, {K}), got values in [{lo}, {hi}]")
-        return codes
-
     # --- training: forward caches, backward fills .grads
     def forward(self, x, train=True):
         """Losses of eq. 3 on a batch; `train` lets the EMA codebook move."""
@@ -582,7 +584,7 @@ class VQVAE:
 
     def decode(self, codes):
         """Codes (N, h, w) -> images (N, 4h, 4w, C)."""
-        return self.decoder.forward(self.quantizer.lookup(self.check_codes(codes)))
+        return self.decoder.forward(self.quantizer.lookup(check_codes(codes, self.cfg.codebook_size, self.xp)))
 
     def reconstruct(self, x):
         return self.decode(self.encode(x))
