@@ -46,17 +46,24 @@ class Interrupted(Exception):
 # data: uint8 images (N, H, W, C); the model sees (x / 255 - 0.5) / PIXEL_STD
 
 
+SHAPE_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                          [145, 30, 180], [70, 240, 240], [240, 50, 230], [30, 30, 30], [255, 255, 255]])
+BACKGROUND_COLOURS = np.array([[250, 190, 212], [220, 190, 255], [255, 250, 200], [170, 255, 195],
+                               [200, 200, 200], [128, 128, 128], [0, 0, 117], [128, 0, 0]])
+
+
 def make_shapes(n, size=32, seed=0):
-    """n RGB scenes of one to three filled shapes (circle, square, triangle) of random size,
-    place and colour on a two-tone background. Labels: the kind of the largest shape."""
+    """n RGB scenes of one to three filled shapes (circle, square, triangle) of random size and
+    place, in ten colours, on a vertical gradient between two of eight background colours. A
+    small palette gives the codes something discrete to learn. Labels: the largest shape's kind."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5                            # pixel centres
+    t = (yy / size)[..., None]
     images = np.empty((n, size, size, 3), np.uint8)
     labels = np.empty(n, np.int64)
     for i in range(n):
-        top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        t = (yy / size)[..., None]
-        img = (1 - t) * top + t * bottom                               # vertical colour gradient
+        top, bottom = BACKGROUND_COLOURS[rng.choice(len(BACKGROUND_COLOURS), 2, replace=False)]
+        img = (1 - t) * top + t * bottom                               # (size, size, 3)
         largest = 0
         for _ in range(rng.integers(1, 4)):
             kind, r = rng.integers(3), rng.uniform(size / 10, size / 4)
@@ -67,9 +74,9 @@ def make_shapes(n, size=32, seed=0):
                 mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
             else:                                                      # apex up, base at cy + r
                 mask = (yy <= cy + r) & (np.abs(xx - cx) <= (yy - cy + r) / 2)
-            colour = rng.integers(0, 256, 3)
+            colour = SHAPE_COLOURS[rng.integers(len(SHAPE_COLOURS))]
             while np.abs(colour - img[mask].mean(0)).sum() < 150:      # keep shapes visible
-                colour = rng.integers(0, 256, 3)
+                colour = SHAPE_COLOURS[rng.integers(len(SHAPE_COLOURS))]
             img[mask] = colour
             if r > largest:
                 largest, labels[i] = r, kind

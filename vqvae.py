@@ -357,8 +357,9 @@ class VectorQuantizer:
 
     def forward(self, z_e, train=True):
         z, z_q, onehot, stats = self._assign(z_e)
-        stats["codebook"] = ((z_q - z) ** 2).mean()                    # |sg[z_e] - e|^2
-        stats["commitment"] = ((z - z_q) ** 2).mean()                  # |z_e - sg[e]|^2
+        sq = ((z - z_q) ** 2).mean()                                   # both terms have this value ...
+        stats["codebook"] = sq                                         # |sg[z_e] - e|^2: ... it moves e only
+        stats["commitment"] = sq                                       # |z_e - sg[e]|^2: ... it moves z_e only
         stats["vq"] = stats["codebook"] + self.beta * stats["commitment"]
         self.cache = (z, z_q, onehot)
         return z_q.reshape(z_e.shape), stats
@@ -555,12 +556,11 @@ class VQVAE:
         """Losses of eq. 3 on a batch; `train` lets the EMA codebook move."""
         x = self.check_images(x)
         z_e = self.encoder.forward(x)                                  # (N, h, w, D)
-        z_q, stats = self.quantizer.forward(z_e, train)                # (N, h, w, D)
+        z_q, vq = self.quantizer.forward(z_e, train)                   # (N, h, w, D)
         x_hat = self.decoder.forward(z_q)                              # (N, H, W, C)
-        stats["recon"] = ((x_hat - x) ** 2).mean()                     # |x - x_hat|^2
-        stats["loss"] = stats["recon"] + stats["vq"]
+        recon = ((x_hat - x) ** 2).mean()                              # |x - x_hat|^2
         self.cache = (x, x_hat)
-        return stats
+        return {"loss": recon + vq["vq"], "recon": recon, **vq}
 
     def backward(self):
         x, x_hat = self.cache
