@@ -594,6 +594,43 @@ def test_backend_choice_and_errors(monkeypatch):
         assert V.backend() is np                                       # auto falls back quietly
 
 
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantizer):
+    torch = pytest.importorskip("torch")
+    import bench
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = V.VQVAE(V.Config(hidden=8, res_hidden=4, res_blocks=1, codebook_size=12, code_dim=3,
+                                 quantizer=quantizer, dtype="float64", seed=1), device="cpu")
+        x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
+        stats = model.forward(x, train=False)
+        model.backward()
+        enc, dec, E = bench.torch_model(model, "cpu")
+        E.requires_grad_(quantizer == "vq")
+        xt = torch.tensor(x.transpose(0, 3, 1, 2))
+        z = enc(xt).permute(0, 2, 3, 1).reshape(-1, 3)
+        z_q = E[torch.tensor(V.to_numpy(stats["codes"]).ravel())]        # our assignment
+        vq = 0.25 * ((z - z_q.detach()) ** 2).mean()
+        if quantizer == "vq":
+            vq = vq + ((z_q - z.detach()) ** 2).mean()
+        z_st = z + (z_q - z).detach()                                   # sonnet's straight-through line
+        x_hat = dec(z_st.reshape(2, 2, 2, 3).permute(0, 3, 1, 2))
+        loss = ((x_hat - xt) ** 2).mean() + vq
+        loss.backward()
+        assert np.isclose(float(loss), float(stats["loss"]), rtol=1e-12)
+        torch_grads = {f"encoder.{k}": p.grad for k, p in enc.named_parameters()}
+        torch_grads.update({f"decoder.{k}": p.grad for k, p in dec.named_parameters()})
+        if quantizer == "vq":
+            torch_grads["quantizer.codebook"] = E.grad
+        ours = model.grads
+        assert len(ours) == len(torch_grads)
+        for k, g in torch_grads.items():
+            name = k.replace("body.", "").replace("weight", "W").replace("bias", "b")
+            np.testing.assert_allclose(ours[name], g.numpy(), rtol=1e-9, atol=1e-12, err_msg=k)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 @pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
 def test_numpy_and_cupy_agree(quantizer):

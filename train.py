@@ -49,24 +49,23 @@ class Interrupted(Exception):
 SHAPE_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                           [145, 30, 180], [70, 240, 240], [240, 50, 230], [30, 30, 30], [255, 255, 255]])
 BACKGROUND_COLOURS = np.array([[250, 190, 212], [220, 190, 255], [255, 250, 200], [170, 255, 195],
-                               [200, 200, 200], [128, 128, 128], [0, 0, 117], [128, 0, 0]])
+                               [200, 200, 200], [0, 0, 117]])
 
 
 def make_shapes(n, size=32, seed=0):
-    """n RGB scenes of one to three filled shapes (circle, square, triangle) of random size and
-    place, in ten colours, on a vertical gradient between two of eight background colours. A
-    small palette gives the codes something discrete to learn. Labels: the largest shape's kind."""
+    """n RGB scenes of one or two filled shapes (circle, square, triangle) of random size and
+    place, in ten colours, on one of six background colours. The small palette gives the codes
+    something discrete to learn in minutes. Labels: the kind of the largest shape."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5                            # pixel centres
-    t = (yy / size)[..., None]
     images = np.empty((n, size, size, 3), np.uint8)
     labels = np.empty(n, np.int64)
     for i in range(n):
-        top, bottom = BACKGROUND_COLOURS[rng.choice(len(BACKGROUND_COLOURS), 2, replace=False)]
-        img = (1 - t) * top + t * bottom                               # (size, size, 3)
+        background = BACKGROUND_COLOURS[rng.integers(len(BACKGROUND_COLOURS))]
+        img = np.broadcast_to(background, (size, size, 3)).copy()
         largest = 0
-        for _ in range(rng.integers(1, 4)):
-            kind, r = rng.integers(3), rng.uniform(size / 10, size / 4)
+        for _ in range(rng.integers(1, 3)):
+            kind, r = rng.integers(3), rng.uniform(size / 8, size / 3.5)
             cy, cx = rng.uniform(r, size - r, 2)
             if kind == 0:
                 mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
@@ -80,7 +79,7 @@ def make_shapes(n, size=32, seed=0):
             img[mask] = colour
             if r > largest:
                 largest, labels[i] = r, kind
-        images[i] = np.round(img)
+        images[i] = img
     return images, labels
 
 
