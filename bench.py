@@ -119,9 +119,10 @@ def sequential_flops(seq, x_shape):
 
 
 def model_flops(model, x_shape):
-    """FLOPs of one training step: encoder, the M x K distances, decoder, forward and backward."""
-    fe, be, z_shape = sequential_flops(model.encoder, x_shape)
-    fd, bd, _ = sequential_flops(model.decoder, z_shape[:3] + (model.cfg.code_dim,))
+    """FLOPs of one training step of a one-level model: encoder, the M x K distances, decoder,
+    forward and backward."""
+    fe, be, z_shape = sequential_flops(vqvae.Sequential(*model.encoder.layers, model.pre_quant), x_shape)
+    fd, bd, _ = sequential_flops(model.decoder, z_shape)
     M = z_shape[0] * z_shape[1] * z_shape[2]
     fq = 2 * M * model.cfg.code_dim * model.cfg.codebook_size
     return fe + be + fd + bd + fq
@@ -132,7 +133,8 @@ def model_flops(model, x_shape):
 
 
 def torch_model(model, device):
-    """nn modules mirroring model, with its weights. Activations NCHW as PyTorch expects."""
+    """nn modules mirroring a one-level model, with its weights -> (encoder, pre_quant, decoder,
+    codebook). Activations NCHW as PyTorch expects."""
     nn = torch.nn
 
     class Residual(nn.Module):
@@ -143,6 +145,18 @@ def torch_model(model, device):
         def forward(self, x):
             return x + self.body(x)
 
+    def convert_conv(layer):
+        W = torch.tensor(vqvae.to_numpy(layer.params["W"]))
+        (t, _), (l, _) = layer.padding
+        if isinstance(layer, vqvae.Conv2d):
+            m = nn.Conv2d(W.shape[1], W.shape[0], (layer.kh, layer.kw), layer.stride, (t, l))
+        else:
+            m = nn.ConvTranspose2d(W.shape[0], W.shape[1], (layer.kh, layer.kw), layer.stride, (t, l))
+        with torch.no_grad():
+            m.weight.copy_(W)
+            m.bias.copy_(torch.tensor(vqvae.to_numpy(layer.params["b"])))
+        return m
+
     def convert(seq):
         layers = []
         for layer in seq.layers:
@@ -151,37 +165,30 @@ def torch_model(model, device):
             elif isinstance(layer, vqvae.ReLU):
                 layers.append(nn.ReLU())
             else:
-                W = torch.tensor(vqvae.to_numpy(layer.params["W"]))
-                (t, _), (l, _) = layer.padding
-                cls = nn.Conv2d if isinstance(layer, vqvae.Conv2d) else nn.ConvTranspose2d
-                out_ch = W.shape[0] if cls is nn.Conv2d else W.shape[1]
-                in_ch = W.shape[1] if cls is nn.Conv2d else W.shape[0]
-                m = cls(in_ch, out_ch, (layer.kh, layer.kw), layer.stride, (t, l))
-                with torch.no_grad():
-                    m.weight.copy_(W)
-                    m.bias.copy_(torch.tensor(vqvae.to_numpy(layer.params["b"])))
-                layers.append(m)
+                layers.append(convert_conv(layer))
         return nn.Sequential(*layers)
 
-    enc, dec = convert(model.encoder).to(device), convert(model.decoder).to(device)
+    if model.cfg.levels != 1:
+        raise ValueError("the PyTorch mirror covers the one-level model")
     codebook = torch.tensor(vqvae.to_numpy(model.quantizer.codebook), device=device)
-    return enc, dec, codebook
+    return (convert(model.encoder).to(device), convert_conv(model.pre_quant).to(device),
+            convert(model.decoder).to(device), codebook)
 
 
 def torch_step_fn(model, x_nhwc, device):
     """One PyTorch training step of the same model (plain VQ or EMA, beta, Adam) -> (step, loss of step 1)."""
-    enc, dec, E = torch_model(model, device)
+    enc, pre, dec, E = torch_model(model, device)
     cfg = model.cfg
     ema = cfg.quantizer == "ema"
     if not ema:
         E = torch.nn.Parameter(E)
     counts, sums = torch.ones(cfg.codebook_size, device=device), E.detach().clone()
-    params = list(enc.parameters()) + list(dec.parameters()) + ([] if ema else [E])
+    params = list(enc.parameters()) + list(pre.parameters()) + list(dec.parameters()) + ([] if ema else [E])
     opt = torch.optim.Adam(params, lr=2e-4)
     x = torch.tensor(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)), device=device)
 
     def step():
-        z = enc(x).permute(0, 2, 3, 1)                                  # (N, h, w, D)
+        z = pre(enc(x)).permute(0, 2, 3, 1)                             # (N, h, w, D)
         z_flat = z.reshape(-1, cfg.code_dim)
         codes = ((E * E).sum(1) - 2 * z_flat @ E.t()).argmin(1)
         z_q = E[codes]

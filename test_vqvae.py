@@ -376,7 +376,7 @@ def tiny_config(**kw):
 
 
 def all_layers(model):
-    stack = [model.encoder, model.decoder]
+    stack = list(model.parts.values())
     while stack:
         layer = stack.pop()
         yield layer
@@ -408,10 +408,26 @@ class FrozenStopGradients:
         return z_e + (self.e0 - self.z_e0), stats                      # value e_k, gradient to z_e only
 
 
+def freeze_stop_gradients(model, x):
+    """Swap each quantizer for FrozenStopGradients at the quantizer inputs of a forward of x."""
+    names = ["quantizer"] + (["top_quantizer"] if model.cfg.levels == 2 else [])
+    inputs = {}
+    for name in names:
+        q = getattr(model, name)
+        q.forward = lambda z_e, train=False, q=q, name=name: (inputs.__setitem__(name, z_e.copy()),
+                                                              type(q).forward(q, z_e, train))[1]
+    model.forward(x, train=False)
+    for name in names:
+        real = getattr(model, name)
+        del real.forward                                               # back to the class's method
+        setattr(model, name, FrozenStopGradients(real, inputs[name]))
+
+
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
-@given(seed=seeds, H=st.sampled_from([4, 8]))
-def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quantizer, seed, H):
-    model = V.VQVAE(tiny_config(quantizer=quantizer, seed=seed % 1000), device="cpu")
+@given(seed=seeds, H=st.sampled_from([8, 16]))
+def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quantizer, levels, seed, H):
+    model = V.VQVAE(tiny_config(quantizer=quantizer, levels=levels, seed=seed % 1000), device="cpu")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, H, H, 2))
     model.forward(x, train=False)
@@ -419,12 +435,12 @@ def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quan
     grads = {k: g.copy() for k, g in model.grads.items()}
     relu_inputs = [layer.cache for layer in all_layers(model) if isinstance(layer, V.ReLU)]
     assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)        # +-eps flips no ReLU
-    params, real_quantizer = model.params, model.quantizer
-    model.quantizer = FrozenStopGradients(real_quantizer, model.encoder.forward(x))
+    params = model.params
+    freeze_stop_gradients(model, x)
     f = lambda: model.forward(x, train=False)["loss"]
     for k, p in params.items():
         # a handful of entries of each tensor keeps this quick; hypothesis varies which ones
-        idx = [np.unravel_index(i, p.shape) for i in rng.choice(p.size, min(p.size, 4), replace=False)]
+        idx = [np.unravel_index(i, p.shape) for i in rng.choice(p.size, min(p.size, 3), replace=False)]
         for i in idx:
             old = p[i]
             p[i] = old + 1e-6
@@ -434,7 +450,6 @@ def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quan
             p[i] = old
             num = (fp - fm) / 2e-6
             assert abs(grads[k][i] - num) <= 1e-5 * max(abs(num), 1e-3), (k, i, grads[k][i], num)
-    model.quantizer = real_quantizer
 
 
 def test_model_encode_decode_shapes_and_consistency():
@@ -451,9 +466,52 @@ def test_model_encode_decode_shapes_and_consistency():
     np.testing.assert_allclose(stats["recon"], np.mean((x_hat - x) ** 2), rtol=1e-6)
 
 
+def test_two_level_encode_decode_shapes_and_consistency():
+    model = V.VQVAE(tiny_config(dtype="float32", levels=2), device="cpu")
+    x = np.random.default_rng(0).random((3, 16, 24, 2)).astype(np.float32)
+    top, bottom = model.encode(x)
+    assert top.shape == (3, 2, 3) and bottom.shape == (3, 4, 6)
+    assert max(top.max(), bottom.max()) < 6 and min(top.min(), bottom.min()) >= 0
+    x_hat = model.decode(top, bottom)
+    assert x_hat.shape == x.shape and x_hat.dtype == np.float32
+    stats = model.forward(x, train=False)
+    np.testing.assert_array_equal(stats["top_codes"], top)
+    np.testing.assert_array_equal(stats["codes"], bottom)
+    np.testing.assert_allclose(stats["recon"], np.mean((x_hat - x) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(stats["loss"], stats["recon"] + stats["vq"] + stats["top_vq"], rtol=1e-6)
+    top_only = model.decode(top)                                       # the bottom vectors replaced by zeros
+    assert top_only.shape == x.shape and not np.allclose(top_only, x_hat)
+    np.testing.assert_array_equal(model.reconstruct(x), x_hat)
+
+
+def test_two_level_bottom_code_depends_on_the_top_code():
+    model = V.VQVAE(tiny_config(levels=2, codebook_size=32), device="cpu")
+    x = np.random.default_rng(1).standard_normal((2, 16, 16, 2))
+    f = model.encoder.forward(x)
+    top, bottom = model.encode(x)
+    other_top = (top + 1) % 32                                         # the same image features, another top code
+    d_top = model.top_decoder.forward(model.top_quantizer.lookup(other_top))
+    z_e = model.pre_quant.forward(np.concatenate([f, d_top], -1))
+    other_bottom = model.nearest_grid(model.quantizer, z_e)
+    assert not np.array_equal(other_bottom, bottom)
+
+
+def test_two_level_input_checks():
+    model = V.VQVAE(tiny_config(levels=2, dtype="float32"), device="cpu")
+    with pytest.raises(ValueError, match="multiples of 8, got 12 x 16"):
+        model.encode(np.zeros((1, 12, 16, 2)))
+    with pytest.raises(ValueError, match=r"bottom codes must have shape \(1, 4, 4\) .* got \(1, 2, 2\)"):
+        model.decode(np.zeros((1, 2, 2), int), np.zeros((1, 2, 2), int))
+    with pytest.raises(ValueError, match="one level: decode\\(codes\\) takes no bottom codes"):
+        V.VQVAE(tiny_config(), device="cpu").decode(np.zeros((1, 2, 2), int), np.zeros((1, 4, 4), int))
+    with pytest.raises(ValueError, match="levels must be 1 or 2, got 3"):
+        tiny_config(levels=3)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
-def test_model_float32_end_to_end_without_dtype_drift(quantizer):
-    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, codebook_size=16, code_dim=4, quantizer=quantizer))
+def test_model_float32_end_to_end_without_dtype_drift(quantizer, levels):
+    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, codebook_size=16, code_dim=4, quantizer=quantizer, levels=levels))
     x = np.random.default_rng(0).random((2, 8, 8, 3))                  # float64 input is cast once
     opt = V.Adam(model.params, lr=1e-3)
     stats = model.train_step(x, opt)
@@ -498,9 +556,10 @@ def test_config_rejects_bad_values():
         V.Config.from_dict({"widht": 3})
 
 
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
-def test_save_load_round_trip_without_pickle(tmp_path, quantizer):
-    model = V.VQVAE(tiny_config(quantizer=quantizer, dtype="float32", seed=3), device="cpu")
+def test_save_load_round_trip_without_pickle(tmp_path, quantizer, levels):
+    model = V.VQVAE(tiny_config(quantizer=quantizer, dtype="float32", seed=3, levels=levels), device="cpu")
     x = np.random.default_rng(0).random((2, 8, 8, 2)).astype(np.float32)
     opt = V.Adam(model.params, lr=1e-2)
     for _ in range(3):
@@ -563,10 +622,11 @@ def test_adam_state_round_trip():
     np.testing.assert_array_equal(a["p"], b["p"])
 
 
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
-def test_training_cuts_reconstruction_error_tenfold(quantizer):
+def test_training_cuts_reconstruction_error_tenfold(quantizer, levels):
     model = V.VQVAE(V.Config(in_channels=1, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32,
-                             code_dim=8, quantizer=quantizer, seed=0), device="cpu")
+                             code_dim=8, quantizer=quantizer, seed=0, levels=levels), device="cpu")
     rng = np.random.default_rng(0)
     x = (rng.random((4, 8, 8, 1)) > 0.5).astype(np.float32) - 0.5       # a tiny fixed batch
     opt = V.Adam(model.params, lr=3e-3)
@@ -605,10 +665,10 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
         x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
         stats = model.forward(x, train=False)
         model.backward()
-        enc, dec, E = bench.torch_model(model, "cpu")
+        enc, pre, dec, E = bench.torch_model(model, "cpu")
         E.requires_grad_(quantizer == "vq")
         xt = torch.tensor(x.transpose(0, 3, 1, 2))
-        z = enc(xt).permute(0, 2, 3, 1).reshape(-1, 3)
+        z = pre(enc(xt)).permute(0, 2, 3, 1).reshape(-1, 3)
         z_q = E[torch.tensor(V.to_numpy(stats["codes"]).ravel())]        # our assignment
         vq = 0.25 * ((z - z_q.detach()) ** 2).mean()
         if quantizer == "vq":
@@ -619,6 +679,7 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
         loss.backward()
         assert np.isclose(float(loss), float(stats["loss"]), rtol=1e-12)
         torch_grads = {f"encoder.{k}": p.grad for k, p in enc.named_parameters()}
+        torch_grads.update({f"pre_quant.{k}": p.grad for k, p in pre.named_parameters()})
         torch_grads.update({f"decoder.{k}": p.grad for k, p in dec.named_parameters()})
         if quantizer == "vq":
             torch_grads["quantizer.codebook"] = E.grad
@@ -632,9 +693,11 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
 
 
 @pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
-def test_numpy_and_cupy_agree(quantizer):
-    cfg = V.Config(hidden=16, res_hidden=8, codebook_size=32, code_dim=8, quantizer=quantizer, dtype="float64")
+def test_numpy_and_cupy_agree(quantizer, levels):
+    cfg = V.Config(hidden=16, res_hidden=8, codebook_size=32, code_dim=8, quantizer=quantizer, dtype="float64",
+                   levels=levels)
     cpu, gpu = V.VQVAE(cfg, device="cpu"), V.VQVAE(cfg, device="gpu")
     x = np.random.default_rng(0).random((4, 16, 16, 3))
     opt_c, opt_g = V.Adam(cpu.params, lr=1e-3), V.Adam(gpu.params, lr=1e-3)

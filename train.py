@@ -528,7 +528,7 @@ def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp,
         if len(bad):
             raise UserError(f"{stage}: the loss became {losses[bad[0]]} at step {step_log + bad[0] + 1}; "
                             f"stopping. The last good checkpoint is kept")
-        keys = [k for k in window[0] if k != "codes"]
+        keys = [k for k in window[0] if not k.endswith("codes")]     # scalars only
         mean = {k: float(np.mean(vqvae.to_numpy(xp.stack([s[k] for s in window])))) for k in keys}
         now = time.time()
         rate = len(window) * batch_size / max(now - t_log, 1e-9)
@@ -691,8 +691,8 @@ def train(argv):
         if resuming:
             raise UserError(f"{cfg.data} has {data['train'].shape[3]} channels, the run's model expects {model_cfg.in_channels}")
         model_cfg.in_channels = data["train"].shape[3]
-    train_images = pad_to_multiple(data["train"], vqvae.VQVAE.downsample)
-    test_images = pad_to_multiple(data["test"], vqvae.VQVAE.downsample)
+    train_images = pad_to_multiple(data["train"], model_cfg.downsample)
+    test_images = pad_to_multiple(data["test"], model_cfg.downsample)
     check_train_config(cfg, len(train_images))
     use_labels = cfg.prior_labels and data.get("num_classes", 0) > 0 and "train_labels" in data
     try:
@@ -731,7 +731,8 @@ def train(argv):
         # -- stage 1: the VQ-VAE
         if cfg.stage in ("vqvae", "all"):
             def vqvae_step(s):
-                return model.train_step(to_model(train_images[batch_indices(cfg.seed, s, len(train_images), cfg.batch_size)]), opt)
+                idx = batch_indices(cfg.seed, s, len(train_images), cfg.batch_size)
+                return model.train_step(to_model(train_images[idx]), opt)
 
             def vqvae_eval(s):
                 write_png(run / f"recon_{s:06d}.png", recon_grid(model, test_images, real_hw))
@@ -741,10 +742,11 @@ def train(argv):
                 return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
 
             ev = fit("vqvae", vqvae_step, vqvae_eval, vqvae_save, step, cfg.steps, cfg.batch_size, cfg, xp, log, stop)
+            wall += time.time() - t_start
         else:
             ev = evaluate(model, test_images, real_hw, cfg.batch_size)
         write_png(run / "recon.png", recon_grid(model, test_images, real_hw))
-        summary.update(ev, steps=cfg.steps)
+        summary.update(ev, steps=cfg.steps, vqvae_wall_time_s=wall)
 
         # -- stage 2: the PixelCNN prior over the codes, then samples
         if cfg.stage in ("prior", "all"):
@@ -771,14 +773,15 @@ def train(argv):
 
             prior_ev = fit("prior", prior_train_step, prior_eval, prior_save, prior_step, cfg.prior_steps,
                            cfg.prior_batch_size, cfg, xp, log, stop)
+            summary.update(prior_ev, prior_steps=cfg.prior_steps, prior_wall_time_s=prior_wall + time.time() - t_prior)
             rows = prior_cfg.num_classes or 4
             grid, _, seconds = draw_samples(model, prior, rows, 8, cfg.seed, cfg.temperature, real_hw)
             write_png(run / "samples.png", grid)
-            summary.update(prior_ev, prior_steps=cfg.prior_steps, sample_time_s=seconds, samples=rows * 8)
+            summary.update(sample_time_s=seconds, samples=rows * 8)
 
-    summary["wall_time_s"] = wall + time.time() - t_start
     if (run / "summary.json").exists():                               # a later stage adds to an earlier one
         summary = {**json.loads((run / "summary.json").read_text()), **summary}
+    summary["wall_time_s"] = summary["vqvae_wall_time_s"] + summary.get("prior_wall_time_s", 0.0)  # both stages' training
     atomic_write(run / "summary.json", json.dumps(summary, indent=2).encode())
     print(f"done: {run}/summary.json, {run}/recon.png" + (", samples.png" if "sample_time_s" in summary else ""),
           file=sys.stderr)

@@ -448,7 +448,8 @@ class Config:
     hidden: int = 128          # H: channels of the encoder and decoder
     res_hidden: int = 32       # RH: hidden channels inside a residual block
     res_blocks: int = 2        # R: residual blocks in the encoder and in the decoder
-    codebook_size: int = 512   # K: codes in the codebook
+    levels: int = 1            # 1: VQ-VAE; 2: VQ-VAE-2's top (/8) and bottom (/4) codes
+    codebook_size: int = 512   # K: codes in each level's codebook
     code_dim: int = 64         # D: dimension of a code vector
     beta: float = 0.25         # commitment cost
     quantizer: str = "vq"      # 'vq' (codebook loss) or 'ema' (moving averages)
@@ -465,12 +466,19 @@ class Config:
             raise ValueError(f"hidden must be at least 2 (the first layer has hidden // 2), got {self.hidden}")
         if not isinstance(self.res_blocks, int) or self.res_blocks < 0:
             raise ValueError(f"res_blocks must be a non-negative integer, got {self.res_blocks!r}")
+        if self.levels not in (1, 2):
+            raise ValueError(f"levels must be 1 or 2, got {self.levels!r}")
         if self.quantizer not in ("vq", "ema"):
             raise ValueError(f"quantizer must be 'vq' or 'ema', got {self.quantizer!r}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    @property
+    def downsample(self):
+        """Image size over the size of the coarsest code grid."""
+        return 4 * 2 ** (self.levels - 1)
 
     @classmethod
     def from_dict(cls, d):
@@ -481,60 +489,87 @@ class Config:
         return cls(**d)
 
 
-def make_encoder(cfg, init):
-    """x (N, H, W, C) -> z_e (N, H/4, W/4, D): the encoder of the paper (DeepMind's example)."""
+def make_encoder(in_ch, cfg, init, stride=4, input_grad=False):
+    """(N, H, W, in_ch) -> features (N, H/stride, W/stride, hidden): the encoder of the paper
+    (DeepMind's example) up to its last 1x1 convolution; stride 2 for VQ-VAE-2's top level.
+    input_grad: whether anything needs the gradient of the input (not for images)."""
     H, RH = cfg.hidden, cfg.res_hidden
-    return Sequential(
-        Conv2d(cfg.in_channels, H // 2, 4, stride=2, padding=1, init=init, input_grad=False), ReLU(),  # /2
-        Conv2d(H // 2, H, 4, stride=2, padding=1, init=init), ReLU(),                # /4
-        Conv2d(H, H, 3, padding=1, init=init),
-        *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU(),
-        Conv2d(H, cfg.code_dim, 1, init=init))                                       # to D
+    down = [Conv2d(in_ch, H // 2, 4, stride=2, padding=1, init=init, input_grad=input_grad), ReLU()]  # /2
+    if stride == 4:
+        down += [Conv2d(H // 2, H, 4, stride=2, padding=1, init=init), ReLU(),                 # /4
+                 Conv2d(H, H, 3, padding=1, init=init)]
+    else:
+        down += [Conv2d(H // 2, H, 3, padding=1, init=init)]
+    return Sequential(*down, *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU())
 
 
-def make_decoder(cfg, init):
-    """z_q (N, h, w, D) -> x_hat (N, 4h, 4w, C), mirroring the encoder."""
+def make_decoder(in_ch, out_ch, cfg, init, stride=4):
+    """(N, h, w, in_ch) -> (N, stride h, stride w, out_ch), mirroring the encoder."""
     H, RH = cfg.hidden, cfg.res_hidden
-    return Sequential(
-        Conv2d(cfg.code_dim, H, 3, padding=1, init=init),
-        *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU(),
-        ConvTranspose2d(H, H // 2, 4, stride=2, padding=1, init=init), ReLU(),       # x2
-        ConvTranspose2d(H // 2, cfg.in_channels, 4, stride=2, padding=1, init=init)) # x4
+    layers = [Conv2d(in_ch, H, 3, padding=1, init=init),
+              *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU()]
+    if stride == 4:
+        layers += [ConvTranspose2d(H, H // 2, 4, stride=2, padding=1, init=init), ReLU(),          # x2
+                   ConvTranspose2d(H // 2, out_ch, 4, stride=2, padding=1, init=init)]           # x4
+    else:
+        layers += [ConvTranspose2d(H, out_ch, 4, stride=2, padding=1, init=init)]                # x2
+    return Sequential(*layers)
+
+
+def make_quantizer(cfg, init):
+    if cfg.quantizer == "ema":
+        return VectorQuantizerEMA(cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.ema_decay, cfg.ema_eps, init)
+    return VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, init)
 
 
 class VQVAE:
-    """Encoder, quantizer, decoder; images are float arrays (N, H, W, C), H and W divisible by 4."""
+    """Encoder, quantizer(s), decoder; images are float arrays (N, H, W, C), H and W divisible
+    by cfg.downsample.
 
-    downsample = 4
+    One level (the paper): x -> encoder -> pre_quant (1x1) -> quantizer -> decoder -> x_hat.
+
+    Two levels (VQ-VAE-2, Razavi, van den Oord, Vinyals 2019, figure 2a):
+        f         = encoder(x)                                    (N, H/4, W/4, hidden)
+        z_q_top   = top_quantizer(top_pre_quant(top_encoder(f)))  (N, H/8, W/8, D) global structure
+        z_q       = quantizer(pre_quant([f, top_decoder(z_q_top)]))  (N, H/4, W/4, D) detail, given the top
+        x_hat     = decoder([upsample_top(z_q_top), z_q])
+    [a, b] concatenates channels. Each level has its own codebook and VQ loss.
+    """
 
     def __init__(self, cfg=None, device=None):
         self.cfg = cfg = cfg or Config()
         self.xp = backend(device)
         init = uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
-        self.encoder = make_encoder(cfg, init)
-        if cfg.quantizer == "ema":
-            self.quantizer = VectorQuantizerEMA(cfg.codebook_size, cfg.code_dim, cfg.beta,
-                                                cfg.ema_decay, cfg.ema_eps, init)
-        else:
-            self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, init)
-        self.decoder = make_decoder(cfg, init)
+        H, D = cfg.hidden, cfg.code_dim
+        self.downsample = cfg.downsample
+        self.encoder = make_encoder(cfg.in_channels, cfg, init)
+        self.pre_quant = Conv2d(H + D * (cfg.levels - 1), D, 1, init=init)
+        self.quantizer = make_quantizer(cfg, init)
+        self.decoder = make_decoder(D * cfg.levels, cfg.in_channels, cfg, init)
+        self.parts = {"encoder": self.encoder, "pre_quant": self.pre_quant, "quantizer": self.quantizer,
+                      "decoder": self.decoder}
+        if cfg.levels == 2:
+            self.top_encoder = make_encoder(H, cfg, init, stride=2, input_grad=True)
+            self.top_pre_quant = Conv2d(H, D, 1, init=init)
+            self.top_quantizer = make_quantizer(cfg, init)
+            self.top_decoder = make_decoder(D, D, cfg, init, stride=2)          # conditions the bottom code
+            self.upsample_top = ConvTranspose2d(D, D, 4, stride=2, padding=1, init=init)  # for the decoder
+            self.parts.update(top_encoder=self.top_encoder, top_pre_quant=self.top_pre_quant,
+                              top_quantizer=self.top_quantizer, top_decoder=self.top_decoder,
+                              upsample_top=self.upsample_top)
 
     # --- the parts, by name: references to the live arrays, updated in place by Adam
     @property
     def params(self):
-        return {**{f"encoder.{k}": v for k, v in self.encoder.params.items()},
-                **{f"quantizer.{k}": v for k, v in self.quantizer.params.items()},
-                **{f"decoder.{k}": v for k, v in self.decoder.params.items()}}
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
 
     @property
     def grads(self):
-        return {**{f"encoder.{k}": v for k, v in self.encoder.grads.items()},
-                **{f"quantizer.{k}": v for k, v in self.quantizer.grads.items()},
-                **{f"decoder.{k}": v for k, v in self.decoder.grads.items()}}
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
 
     @property
     def buffers(self):
-        return {f"quantizer.{k}": v for k, v in self.quantizer.buffers.items()}
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in getattr(part, "buffers", {}).items()}
 
     # --- input checks: a clear ValueError instead of a broadcasting surprise deep inside
     def check_images(self, x):
@@ -553,21 +588,41 @@ class VQVAE:
 
     # --- training: forward caches, backward fills .grads
     def forward(self, x, train=True):
-        """Losses of eq. 3 on a batch; `train` lets the EMA codebook move."""
+        """Losses of eq. 3 on a batch (for two levels, both VQ terms); `train` lets an EMA
+        codebook move. The top level's stats are prefixed 'top_'."""
         x = self.check_images(x)
-        z_e = self.encoder.forward(x)                                  # (N, h, w, D)
-        z_q, vq = self.quantizer.forward(z_e, train)                   # (N, h, w, D)
-        x_hat = self.decoder.forward(z_q)                              # (N, H, W, C)
+        f = self.encoder.forward(x)                                    # (N, H/4, W/4, hidden)
+        if self.cfg.levels == 1:
+            z_q, vq = self.quantizer.forward(self.pre_quant.forward(f), train)  # (N, H/4, W/4, D)
+            x_hat = self.decoder.forward(z_q)                          # (N, H, W, C)
+            top = {}
+        else:
+            xp = self.xp
+            z_e_top = self.top_pre_quant.forward(self.top_encoder.forward(f))   # (N, H/8, W/8, D)
+            z_q_top, top = self.top_quantizer.forward(z_e_top, train)
+            d_top = self.top_decoder.forward(z_q_top)                  # (N, H/4, W/4, D)
+            z_q, vq = self.quantizer.forward(self.pre_quant.forward(xp.concatenate([f, d_top], -1)), train)
+            x_hat = self.decoder.forward(xp.concatenate([self.upsample_top.forward(z_q_top), z_q], -1))
         recon = ((x_hat - x) ** 2).mean()                              # |x - x_hat|^2
         self.cache = (x, x_hat)
-        return {"loss": recon + vq["vq"], "recon": recon, **vq}
+        loss = recon + vq["vq"] + (top["vq"] if top else 0.0)
+        return {"loss": loss, "recon": recon, **vq, **{f"top_{k}": v for k, v in top.items()}}
 
     def backward(self):
         x, x_hat = self.cache
         dx_hat = 2 * (x_hat - x) / x.size                              # d recon / d x_hat
-        dz_q = self.decoder.backward(dx_hat)
-        dz_e = self.quantizer.backward(dz_q)                           # straight-through + commitment
-        self.encoder.backward(dz_e)
+        d_in = self.decoder.backward(dx_hat)
+        if self.cfg.levels == 1:
+            df = self.pre_quant.backward(self.quantizer.backward(d_in))  # straight-through + commitment
+        else:
+            D, H = self.cfg.code_dim, self.cfg.hidden
+            d_up, dz_q = d_in[..., :D], d_in[..., D:]                  # x_hat = decoder([upsample_top(z_q_top), z_q])
+            d_pre = self.pre_quant.backward(self.quantizer.backward(dz_q))  # straight-through + commitment
+            df, d_top = d_pre[..., :H], d_pre[..., H:]                 # z_e = pre_quant([f, top_decoder(z_q_top)])
+            dz_q_top = self.upsample_top.backward(d_up) + self.top_decoder.backward(d_top)  # z_q_top feeds both
+            dz_e_top = self.top_quantizer.backward(dz_q_top)           # straight-through + commitment, top level
+            df = df + self.top_encoder.backward(self.top_pre_quant.backward(dz_e_top))  # f feeds both levels
+        self.encoder.backward(df)
 
     def train_step(self, x, opt):
         stats = self.forward(x, train=True)
@@ -577,17 +632,44 @@ class VQVAE:
 
     # --- the tokenizer: images <-> integer codes
     def encode(self, x):
-        """Images (N, H, W, C) -> codes (N, H/4, W/4), integers in [0, K)."""
-        z_e = self.encoder.forward(self.check_images(x))
-        N, h, w, D = z_e.shape
-        return self.quantizer.nearest(z_e.reshape(-1, D)).reshape(N, h, w)
+        """Images (N, H, W, C) -> codes (N, H/4, W/4) in [0, K); for two levels, the pair
+        (top codes (N, H/8, W/8), bottom codes (N, H/4, W/4))."""
+        f = self.encoder.forward(self.check_images(x))
+        if self.cfg.levels == 1:
+            return self.nearest_grid(self.quantizer, self.pre_quant.forward(f))
+        top = self.nearest_grid(self.top_quantizer, self.top_pre_quant.forward(self.top_encoder.forward(f)))
+        d_top = self.top_decoder.forward(self.top_quantizer.lookup(top))
+        return top, self.nearest_grid(self.quantizer, self.pre_quant.forward(self.xp.concatenate([f, d_top], -1)))
 
-    def decode(self, codes):
-        """Codes (N, h, w) -> images (N, 4h, 4w, C)."""
-        return self.decoder.forward(self.quantizer.lookup(check_codes(codes, self.cfg.codebook_size, self.xp)))
+    @staticmethod
+    def nearest_grid(quantizer, z_e):
+        N, h, w, D = z_e.shape
+        return quantizer.nearest(z_e.reshape(-1, D)).reshape(N, h, w)
+
+    def decode(self, codes, bottom=None):
+        """Codes (N, h, w) -> images (N, 4h, 4w, C). Two levels: decode(top, bottom) with top
+        (N, h, w) and bottom (N, 2h, 2w) -> (N, 8h, 8w, C); with bottom=None the decoder gets
+        zeros in place of the bottom code vectors, which shows what the top level carries by
+        itself (as in VQ-VAE-2's reconstructions from each level)."""
+        K = self.cfg.codebook_size
+        if self.cfg.levels == 1:
+            if bottom is not None:
+                raise ValueError("this model has one level: decode(codes) takes no bottom codes")
+            return self.decoder.forward(self.quantizer.lookup(check_codes(codes, K, self.xp)))
+        z_q_top = self.top_quantizer.lookup(check_codes(codes, K, self.xp))  # (N, h, w, D)
+        N, h, w, D = z_q_top.shape
+        if bottom is None:
+            z_q = self.xp.zeros((N, 2 * h, 2 * w, D), dtype=z_q_top.dtype)
+        else:
+            z_q = self.quantizer.lookup(check_codes(bottom, K, self.xp))
+            if z_q.shape[:3] != (N, 2 * h, 2 * w):
+                raise ValueError(f"bottom codes must have shape {(N, 2 * h, 2 * w)} for top codes of shape "
+                                 f"{(N, h, w)}, got {z_q.shape[:3]}")
+        return self.decoder.forward(self.xp.concatenate([self.upsample_top.forward(z_q_top), z_q], -1))
 
     def reconstruct(self, x):
-        return self.decode(self.encode(x))
+        codes = self.encode(x)
+        return self.decode(*codes) if self.cfg.levels == 2 else self.decode(codes)
 
     # --- checkpoints: .npz, config as a JSON string, loaded with allow_pickle=False
     def state_dict(self):
