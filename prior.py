@@ -18,6 +18,15 @@ is why it reaches the horizontal stack only one row down); the horizontal stack 
 so far. Together they cover everything before (i, j) with no blind spot. The first layer
 shifts its horizontal input one column right (mask type A), so (i, j) never sees its own code.
 
+The convolutional stacks reach only L * r codes back. For VQ-VAE-2's top prior (Razavi, van den
+Oord, Vinyals, "Generating Diverse High-Fidelity Images with VQ-VAE-2", NeurIPS 2019,
+https://arxiv.org/abs/1906.00446) an optional causal self-attention layer after every
+`attention_every`-th gated layer lets the horizontal stack at (i, j) read every earlier position
+(as in PixelSNAIL, Chen, Mishra, Rohaninejad, Abbeel 2018, https://arxiv.org/abs/1712.09763).
+Its bottom prior is conditioned on the top level's codes: with `cond_codebook_size` the prior
+embeds integer codes (N, h/f, w/f), repeats each over an f x f block, and feeds that map to the
+same `cond` path as a given map.
+
 Sampling is ancestral, one code at a time in raster order. sample_naive() reruns the whole
 forward for every code; sample() computes each pixel of each layer once, row by row, and
 returns the same codes for the same seed.
@@ -99,6 +108,23 @@ class Shift:
 
     def backward(self, dy):
         return pad_hw(crop_hw(dy, self.front), self.back)              # dx[i] = dy[i + 1], dx[last] = 0
+
+
+class Upsample:
+    """Nearest-neighbour upsampling by an integer f: (N, h, w, C) -> (N, f h, f w, C), every pixel
+    repeated over an f x f block (a top code's embedding over the bottom codes it sits above)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.params, self.grads = {}, {}
+
+    def forward(self, x):
+        return x.repeat(self.f, axis=1).repeat(self.f, axis=2)        # y[i, j] = x[i // f, j // f]
+
+    def backward(self, dy):
+        N, H, W, C = dy.shape
+        f = self.f
+        return dy.reshape(N, H // f, f, W // f, f, C).sum((2, 4))     # x[a, b] feeds its f x f block: sum it
 
 
 class GatedLayer:
@@ -185,6 +211,130 @@ def make_head(p, K, init):
     return Sequential(ReLU(), Conv2d(p, p, 1, init=init), ReLU(), Conv2d(p, K, 1, init=init))
 
 
+def positional_encoding(H, W, F, xp, dtype):
+    """A fixed code for every position of an H x W grid -> (H, W, 4F): sin and cos of the row and
+    of the column at F frequencies, periods 4, 8, .., 4 * 2^(F-1) positions.
+
+    Sinusoids rather than raw coordinates: a query can rotate a (sin, cos) pair, so q . k can
+    peak at a chosen offset (the row above, the same column) and not only grow with the distance.
+    A position's code does not depend on H and W. Computed by NumPy on the host, so that NumPy
+    and CuPy see the same numbers."""
+    w = 2 * math.pi / (4 * 2.0 ** np.arange(F))                        # (F,) angular frequencies
+    rows = np.arange(H)[:, None, None] * w                             # (H, 1, F)
+    cols = np.arange(W)[None, :, None] * w                             # (1, W, F)
+    pe = [np.broadcast_to(a, (H, W, F)) for a in (np.sin(rows), np.cos(rows), np.sin(cols), np.cos(cols))]
+    return xp.asarray(np.concatenate(pe, axis=-1).astype(dtype))       # (H, W, 4F)
+
+
+def softmax(s):
+    """Along the last axis, after subtracting the row maximum (no overflow; -inf gives exactly 0)."""
+    xp = array_module(s)
+    e = xp.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def split_heads(y, n):
+    """(N, H, W, d) -> (N, n, H*W, d/n): head k gets channels k*d/n .. (k+1)*d/n - 1, positions in raster order."""
+    N, H, W, d = y.shape
+    return y.reshape(N, H * W, n, d // n).transpose(0, 2, 1, 3)       # (N, n, T, e)
+
+
+def merge_heads(o, H, W):
+    """The inverse of split_heads: (N, n, H*W, e) -> (N, H, W, n*e)."""
+    N, n, T, e = o.shape
+    return o.transpose(0, 2, 1, 3).reshape(N, H, W, n * e)            # (N, H, W, d)
+
+
+def causal_mask(T, xp, dtype):
+    """(T, T): 0 where key s <= query t (raster order), -inf where s > t."""
+    t = xp.arange(T)
+    mask = xp.zeros((T, T), dtype)                                     # [query t, key s]
+    mask[t[None, :] > t[:, None]] = -math.inf                          # later keys: exp(-inf) = 0 weight
+    return mask
+
+
+class CausalSelfAttention:
+    """h (N, H, W, C) -> h + out(attention(h)): each position reads every position up to and
+    including itself in raster order, however far (PixelSNAIL's attention, VQ-VAE-2's top prior).
+
+        x   = [h, pos]                                 pos: positional_encoding, P = 4F channels
+        q, k, v = query(x), key(x), value(h)           1x1 convolutions C (+P) -> d, split into n heads
+        a   = softmax(q k^T / sqrt(d/n) + mask)        per head, (T, T) with T = H*W; mask: causal_mask
+        h_out = h + out(a v)                           heads merged, 1x1 convolution d -> C, residual
+
+    Why t may attend to itself: in the prior this layer reads the horizontal stack, whose features
+    at t are computed from the codes strictly before t (mask A in the first gated layer, which has
+    no residual), so attending to positions <= t reads only codes < t. The vertical stack, which
+    holds the current row, never passes through here. No row of the mask is all -inf (t sees
+    itself), so the softmax never divides by zero. The key's bias adds the same q . b to every
+    score of a row, which the softmax ignores: its gradient is always 0 (kept, so that the four
+    maps are alike and exchangeable with a PyTorch 1x1 convolution or linear layer).
+    """
+
+    def __init__(self, C, d, n, init=None, frequencies=5):
+        if d % n:
+            raise ValueError(f"the attention width d={d} must be divisible by heads={n}")
+        self.n, self.F = n, frequencies
+        self.scale = 1 / math.sqrt(d // n)                             # a Python float: no dtype promotion
+        P = 4 * frequencies
+        self.query = Conv2d(C + P, d, 1, init=init)
+        self.key = Conv2d(C + P, d, 1, init=init)
+        self.value = Conv2d(C, d, 1, init=init)
+        self.out = Conv2d(d, C, 1, init=init)
+        self.parts = {"query": self.query, "key": self.key, "value": self.value, "out": self.out}
+
+    @property
+    def params(self):
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
+
+    @property
+    def grads(self):
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
+
+    def with_positions(self, h, pos):
+        """[h, pos]: pos (H, W, P) appended to the channels of every image in h (N, H, W, C)."""
+        xp = array_module(h)
+        return xp.concatenate([h, xp.broadcast_to(pos, h.shape[:3] + pos.shape[-1:])], axis=-1)  # (N, H, W, C + P)
+
+    def forward(self, h):
+        xp = array_module(h)
+        H, W = h.shape[1:3]
+        x = self.with_positions(h, positional_encoding(H, W, self.F, xp, h.dtype))  # (N, H, W, C + P)
+        q = split_heads(self.query.forward(x), self.n)                 # (N, n, T, e)
+        k = split_heads(self.key.forward(x), self.n)                   # (N, n, T, e)
+        v = split_heads(self.value.forward(h), self.n)                 # (N, n, T, e)
+        s = q @ k.transpose(0, 1, 3, 2) * self.scale + causal_mask(H * W, xp, h.dtype)  # (N, n, T, T)
+        a = softmax(s)                                                 # row t: weights of positions 0..t
+        o = merge_heads(a @ v, H, W)                                   # (N, H, W, d)
+        self.cache = (q, k, v, a)
+        return h + self.out.forward(o)                                 # residual
+
+    def backward(self, dy):
+        q, k, v, a = self.cache
+        H, W, C = dy.shape[1:]
+        do = split_heads(self.out.backward(dy), self.n)                # h_out = h + out(o); (N, n, T, e)
+        da = do @ v.transpose(0, 1, 3, 2)                              # o = a v
+        dv = a.transpose(0, 1, 3, 2) @ do                              # o = a v
+        ds = a * (da - (da * a).sum(-1, keepdims=True))                # a = softmax(s); 0 where masked (a = 0)
+        dq = ds @ k * self.scale                                       # s = q k^T * scale + mask
+        dk = ds.transpose(0, 1, 3, 2) @ q * self.scale                 # s = q k^T * scale + mask
+        dx = (self.query.backward(merge_heads(dq, H, W))               # q = query(x)
+              + self.key.backward(merge_heads(dk, H, W)))              # k = key(x)
+        dh = dy + dx[..., :C]                                          # h_out = h + ...; x = [h, pos], pos is fixed
+        return dh + self.value.backward(merge_heads(dv, H, W))         # v = value(h)
+
+    def step(self, h, pos, t, keys, values):
+        """The layer at position t alone, for the incremental sampler; caches nothing.
+        h (N, 1, 1, C) and pos (P,) at t; keys and values (N, n, T, e) hold the positions before t,
+        and get t's here. The attention runs over the cache 0..t: what the mask lets t see."""
+        x = self.with_positions(h, pos[None, None])                    # (N, 1, 1, C + P)
+        q = split_heads(self.query.apply(x)[0], self.n)                # (N, n, 1, e)
+        keys[:, :, t:t + 1] = split_heads(self.key.apply(x)[0], self.n)
+        values[:, :, t:t + 1] = split_heads(self.value.apply(h)[0], self.n)
+        a = softmax(q @ keys[:, :, :t + 1].transpose(0, 1, 3, 2) * self.scale)  # (N, n, 1, t + 1)
+        return h + self.out.apply(merge_heads(a @ values[:, :, :t + 1], 1, 1))[0]  # (N, 1, 1, C)
+
+
 # -----------------------------------------------------------------------------
 # model
 
@@ -199,6 +349,12 @@ class PriorConfig:
     cond_channels: int = 0     # spatially conditioned when > 0: cond (N, h, w, cond_channels)
     dtype: str = "float32"
     seed: int = 0              # seeds the parameter initialisation
+    # VQ-VAE-2 (all off by default)
+    attention_every: int = 0   # > 0: causal self-attention on the horizontal stack after every such gated layer
+    heads: int = 4             # n: attention heads
+    attention_dim: int = 0     # d: width of queries, keys and values, n heads of d/n (0 = channels)
+    cond_codebook_size: int = 0  # > 0: conditioned on codes (N, h/f, w/f), embedded in cond_channels
+    cond_upsample: int = 1     # f: each conditioning code covers an f x f block of the grid
 
     def __post_init__(self):
         for name in ("codebook_size", "channels", "layers", "kernel"):
@@ -211,6 +367,23 @@ class PriorConfig:
                 raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        for name in ("attention_every", "attention_dim", "cond_codebook_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
+        for name in ("heads", "cond_upsample"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.attention_every > self.layers:
+            raise ValueError(f"attention_every={self.attention_every} is more than layers={self.layers}: "
+                             f"no attention layer would be placed")
+        if self.attention_every and (self.attention_dim or self.channels) % self.heads:
+            raise ValueError(f"the attention width (attention_dim, or channels when 0) = "
+                             f"{self.attention_dim or self.channels} must be divisible by heads={self.heads}")
+        if self.cond_codebook_size and not self.cond_channels:
+            raise ValueError("cond_codebook_size needs cond_channels > 0, the width of the conditioning code embedding")
+        if self.cond_upsample > 1 and not self.cond_codebook_size:
+            raise ValueError(f"cond_upsample={self.cond_upsample} applies to conditioning codes only: "
+                             f"set cond_codebook_size too")
 
     @classmethod
     def from_dict(cls, d):
@@ -226,6 +399,12 @@ class PixelCNN:
 
     With r = k // 2, the logits at (i, j) see the codes in rows i-1-L*r .. i-1 over columns
     j-L*r .. j+L*r, and in row i over columns j-1-L*r .. j-1 (clipped to the grid).
+
+    With attention layers they see every code before (i, j) but at most one. An attention layer
+    reads the features of every position up to (i, j), and each earlier code has been seen by
+    the first gated layer at the position after it, or below it: (a, b+1), or (a+1, w-1) for the
+    last column. Only for the code at the end of the row above, (i-1, w-1), is that position
+    (i, w-1) later than (i, j): it is seen through the convolutions alone, when w-1 <= j+L*r.
     """
 
     def __init__(self, cfg=None, device=None):
@@ -237,19 +416,31 @@ class PixelCNN:
         self.layers = [GatedLayer(p, cfg.kernel, l == 0, cfg.num_classes, cfg.cond_channels, init)
                        for l in range(cfg.layers)]
         self.head = make_head(p, cfg.codebook_size, init)
+        # the VQ-VAE-2 parts come last, so that the parts above start from the same draws with or without them
+        every = cfg.attention_every
+        self.attention = {l: CausalSelfAttention(p, cfg.attention_dim or p, cfg.heads, init)  # after gated layer l
+                          for l in range(cfg.layers) if every and (l + 1) % every == 0}
+        if cfg.cond_codebook_size:
+            self.cond_embed = Embedding(cfg.cond_codebook_size, cfg.cond_channels, init)
+            self.upsample = Upsample(cfg.cond_upsample)
         self.cache = None
 
     @property
+    def parts(self):
+        """Every part with parameters, by the prefix of its parameter names."""
+        parts = {"embed": self.embed, **{f"layers.{l}": layer for l, layer in enumerate(self.layers)},
+                 **{f"attention.{l}": att for l, att in self.attention.items()}, "head": self.head}
+        if self.cfg.cond_codebook_size:
+            parts["cond_embed"] = self.cond_embed
+        return parts
+
+    @property
     def params(self):
-        return {**{f"embed.{k}": v for k, v in self.embed.params.items()},
-                **{f"layers.{l}.{k}": v for l, layer in enumerate(self.layers) for k, v in layer.params.items()},
-                **{f"head.{k}": v for k, v in self.head.params.items()}}
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
 
     @property
     def grads(self):
-        return {**{f"embed.{k}": v for k, v in self.embed.grads.items()},
-                **{f"layers.{l}.{k}": v for l, layer in enumerate(self.layers) for k, v in layer.grads.items()},
-                **{f"head.{k}": v for k, v in self.head.grads.items()}}
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
 
     # --- input checks: a clear ValueError instead of a broadcasting surprise deep inside
     def check_conditioning(self, shape, labels, cond):
@@ -268,7 +459,7 @@ class PixelCNN:
             if lo < 0 or hi >= nc:
                 raise ValueError(f"labels must lie in [0, {nc}), got values in [{lo}, {hi}]")
             labels = self.xp.asarray(labels)
-        if cond is None and cc:
+        if cond is None and cc and not self.cfg.cond_codebook_size:  # a code-conditioned prior makes its own map
             raise ValueError(f"this prior is spatially conditioned (cond_channels={cc}): "
                              f"pass cond of shape {(N, h, w, cc)}")
         if cond is not None:
@@ -283,47 +474,89 @@ class PixelCNN:
             cond = self.xp.asarray(cond, dtype=self.cfg.dtype)
         return labels, cond
 
+    def check_cond_codes(self, shape, cond, cond_codes):
+        """cond_codes (N, h/f, w/f) for a grid of `shape` (N, h, w), as the config asks; checked
+        before check_conditioning, so that a code-conditioned prior given a map says what it wants."""
+        N, h, w = shape
+        Kc, f = self.cfg.cond_codebook_size, self.cfg.cond_upsample
+        if cond is not None and cond_codes is not None:
+            raise ValueError("pass cond (a map) or cond_codes (codes to embed), not both")
+        if Kc and (h % f or w % f):
+            raise ValueError(f"this prior's cond_upsample={f} needs h and w that are multiples of {f}, "
+                             f"got a {h} x {w} grid")
+        expected = (N, h // f, w // f)
+        if cond_codes is None:
+            if Kc:
+                raise ValueError(f"this prior is conditioned on codes (cond_codebook_size={Kc}, cond_upsample={f}): "
+                                 f"pass cond_codes of shape (N, h/{f}, w/{f}) = {expected}"
+                                 + (", not cond" if cond is not None else ""))
+            return None
+        if not Kc:
+            raise ValueError("cond_codes were given, but this prior has cond_codebook_size=0")
+        if getattr(cond_codes, "shape", None) != expected or not np.issubdtype(cond_codes.dtype, np.integer):
+            raise ValueError(f"expected integer cond_codes of shape (N, h/{f}, w/{f}) = {expected}, got shape "
+                             f"{getattr(cond_codes, 'shape', None)} and dtype {getattr(cond_codes, 'dtype', None)}")
+        lo, hi = int(cond_codes.min()), int(cond_codes.max())
+        if lo < 0 or hi >= Kc:
+            raise ValueError(f"cond_codes must lie in [0, {Kc}), got values in [{lo}, {hi}]")
+        return self.xp.asarray(cond_codes)
+
+    def cond_map(self, cond_codes):
+        """Conditioning codes (N, h/f, w/f) -> the map every gate reads (N, h, w, Cc): each code's
+        learned embedding, repeated over the f x f block of codes below it."""
+        return self.upsample.forward(self.cond_embed.forward(cond_codes))
+
     # --- training: loss caches, backward fills .grads
-    def forward(self, codes, labels=None, cond=None):
+    def forward(self, codes, labels=None, cond=None, cond_codes=None):
         codes = check_codes(codes, self.cfg.codebook_size, self.xp)
+        cond_codes = self.check_cond_codes(codes.shape, cond, cond_codes)
         labels, cond = self.check_conditioning(codes.shape, labels, cond)
         self.cache = None                                              # backward needs loss(), not this
+        if cond_codes is not None:
+            cond = self.cond_map(cond_codes)                           # (N, h, w, Cc)
         x = self.embed.forward(codes)                                  # (N, h, w, p)
         v = h = x                                                      # both stacks start from the codes
-        for layer in self.layers:
+        for l, layer in enumerate(self.layers):
             v, h = layer.forward(v, h, labels, cond)
+            if l in self.attention:
+                h = self.attention[l].forward(h)                       # the horizontal stack reads the whole past
         return self.head.forward(h)                                    # (N, h, w, K)
 
-    def loss(self, codes, labels=None, cond=None):
+    def loss(self, codes, labels=None, cond=None, cond_codes=None):
         """Mean cross-entropy -log p(code[i, j] | codes before it), in nats and in bits."""
         codes = check_codes(codes, self.cfg.codebook_size, self.xp)
-        logits = self.forward(codes, labels, cond)
+        logits = self.forward(codes, labels, cond, cond_codes)
         K = self.cfg.codebook_size
         z = logits.reshape(-1, K)                                      # (M, K)
         z = z - z.max(1, keepdims=True)                                # same softmax, no overflow
         logp = z - self.xp.log(self.xp.exp(z).sum(1, keepdims=True))   # log softmax
         onehot = (codes.reshape(-1, 1) == self.xp.arange(K)).astype(z.dtype)  # (M, K)
         nll = -(onehot * logp).sum() / z.shape[0]
-        self.cache = (self.xp.exp(logp), onehot, logits.shape, cond is not None)
+        self.cache = (self.xp.exp(logp), onehot, logits.shape, cond is not None, cond_codes is not None)
         return {"loss": nll, "bits_per_code": nll / math.log(2)}
 
     def backward(self):
-        """Fill .grads from the latest loss(); returns d loss / d cond, or None without cond."""
+        """Fill .grads from the latest loss(); returns d loss / d cond, or None without cond
+        (with cond_codes, the gradient of the map goes on into cond_embed's table)."""
         if self.cache is None:
             raise RuntimeError("backward() needs the cache of loss(): call loss() first")
-        probs, onehot, shape, has_cond = self.cache
+        probs, onehot, shape, has_cond, has_cond_codes = self.cache
         dlogits = ((probs - onehot) / probs.shape[0]).reshape(shape)   # d mean(-log softmax) / d logits
         dh = self.head.backward(dlogits)
         dv = self.xp.zeros_like(dh)                                    # the last v_out feeds nothing
         dcond = None
-        for layer in reversed(self.layers):
-            dv, dh, dc = layer.backward(dv, dh)
+        for l in reversed(range(len(self.layers))):
+            if l in self.attention:
+                dh = self.attention[l].backward(dh)                    # h = attention(h)
+            dv, dh, dc = self.layers[l].backward(dv, dh)
             dcond = dc if dcond is None else dcond + dc                # every layer reads cond
         self.embed.backward(dv + dh)                                   # v = h = embed(codes)
+        if has_cond_codes:
+            self.cond_embed.backward(self.upsample.backward(dcond))    # cond = upsample(cond_embed(cond_codes))
         return dcond if has_cond else None
 
-    def train_step(self, codes, opt, labels=None, cond=None):
-        stats = self.loss(codes, labels, cond)
+    def train_step(self, codes, opt, labels=None, cond=None, cond_codes=None):
+        stats = self.loss(codes, labels, cond, cond_codes)
         self.backward()
         opt.step(self.grads)
         return stats
@@ -371,30 +604,31 @@ def pick(logits, u, temperature):
     return xp.minimum(k, logits.shape[1] - 1)                          # rounding may leave cdf[-1] < u
 
 
-def _sampling_setup(model, N, h, w, seed, temperature, labels, cond):
+def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes):
     for name, n in (("N", N), ("h", h), ("w", w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive integer, got {n!r}")
     if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    cond_codes = model.check_cond_codes((N, h, w), cond, cond_codes)
     labels, cond = model.check_conditioning((N, h, w), labels, cond)
     u = model.xp.asarray(np.random.default_rng(seed).random((N, h, w)))  # every uniform, up front
     codes = model.xp.zeros((N, h, w), dtype=np.int64)
-    return float(temperature), labels, cond, u, codes
+    return float(temperature), labels, cond, cond_codes, u, codes
 
 
-def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None):
+def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None):
     """h * w full forward passes: the logits at (i, j) are read off a forward of the grid so far.
     Slow, obviously correct. seed: an int or a np.random.Generator."""
-    T, labels, cond, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond)
+    T, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes)
     for i in range(h):
         for j in range(w):
-            logits = model.forward(codes, labels, cond)[:, i, j]       # (N, K); later codes are still 0
+            logits = model.forward(codes, labels, cond, cond_codes)[:, i, j]  # (N, K); later codes are still 0
             codes[:, i, j] = pick(logits, u[:, i, j], T)
     return codes
 
 
-def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None):
+def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None):
     """The codes of sample_naive (same seed, same uniforms), computing each pixel of each layer once.
 
     Row by row: once row i-1 is final, every layer's vertical stack is computed for row i-1 only
@@ -402,16 +636,29 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None):
     row i left to right: for pixel (i, j) the horizontal stack of all layers (from the cached
     horizontal inputs of columns j-r .. j of row i), the head, and the code. The caches are
     zero-padded exactly as conv_v and conv_h pad, so the arithmetic is the forward's.
+
+    An attention layer keeps the keys and values of the pixels computed so far; at pixel (i, j)
+    it adds that pixel's and computes the query, the attention over the cache and the output for
+    (i, j) alone. Conditioning codes become their map once, up front.
     """
-    T, labels, cond, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond)
+    T, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes)
     xp, dtype, p, r = model.xp, model.cfg.dtype, model.cfg.channels, model.cfg.kernel // 2
     layers, table = model.layers, model.embed.params["table"]
     model.cache = None                                                 # layers' caches are overwritten
+    if cond_codes is not None:
+        cond = model.cond_map(cond_codes)                              # (N, h, w, Cc)
 
     def conditioning_row(layer, a):
         """Row a of the conditioning terms, broadcasts materialised: (N, 1, w, 2p) each."""
         c_v, c_h = layer.conditioning(labels, None if cond is None else cond[:, a:a + 1])
         return xp.zeros((N, 1, w, 2 * p), dtype) + c_v, xp.zeros((N, 1, w, 2 * p), dtype) + c_h
+
+    # every attention layer's keys and values, a slot per position in raster order, filled as
+    # the pixels are computed; and the positions' codes
+    n, e = model.cfg.heads, (model.cfg.attention_dim or p) // model.cfg.heads
+    KV = {l: (xp.zeros((N, n, h * w, e), dtype), xp.zeros((N, n, h * w, e), dtype))  # (N, n, h*w, e) each
+          for l in model.attention}
+    pos = {l: positional_encoding(h, w, att.F, xp, dtype) for l, att in model.attention.items()}  # (h, w, P)
 
     # vertical inputs of every layer, padded as conv_v pads: r zero rows on top, r columns each side
     V = [xp.zeros((N, h + r, w + 2 * r, p), dtype) for _ in layers]    # (N, h + r, w + 2r, p)
@@ -438,6 +685,8 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None):
                 h_out = layer.out.apply(gate(h_pre)[0])[0]          # (N, 1, 1, p)
                 if not layer.first:
                     h_out = h_out + H[l][:, :, j + r:j + r + 1]        # residual: this layer's h at (i, j)
+                if l in model.attention:                               # reads the cached keys and values of 0 .. (i, j)
+                    h_out = model.attention[l].step(h_out, pos[l][i, j], i * w + j, *KV[l])
                 if l + 1 < len(layers):
                     H[l + 1][:, :, j + r] = h_out[:, :, 0]
             logits = model.head.forward(h_out)[:, 0, 0]                # (N, K)

@@ -7,7 +7,6 @@ floats come from that seed. Profiles: VQVAE_HYPOTHESIS=ci (default, quick and de
 or VQVAE_HYPOTHESIS=thorough (many more examples).
 """
 import json
-import math
 import os
 
 import numpy as np
@@ -1156,6 +1155,535 @@ def test_prior_numpy_and_cupy_agree():
 
 
 # -----------------------------------------------------------------------------
+# prior.py, VQ-VAE-2 parts: helpers
+
+
+@st.composite
+def attention_case(draw):
+    """An attention layer's sizes: batch, grid, channels, heads, width per head, and a seed."""
+    N, H, W = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    C, n, e = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return N, H, W, C, n, n * e, draw(seeds)
+
+
+@st.composite
+def prior2_case(draw, attention=None, cond_codes=None, max_hw=4):
+    """A small prior config with attention and/or conditioning codes (forced on when True, drawn
+    when None), other conditioning drawn, a grid size and a seed."""
+    layers = draw(st.integers(1, 3))
+    heads = draw(st.integers(1, 2))
+    attention = draw(st.booleans()) if attention is None else attention
+    cond_codes = draw(st.booleans()) if cond_codes is None else cond_codes
+    cfg = dict(codebook_size=draw(st.integers(2, 6)), channels=draw(st.integers(1, 4)), layers=layers,
+               kernel=draw(st.sampled_from([1, 3, 5])), num_classes=draw(st.sampled_from([0, 3])),
+               cond_channels=draw(st.sampled_from([0, 2])))
+    if attention:
+        cfg.update(attention_every=draw(st.integers(1, layers)), heads=heads,
+                   attention_dim=heads * draw(st.integers(1, 2)))
+    f = 1
+    if cond_codes:
+        f = draw(st.integers(1, 2))
+        cfg.update(cond_codebook_size=draw(st.integers(1, 4)), cond_upsample=f, cond_channels=2)
+    N = draw(st.integers(1, 2))
+    h, w = f * draw(st.integers(1, max_hw // f)), f * draw(st.integers(1, max_hw // f))
+    return cfg, (N, h, w), draw(seeds)
+
+
+def inputs(model, N, h, w, rng):
+    """Random labels, cond and cond_codes for whatever the model's config asks (None elsewhere)."""
+    cfg = model.cfg
+    labels = rng.integers(0, cfg.num_classes, N) if cfg.num_classes else None
+    cond = cond_codes = None
+    if cfg.cond_codebook_size:
+        f = cfg.cond_upsample
+        cond_codes = rng.integers(0, cfg.cond_codebook_size, (N, h // f, w // f))
+    elif cfg.cond_channels:
+        cond = rng.standard_normal((N, h, w, cfg.cond_channels))
+    return labels, cond, cond_codes
+
+
+def check_prior_gradients(model, codes, labels, cond, cond_codes, rng):
+    """model.backward() against central differences of the loss, a few entries per parameter
+    (and of cond, where given)."""
+    model.loss(codes, labels, cond, cond_codes)
+    dcond = model.backward()
+    grads = {k: g.copy() for k, g in model.grads.items()}
+    assert set(grads) == set(model.params)
+    relu_inputs = [layer.cache for layer in model.head.layers if isinstance(layer, V.ReLU)]
+    assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)       # +-eps flips no ReLU
+    f = lambda: model.loss(codes, labels, cond, cond_codes)["loss"]
+    targets = dict(model.params, **({"cond": cond} if cond is not None else {}))
+    grads["cond"] = dcond
+    for name, a in targets.items():
+        assert grads[name].shape == a.shape and grads[name].dtype == a.dtype, name
+        for flat in rng.choice(a.size, min(a.size, 4), replace=False):
+            i = np.unravel_index(flat, a.shape)
+            old = a[i]
+            a[i] = old + 1e-6
+            fp = f()
+            a[i] = old - 1e-6
+            fm = f()
+            a[i] = old
+            num = (fp - fm) / 2e-6
+            assert abs(grads[name][i] - num) <= 1e-5 * max(abs(num), 1e-3), (name, i, grads[name][i], num)
+    if cond is None:
+        assert dcond is None
+    return grads
+
+
+def head_is_alive(model, i, j):
+    """Whether every ReLU of the head passes something at (i, j) in the latest forward."""
+    return all(np.any(layer.cache[:, i, j] > 0) for layer in model.head.layers if isinstance(layer, V.ReLU))
+
+
+# -----------------------------------------------------------------------------
+# prior.py, VQ-VAE-2 parts: attention layer
+
+
+@given(attention_case())
+def test_attention_gradients_match_finite_differences(case):
+    N, H, W, C, n, d, seed = case
+    rng = np.random.default_rng(seed)
+    layer = P.CausalSelfAttention(C, d, n, init=f64_init(seed))
+    x = rng.standard_normal((N, H, W, C))
+    y = layer.forward(x)
+    dy = rng.standard_normal(y.shape)                                  # random upstream gradient
+    dx = layer.backward(dy)
+    grads = {k: g.copy() for k, g in layer.grads.items()}
+    assert set(grads) == {f"{part}.{p}" for part in ("query", "key", "value", "out") for p in "Wb"}
+    f = lambda: np.sum(layer.forward(x) * dy)
+    # f is a sum of up to ~50 O(1) terms: central differences carry ~1e-9 of rounding noise, so a
+    # floor of 1e-2 keeps noise from failing a gradient that is near 0, and still catches errors
+    assert rel_error(dx, numerical_grad(f, x), floor=1e-2) < 1e-6
+    for k, p in layer.params.items():
+        assert grads[k].shape == p.shape
+        assert rel_error(grads[k], numerical_grad(f, p), floor=1e-2) < 1e-6, k
+    # the key's bias adds q . b to every score of a row, which the softmax ignores
+    np.testing.assert_allclose(grads["key.b"], 0, atol=1e-12)
+
+
+@given(attention_case(), st.data())
+def test_attention_output_at_t_depends_on_exactly_the_positions_up_to_t(case, data):
+    N, H, W, C, n, d, seed = case
+    rng = np.random.default_rng(seed)
+    layer = P.CausalSelfAttention(C, d, n, init=f64_init(seed))
+    x = rng.standard_normal((N, H, W, C))
+    t = data.draw(st.integers(0, H * W - 1))                          # a position in raster order
+    base = layer.forward(x).reshape(N, H * W, C)
+    depends = set()
+    for s in range(H * W):
+        changed = x.copy()
+        changed.reshape(N, H * W, C)[:, s] += rng.standard_normal((N, C))
+        out = layer.forward(changed).reshape(N, H * W, C)
+        np.testing.assert_array_equal(out[:, :s], base[:, :s])          # exactly: masked weights are 0
+        if np.any(out[:, t] != base[:, t]):
+            depends.add(s)
+    assert depends == set(range(t + 1))                                # every earlier position, and itself
+
+
+@given(attention_case())
+def test_attention_step_by_step_equals_the_forward(case):
+    # the sampler's path: one position at a time, keys and values cached
+    N, H, W, C, n, d, seed = case
+    rng = np.random.default_rng(seed)
+    layer = P.CausalSelfAttention(C, d, n, init=f64_init(seed))
+    x = rng.standard_normal((N, H, W, C))
+    expected = layer.forward(x)
+    keys, values = np.zeros((N, n, H * W, d // n)), np.zeros((N, n, H * W, d // n))
+    pos = P.positional_encoding(H, W, layer.F, np, "float64")
+    for i in range(H):
+        for j in range(W):
+            y = layer.step(x[:, i:i + 1, j:j + 1], pos[i, j], i * W + j, keys, values)
+            np.testing.assert_allclose(y, expected[:, i:i + 1, j:j + 1], rtol=1e-12, atol=1e-12)
+
+
+def test_positional_encoding_is_distinct_per_position_and_independent_of_the_grid_size():
+    pe = P.positional_encoding(64, 64, 5, np, "float64")
+    assert pe.shape == (64, 64, 20)
+    flat = pe.reshape(-1, 20)
+    dist2 = np.sum(flat ** 2, 1)[:, None] + np.sum(flat ** 2, 1)[None] - 2 * flat @ flat.T
+    np.fill_diagonal(dist2, np.inf)
+    assert dist2.min() > 1e-2                                          # no two positions of a 64 x 64 grid alike
+    np.testing.assert_array_equal(P.positional_encoding(5, 7, 5, np, "float64"), pe[:5, :7])
+    assert P.positional_encoding(2, 3, 5, np, "float32").dtype == np.float32
+
+
+@given(st.integers(2, 4), st.integers(2, 4), seeds)
+def test_attention_tells_positions_apart_through_the_positional_encoding(H, W, seed):
+    # with the same h everywhere, q . k differs between keys only through their positions: the
+    # weights of a row are not uniform (they would be without the encoding)
+    layer = P.CausalSelfAttention(3, 4, 2, init=f64_init(seed))
+    x = np.broadcast_to(np.random.default_rng(seed).standard_normal(3), (1, H, W, 3)).copy()
+    layer.forward(x)
+    a = layer.cache[3]                                                 # (N, n, T, T) attention weights
+    T = H * W
+    uniform = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
+    np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-12)
+    assert np.all(np.triu(a, 1) == 0)                                  # nothing from later positions
+    assert np.abs(a[0, :, -1] - uniform[-1]).max() > 1e-3
+
+
+@given(st.integers(1, 3), st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), seeds)
+def test_upsample_repeats_blocks_and_its_backward_is_the_adjoint(f, N, h, w, seed):
+    rng = np.random.default_rng(seed)
+    up = P.Upsample(f)
+    x = rng.standard_normal((N, h, w, 2))
+    y = up.forward(x)
+    i, j = np.meshgrid(np.arange(f * h), np.arange(f * w), indexing="ij")
+    np.testing.assert_array_equal(y, x[:, i // f, j // f])             # y[i, j] = x[i // f, j // f]
+    dy = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(np.sum(y * dy), np.sum(x * up.backward(dy)), rtol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# prior.py, VQ-VAE-2 parts: the prior with attention: gradients, causality, receptive field
+
+
+@given(prior2_case(attention=True))
+def test_prior_with_attention_loss_gradients_match_finite_differences(case):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    grads = check_prior_gradients(model, codes, *inputs(model, N, h, w, rng), rng)
+    assert len(model.attention) == cfg["layers"] // cfg["attention_every"]
+    assert {k for k in grads if k.startswith("attention.")} == {
+        f"attention.{l}.{part}.{p}" for l in model.attention for part in ("query", "key", "value", "out") for p in "Wb"}
+
+
+@given(prior2_case(attention=True, max_hw=5), st.data())
+def test_with_attention_changing_a_code_never_changes_the_logits_at_or_before_it(case, data):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    labels, cond, cond_codes = inputs(model, N, h, w, rng)
+    q = data.draw(st.integers(0, h * w - 1))                          # a position in raster order
+    changed = codes.copy()
+    changed.reshape(N, -1)[:, q] = (changed.reshape(N, -1)[:, q] + 1) % cfg["codebook_size"]
+    before = model.forward(codes, labels, cond, cond_codes).reshape(N, h * w, -1)
+    after = model.forward(changed, labels, cond, cond_codes).reshape(N, h * w, -1)
+    np.testing.assert_array_equal(after[:, :q + 1], before[:, :q + 1])  # exactly: no path at all
+
+
+@given(st.integers(1, 2), st.sampled_from([1, 3]), st.integers(3, 5), st.integers(3, 5), seeds)
+def test_attention_makes_the_last_logits_depend_on_every_earlier_code(L, k, h, w, seed):
+    # sizes where the convolutions alone cannot reach (0, 0) from the last position (h-1, w-1)
+    assume((0, 0) not in receptive_field(h - 1, w - 1, h, w, L, k // 2))
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 5, (1, h, w))
+    past = {(a, b) for a in range(h) for b in range(w)} - {(h - 1, w - 1)}
+    for every in (0, 1):                                               # without, then with attention
+        model = tiny_prior(codebook_size=5, channels=12, layers=L, kernel=k, attention_every=every,
+                           heads=2, seed=seed % 1000)
+        base = model.forward(codes)[0, -1, -1]
+        assume(head_is_alive(model, h - 1, w - 1))
+        depends = set()
+        for a, b in past:
+            changed = codes.copy()
+            changed[0, a, b] = (codes[0, a, b] + 1) % 5
+            if not np.array_equal(model.forward(changed)[0, -1, -1], base):
+                depends.add((a, b))
+        if every:
+            assert depends == past                                    # the whole past, (0, 0) included
+        else:
+            assert depends == receptive_field(h - 1, w - 1, h, w, L, k // 2) and (0, 0) not in depends
+
+
+@given(st.integers(1, 3), st.sampled_from([1, 3]), st.integers(1, 4), st.integers(1, 6), seeds, st.data())
+def test_with_attention_the_logits_see_every_earlier_code_but_the_end_of_the_row_above(L, k, h, w, seed, data):
+    # PixelCNN's docstring: the one code an attention layer may miss is (i-1, w-1), which no
+    # feature at or before (i, j) has seen unless the convolutions reach it (w-1 <= j + L*r)
+    every = data.draw(st.integers(1, L))
+    i, j = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    model = tiny_prior(codebook_size=5, channels=12, layers=L, kernel=k, attention_every=every, heads=2,
+                       seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 5, (1, h, w))
+    base = model.forward(codes)[0, i, j]
+    assume(head_is_alive(model, i, j))
+    depends = set()
+    for a in range(h):
+        for b in range(w):
+            changed = codes.copy()
+            changed[0, a, b] = (codes[0, a, b] + 1 + rng.integers(0, 4)) % 5  # any other code
+            if not np.array_equal(model.forward(changed)[0, i, j], base):
+                depends.add((a, b))
+    expected = {(a, b) for a in range(h) for b in range(w) if a * w + b < i * w + j}
+    if i >= 1 and w - 1 > j + L * (k // 2):
+        expected.discard((i - 1, w - 1))
+    assert depends == expected, (sorted(expected - depends), sorted(depends - expected))
+
+
+def test_attention_learns_to_copy_a_code_the_convolutions_cannot_see():
+    # the last code of each 1 x 6 row repeats the first. With kernel 1 the convolutions see one
+    # code back only, so without attention the last position's loss cannot go below the
+    # entropy of the last code given the one before it; with attention it goes near zero
+    rng = np.random.default_rng(0)
+    N = 32
+    codes = rng.integers(0, 4, (N, 1, 6))
+    codes[:, 0, -1] = codes[:, 0, 0]
+    prev, last = codes[:, 0, -2], codes[:, 0, -1]
+    counts = np.bincount(4 * prev + last, minlength=16).reshape(4, 4)  # [prev, last]
+    p = counts / counts.sum(1, keepdims=True).clip(1)
+    bound = -np.sum(counts * np.log(np.where(counts > 0, p, 1))) / N   # H(last | prev), the data's
+    nll = {}
+    for every in (0, 1):
+        model = P.PixelCNN(P.PriorConfig(codebook_size=4, channels=16, layers=2, kernel=1, attention_every=every,
+                                         heads=2, seed=0), device="cpu")
+        opt = V.Adam(model.params, lr=1e-2)
+        for _ in range(200):
+            model.train_step(codes, opt)
+        z = model.forward(codes)[:, 0, -1].astype(np.float64)         # (N, K)
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        nll[every] = -np.mean(logp[np.arange(N), last])
+    assert bound > 0.7 and nll[0] >= bound - 1e-4 and nll[1] < 0.3, (bound, nll)
+
+
+# -----------------------------------------------------------------------------
+# prior.py, VQ-VAE-2 parts: the prior conditioned on codes
+
+
+@given(prior2_case(cond_codes=True))
+def test_code_conditioned_prior_loss_gradients_match_finite_differences(case):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    labels, cond, cond_codes = inputs(model, N, h, w, rng)
+    grads = check_prior_gradients(model, codes, labels, cond, cond_codes, rng)
+    table = grads["cond_embed.table"]                                  # checked above, a few entries
+    unused = np.setdiff1d(np.arange(cfg["cond_codebook_size"]), cond_codes)
+    assert np.all(table[unused] == 0)                                  # only the codes used get a gradient
+
+
+@given(prior2_case(cond_codes=True))
+def test_cond_codes_act_as_the_map_of_their_repeated_embeddings(case):
+    # the code-conditioned prior is the map-conditioned one fed table[cond_codes], each entry
+    # repeated over its f x f block
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    as_map = tiny_prior(**dict(cfg, cond_codebook_size=0, cond_upsample=1), seed=seed % 1000)
+    as_map.load_state_dict(model.state_dict())                         # everything but cond_embed
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    labels, _, cond_codes = inputs(model, N, h, w, rng)
+    f = cfg["cond_upsample"]
+    cond = model.cond_embed.params["table"][cond_codes].repeat(f, 1).repeat(f, 2)  # (N, h, w, Cc)
+    np.testing.assert_array_equal(model.forward(codes, labels, cond_codes=cond_codes),
+                                  as_map.forward(codes, labels, cond))
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.booleans(), seeds, st.data())
+def test_changing_a_cond_code_changes_its_block_and_nothing_before_it(f, hc, wc, attention, seed, data):
+    h, w = f * hc, f * wc
+    model = tiny_prior(codebook_size=5, channels=12, layers=2, cond_channels=3, cond_codebook_size=4,
+                       cond_upsample=f, attention_every=int(attention), heads=2, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes, cond_codes = rng.integers(0, 5, (1, h, w)), rng.integers(0, 4, (1, hc, wc))
+    a, b = data.draw(st.integers(0, hc - 1)), data.draw(st.integers(0, wc - 1))
+    changed = cond_codes.copy()
+    changed[0, a, b] = (cond_codes[0, a, b] + 1 + data.draw(st.integers(0, 2))) % 4
+    base = model.forward(codes, cond_codes=cond_codes)
+    assume(all(head_is_alive(model, i, j) for i in range(a * f, a * f + f) for j in range(b * f, b * f + f)))
+    after = model.forward(codes, cond_codes=changed)
+    first = (a * f) * w + b * f                                        # the block's first position, raster order
+    np.testing.assert_array_equal(after.reshape(h * w, -1)[:first], base.reshape(h * w, -1)[:first])
+    block = np.any(after != base, -1)[0, a * f:a * f + f, b * f:b * f + f]
+    assert block.all()                                                 # every code above which it sits
+    np.testing.assert_array_equal(model.forward(codes, cond_codes=cond_codes), base)  # undone: as before
+
+
+# -----------------------------------------------------------------------------
+# prior.py, VQ-VAE-2 parts: sampling
+
+
+@given(prior2_case(), st.sampled_from(["attention", "cond_codes", "both"]),
+       st.sampled_from(["float64", "float32"]), st.sampled_from([1.0, 0.6]))
+def test_fast_sampler_returns_the_naive_samplers_codes_with_attention_and_cond_codes(case, which, dtype, T):
+    cfg, (N, h, w), seed = case
+    if which != "attention" and not cfg.get("cond_codebook_size"):    # force the asked-for parts on
+        f = 2 if h % 2 == 0 and w % 2 == 0 else 1
+        cfg.update(cond_codebook_size=3, cond_upsample=f, cond_channels=2)
+    if which != "cond_codes" and not cfg.get("attention_every"):
+        cfg.update(attention_every=1, heads=1, attention_dim=2)
+    model = tiny_prior(**cfg, dtype=dtype, seed=seed % 1000)
+    labels, cond, cond_codes = inputs(model, N, h, w, np.random.default_rng(seed))
+    fast = P.sample(model, N, h, w, seed, T, labels, cond, cond_codes)
+    naive = P.sample_naive(model, N, h, w, seed, T, labels, cond, cond_codes)
+    assert fast.shape == (N, h, w) and np.issubdtype(fast.dtype, np.integer)
+    assert fast.min() >= 0 and fast.max() < cfg["codebook_size"]
+    np.testing.assert_array_equal(fast, naive)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fast_sampler_returns_the_naive_samplers_codes_on_a_larger_grid(dtype):
+    # more codes and wider layers than the drawn cases, and weights doubled (at the init the
+    # logits are nearly flat): a slip in the caches, a wrong position or block, moves the logits
+    # enough to flip some of the 96 codes
+    model = tiny_prior(codebook_size=8, channels=8, layers=3, attention_every=1, heads=2, cond_channels=3,
+                       cond_codebook_size=4, cond_upsample=2, num_classes=2, dtype=dtype, seed=5)
+    for v in model.params.values():
+        v *= 2.0
+    rng = np.random.default_rng(1)
+    labels, cond_codes = np.array([0, 1]), rng.integers(0, 4, (2, 3, 4))
+    fast = P.sample(model, 2, 6, 8, 7, 1.0, labels, cond_codes=cond_codes)
+    np.testing.assert_array_equal(fast, P.sample_naive(model, 2, 6, 8, 7, 1.0, labels, cond_codes=cond_codes))
+    assert len(np.unique(fast)) > 4                                    # not a constant grid
+
+
+@given(prior2_case(attention=True), st.sampled_from(["float64", "float32"]))
+def test_zero_temperature_with_attention_is_greedy_decoding(case, dtype):
+    cfg, (N, h, w), seed = case
+    cfg.update(cond_codebook_size=0, cond_upsample=1)                  # greedy_decode passes labels and cond
+    model = tiny_prior(**cfg, dtype=dtype, seed=seed % 1000)
+    labels, cond, _ = inputs(model, N, h, w, np.random.default_rng(seed))
+    greedy, _ = greedy_decode(model, N, h, w, labels, cond)
+    np.testing.assert_array_equal(P.sample(model, N, h, w, seed, 0, labels, cond), greedy)
+
+
+# -----------------------------------------------------------------------------
+# prior.py, VQ-VAE-2 parts: dtype, checkpoints, input checks
+
+
+def test_float32_end_to_end_with_attention_and_cond_codes_without_dtype_drift():
+    cfg = P.PriorConfig(codebook_size=6, channels=4, layers=2, cond_channels=3, attention_every=1, heads=2,
+                        cond_codebook_size=5, cond_upsample=2)
+    model = P.PixelCNN(cfg, device="cpu")
+    rng = np.random.default_rng(0)
+    codes, cond_codes = rng.integers(0, 6, (2, 4, 4)), rng.integers(0, 5, (2, 2, 2))
+    opt = V.Adam(model.params, lr=1e-3)
+    stats = model.train_step(codes, opt, cond_codes=cond_codes)
+    assert stats["loss"].dtype == np.float32
+    assert model.backward() is None                                    # the map's gradient went to the table
+    assert model.forward(codes, cond_codes=cond_codes).dtype == np.float32
+    for k, p in model.params.items():
+        assert p.dtype == np.float32 and model.grads[k].dtype == np.float32, k
+    assert "cond_embed.table" in model.params and "attention.1.query.W" in model.params
+    samples = P.sample(model, 2, 4, 4, 0, 1.0, cond_codes=cond_codes)
+    assert samples.shape == (2, 4, 4) and np.issubdtype(samples.dtype, np.integer)
+
+
+def test_save_load_round_trip_with_attention_and_cond_codes(tmp_path):
+    model = tiny_prior(channels=4, layers=2, attention_every=2, heads=2, attention_dim=6, cond_channels=2,
+                       cond_codebook_size=3, cond_upsample=2, num_classes=2, dtype="float32", seed=3)
+    rng = np.random.default_rng(0)
+    codes, labels, cond_codes = rng.integers(0, 5, (2, 4, 2)), np.array([1, 0]), rng.integers(0, 3, (2, 2, 1))
+    opt = V.Adam(model.params, lr=1e-2)
+    for _ in range(3):
+        model.train_step(codes, opt, labels, cond_codes=cond_codes)    # move away from the init
+    path = tmp_path / "prior.npz"
+    model.save(path)
+    with np.load(path, allow_pickle=False) as f:
+        assert json.loads(str(f["config"]))["attention_every"] == 2
+        assert f["attention.1.query.W"].shape == (6, 4 + 20, 1, 1)     # [h, pos] -> d
+    loaded = P.PixelCNN.load(path, device="cpu")
+    assert loaded.cfg == model.cfg and set(loaded.params) == set(model.params)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(loaded.params[k], v)
+    np.testing.assert_array_equal(loaded.forward(codes, labels, cond_codes=cond_codes),
+                                  model.forward(codes, labels, cond_codes=cond_codes))
+
+
+def test_a_checkpoint_from_before_these_options_loads_with_them_off(tmp_path):
+    model = tiny_prior(num_classes=2, seed=1)
+    old_keys = ("codebook_size", "channels", "layers", "kernel", "num_classes", "cond_channels", "dtype", "seed")
+    old_config = {k: getattr(model.cfg, k) for k in old_keys}
+    np.savez(tmp_path / "old.npz", config=np.array(json.dumps(old_config)), **model.state_dict())
+    loaded = P.PixelCNN.load(tmp_path / "old.npz", device="cpu")
+    assert loaded.cfg == model.cfg and loaded.cfg.attention_every == 0 and loaded.cfg.cond_codebook_size == 0
+    assert loaded.attention == {} and set(loaded.params) == set(model.params)
+    codes = np.random.default_rng(0).integers(0, 5, (2, 3, 3))
+    np.testing.assert_array_equal(loaded.forward(codes, np.array([0, 1])), model.forward(codes, np.array([0, 1])))
+
+
+def test_new_options_leave_the_other_parameters_as_they_were():
+    # the VQ-VAE-2 parts draw their initial weights last
+    plain = tiny_prior(cond_channels=2, seed=4)
+    both = tiny_prior(cond_channels=2, attention_every=1, heads=1, cond_codebook_size=3, seed=4)
+    for k, v in plain.params.items():
+        np.testing.assert_array_equal(both.params[k], v, err_msg=k)
+
+
+def test_prior_config_rejects_bad_attention_and_cond_code_values():
+    with pytest.raises(ValueError, match="attention width .* = 6 must be divisible by heads=4"):
+        P.PriorConfig(channels=6, attention_every=2)
+    with pytest.raises(ValueError, match="attention width .* = 3 must be divisible by heads=2"):
+        P.PriorConfig(attention_dim=3, heads=2, attention_every=1)
+    P.PriorConfig(channels=6)                                          # heads only matter with attention
+    with pytest.raises(ValueError, match="attention_every=9 is more than layers=8"):
+        P.PriorConfig(attention_every=9)
+    with pytest.raises(ValueError, match=r"attention_every must be a non-negative integer \(0 = none\), got -1"):
+        P.PriorConfig(attention_every=-1)
+    with pytest.raises(ValueError, match="heads must be a positive integer, got 0"):
+        P.PriorConfig(heads=0)
+    with pytest.raises(ValueError, match="cond_codebook_size needs cond_channels > 0"):
+        P.PriorConfig(cond_codebook_size=8)
+    with pytest.raises(ValueError, match="cond_upsample must be a positive integer, got 0"):
+        P.PriorConfig(cond_upsample=0, cond_codebook_size=8, cond_channels=4)
+    with pytest.raises(ValueError, match="cond_upsample=2 applies to conditioning codes only"):
+        P.PriorConfig(cond_upsample=2, cond_channels=4)
+
+
+def test_cond_codes_errors_name_the_problem():
+    plain, mapped = tiny_prior(), tiny_prior(cond_channels=2)
+    coded = tiny_prior(cond_channels=2, cond_codebook_size=3, cond_upsample=2)
+    codes, cc = np.zeros((2, 4, 6), np.int64), np.zeros((2, 2, 3), np.int64)
+    with pytest.raises(ValueError, match="pass cond \\(a map\\) or cond_codes \\(codes to embed\\), not both"):
+        coded.forward(codes, cond=np.zeros((2, 4, 6, 2)), cond_codes=cc)
+    with pytest.raises(ValueError, match="not both"):
+        mapped.forward(codes, cond=np.zeros((2, 4, 6, 2)), cond_codes=cc)
+    with pytest.raises(ValueError, match=r"conditioned on codes \(cond_codebook_size=3, cond_upsample=2\): "
+                                         r"pass cond_codes of shape \(N, h/2, w/2\) = \(2, 2, 3\), not cond"):
+        coded.forward(codes, cond=np.zeros((2, 4, 6, 2)))
+    with pytest.raises(ValueError, match=r"pass cond_codes of shape \(N, h/2, w/2\) = \(2, 2, 3\)$"):
+        coded.loss(codes)
+    with pytest.raises(ValueError, match="cond_codes were given, but this prior has cond_codebook_size=0"):
+        plain.forward(codes, cond_codes=cc)
+    with pytest.raises(ValueError, match="cond_codes were given, but this prior has cond_codebook_size=0"):
+        mapped.forward(codes, cond_codes=cc)
+    with pytest.raises(ValueError, match=r"expected integer cond_codes of shape \(N, h/2, w/2\) = \(2, 2, 3\), "
+                                         r"got shape \(2, 4, 6\) and dtype int64"):
+        coded.forward(codes, cond_codes=codes)                         # not downsampled
+    with pytest.raises(ValueError, match="got shape \\(2, 2, 3\\) and dtype float64"):
+        coded.forward(codes, cond_codes=cc.astype(float))
+    bad = cc.copy()
+    bad[1, 1, 2] = -1
+    with pytest.raises(ValueError, match=r"cond_codes must lie in \[0, 3\), got values in \[-1, 0\]"):
+        coded.forward(codes, cond_codes=bad)
+    with pytest.raises(ValueError, match="cond_upsample=2 needs h and w that are multiples of 2, got a 4 x 5 grid"):
+        coded.forward(codes[:, :, :5], cond_codes=cc)
+    with pytest.raises(ValueError, match=r"pass cond_codes of shape \(N, h/2, w/2\) = \(1, 1, 1\)"):
+        P.sample(coded, 1, 2, 2, 0)
+    with pytest.raises(ValueError, match="got shape \\(1, 2, 2\\)"):
+        P.sample_naive(coded, 1, 2, 2, 0, cond_codes=np.zeros((1, 2, 2), np.int64))
+    with pytest.raises(ValueError, match="multiples of 2, got a 3 x 2 grid"):
+        P.sample(coded, 1, 3, 2, 0, cond_codes=np.zeros((1, 1, 1), np.int64))
+
+
+# -----------------------------------------------------------------------------
+# prior.py, VQ-VAE-2 parts: backends
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+def test_attention_and_cond_codes_numpy_and_cupy_agree():
+    cfg = P.PriorConfig(codebook_size=7, channels=4, layers=2, attention_every=1, heads=2, cond_channels=3,
+                        cond_codebook_size=5, cond_upsample=2, dtype="float64")
+    cpu, gpu = P.PixelCNN(cfg, device="cpu"), P.PixelCNN(cfg, device="gpu")
+    rng = np.random.default_rng(0)
+    codes, cond_codes = rng.integers(0, 7, (2, 4, 6)), rng.integers(0, 5, (2, 2, 3))
+    np.testing.assert_allclose(float(cpu.loss(codes, cond_codes=cond_codes)["loss"]),
+                               float(gpu.loss(codes, cond_codes=cond_codes)["loss"]), rtol=1e-10)
+    cpu.backward(), gpu.backward()
+    for k, g in cpu.grads.items():
+        np.testing.assert_allclose(V.to_numpy(gpu.grads[k]), g, rtol=1e-7, atol=1e-10, err_msg=k)
+    fast = V.to_numpy(P.sample(gpu, 2, 4, 6, 0, 1.0, cond_codes=cond_codes))
+    np.testing.assert_array_equal(fast, V.to_numpy(P.sample_naive(gpu, 2, 4, 6, 0, 1.0, cond_codes=cond_codes)))
+    np.testing.assert_array_equal(fast, P.sample(cpu, 2, 4, 6, 0, 1.0, cond_codes=cond_codes))
+
+
+# -----------------------------------------------------------------------------
 # train.py: data loaders on small files written here, in each exact format
 
 import gzip
@@ -1235,7 +1763,6 @@ def test_missing_dataset_file_downloads_and_checks_sha256(tmp_path, monkeypatch)
 def test_offline_download_gives_a_clear_message(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise T.urllib.error.URLError("no route to host")
-    import urllib.error  # noqa: F401  (makes T.urllib.error available)
     monkeypatch.setattr(T.urllib.request, "urlopen", offline)
     with pytest.raises(T.UserError, match="are you offline.*fashion-mnist"):
         T.load_dataset("fashion-mnist", tmp_path)
@@ -1428,21 +1955,49 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
         assert int(f["step"]) == 6 and "opt.m.encoder.0.W" in f.files
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["codebook_size"] == 16 and config["train"]["steps"] == 6
-    assert config["prior"]["codebook_size"] == 16 and config["prior"]["layers"] == 2
+    assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "ema"])
-def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_data, quantizer):
-    common = ["--data", tiny_data, "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer, *TINY]
+def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    run = tmp_path / "run"
+    assert T.main(["--data", str(tmp_path / "x.npy"), "--out", str(run), "--steps", "3", "--eval-every", "3",
+                   "--levels", "2", "--prior-attention-every", "1", *TINY]) == 0
+    for name in ("recon.png", "recon_top.png", "top_prior.npz", "prior.npz", "samples.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("codes_used", "top_codes_used", "perplexity", "top_perplexity", "prior_val_bits_per_code",
+                "top_prior_val_bits_per_code"):
+        assert key in summary, key
+    priors = json.loads((run / "config.json").read_text())["priors"]
+    assert priors[0]["attention_every"] == 1 and priors[0]["cond_codebook_size"] == 0
+    assert priors[1]["cond_codebook_size"] == 16 and priors[1]["cond_upsample"] == 2
+    assert read_png(run / "recon_top.png").shape[0] == (3 * (16 + 2) + 2) * 2  # originals, top only, both levels
+    out = tmp_path / "codes.npz"
+    assert T.main(["encode", "--run", str(run), "--data", str(tmp_path / "x.npy"), "--out", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        assert f["top"].shape == (4, 2, 2) and f["bottom"].shape == (4, 4, 4)
+    codes_out = tmp_path / "s.npz"
+    assert T.main(["sample", "--run", str(run), "--codes-out", str(codes_out), "--rows", "1", "--per-row", "2"]) == 0
+    with np.load(codes_out, allow_pickle=False) as f:
+        assert f["top_codes"].shape == (2, 2, 2) and f["codes"].shape == (2, 4, 4)
+
+
+@pytest.mark.parametrize("quantizer, levels", [("vq", 1), ("ema", 1), ("ema", 2)])
+def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
+    common = ["--data", str(tmp_path / "x.npy"), "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer,
+              "--levels", str(levels), "--prior-attention-every", str(levels - 1), *TINY]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert T.main([*common, "--out", straight, "--steps", "8", "--prior-steps", "4"]) == 0
     assert T.main([*common, "--out", split, "--steps", "4", "--stage", "vqvae"]) == 0
     assert T.main(["--resume", split, "--steps", "8", "--prior-steps", "2"]) == 0   # VQ-VAE 4 -> 8, prior 0 -> 2
     assert T.main(["--resume", split, "--stage", "prior", "--prior-steps", "4"]) == 0  # prior 2 -> 4
-    for stage in ("vqvae", "prior"):
+    for stage in ("vqvae", "prior", "top_prior")[:levels + 1]:
         a = [m["loss"] for m in metric_lines(straight, stage) if "loss" in m]
         b = [m["loss"] for m in metric_lines(split, stage) if "loss" in m]
-        assert len(a) == len(b) == {"vqvae": 8, "prior": 4}[stage]
+        assert len(a) == len(b) == (8 if stage == "vqvae" else 4)
         assert a == b, stage                                           # bit for bit on CPU
 
 
@@ -1458,10 +2013,10 @@ def test_prior_stage_needs_a_finished_vqvae(tmp_path, tiny_data, capsys):
 def test_sample_command_draws_new_images_from_a_run(tmp_path, tiny_data):
     run = tmp_path / "run"
     assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "2", "--eval-every", "2", *TINY]) == 0
-    out, codes_out = tmp_path / "s.png", tmp_path / "s.npy"
+    out, codes_out = tmp_path / "s.png", tmp_path / "s.npz"
     assert T.main(["sample", "--run", str(run), "--out", str(out), "--codes-out", str(codes_out),
                    "--rows", "2", "--per-row", "3", "--temperature", "0.5"]) == 0
-    codes = np.load(codes_out, allow_pickle=False)
+    codes = np.load(codes_out, allow_pickle=False)["codes"]
     assert codes.shape == (6, 2, 2) and codes.min() >= 0 and codes.max() < 16
     assert read_png(out).shape == ((2 * (8 + 2) + 2) * 2, (3 * (8 + 2) + 2) * 2, 3)
     assert T.main(["sample", "--run", str(tmp_path)]) == 1

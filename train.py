@@ -412,66 +412,88 @@ def load_model(path, cls, device):
 # evaluation, pictures, codes
 
 
+def level_names(model):
+    """Prefixes of each level's stats and files, coarsest first: [''] or ['top_', '']."""
+    return ["top_", ""] if model.cfg.levels == 2 else [""]
+
+
 def encode_all(model, images, batch_size=256):
-    """uint8 images -> integer codes (N, h, w) on the host."""
-    return np.concatenate([vqvae.to_numpy(model.encode(to_model(images[i:i + batch_size])))
-                           for i in range(0, len(images), batch_size)])
+    """uint8 images -> a tuple of integer code grids on the host, one per level, coarsest first."""
+    parts = []
+    for i in range(0, len(images), batch_size):
+        codes = model.encode(to_model(images[i:i + batch_size]))
+        parts.append(codes if isinstance(codes, tuple) else (codes,))
+    return tuple(np.concatenate([vqvae.to_numpy(p[level]) for p in parts]) for level in range(len(parts[0])))
 
 
 def evaluate(model, images, real_hw, batch_size):
-    """Held-out MSE and PSNR on the real pixels (padding cropped) in [0, 1], and code usage over
-    the whole split."""
+    """Held-out MSE and PSNR on the real pixels (padding cropped) in [0, 1], and each level's
+    code usage over the whole split."""
     K = model.cfg.codebook_size
     h, w = real_hw
     sq_err, n_values = 0.0, 0
-    counts = np.zeros(K, np.int64)
+    counts = {name: np.zeros(K, np.int64) for name in level_names(model)}
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
-        codes = model.encode(to_model(batch))
-        x_hat = to_uint8(model.decode(codes))[:, :h, :w]
+        codes = encode_all(model, batch)
+        x_hat = to_uint8(model.decode(*codes))[:, :h, :w]
         diff = x_hat.astype(np.float64) / 255 - batch[:, :h, :w] / 255
         sq_err += float((diff ** 2).sum())
         n_values += diff.size
-        counts += np.bincount(vqvae.to_numpy(codes).ravel(), minlength=K)
+        for name, c in zip(counts, codes):
+            counts[name] += np.bincount(c.ravel(), minlength=K)
     mse = sq_err / n_values
-    p = counts / counts.sum()
-    return {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12)),
-            "perplexity": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())),
-            "codes_used": float((counts > 0).mean())}
+    result = {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+    for name, c in counts.items():
+        p = c / c.sum()
+        result[f"{name}perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        result[f"{name}codes_used"] = float((c > 0).mean())
+    return result
 
 
-def evaluate_prior(prior, codes, labels, batch_size):
+def evaluate_prior(prior, codes, labels, cond_codes, batch_size, name):
     """Held-out negative log-likelihood of the codes, in bits per code, over the whole split."""
     total = 0.0
     for i in range(0, len(codes), batch_size):
-        batch_labels = None if labels is None else labels[i:i + batch_size]
-        total += float(prior.loss(codes[i:i + batch_size], batch_labels)["bits_per_code"]) * len(codes[i:i + batch_size])
-    return {"prior_val_bits_per_code": total / len(codes)}
+        part = slice(i, i + batch_size)
+        stats = prior.loss(codes[part], None if labels is None else labels[part],
+                           cond_codes=None if cond_codes is None else cond_codes[part])
+        total += float(stats["bits_per_code"]) * len(codes[part])
+    return {f"{name}_val_bits_per_code": total / len(codes)}
 
 
-def recon_grid(model, images, real_hw, n=8):
-    """Up to two pairs of rows of n images: originals over their reconstructions."""
+def recon_grid(model, images, real_hw, n=8, top_only=False):
+    """Up to two groups of rows of n images: originals over their reconstructions (and, with
+    top_only, over the reconstructions from the top codes alone)."""
     h, w = real_hw
-    x = images[:2 * n, :h, :w]
-    x_hat = to_uint8(model.reconstruct(to_model(images[:2 * n])))[:, :h, :w]
-    rows = [x[:n], x_hat[:n]]
+    x = images[:2 * n]
+    codes = encode_all(model, x)
+    shown = [x[:, :h, :w], to_uint8(model.decode(*codes))[:, :h, :w]]
+    if top_only:
+        shown.insert(1, to_uint8(model.decode(codes[0]))[:, :h, :w])
+    rows = [s[:n] for s in shown]
     if len(x) == 2 * n:
-        rows += [x[n:], x_hat[n:]]
+        rows += [s[n:] for s in shown]
     return image_grid(rows)
 
 
-def draw_samples(model, prior, rows, per_row, seed, temperature, real_hw):
-    """New images: codes sampled from the prior (one row per class when it is class-conditional),
-    decoded by the VQ-VAE. -> (grid, codes, seconds spent sampling the codes)."""
+def draw_samples(model, priors, rows, per_row, seed, temperature, real_hw):
+    """New images: codes sampled from the priors, coarsest level first, each finer level given
+    the one above; one row per class when the priors are class-conditional; then decoded.
+    -> (grid, codes per level, seconds spent sampling the codes)."""
     h, w = real_hw
     N = rows * per_row
-    labels = np.repeat(np.arange(rows), per_row) if prior.cfg.num_classes else None
-    H, W = model.downsample, model.downsample
-    grid_h, grid_w = -(-h // H), -(-w // W)                            # the code grid of a padded image
+    labels = np.repeat(np.arange(rows), per_row) if priors[0].cfg.num_classes else None
+    grid_h, grid_w = -(-h // model.downsample), -(-w // model.downsample)  # the coarsest grid of a padded image
+    codes = []
     t = time.time()
-    codes = vqvae.to_numpy(P.sample(prior, N, grid_h, grid_w, seed, temperature, labels))
+    for level, prior in enumerate(priors):
+        f = 2 ** level
+        cond = codes[-1] if codes else None
+        codes.append(vqvae.to_numpy(P.sample(prior, N, grid_h * f, grid_w * f, seed + level, temperature, labels,
+                                             cond_codes=cond)))
     seconds = time.time() - t
-    images = to_uint8(model.decode(codes))[:, :h, :w]
+    images = to_uint8(model.decode(*codes))[:, :h, :w]
     return image_grid([images[r * per_row:(r + 1) * per_row] for r in range(rows)]), codes, seconds
 
 
@@ -594,6 +616,8 @@ def build_parser():
     model.add_argument("--hidden", type=int, default=64, help="H: encoder/decoder channels")
     model.add_argument("--res-hidden", type=int, default=32, help="RH: residual block hidden channels")
     model.add_argument("--res-blocks", type=int, default=m.res_blocks, help="R: residual blocks")
+    model.add_argument("--levels", type=int, default=m.levels, choices=[1, 2],
+                       help="1: VQ-VAE; 2: VQ-VAE-2 with top (/8) and bottom (/4) codes")
     model.add_argument("--codebook-size", "-K", type=int, default=256, help="K: number of codes")
     model.add_argument("--code-dim", "-D", type=int, default=32, help="D: code vector dimension")
     model.add_argument("--beta", type=float, default=m.beta, help="commitment cost")
@@ -607,14 +631,20 @@ def build_parser():
     prior.add_argument("--prior-channels", type=int, default=pc.channels, help="p: channels of each stack")
     prior.add_argument("--prior-layers", type=int, default=pc.layers, help="L: gated layers")
     prior.add_argument("--prior-kernel", type=int, default=pc.kernel, help="k: odd kernel size")
+    prior.add_argument("--prior-attention-every", type=int, default=None,
+                       help="causal self-attention after every so many gated layers of the top-most prior "
+                            "(default: 4 for a two-level model, 0 = none for one level)")
+    prior.add_argument("--prior-heads", type=int, default=pc.heads, help="attention heads")
     prior.add_argument("--prior-labels", default=t.prior_labels, action=argparse.BooleanOptionalAction,
                        help="condition the prior on class labels where the data has them")
     prior.add_argument("--temperature", type=float, default=t.temperature, help="of the samples drawn at the end")
     return p
 
 
-MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "codebook_size", "code_dim", "beta", "quantizer", "ema_decay")
-PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel"}
+MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "codebook_size", "code_dim", "beta", "quantizer",
+               "ema_decay")
+PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
+               "prior_heads": "heads", "prior_attention_every": "attention_every"}
 RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "resume"}
 
 
@@ -629,36 +659,51 @@ def given_flags(parser, argv):
 
 
 def configs_from_args(parser, args, argv):
-    """(TrainConfig, vqvae.Config, prior config as a dict, run folder, resuming?) from the
-    flags, or from a run folder's config.json when resuming."""
+    """(TrainConfig, vqvae.Config, the priors' settings, run folder, resuming?) from the flags,
+    or from a run folder's config.json when resuming (the settings are then the saved
+    PriorConfigs, one per level)."""
     given = given_flags(parser, argv)
     if args.resume:
         run = Path(args.resume)
         try:
             saved = json.loads((run / "config.json").read_text())
             cfg, model_cfg = TrainConfig(**saved["train"]), vqvae.Config.from_dict(saved["model"])
-            prior_cfg = saved["prior"]
+            priors = [P.PriorConfig.from_dict(p) for p in saved["priors"]]
         except FileNotFoundError:
             raise UserError(f"{run}: not a run folder (no config.json)")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{run / 'config.json'}: unreadable run config ({e})")
-        old = {**asdict(cfg), **asdict(model_cfg), **{k: prior_cfg[v] for k, v in PRIOR_FLAGS.items()}}
+        old = {**asdict(cfg), **asdict(model_cfg), **{k: getattr(priors[0], v) for k, v in PRIOR_FLAGS.items()}}
         changed = sorted(d for d in given - RESUMABLE if getattr(args, d) != old.get(d))
         if changed:
-            raise UserError(f"cannot change {', '.join('--' + d.replace('_', '-') for d in changed)} when "
-                            f"resuming; only {', '.join('--' + d.replace('_', '-') for d in sorted(RESUMABLE - {'resume'}))} may change")
+            raise UserError(f"cannot change {', '.join('--' + d.replace('_', '-') for d in changed)} when resuming; "
+                            f"only {', '.join('--' + d.replace('_', '-') for d in sorted(RESUMABLE - {'resume'}))} may")
         for d in given & (RESUMABLE - {"resume"}):
             setattr(cfg, d, getattr(args, d))
-        return cfg, model_cfg, prior_cfg, run, True
+        return cfg, model_cfg, priors, run, True
     if args.stage == "prior":
         raise UserError("--stage prior trains a prior for an existing run: add --resume RUN_DIR")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     model_cfg = vqvae.Config(**{k: getattr(args, k) for k in MODEL_FLAGS}, seed=args.seed)
-    prior_cfg = {v: getattr(args, k) for k, v in PRIOR_FLAGS.items()}
+    settings = {v: getattr(args, k) for k, v in PRIOR_FLAGS.items()}
     run = Path(args.out or f"runs/{Path(cfg.data).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (run / "checkpoint.npz").exists():
         raise UserError(f"{run} already holds a run; continue it with --resume {run}, or choose another --out")
-    return cfg, model_cfg, prior_cfg, run, False
+    return cfg, model_cfg, settings, run, False
+
+
+def prior_configs(settings, model_cfg, num_classes, seed):
+    """One PriorConfig per level, coarsest first. The top-most prior may attend to its whole
+    past (VQ-VAE-2's top prior; by default for two levels); a bottom prior is conditioned on
+    the top codes, each of which covers 2 x 2 bottom positions."""
+    attention = settings["attention_every"]
+    base = dict(codebook_size=model_cfg.codebook_size, channels=settings["channels"], layers=settings["layers"],
+                kernel=settings["kernel"], heads=settings["heads"], num_classes=num_classes, dtype=model_cfg.dtype)
+    top = P.PriorConfig(**base, seed=seed, attention_every=(4 if model_cfg.levels == 2 else 0) if attention is None else attention)
+    if model_cfg.levels == 1:
+        return [top]
+    return [top, P.PriorConfig(**base, seed=seed + 1, cond_codebook_size=model_cfg.codebook_size,
+                               cond_channels=settings["channels"], cond_upsample=2)]
 
 
 def check_train_config(cfg, n_train):
@@ -680,7 +725,7 @@ def train(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg, model_cfg, prior_cfg, run, resuming = configs_from_args(parser, args, argv)
+        cfg, model_cfg, prior_settings, run, resuming = configs_from_args(parser, args, argv)
     except ValueError as e:                                            # vqvae.Config validation
         raise UserError(str(e))
 
@@ -696,10 +741,9 @@ def train(argv):
     check_train_config(cfg, len(train_images))
     use_labels = cfg.prior_labels and data.get("num_classes", 0) > 0 and "train_labels" in data
     try:
-        prior_cfg = P.PriorConfig(**{**prior_cfg, "codebook_size": model_cfg.codebook_size,
-                                     "num_classes": data["num_classes"] if use_labels else 0,
-                                     "dtype": model_cfg.dtype, "seed": cfg.seed})
-    except ValueError as e:
+        prior_cfgs = prior_settings if resuming else prior_configs(
+            prior_settings, model_cfg, data["num_classes"] if use_labels else 0, cfg.seed)
+    except ValueError as e:                                            # PriorConfig validation
         raise UserError(str(e))
 
     # -- models, optimisers, run folder
@@ -713,14 +757,15 @@ def train(argv):
     if cfg.stage == "prior" and step < cfg.steps:
         raise UserError(f"the VQ-VAE of {run} stopped at step {step} of {cfg.steps}: finish it first "
                         f"(--resume {run} --stage vqvae)")
-    config = {"train": asdict(cfg), "model": asdict(model_cfg), "prior": asdict(prior_cfg)}
+    config = {"train": asdict(cfg), "model": asdict(model_cfg), "priors": [asdict(c) for c in prior_cfgs]}
     atomic_write(run / "config.json", json.dumps(config, indent=2).encode())
     print(f"{run}: {cfg.data} {train_images.shape[1:]} ({len(train_images)} train, {len(test_images)} held out), "
           f"VQ-VAE with {sum(p.size for p in model.params.values()):,} parameters, device {device}"
           + (f", resuming at step {step}" if resuming else ""), file=sys.stderr)
 
     progress = Progress()
-    summary = {"data": cfg.data, "image_hw": list(real_hw), "device": device, "quantizer": model_cfg.quantizer}
+    summary = {"data": cfg.data, "image_hw": list(real_hw), "device": device, "quantizer": model_cfg.quantizer,
+               "levels": model_cfg.levels}
     t_start = time.time()
     with open(run / "metrics.jsonl", "a") as metrics, CtrlC() as stop:
         def log(record, text, final):
@@ -738,6 +783,7 @@ def train(argv):
                 write_png(run / f"recon_{s:06d}.png", recon_grid(model, test_images, real_hw))
                 return evaluate(model, test_images, real_hw, cfg.batch_size)
 
+
             def vqvae_save(s):
                 return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
 
@@ -746,38 +792,48 @@ def train(argv):
         else:
             ev = evaluate(model, test_images, real_hw, cfg.batch_size)
         write_png(run / "recon.png", recon_grid(model, test_images, real_hw))
+        if model_cfg.levels == 2:                                      # what the top level carries by itself
+            write_png(run / "recon_top.png", recon_grid(model, test_images, real_hw, top_only=True))
         summary.update(ev, steps=cfg.steps, vqvae_wall_time_s=wall)
 
-        # -- stage 2: the PixelCNN prior over the codes, then samples
+        # -- stage 2: a PixelCNN prior over each level's codes (the bottom one given the top codes), then samples
         if cfg.stage in ("prior", "all"):
             print(f"encoding {len(train_images) + len(test_images)} images to codes", file=sys.stderr)
             codes_train, codes_test = encode_all(model, train_images), encode_all(model, test_images)
             labels_train = data["train_labels"] if use_labels else None
             labels_test = data["test_labels"] if use_labels else None
-            prior = P.PixelCNN(prior_cfg, device=cfg.device)
-            prior_opt = vqvae.Adam(prior.params, lr=cfg.prior_lr)
-            prior_step, prior_wall = 0, 0.0
-            if resuming and (run / "prior.npz").exists():
-                prior_step, prior_wall = load_checkpoint(run / "prior.npz", prior, prior_opt)
-            t_prior = time.time()
+            priors, prior_wall = [], 0.0
+            for level, (name, prior_cfg) in enumerate(zip(level_names(model), prior_cfgs)):
+                name += "prior"                                        # 'top_prior', 'prior'
+                prior = P.PixelCNN(prior_cfg, device=cfg.device)
+                prior_opt = vqvae.Adam(prior.params, lr=cfg.prior_lr)
+                codes, cond = codes_train[level], codes_train[level - 1] if level else None
+                start, wall_before = 0, 0.0
+                if resuming and (run / f"{name}.npz").exists():
+                    start, wall_before = load_checkpoint(run / f"{name}.npz", prior, prior_opt)
+                t_prior = time.time()
 
-            def prior_train_step(s):
-                idx = batch_indices(cfg.seed + 1, s, len(codes_train), cfg.prior_batch_size)
-                return prior.train_step(codes_train[idx], prior_opt, None if labels_train is None else labels_train[idx])
+                def prior_train_step(s):
+                    idx = batch_indices(cfg.seed + 1 + level, s, len(codes), cfg.prior_batch_size)
+                    return prior.train_step(codes[idx], prior_opt, None if labels_train is None else labels_train[idx],
+                                            cond_codes=None if cond is None else cond[idx])
 
-            def prior_eval(s):
-                return evaluate_prior(prior, codes_test, labels_test, cfg.prior_batch_size)
+                def prior_eval(s):
+                    return evaluate_prior(prior, codes_test[level], labels_test, codes_test[level - 1] if level else None,
+                                          cfg.prior_batch_size, name)
 
-            def prior_save(s):
-                return save_checkpoint(run / "prior.npz", prior, prior_opt, s, prior_wall + time.time() - t_prior)
+                def prior_save(s):
+                    return save_checkpoint(run / f"{name}.npz", prior, prior_opt, s, wall_before + time.time() - t_prior)
 
-            prior_ev = fit("prior", prior_train_step, prior_eval, prior_save, prior_step, cfg.prior_steps,
-                           cfg.prior_batch_size, cfg, xp, log, stop)
-            summary.update(prior_ev, prior_steps=cfg.prior_steps, prior_wall_time_s=prior_wall + time.time() - t_prior)
-            rows = prior_cfg.num_classes or 4
-            grid, _, seconds = draw_samples(model, prior, rows, 8, cfg.seed, cfg.temperature, real_hw)
+                prior_ev = fit(name, prior_train_step, prior_eval, prior_save, start, cfg.prior_steps,
+                               cfg.prior_batch_size, cfg, xp, log, stop)
+                summary.update(prior_ev, prior_steps=cfg.prior_steps)
+                prior_wall += wall_before + time.time() - t_prior
+                priors.append(prior)
+            rows = prior_cfgs[0].num_classes or 4
+            grid, _, seconds = draw_samples(model, priors, rows, 8, cfg.seed, cfg.temperature, real_hw)
             write_png(run / "samples.png", grid)
-            summary.update(sample_time_s=seconds, samples=rows * 8)
+            summary.update(prior_wall_time_s=prior_wall, sample_time_s=seconds, samples=rows * 8)
 
     if (run / "summary.json").exists():                               # a later stage adds to an earlier one
         summary = {**json.loads((run / "summary.json").read_text()), **summary}
@@ -796,19 +852,24 @@ def encode(argv):
     p.add_argument("--data", required=True, help="as for training")
     p.add_argument("--data-dir", default="data", help="as for training")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to encode")
-    p.add_argument("--out", required=True, help="output .npy of codes (N, h, w)")
+    p.add_argument("--out", required=True, help="output .npy of codes (N, h, w); for two levels an .npz "
+                                                 "with arrays 'top' and 'bottom'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
     args = p.parse_args(argv)
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
-    codes = encode_all(model, pad_to_multiple(images, model.downsample))
-    codes = codes.astype(np.int16 if model.cfg.codebook_size <= 2**15 else np.int32)
+    dtype = np.int16 if model.cfg.codebook_size <= 2**15 else np.int32
+    codes = [c.astype(dtype) for c in encode_all(model, pad_to_multiple(images, model.downsample))]
     buf = io.BytesIO()
-    np.save(buf, codes)
+    if model.cfg.levels == 1:
+        np.save(buf, codes[0])
+    else:
+        np.savez(buf, top=codes[0], bottom=codes[1])
     atomic_write(args.out, buf.getvalue())
-    print(f"wrote {args.out}: codes {codes.shape} in [0, {model.cfg.codebook_size})", file=sys.stderr)
+    print(f"wrote {args.out}: codes {' and '.join(str(c.shape) for c in codes)} in [0, {model.cfg.codebook_size})",
+          file=sys.stderr)
     return 0
 
 
@@ -816,9 +877,9 @@ def sample(argv):
     """Draw new images from a finished run: codes from the prior, decoded by the VQ-VAE."""
     p = argparse.ArgumentParser(prog="train.py sample", description="Sample new images from a trained run.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--run", required=True, help="run folder holding checkpoint.npz and prior.npz")
+    p.add_argument("--run", required=True, help="run folder holding checkpoint.npz and the priors")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/samples_seed<seed>.png)")
-    p.add_argument("--codes-out", default=None, help="also write the sampled codes to this .npy")
+    p.add_argument("--codes-out", default=None, help="also write the sampled codes to this .npz (one array a level)")
     p.add_argument("--per-row", type=int, default=8, help="samples per row (one row per class if conditional)")
     p.add_argument("--rows", type=int, default=4, help="rows, for an unconditional prior")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
@@ -827,22 +888,22 @@ def sample(argv):
     args = p.parse_args(argv)
     run = Path(args.run)
     model = load_model(run / "checkpoint.npz", vqvae.VQVAE, args.device)
-    prior = load_model(run / "prior.npz", P.PixelCNN, args.device)
+    priors = [load_model(run / f"{name}prior.npz", P.PixelCNN, args.device) for name in level_names(model)]
     try:
         real_hw = tuple(json.loads((run / "summary.json").read_text())["image_hw"])
     except (OSError, ValueError, KeyError):
         raise UserError(f"{run}: no summary.json with the image size; finish the run first")
     if args.per_row < 1 or args.rows < 1 or not args.temperature >= 0:
         raise UserError("--per-row and --rows must be at least 1 and --temperature at least 0")
-    rows = prior.cfg.num_classes or args.rows
-    grid, codes, seconds = draw_samples(model, prior, rows, args.per_row, args.seed, args.temperature, real_hw)
+    rows = priors[0].cfg.num_classes or args.rows
+    grid, codes, seconds = draw_samples(model, priors, rows, args.per_row, args.seed, args.temperature, real_hw)
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
     write_png(out, grid)
     if args.codes_out:
         buf = io.BytesIO()
-        np.save(buf, codes)
+        np.savez(buf, **{f"{name}codes": c for name, c in zip(level_names(model), codes)})
         atomic_write(args.codes_out, buf.getvalue())
-    print(f"wrote {out}: {len(codes)} samples, codes sampled in {seconds:.2f}s", file=sys.stderr)
+    print(f"wrote {out}: {len(codes[0])} samples, codes sampled in {seconds:.2f}s", file=sys.stderr)
     return 0
 
 
