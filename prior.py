@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, crop_hw, pad_hw,
-                   to_numpy, uniform_init)
+from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, crop_hw, gather, load_arrays,
+                   pad_hw, read_checkpoint, to_numpy, uniform_init)
 
 # -----------------------------------------------------------------------------
 # layers
@@ -157,11 +157,11 @@ class GatedLayer:
 
     @property
     def params(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
+        return gather(self.parts, "params")
 
     @property
     def grads(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
+        return gather(self.parts, "grads")
 
     def conditioning(self, labels, cond):
         """The terms added to v_pre and h_pre: 0.0, or class biases (N, 1, 1, 2p) and/or the
@@ -285,11 +285,11 @@ class CausalSelfAttention:
 
     @property
     def params(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
+        return gather(self.parts, "params")
 
     @property
     def grads(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
+        return gather(self.parts, "grads")
 
     def with_positions(self, h, pos):
         """[h, pos]: pos (H, W, P) appended to the channels of every image in h (N, H, W, C)."""
@@ -436,11 +436,11 @@ class PixelCNN:
 
     @property
     def params(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
+        return gather(self.parts, "params")
 
     @property
     def grads(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
+        return gather(self.parts, "grads")
 
     # --- input checks: a clear ValueError instead of a broadcasting surprise deep inside
     def check_conditioning(self, shape, labels, cond):
@@ -566,25 +566,14 @@ class PixelCNN:
         return {k: to_numpy(v) for k, v in self.params.items()}
 
     def load_state_dict(self, state):
-        """Copy arrays into the live parameters (in place, so an optimiser holding them stays valid)."""
-        for k, v in self.params.items():
-            if k not in state:
-                raise ValueError(f"checkpoint has no array {k!r}")
-            if tuple(state[k].shape) != v.shape:
-                raise ValueError(f"checkpoint array {k!r} has shape {tuple(state[k].shape)}, model expects {v.shape}")
-            v[...] = self.xp.asarray(state[k], dtype=v.dtype)
+        load_arrays(self.params, state, self.xp)
 
     def save(self, path):
         np.savez(path, config=np.array(json.dumps(asdict(self.cfg))), **self.state_dict())
 
     @classmethod
     def load(cls, path, device=None):
-        with np.load(path, allow_pickle=False) as f:
-            if "config" not in f.files:
-                raise ValueError(f"{path} is not a PixelCNN prior checkpoint: it has no 'config' entry")
-            model = cls(PriorConfig.from_dict(json.loads(str(f["config"]))), device)
-            model.load_state_dict(f)                                   # reads only the arrays it needs
-        return model
+        return read_checkpoint(cls, PriorConfig, path, device)
 
 
 # -----------------------------------------------------------------------------

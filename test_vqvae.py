@@ -586,7 +586,7 @@ def test_load_names_a_missing_or_misshapen_array(tmp_path):
     with pytest.raises(ValueError, match=r"'encoder.0.b' has shape \(7,\), model expects \(2,\)"):
         model.load_state_dict(state)
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
-    with pytest.raises(ValueError, match="not a VQ-VAE checkpoint"):
+    with pytest.raises(ValueError, match="not a VQVAE checkpoint"):
         V.VQVAE.load(tmp_path / "other.npz")
 
 
@@ -1029,7 +1029,7 @@ def test_prior_load_names_a_missing_or_misshapen_array(tmp_path):
     with pytest.raises(ValueError, match=r"'head.3.b' has shape \(7,\), model expects \(5,\)"):
         model.load_state_dict(state)
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
-    with pytest.raises(ValueError, match="not a PixelCNN prior checkpoint"):
+    with pytest.raises(ValueError, match="not a PixelCNN checkpoint"):
         P.PixelCNN.load(tmp_path / "other.npz")
 
 

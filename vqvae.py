@@ -270,6 +270,11 @@ class ReLU:
         return dy * (self.cache > 0)                                   # 1 where x > 0, else 0
 
 
+def gather(parts, attr):
+    """One flat dict of the `params`, `grads` or `buffers` of named parts: '<part>.<name>'."""
+    return {f"{name}.{k}": v for name, part in parts.items() for k, v in getattr(part, attr, {}).items()}
+
+
 class Sequential:
     """Layers applied in order; parameters named '<index>.<name>' like torch.nn.Sequential."""
 
@@ -288,11 +293,11 @@ class Sequential:
 
     @property
     def params(self):
-        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.params.items()}
+        return gather(dict(enumerate(self.layers)), "params")
 
     @property
     def grads(self):
-        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.grads.items()}
+        return gather(dict(enumerate(self.layers)), "grads")
 
 
 class ResidualBlock(Sequential):
@@ -561,15 +566,15 @@ class VQVAE:
     # --- the parts, by name: references to the live arrays, updated in place by Adam
     @property
     def params(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.params.items()}
+        return gather(self.parts, "params")
 
     @property
     def grads(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.grads.items()}
+        return gather(self.parts, "grads")
 
     @property
     def buffers(self):
-        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in getattr(part, "buffers", {}).items()}
+        return gather(self.parts, "buffers")
 
     # --- input checks: a clear ValueError instead of a broadcasting surprise deep inside
     def check_images(self, x):
@@ -677,26 +682,36 @@ class VQVAE:
         return {k: to_numpy(v) for k, v in {**self.params, **self.buffers}.items()}
 
     def load_state_dict(self, state):
-        """Copy arrays into the live parameters and buffers (in place, so an optimiser that
-        holds them stays valid). Every name must be present with the right shape."""
-        for k, v in {**self.params, **self.buffers}.items():
-            if k not in state:
-                raise ValueError(f"checkpoint has no array {k!r}")
-            if tuple(state[k].shape) != v.shape:
-                raise ValueError(f"checkpoint array {k!r} has shape {tuple(state[k].shape)}, model expects {v.shape}")
-            v[...] = self.xp.asarray(state[k], dtype=v.dtype)
+        load_arrays({**self.params, **self.buffers}, state, self.xp)
 
     def save(self, path):
         np.savez(path, config=np.array(json.dumps(asdict(self.cfg))), **self.state_dict())
 
     @classmethod
     def load(cls, path, device=None):
-        with np.load(path, allow_pickle=False) as f:
-            if "config" not in f.files:
-                raise ValueError(f"{path} is not a VQ-VAE checkpoint: it has no 'config' entry")
-            model = cls(Config.from_dict(json.loads(str(f["config"]))), device)
-            model.load_state_dict(f)                                   # reads only the arrays it needs
-        return model
+        return read_checkpoint(cls, Config, path, device)
+
+
+def load_arrays(live, state, xp):
+    """Copy each array of `state` into the live array of the same name, in place (so that an
+    optimiser holding the live arrays stays valid). Every name must be there, shaped alike."""
+    for k, v in live.items():
+        if k not in state:
+            raise ValueError(f"checkpoint has no array {k!r}")
+        if tuple(state[k].shape) != v.shape:
+            raise ValueError(f"checkpoint array {k!r} has shape {tuple(state[k].shape)}, model expects {v.shape}")
+        v[...] = xp.asarray(state[k], dtype=v.dtype)
+
+
+def read_checkpoint(cls, config_cls, path, device=None):
+    """A model saved by its save(): the config from its JSON string, then the arrays it needs
+    (a training checkpoint's optimiser state beside them is left alone). No pickle."""
+    with np.load(path, allow_pickle=False) as f:
+        if "config" not in f.files:
+            raise ValueError(f"{path} is not a {cls.__name__} checkpoint: it has no 'config' entry")
+        model = cls(config_cls.from_dict(json.loads(str(f["config"]))), device)
+        model.load_state_dict(f)
+    return model
 
 
 # -----------------------------------------------------------------------------
