@@ -524,8 +524,8 @@ class PixelCNN:
 
     def loss(self, codes, labels=None, cond=None, cond_codes=None):
         """Mean cross-entropy -log p(code[i, j] | codes before it), in nats and in bits."""
-        codes = check_codes(codes, self.cfg.codebook_size, self.xp)
-        logits = self.forward(codes, labels, cond, cond_codes)
+        logits = self.forward(codes, labels, cond, cond_codes)         # checks the inputs once
+        codes = self.xp.asarray(codes)
         K = self.cfg.codebook_size
         z = logits.reshape(-1, K)                                      # (M, K)
         z = z - z.max(1, keepdims=True)                                # same softmax, no overflow

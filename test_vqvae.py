@@ -66,6 +66,23 @@ def check_layer_grads(layer, x, rng, tol=1e-6, floor=1e-3):
         assert rel_error(grads[k], numerical_grad(f, p), floor) < tol, k
 
 
+def check_sampled_grads(f, grads, arrays, rng, n):
+    """grads[name] against central differences of the scalar f() at n random entries of each
+    array (perturbed in place). A handful per tensor keeps whole-model checks quick;
+    hypothesis varies which ones."""
+    for name, a in arrays.items():
+        for flat in rng.choice(a.size, min(a.size, n), replace=False):
+            i = np.unravel_index(flat, a.shape)
+            old = a[i]
+            a[i] = old + 1e-6
+            fp = f()
+            a[i] = old - 1e-6
+            fm = f()
+            a[i] = old
+            num = (fp - fm) / 2e-6
+            assert abs(grads[name][i] - num) <= 1e-5 * max(abs(num), 1e-3), (name, i, grads[name][i], num)
+
+
 def direct_conv(x, W, b, stride, padding):
     """The definition of a convolution, one output pixel at a time (NHWC input, OIHW weights)."""
     (t, bo), (l, r) = V._padding(padding)
@@ -438,19 +455,7 @@ def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quan
     assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)        # +-eps flips no ReLU
     params = model.params
     freeze_stop_gradients(model, x)
-    f = lambda: model.forward(x, train=False)["loss"]
-    for k, p in params.items():
-        # a handful of entries of each tensor keeps this quick; hypothesis varies which ones
-        idx = [np.unravel_index(i, p.shape) for i in rng.choice(p.size, min(p.size, 3), replace=False)]
-        for i in idx:
-            old = p[i]
-            p[i] = old + 1e-6
-            fp = f()
-            p[i] = old - 1e-6
-            fm = f()
-            p[i] = old
-            num = (fp - fm) / 2e-6
-            assert abs(grads[k][i] - num) <= 1e-5 * max(abs(num), 1e-3), (k, i, grads[k][i], num)
+    check_sampled_grads(lambda: model.forward(x, train=False)["loss"], grads, params, rng, 3)
 
 
 def test_model_encode_decode_shapes_and_consistency():
@@ -868,18 +873,7 @@ def test_prior_loss_gradients_match_finite_differences(case):
     f = lambda: model.loss(codes, labels, cond)["loss"]
     targets = dict(model.params, **({"cond": cond} if cond is not None else {}))
     grads["cond"] = dcond
-    for name, a in targets.items():
-        # a handful of entries per tensor keeps this quick; hypothesis varies which ones
-        for flat in rng.choice(a.size, min(a.size, 4), replace=False):
-            i = np.unravel_index(flat, a.shape)
-            old = a[i]
-            a[i] = old + 1e-6
-            fp = f()
-            a[i] = old - 1e-6
-            fm = f()
-            a[i] = old
-            num = (fp - fm) / 2e-6
-            assert abs(grads[name][i] - num) <= 1e-5 * max(abs(num), 1e-3), (name, i, grads[name][i], num)
+    check_sampled_grads(f, grads, targets, rng, 4)
     if cond is None:
         assert dcond is None
 
@@ -1218,16 +1212,7 @@ def check_prior_gradients(model, codes, labels, cond, cond_codes, rng):
     grads["cond"] = dcond
     for name, a in targets.items():
         assert grads[name].shape == a.shape and grads[name].dtype == a.dtype, name
-        for flat in rng.choice(a.size, min(a.size, 4), replace=False):
-            i = np.unravel_index(flat, a.shape)
-            old = a[i]
-            a[i] = old + 1e-6
-            fp = f()
-            a[i] = old - 1e-6
-            fm = f()
-            a[i] = old
-            num = (fp - fm) / 2e-6
-            assert abs(grads[name][i] - num) <= 1e-5 * max(abs(num), 1e-3), (name, i, grads[name][i], num)
+    check_sampled_grads(f, grads, targets, rng, 4)
     if cond is None:
         assert dcond is None
     return grads

@@ -357,6 +357,12 @@ def save_npz(path, arrays):
     atomic_write(path, buf.getvalue())
 
 
+def save_npy(path, array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write(path, buf.getvalue())
+
+
 @dataclass
 class TrainConfig:
     data: str = "shapes"          # shapes, mnist, fashion-mnist, cifar10, or PATH.npy / PATH.npz
@@ -783,7 +789,6 @@ def train(argv):
                 write_png(run / f"recon_{s:06d}.png", recon_grid(model, test_images, real_hw))
                 return evaluate(model, test_images, real_hw, cfg.batch_size)
 
-
             def vqvae_save(s):
                 return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
 
@@ -862,12 +867,10 @@ def encode(argv):
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
     dtype = np.int16 if model.cfg.codebook_size <= 2**15 else np.int32
     codes = [c.astype(dtype) for c in encode_all(model, pad_to_multiple(images, model.downsample))]
-    buf = io.BytesIO()
     if model.cfg.levels == 1:
-        np.save(buf, codes[0])
+        save_npy(args.out, codes[0])
     else:
-        np.savez(buf, top=codes[0], bottom=codes[1])
-    atomic_write(args.out, buf.getvalue())
+        save_npz(args.out, {"top": codes[0], "bottom": codes[1]})
     print(f"wrote {args.out}: codes {' and '.join(str(c.shape) for c in codes)} in [0, {model.cfg.codebook_size})",
           file=sys.stderr)
     return 0
@@ -900,9 +903,7 @@ def sample(argv):
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
     write_png(out, grid)
     if args.codes_out:
-        buf = io.BytesIO()
-        np.savez(buf, **{f"{name}codes": c for name, c in zip(level_names(model), codes)})
-        atomic_write(args.codes_out, buf.getvalue())
+        save_npz(args.codes_out, {f"{name}codes": c for name, c in zip(level_names(model), codes)})
     print(f"wrote {out}: {len(codes[0])} samples, codes sampled in {seconds:.2f}s", file=sys.stderr)
     return 0
 
