@@ -494,11 +494,17 @@ def test_two_level_bottom_code_depends_on_the_top_code():
     model = V.VQVAE(tiny_config(levels=2, codebook_size=32), device="cpu")
     x = np.random.default_rng(1).standard_normal((2, 16, 16, 2))
     f = model.encoder.forward(x)
-    top, bottom = model.encode(x)
+    top = model.encode(x)[0]
+    d_top = model.top_decoder.forward(model.top_quantizer.lookup(top))
+    z_e = model.pre_quant.forward(np.concatenate([f, d_top], -1))
+    E = model.quantizer.codebook                                       # codes at the scale of z_e, so that they differ
+    E[...] = z_e.mean((0, 1, 2)) + np.random.default_rng(2).standard_normal(E.shape) * z_e.std((0, 1, 2))
+    bottom = model.encode(x)[1]
+    assert len(np.unique(bottom)) > 1
     other_top = (top + 1) % 32                                         # the same image features, another top code
     d_top = model.top_decoder.forward(model.top_quantizer.lookup(other_top))
     z_e = model.pre_quant.forward(np.concatenate([f, d_top], -1))
-    other_bottom = model.nearest_grid(model.quantizer, z_e)
+    other_bottom = model.quantizer.quantize(z_e)
     assert not np.array_equal(other_bottom, bottom)
 
 
@@ -556,7 +562,7 @@ def test_model_rejects_bad_input_with_errors_naming_the_problem():
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="codebook_size must be a positive integer, got 0"):
         V.Config(codebook_size=0)
-    with pytest.raises(ValueError, match="quantizer must be 'vq' or 'ema', got 'kmeans'"):
+    with pytest.raises(ValueError, match="quantizer must be one of vq, ema, rvq, fsq, lfq, gumbel, got 'kmeans'"):
         V.Config(quantizer="kmeans")
     with pytest.raises(ValueError, match=r"unknown config keys \['widht'\]"):
         V.Config.from_dict({"widht": 3})
@@ -631,8 +637,10 @@ def test_adam_state_round_trip():
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
 def test_training_cuts_reconstruction_error_tenfold(quantizer, levels):
+    # k-means initialisation: without it, 2 to 4 of seeds 0-5 collapse to one code and stall
+    # on this tiny problem (measured when it was added); with it all converge
     model = V.VQVAE(V.Config(in_channels=1, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32,
-                             code_dim=8, quantizer=quantizer, seed=0, levels=levels), device="cpu")
+                             code_dim=8, quantizer=quantizer, seed=0, levels=levels, kmeans_init=True), device="cpu")
     rng = np.random.default_rng(0)
     x = (rng.random((4, 8, 8, 1)) > 0.5).astype(np.float32) - 0.5       # a tiny fixed batch
     opt = V.Adam(model.params, lr=3e-3)

@@ -316,56 +316,161 @@ class ResidualBlock(Sequential):
 
 # -----------------------------------------------------------------------------
 # quantizers
+#
+# Every quantizer has the same interface, so the model can hold any of them:
+#   K, in_dim, out_dim     codes (per stage), channels it takes from pre_quant, channels of z_q
+#   params, grads, buffers dicts as for layers; buffers are saved state that Adam does not train
+#   forward(z_e (N, h, w, in_dim), train) -> z_q (N, h, w, out_dim), stats: 'codes', 'perplexity',
+#                          'usage', 'vq' (its term of the loss) and the parts that 'vq' sums
+#   backward(dz_q) -> dz_e
+#   quantize(z_e) -> codes, deterministic; lookup(codes) -> z_q; check_codes(codes, xp)
+
+
+def code_stats(codes, K):
+    """Perplexity exp(H(p)) of the code frequencies p, and the fraction of the K codes used."""
+    xp = array_module(codes)
+    p = xp.bincount(codes.ravel(), minlength=K) / codes.size           # (K,) code frequencies
+    return {"perplexity": xp.exp(-(p * xp.log(p + 1e-10)).sum()), "usage": (p > 0).mean()}
+
+
+def check_codes(codes, K, xp, shape_name="(N, h, w)"):
+    """Integer codes of rank len(shape_name) in [0, K), moved to xp; a ValueError naming the
+    problem otherwise. The range is checked where the codes live: host codes cost no device sync."""
+    shape = getattr(codes, "shape", None)
+    if shape is None or len(shape) != shape_name.count(",") + 1 or 0 in shape:
+        raise ValueError(f"expected integer codes of shape {shape_name}, got shape {shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= K:
+        raise ValueError(f"codes must lie in [0, {K}), got values in [{lo}, {hi}]")
+    return xp.asarray(codes)
+
+
+def nearest(z, E):
+    """Index of the nearest row of E (K, D) for each row of z (M, D) -> (M,).
+    |z - e_k|^2 = |z|^2 - 2 z.e_k + |e_k|^2 expanded: memory O(M K), never an (M, K, D)
+    array. |z|^2 is the same for every k, so the argmin leaves it out."""
+    dist = z @ (-2 * E.T)                                              # (M, K): -2 z.e_k
+    dist += (E * E).sum(1)                                             # + |e_k|^2, in place
+    return dist.argmin(1)
+
+
+def one_hot(codes, K, dtype):
+    """(M,) integer codes -> (M, K) rows with a single 1."""
+    xp = array_module(codes)
+    onehot = xp.zeros((len(codes), K), dtype=dtype)
+    onehot[xp.arange(len(codes)), codes] = 1                           # one write per row: no repeats
+    return onehot
+
+
+def step_rng(seed, step):
+    """The generator of one training step's random choices: a function of (seed, step) alone,
+    so that a run resumed at any step draws what the uninterrupted run drew."""
+    return np.random.default_rng([*np.ravel(seed), step])
+
+
+def kmeans(z, K, rng, iters=10):
+    """Lloyd's k-means on the rows of z (M, D) -> centroids (K, D), started from K distinct rows
+    (with repeats only when M < K). A centroid that loses all its rows stays where it was."""
+    xp = array_module(z)
+    C = z[xp.asarray(rng.choice(len(z), K, replace=len(z) < K))]       # (K, D)
+    for _ in range(iters):
+        onehot = one_hot(nearest(z, C), K, z.dtype)                    # (M, K): assignment step
+        n = onehot.sum(0)[:, None]                                     # (K, 1) rows per centroid
+        C = xp.where(n > 0, (onehot.T @ z) / xp.maximum(n, 1), C)      # update step: the means
+    return C
 
 
 class VectorQuantizer:
     """Nearest-neighbour lookup in a K x D codebook, learned through its loss term (eq. 1-3).
 
     forward(z_e (N, h, w, D)) -> z_q (N, h, w, D), stats with the codes and the loss parts.
+
+    Codebook health (both off by default; the paper has neither):
+    - kmeans_init: on the first training batch, the codebook becomes the k-means centroids of
+      that batch's encoder outputs, so that every code starts where the data is;
+    - restart_threshold > 0: dead-code restarts as in Jukebox (Dhariwal et al. 2020, sec. 3.3):
+      each code's usage u_k <- decay u_k + (1 - decay) n_k is tracked, and before each training
+      batch a code with u_k < threshold is re-seeded with a random encoder output of that
+      batch, its usage reset to the threshold.
+    The random choices come from a generator seeded by (seed, step), so a resumed run is exact.
     """
 
-    def __init__(self, K, D, beta=0.25, init=None):
+    def __init__(self, K, D, beta=0.25, init=None, kmeans_init=False, restart_threshold=0.0, decay=0.99, seed=0):
         init = init or uniform_init(np.random.default_rng(0))
         self.K, self.D, self.beta = K, D, beta
+        self.in_dim = self.out_dim = D
         self.codebook = init((K, D), math.sqrt(3 / D))  # sonnet's VarianceScaling(uniform)
         self.params = {"codebook": self.codebook}
         self.buffers = {}                                # state that is not trained by Adam
         self.grads = {}
+        self.kmeans_init, self.restart_threshold, self.decay, self.seed = kmeans_init, restart_threshold, decay, seed
+        if kmeans_init or restart_threshold > 0:
+            self.buffers["step"] = np.zeros((), np.int64)  # host counter of training batches: seeds the random choices
+        if restart_threshold > 0:
+            self.buffers["usage"] = array_module(self.codebook).full(K, restart_threshold, dtype=self.codebook.dtype)
 
     def nearest(self, z):
-        """Index of the nearest codebook row for each row of z (M, D) -> (M,).
-        |z - e_k|^2 = |z|^2 - 2 z.e_k + |e_k|^2 expanded: memory O(M K), never an (M, K, D)
-        array. |z|^2 is the same for every k, so the argmin leaves it out."""
-        E = self.codebook
-        dist = z @ (-2 * E.T)                                          # (M, K): -2 z.e_k
-        dist += (E * E).sum(1)                                         # + |e_k|^2, in place
-        return dist.argmin(1)
+        return nearest(z, self.codebook)
+
+    def quantize(self, z_e):
+        """Codes (N, h, w) of encoder outputs (N, h, w, D)."""
+        N, h, w, D = z_e.shape
+        return self.nearest(z_e.reshape(-1, D)).reshape(N, h, w)
 
     def lookup(self, codes):
         """z_q = e_k: codebook rows for integer codes of any shape -> codes.shape + (D,)."""
         return self.codebook[codes]
 
-    def _assign(self, z_e):
+    def check_codes(self, codes, xp):
+        return check_codes(codes, self.K, xp)
+
+    # --- codebook health: moves the codebook before a training batch is assigned
+    def health(self, z):
+        step = int(self.buffers["step"])
+        rng = step_rng(self.seed, step)
+        if self.kmeans_init and step == 0:
+            self.reseed(array_module(z).ones(self.K, dtype=bool), kmeans(z, self.K, rng))
+        elif self.restart_threshold > 0:
+            dead = self.usage < self.restart_threshold                 # (K,) codes not used lately
+            self.reseed(dead, z[array_module(z).asarray(rng.integers(0, len(z), self.K))])  # a random z_e for each
+        self.buffers["step"] += 1
+
+    @property
+    def usage(self):
+        return self.buffers["usage"]
+
+    def reseed(self, which, rows):
+        """Codes where `which` (K,) is true become `rows` (K, D); their usage starts at the threshold."""
+        self.codebook[...] = array_module(rows).where(which[:, None], rows, self.codebook)
+        if self.restart_threshold > 0:
+            self.usage[which] = self.restart_threshold
+
+    def track_usage(self, n_k):
+        if self.restart_threshold > 0:
+            self.usage[...] *= self.decay; self.usage[...] += (1 - self.decay) * n_k  # u_k <- decay u_k + (1 - decay) n_k
+
+    # --- training
+    def _assign(self, z_e, train):
         """Shared by both quantizers: codes, z_q and the usage statistics."""
-        xp = array_module(z_e)
         N, h, w, D = z_e.shape
         z = z_e.reshape(-1, D)                                         # (M, D)
+        if train and "step" in self.buffers:
+            self.health(z)
         codes = self.nearest(z)                                        # (M,)
         z_q = self.lookup(codes)                                       # (M, D), eq. 2
-        onehot = xp.zeros((len(codes), self.K), dtype=z.dtype)         # (M, K)
-        onehot[xp.arange(len(codes)), codes] = 1                       # one write per row: no repeats
-        p = xp.bincount(codes, minlength=self.K) / len(codes)          # (K,) code frequencies
-        stats = {"codes": codes.reshape(N, h, w),
-                 "perplexity": xp.exp(-(p * xp.log(p + 1e-10)).sum()),  # exp(entropy)
-                 "usage": (p > 0).mean()}                              # fraction of codes used
-        return z, z_q, onehot, stats
+        onehot = one_hot(codes, self.K, z.dtype)                       # (M, K)
+        return z, z_q, onehot, {"codes": codes.reshape(N, h, w), **code_stats(codes, self.K)}
 
     def forward(self, z_e, train=True):
-        z, z_q, onehot, stats = self._assign(z_e)
+        z, z_q, onehot, stats = self._assign(z_e, train)
         sq = ((z - z_q) ** 2).mean()                                   # both terms have this value ...
         stats["codebook"] = sq                                         # |sg[z_e] - e|^2: ... it moves e only
         stats["commitment"] = sq                                       # |z_e - sg[e]|^2: ... it moves z_e only
         stats["vq"] = stats["codebook"] + self.beta * stats["commitment"]
+        if train:
+            self.track_usage(onehot.sum(0))
         self.cache = (z, z_q, onehot)
         return z_q.reshape(z_e.shape), stats
 
@@ -392,19 +497,34 @@ class VectorQuantizerEMA(VectorQuantizer):
     was (until gamma^t nears eps). Starting N_k at 0 with m_k = e_k, as several public versions
     do, divides an unused code by ~eps and sends it far away on the first update; sonnet's
     zero-debiased averages instead move an unused code to the origin.
+
+    Codebook health as for VectorQuantizer, with N_k as the usage (as in Jukebox): a re-seeded
+    code gets N_k = threshold (1 without restarts) and m_k = N_k e_k, so e_k = m_k / N_k still holds.
     """
 
-    def __init__(self, K, D, beta=0.25, decay=0.99, eps=1e-5, init=None):
-        super().__init__(K, D, beta, init)
-        self.decay, self.eps = decay, eps
+    def __init__(self, K, D, beta=0.25, decay=0.99, eps=1e-5, init=None, kmeans_init=False, restart_threshold=0.0,
+                 seed=0):
+        super().__init__(K, D, beta, init, kmeans_init, 0.0, decay, seed)
+        self.restart_threshold, self.eps = restart_threshold, eps
+        if restart_threshold > 0:
+            self.buffers["step"] = np.zeros((), np.int64)
         xp = array_module(self.codebook)
         self.params = {}                                               # nothing for Adam
-        self.buffers = {"codebook": self.codebook,
-                        "ema_count": xp.ones(K, dtype=self.codebook.dtype),
-                        "ema_sum": self.codebook.copy()}
+        self.buffers.update(codebook=self.codebook, ema_count=xp.ones(K, dtype=self.codebook.dtype),
+                            ema_sum=self.codebook.copy())
+
+    @property
+    def usage(self):
+        return self.buffers["ema_count"]                               # N_k counts uses, as Jukebox's restarts do
+
+    def reseed(self, which, rows):
+        N, m, xp = self.buffers["ema_count"], self.buffers["ema_sum"], array_module(rows)
+        N[...] = xp.where(which, self.restart_threshold or 1.0, N)   # a fresh count: the threshold, or 1 as at the start
+        self.codebook[...] = xp.where(which[:, None], rows, self.codebook)
+        m[...] = xp.where(which[:, None], N[:, None] * rows, m)        # m_k = N_k e_k: consistent with e_k <- m_k / N_k
 
     def forward(self, z_e, train=True):
-        z, z_q, onehot, stats = self._assign(z_e)                      # with the codebook before the update
+        z, z_q, onehot, stats = self._assign(z_e, train)               # with the codebook before the update
         stats["commitment"] = ((z - z_q) ** 2).mean()                  # |z_e - sg[e]|^2
         stats["vq"] = self.beta * stats["commitment"]
         if train:
@@ -429,22 +549,83 @@ class VectorQuantizerEMA(VectorQuantizer):
         return dz_e.reshape(dz_q.shape)                                # no codebook gradient: EMA moves it
 
 
+class ResidualVQ:
+    """Residual vector quantization (SoundStream, Zeghidour et al. 2021; EnCodec, Défossez et al.
+    2022): S stages with their own K x D codebooks, each quantizing what the previous left over.
+
+        r_0 = z_e,   q_s = e^(s)_{k_s} nearest to r_s,   r_{s+1} = r_s - sg[q_s],   z_q = sum_s q_s
+
+    Codes are (N, S, h, w); K^S combinations from S K codebook rows. Each stage is an EMA
+    quantizer (as in SoundStream) with its own commitment term beta |r_s - sg[q_s]|^2.
+
+    The stop-gradient in r_{s+1} is what lets every stage's commitment reach the encoder:
+    dr_{s+1}/dr_s = I, so dz_e = dz_q + sum_s beta 2 (r_s - q_s) / n. Subtracting the stage's
+    straight-through output instead (r_{s+1} = r_s - (r_s + sg[q_s - r_s])), as some public code
+    does, has the same value but dr_{s+1}/dr_s = 0: the later stages' commitment never arrives.
+    """
+
+    def __init__(self, S, K, D, beta=0.25, decay=0.99, eps=1e-5, init=None, kmeans_init=False, restart_threshold=0.0,
+                 seed=0):
+        self.S, self.K, self.in_dim, self.out_dim = S, K, D, D
+        self.stages = {f"stage{s}": VectorQuantizerEMA(K, D, beta, decay, eps, init, kmeans_init, restart_threshold,
+                                                       (*np.ravel(seed), s)) for s in range(S)}
+        self.params, self.grads, self.buffers = {}, {}, gather(self.stages, "buffers")
+
+    def forward(self, z_e, train=True):
+        r, z_q, parts = z_e, 0, []
+        for q in self.stages.values():
+            q_s, stats = q.forward(r, train)                           # the code nearest to the residual r_s
+            z_q = z_q + q_s                                            # z_q = sum_s q_s
+            r = r - q_s                                                # r_{s+1} = r_s - sg[q_s]
+            parts.append(stats)
+        stats = {"codes": array_module(z_e).stack([p["codes"] for p in parts], 1)}  # (N, S, h, w)
+        for k in ("perplexity", "usage"):
+            stats[k] = sum(p[k] for p in parts) / self.S               # the stages' mean
+        stats["commitment"] = sum(p["commitment"] for p in parts)      # sum_s |r_s - sg[q_s]|^2
+        stats["vq"] = sum(p["vq"] for p in parts)
+        return z_q, stats
+
+    def backward(self, dz_q):
+        d = dz_q                                                       # straight-through: decoder's gradient copied to the encoder
+        for q in reversed(list(self.stages.values())):
+            d = q.backward(d)                                          # + stage s's commitment; dr_{s+1}/dr_s = I passes the rest on
+        return d
+
+    def quantize(self, z_e):
+        r, codes = z_e, []
+        for q in self.stages.values():
+            codes.append(q.quantize(r))
+            r = r - q.lookup(codes[-1])
+        return array_module(z_e).stack(codes, 1)                       # (N, S, h, w)
+
+    def lookup(self, codes):
+        """Codes (N, S, h, w) -> sum over stages of their codebook rows (N, h, w, D)."""
+        return sum(q.lookup(codes[:, s]) for s, q in enumerate(self.stages.values()))
+
+    def check_codes(self, codes, xp):
+        codes = check_codes(codes, self.K, xp, "(N, S, h, w)")
+        if codes.shape[1] != self.S:
+            raise ValueError(f"expected codes of shape (N, {self.S}, h, w) for {self.S} stages, got {codes.shape}")
+        return codes
+
+    @staticmethod
+    def to_grid(codes):
+        """(N, S, h, w) -> (N, h, w S): each position's S codes side by side, so that raster
+        order is position by position, stage by stage (the order of RQ-Transformer)."""
+        N, S, h, w = codes.shape
+        return codes.transpose(0, 2, 3, 1).reshape(N, h, w * S)       # (N, h, w, S) -> (N, h, w S)
+
+    @staticmethod
+    def from_grid(grid, S):
+        N, h, wS = grid.shape
+        return grid.reshape(N, h, wS // S, S).transpose(0, 3, 1, 2)    # (N, S, h, w)
+
+
 # -----------------------------------------------------------------------------
 # model
 
 
-def check_codes(codes, K, xp):
-    """Integer codes (N, h, w) in [0, K), moved to xp; a ValueError naming the problem otherwise.
-    The range is checked where the codes live, so host codes cost no device sync."""
-    shape = getattr(codes, "shape", None)
-    if shape is None or len(shape) != 3 or 0 in shape:
-        raise ValueError(f"expected integer codes of shape (N, h, w), got shape {shape}")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= K:
-        raise ValueError(f"codes must lie in [0, {K}), got values in [{lo}, {hi}]")
-    return xp.asarray(codes)
+QUANTIZERS = ("vq", "ema", "rvq", "fsq", "lfq", "gumbel")
 
 
 @dataclass
@@ -457,9 +638,19 @@ class Config:
     codebook_size: int = 512   # K: codes in each level's codebook
     code_dim: int = 64         # D: dimension of a code vector
     beta: float = 0.25         # commitment cost
-    quantizer: str = "vq"      # 'vq' (codebook loss) or 'ema' (moving averages)
-    ema_decay: float = 0.99    # gamma of the EMA quantizer
+    quantizer: str = "vq"      # one of QUANTIZERS below
+    ema_decay: float = 0.99    # gamma of the EMA quantizer (and of the usage that restarts watch)
     ema_eps: float = 1e-5      # Laplace smoothing of the EMA counts
+    kmeans_init: bool = False  # vq, ema, rvq: the codebook starts as k-means of the first batch's z_e
+    restart_threshold: float = 0.0  # vq, ema, rvq: > 0 re-seeds a code whose usage falls below it (Jukebox: 1)
+    rvq_stages: int = 4        # S: stages of residual VQ
+    fsq_levels: tuple = (8, 6, 5)  # L_i of FSQ: prod L_i = 240 codes (the FSQ paper's levels for ~2^8)
+    lfq_entropy_weight: float = 0.1  # LFQ: weight of the entropy penalty
+    lfq_temperature: float = 0.1     # LFQ: temperature of the code distribution in the entropy penalty
+    gumbel_kl_weight: float = 1e-3   # Gumbel: weight of KL(q || uniform)
+    gumbel_temperature: float = 1.0  # Gumbel: softmax temperature at the start ...
+    gumbel_temperature_min: float = 1 / 16  # ... annealed to this (DALL-E's 1/16) ...
+    gumbel_anneal_steps: int = 2000  # ... over this many training steps
     dtype: str = "float32"
     seed: int = 0              # seeds the parameter initialisation
 
@@ -473,12 +664,32 @@ class Config:
             raise ValueError(f"res_blocks must be a non-negative integer, got {self.res_blocks!r}")
         if self.levels not in (1, 2):
             raise ValueError(f"levels must be 1 or 2, got {self.levels!r}")
-        if self.quantizer not in ("vq", "ema"):
-            raise ValueError(f"quantizer must be 'vq' or 'ema', got {self.quantizer!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        self.fsq_levels = tuple(self.fsq_levels)                       # a list when read back from JSON
+        if not self.fsq_levels or not all(isinstance(L, int) and L >= 2 for L in self.fsq_levels):
+            raise ValueError(f"fsq_levels must be integers >= 2, got {self.fsq_levels!r}")
+        if self.quantizer == "lfq" and (self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1)
+                                        or self.codebook_size > 2**16):
+            raise ValueError(f"lfq needs a codebook_size that is a power of 2 from 2 to 2^16 (K = 2^bits), "
+                             f"got {self.codebook_size}")
+        if not isinstance(self.rvq_stages, int) or self.rvq_stages < 1:
+            raise ValueError(f"rvq_stages must be a positive integer, got {self.rvq_stages!r}")
+        for name in ("restart_threshold", "lfq_entropy_weight", "gumbel_kl_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lfq_temperature", "gumbel_temperature", "gumbel_temperature_min", "gumbel_anneal_steps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    @property
+    def num_codes(self):
+        """K of the codes the model emits: the codebook size, or FSQ's implicit prod L_i."""
+        return math.prod(self.fsq_levels) if self.quantizer == "fsq" else self.codebook_size
 
     @property
     def downsample(self):
@@ -521,10 +732,22 @@ def make_decoder(in_ch, out_ch, cfg, init, stride=4):
     return Sequential(*layers)
 
 
-def make_quantizer(cfg, init):
+def make_quantizer(cfg, init, seed):
+    """The quantizer named by cfg.quantizer, with its settings from cfg."""
+    K, D, health = cfg.codebook_size, cfg.code_dim, dict(kmeans_init=cfg.kmeans_init,
+                                                        restart_threshold=cfg.restart_threshold, seed=seed)
+    if cfg.quantizer == "vq":
+        return VectorQuantizer(K, D, cfg.beta, init, decay=cfg.ema_decay, **health)
     if cfg.quantizer == "ema":
-        return VectorQuantizerEMA(cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.ema_decay, cfg.ema_eps, init)
-    return VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, init)
+        return VectorQuantizerEMA(K, D, cfg.beta, cfg.ema_decay, cfg.ema_eps, init, **health)
+    if cfg.quantizer == "rvq":
+        return ResidualVQ(cfg.rvq_stages, K, D, cfg.beta, cfg.ema_decay, cfg.ema_eps, init, **health)
+    if cfg.quantizer == "fsq":
+        return FSQ(cfg.fsq_levels)
+    if cfg.quantizer == "lfq":
+        return LFQ(int(math.log2(K)), cfg.beta, cfg.lfq_entropy_weight, cfg.lfq_temperature)
+    return GumbelQuantizer(K, D, cfg.gumbel_kl_weight, cfg.gumbel_temperature, cfg.gumbel_temperature_min,
+                           cfg.gumbel_anneal_steps, init, seed)
 
 
 class VQVAE:
@@ -547,18 +770,21 @@ class VQVAE:
         init = uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
         H, D = cfg.hidden, cfg.code_dim
         self.downsample = cfg.downsample
+        self.quantizer = q = make_quantizer(cfg, init, seed=(cfg.seed, 0))  # its sizes set its neighbours'
         self.encoder = make_encoder(cfg.in_channels, cfg, init)
-        self.pre_quant = Conv2d(H + D * (cfg.levels - 1), D, 1, init=init)
-        self.quantizer = make_quantizer(cfg, init)
-        self.decoder = make_decoder(D * cfg.levels, cfg.in_channels, cfg, init)
+        self.pre_quant = Conv2d(H + D * (cfg.levels - 1), q.in_dim, 1, init=init)
+        if cfg.levels == 1:
+            self.decoder = make_decoder(q.out_dim, cfg.in_channels, cfg, init)
+        else:
+            self.top_quantizer = top = make_quantizer(cfg, init, seed=(cfg.seed, 1))
+            self.decoder = make_decoder(top.out_dim + q.out_dim, cfg.in_channels, cfg, init)
+            self.top_encoder = make_encoder(H, cfg, init, stride=2, input_grad=True)
+            self.top_pre_quant = Conv2d(H, top.in_dim, 1, init=init)
+            self.top_decoder = make_decoder(top.out_dim, D, cfg, init, stride=2)  # conditions the bottom code
+            self.upsample_top = ConvTranspose2d(top.out_dim, top.out_dim, 4, stride=2, padding=1, init=init)  # for the decoder
         self.parts = {"encoder": self.encoder, "pre_quant": self.pre_quant, "quantizer": self.quantizer,
                       "decoder": self.decoder}
         if cfg.levels == 2:
-            self.top_encoder = make_encoder(H, cfg, init, stride=2, input_grad=True)
-            self.top_pre_quant = Conv2d(H, D, 1, init=init)
-            self.top_quantizer = make_quantizer(cfg, init)
-            self.top_decoder = make_decoder(D, D, cfg, init, stride=2)          # conditions the bottom code
-            self.upsample_top = ConvTranspose2d(D, D, 4, stride=2, padding=1, init=init)  # for the decoder
             self.parts.update(top_encoder=self.top_encoder, top_pre_quant=self.top_pre_quant,
                               top_quantizer=self.top_quantizer, top_decoder=self.top_decoder,
                               upsample_top=self.upsample_top)
@@ -620,7 +846,7 @@ class VQVAE:
         if self.cfg.levels == 1:
             df = self.pre_quant.backward(self.quantizer.backward(d_in))  # straight-through + commitment
         else:
-            D, H = self.cfg.code_dim, self.cfg.hidden
+            D, H = self.top_quantizer.out_dim, self.cfg.hidden
             d_up, dz_q = d_in[..., :D], d_in[..., D:]                  # x_hat = decoder([upsample_top(z_q_top), z_q])
             d_pre = self.pre_quant.backward(self.quantizer.backward(dz_q))  # straight-through + commitment
             df, d_top = d_pre[..., :H], d_pre[..., H:]                 # z_e = pre_quant([f, top_decoder(z_q_top)])
@@ -637,36 +863,31 @@ class VQVAE:
 
     # --- the tokenizer: images <-> integer codes
     def encode(self, x):
-        """Images (N, H, W, C) -> codes (N, H/4, W/4) in [0, K); for two levels, the pair
-        (top codes (N, H/8, W/8), bottom codes (N, H/4, W/4))."""
+        """Images (N, H, W, C) -> codes (N, H/4, W/4) in [0, K) (residual VQ: (N, S, H/4, W/4));
+        for two levels, the pair (top codes at H/8, bottom codes at H/4)."""
         f = self.encoder.forward(self.check_images(x))
         if self.cfg.levels == 1:
-            return self.nearest_grid(self.quantizer, self.pre_quant.forward(f))
-        top = self.nearest_grid(self.top_quantizer, self.top_pre_quant.forward(self.top_encoder.forward(f)))
+            return self.quantizer.quantize(self.pre_quant.forward(f))
+        top = self.top_quantizer.quantize(self.top_pre_quant.forward(self.top_encoder.forward(f)))
         d_top = self.top_decoder.forward(self.top_quantizer.lookup(top))
-        return top, self.nearest_grid(self.quantizer, self.pre_quant.forward(self.xp.concatenate([f, d_top], -1)))
-
-    @staticmethod
-    def nearest_grid(quantizer, z_e):
-        N, h, w, D = z_e.shape
-        return quantizer.nearest(z_e.reshape(-1, D)).reshape(N, h, w)
+        return top, self.quantizer.quantize(self.pre_quant.forward(self.xp.concatenate([f, d_top], -1)))
 
     def decode(self, codes, bottom=None):
         """Codes (N, h, w) -> images (N, 4h, 4w, C). Two levels: decode(top, bottom) with top
         (N, h, w) and bottom (N, 2h, 2w) -> (N, 8h, 8w, C); with bottom=None the decoder gets
         zeros in place of the bottom code vectors, which shows what the top level carries by
         itself (as in VQ-VAE-2's reconstructions from each level)."""
-        K = self.cfg.codebook_size
         if self.cfg.levels == 1:
             if bottom is not None:
                 raise ValueError("this model has one level: decode(codes) takes no bottom codes")
-            return self.decoder.forward(self.quantizer.lookup(check_codes(codes, K, self.xp)))
-        z_q_top = self.top_quantizer.lookup(check_codes(codes, K, self.xp))  # (N, h, w, D)
-        N, h, w, D = z_q_top.shape
+            return self.decoder.forward(self.quantizer.lookup(self.quantizer.check_codes(codes, self.xp)))
+        q, top = self.quantizer, self.top_quantizer
+        z_q_top = top.lookup(top.check_codes(codes, self.xp))          # (N, h, w, D)
+        N, h, w, _ = z_q_top.shape
         if bottom is None:
-            z_q = self.xp.zeros((N, 2 * h, 2 * w, D), dtype=z_q_top.dtype)
+            z_q = self.xp.zeros((N, 2 * h, 2 * w, q.out_dim), dtype=z_q_top.dtype)
         else:
-            z_q = self.quantizer.lookup(check_codes(bottom, K, self.xp))
+            z_q = q.lookup(q.check_codes(bottom, self.xp))
             if z_q.shape[:3] != (N, 2 * h, 2 * w):
                 raise ValueError(f"bottom codes must have shape {(N, 2 * h, 2 * w)} for top codes of shape "
                                  f"{(N, h, w)}, got {z_q.shape[:3]}")
@@ -700,7 +921,7 @@ def load_arrays(live, state, xp):
             raise ValueError(f"checkpoint has no array {k!r}")
         if tuple(state[k].shape) != v.shape:
             raise ValueError(f"checkpoint array {k!r} has shape {tuple(state[k].shape)}, model expects {v.shape}")
-        v[...] = xp.asarray(state[k], dtype=v.dtype)
+        v[...] = array_module(v).asarray(state[k], dtype=v.dtype)  # host counters stay on the host
 
 
 def read_checkpoint(cls, config_cls, path, device=None):
