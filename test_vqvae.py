@@ -383,6 +383,186 @@ def test_ema_gradient_to_z_e_is_decoder_gradient_plus_commitment_only(case, beta
 
 
 # -----------------------------------------------------------------------------
+# codebook health: k-means initialisation, dead-code restarts
+
+
+@given(seed=seeds, K=st.integers(2, 9))
+def test_kmeans_centroids_are_the_means_of_their_points_and_beat_the_start(seed, K):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((K, 3)) * 5
+    z = centres[rng.integers(0, K, 200)] + rng.standard_normal((200, 3))
+    start = z[np.random.default_rng(seed).choice(200, K, replace=False)]   # what kmeans starts from
+    C = V.kmeans(z, K, np.random.default_rng(seed), iters=50)
+    codes = V.nearest(z, C)
+    for k in np.unique(codes):                                         # Lloyd's fixed point
+        np.testing.assert_allclose(C[k], z[codes == k].mean(0), atol=1e-9)
+    sse = lambda E: ((z - E[V.nearest(z, E)]) ** 2).sum()
+    assert sse(C) <= sse(start) + 1e-9
+
+
+@pytest.mark.parametrize("cls", [V.VectorQuantizer, V.VectorQuantizerEMA])
+def test_kmeans_init_sets_the_codebook_on_the_first_training_batch_only(cls):
+    rng = np.random.default_rng(0)
+    vq = cls(8, 3, kmeans_init=True, seed=(5, 0))
+    z_e = (rng.standard_normal((4, 4, 4, 3)) + 10).astype(np.float32)  # far from the initial (float32) codebook
+    expected = V.kmeans(z_e.reshape(-1, 3), 8, V.step_rng((5, 0), 0))
+    vq.forward(z_e, train=False)                                       # evaluation moves nothing
+    assert int(vq.buffers["step"]) == 0 and np.abs(vq.codebook).max() < 1
+    z_q, stats = vq.forward(z_e, train=True)
+    if cls is V.VectorQuantizer:
+        np.testing.assert_array_equal(vq.codebook, expected)
+    else:                                                              # then one EMA step from m_k = e_k, N_k = 1
+        assert np.abs(vq.codebook - expected).max() < 1
+    np.testing.assert_array_equal(z_q.reshape(-1, 3), expected[V.nearest(z_e.reshape(-1, 3), expected)])
+    assert int(vq.buffers["step"]) == 1
+    before = vq.codebook.copy()
+    vq.forward(z_e + 5, train=True)                                    # no second k-means
+    if cls is V.VectorQuantizer:
+        np.testing.assert_array_equal(vq.codebook, before)
+
+
+def far_codebook_usage(cls, restart_threshold, steps=60):
+    """Fraction of K=16 codes used on a held-out sample after training a quantizer alone on
+    N(0, I) data, its codebook initialised far away (+10): each code's loss only moves the
+    codes that win nearest-neighbour contests, so all but one stay where they started."""
+    rng = np.random.default_rng(0)
+    init = lambda shape, bound: 10 + rng.uniform(-0.1, 0.1, shape)
+    vq = cls(16, 4, init=init, restart_threshold=restart_threshold, seed=1)
+    opt = V.Adam(vq.params, lr=0.1)
+    for _ in range(steps):
+        vq.forward(rng.standard_normal((8, 8, 8, 4)), train=True)
+        vq.backward(np.zeros((8, 8, 8, 4)))
+        opt.step(vq.grads)
+    held_out = rng.standard_normal((16, 8, 8, 4))
+    return float(V.code_stats(vq.quantize(held_out), 16)["usage"])
+
+
+@pytest.mark.parametrize("cls", [V.VectorQuantizer, V.VectorQuantizerEMA])
+def test_far_initialised_codebook_collapses_without_restarts_and_not_with_them(cls):
+    assert far_codebook_usage(cls, 0.0) <= 2 / 16
+    assert far_codebook_usage(cls, 1.0) >= 0.9
+
+
+def test_restart_reseeds_dead_codes_from_the_batch_with_consistent_ema_statistics():
+    rng = np.random.default_rng(0)
+    vq = V.VectorQuantizerEMA(6, 2, restart_threshold=1.0, seed=3)
+    z_e = rng.standard_normal((2, 2, 2, 2)).astype(np.float32)       # as the (float32) codebook
+    vq.buffers["ema_count"][:] = [5, 0.5, 5, 0.2, 5, 5]                # codes 1 and 3 are dead
+    live = vq.codebook[[0, 2, 4, 5]].copy()
+    rows = z_e.reshape(-1, 2)[V.step_rng(3, 0).integers(0, 8, 6)]      # the draws of step 0
+    vq.health(z_e.reshape(-1, 2))
+    np.testing.assert_array_equal(vq.codebook[[1, 3]], rows[[1, 3]])   # re-seeded with batch vectors
+    np.testing.assert_array_equal(vq.codebook[[0, 2, 4, 5]], live)     # the others untouched
+    np.testing.assert_array_equal(vq.buffers["ema_count"], [5, 1, 5, 1, 5, 5])
+    N, m = vq.buffers["ema_count"], vq.buffers["ema_sum"]
+    np.testing.assert_allclose(m[[1, 3]], N[[1, 3], None] * vq.codebook[[1, 3]])  # e_k = m_k / N_k
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema", "rvq"])
+def test_training_with_restarts_and_kmeans_resumes_exactly(quantizer):
+    cfg = tiny_config(quantizer=quantizer, kmeans_init=True, restart_threshold=2.0, rvq_stages=2)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, 8, 8, 2)) for _ in range(4)]
+    a = V.VQVAE(cfg, device="cpu")
+    opt_a = V.Adam(a.params, lr=1e-2)
+    for x in xs[:2]:
+        a.train_step(x, opt_a)
+    b = V.VQVAE(cfg, device="cpu")
+    b.load_state_dict(a.state_dict())                                  # the step counters travel with the state
+    opt_b = V.Adam(b.params, lr=1e-2)
+    opt_b.load_state_dict(opt_a.state_dict())
+    for x in xs[2:]:
+        a.train_step(x, opt_a), b.train_step(x, opt_b)
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
+
+
+# -----------------------------------------------------------------------------
+# residual VQ
+
+
+def frozen_rvq_loss(rvq, z_e0):
+    """The residual VQ loss with every stop-gradient a constant taken at z_e0:
+    z_q = z_e + sg[sum_s q_s - z_e], vq = beta sum_s mean((r_s - sg[q_s])^2) with
+    r_s = z_e - sum_{j<s} sg[q_j]."""
+    codes = rvq.quantize(z_e0)
+    q = [stage.lookup(codes[:, s]) for s, stage in enumerate(rvq.stages.values())]
+    beta = next(iter(rvq.stages.values())).beta
+
+    def forward(z_e):
+        r, vq = z_e, 0.0
+        for q_s in q:
+            vq += beta * np.mean((r - q_s) ** 2)
+            r = r - q_s
+        return z_e + (sum(q) - z_e0), vq
+    return forward
+
+
+@given(seed=seeds, S=st.integers(1, 4))
+def test_rvq_gradient_matches_finite_differences_and_every_stage_commitment_reaches_the_encoder(seed, S):
+    rng = np.random.default_rng(seed)
+    rvq = V.ResidualVQ(S, 5, 3, init=lambda shape, bound: rng.standard_normal(shape))  # float64
+    z_e = rng.standard_normal((2, 3, 3, 3))
+    z_q, stats = rvq.forward(z_e, train=False)
+    g = rng.standard_normal(z_q.shape)
+    dz_e = rvq.backward(g)
+    surrogate = frozen_rvq_loss(rvq, z_e)
+    z_q0, vq0 = surrogate(z_e)
+    np.testing.assert_allclose(z_q0, z_q, atol=1e-12)                  # the surrogate has the forward's values
+    np.testing.assert_allclose(vq0, stats["vq"], rtol=1e-12)
+
+    a = z_e.copy()
+
+    def f():
+        z_q, vq = surrogate(a)
+        return (g * z_q).sum() + vq
+    num = numerical_grad(f, a)
+    assert rel_error(dz_e, num) < 1e-6
+    # the commitment part alone: every stage's residual, not only the first
+    dz_commit = rvq.backward(np.zeros_like(g))
+    codes = rvq.quantize(z_e)
+    r, expected = z_e, 0
+    for s, stage in enumerate(rvq.stages.values()):
+        q_s = stage.lookup(codes[:, s])
+        expected = expected + 0.25 * 2 * (r - q_s) / r.size
+        if s == 0:
+            first_only = expected
+        r = r - q_s
+    np.testing.assert_allclose(dz_commit, expected, atol=1e-12)
+    if S > 1:
+        assert not np.allclose(dz_commit, first_only)
+
+
+@given(seed=seeds, S=st.integers(1, 4))
+def test_rvq_codes_round_trip_and_residuals_shrink(seed, S):
+    rng = np.random.default_rng(seed)
+    z_e = rng.standard_normal((3, 2, 4, 4))
+    rvq = V.ResidualVQ(S, 16, 4, kmeans_init=True, seed=seed % 1000)
+    rvq.forward(z_e, train=True)                                       # k-means on the residuals of each stage
+    codes = rvq.quantize(z_e)
+    assert codes.shape == (3, S, 2, 4) and codes.min() >= 0 and codes.max() < 16
+    z_q, stats = rvq.forward(z_e, train=False)
+    np.testing.assert_array_equal(stats["codes"], codes)
+    np.testing.assert_allclose(rvq.lookup(codes), z_q)
+    np.testing.assert_array_equal(V.ResidualVQ.from_grid(V.ResidualVQ.to_grid(codes), S), codes)
+    assert V.ResidualVQ.to_grid(codes)[0, 0, :S].tolist() == codes[0, :, 0, 0].tolist()  # a position's stages side by side
+    errors = [np.mean((z_e - sum(st.lookup(codes[:, j]) for j, st in enumerate(rvq.stages.values())
+                                if j <= s)) ** 2) for s in range(S)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))   # each stage can only help: e_k vs 0 is its choice
+    assert errors[-1] < np.mean(z_e ** 2)
+
+
+def test_rvq_check_codes_names_the_problem():
+    rvq = V.ResidualVQ(3, 8, 2)
+    with pytest.raises(ValueError, match=r"expected integer codes of shape \(N, S, h, w\), got shape \(2, 4, 4\)"):
+        rvq.check_codes(np.zeros((2, 4, 4), int), np)
+    with pytest.raises(ValueError, match=r"expected codes of shape \(N, 3, h, w\) for 3 stages"):
+        rvq.check_codes(np.zeros((2, 2, 4, 4), int), np)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 8\), got values in \[8, 8\]"):
+        rvq.check_codes(np.full((2, 3, 4, 4), 8), np)
+
+
+# -----------------------------------------------------------------------------
 # whole model
 
 
