@@ -7,6 +7,7 @@ floats come from that seed. Profiles: VQVAE_HYPOTHESIS=ci (default, quick and de
 or VQVAE_HYPOTHESIS=thorough (many more examples).
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -560,6 +561,405 @@ def test_rvq_check_codes_names_the_problem():
         rvq.check_codes(np.zeros((2, 2, 4, 4), int), np)
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 8\), got values in \[8, 8\]"):
         rvq.check_codes(np.full((2, 3, 4, 4), 8), np)
+
+
+# -----------------------------------------------------------------------------
+# FSQ, LFQ, Gumbel: helpers
+
+
+def grid(draw, C):
+    """An (N, h, w, C) shape."""
+    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), C
+
+
+def make(kind, seed, dtype="float64", xp=np):
+    """A small quantizer of each kind, on xp, and a host input for it."""
+    init = V.uniform_init(np.random.default_rng(seed), xp, dtype)
+    q = {"fsq": lambda: V.FSQ([3, 4, 2], init=init),
+         "lfq": lambda: V.LFQ(4, init=init),
+         "gumbel": lambda: V.GumbelQuantizer(6, 3, init=init, seed=seed)}[kind]()
+    z_e = (2 * np.random.default_rng(seed).standard_normal((2, 3, 2, q.in_dim))).astype(dtype)
+    return q, z_e
+
+
+def vq_parts(kind, q, stats):
+    """What 'vq' should sum, from the reported parts."""
+    return {"fsq": lambda: 0.0,
+            "lfq": lambda: q.beta * stats["commitment"] + q.entropy_weight * stats["entropy"],
+            "gumbel": lambda: q.kl_weight * stats["kl"]}[kind]()
+
+
+# -----------------------------------------------------------------------------
+# all three: the interface
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+@given(seed=seeds)
+def test_interface_shapes_stats_and_eval_z_q_is_lookup_of_quantize(kind, seed):
+    q, z_e = make(kind, seed)
+    z_q, stats = q.forward(z_e, train=True)
+    assert z_q.shape == z_e.shape[:3] + (q.out_dim,)
+    assert all(np.ndim(v) == 0 for k, v in stats.items() if k != "codes")
+    codes = stats["codes"]
+    assert codes.shape == z_e.shape[:3] and np.issubdtype(codes.dtype, np.integer)
+    assert codes.min() >= 0 and codes.max() < q.K
+    np.testing.assert_array_equal(codes, q.quantize(z_e))             # train-mode codes are the deterministic ones
+    np.testing.assert_allclose(stats["vq"], vq_parts(kind, q, stats), rtol=1e-12, atol=0)
+    z_q_eval, _ = q.forward(z_e, train=False)
+    np.testing.assert_array_equal(q.lookup(q.quantize(z_e)), z_q_eval)
+    np.testing.assert_array_equal(q.lookup(q.check_codes(codes, np)), z_q_eval)
+    dz_e = q.backward(np.random.default_rng(seed).standard_normal(z_q.shape))
+    assert dz_e.shape == z_e.shape
+    assert set(q.grads) == set(q.params)
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+def test_check_codes_names_the_problem(kind):
+    q, _ = make(kind, 0)
+    ok = np.zeros((1, 2, 2), np.int64)
+    assert q.check_codes(ok, np) is not None
+    with pytest.raises(ValueError, match="shape"):
+        q.check_codes(np.zeros((2, 2), np.int64), np)
+    with pytest.raises(ValueError, match="integer"):
+        q.check_codes(ok.astype(np.float32), np)
+    with pytest.raises(ValueError, match=rf"\[0, {q.K}\)"):
+        q.check_codes(ok + q.K, np)
+    with pytest.raises(ValueError, match=rf"\[0, {q.K}\)"):
+        q.check_codes(ok - 1, np)
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+def test_float32_in_float32_out_and_gradients_stay_float32(kind):
+    q, z_e = make(kind, 3, "float32")
+    z_q, stats = q.forward(z_e, train=True)
+    dz_e = q.backward(np.random.default_rng(0).standard_normal(z_q.shape).astype(np.float32))
+    assert z_q.dtype == dz_e.dtype == np.float32
+    assert stats["vq"].dtype == np.float32
+    assert q.lookup(stats["codes"]).dtype == np.float32
+    for k, p in q.params.items():
+        assert q.grads[k].dtype == p.dtype == np.float32
+    assert np.all(np.isfinite(dz_e))
+
+
+# -----------------------------------------------------------------------------
+# FSQ
+
+
+def fsq_expected_levels(L):
+    return np.arange(-(L // 2), L - L // 2) if L % 2 == 0 else np.arange(-(L - 1) // 2, (L - 1) // 2 + 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fsq_even_L_gives_L_values_from_minus_L_over_2_and_odd_L_symmetric_values(dtype):
+    levels = [2, 3, 4, 5, 6, 7, 8, 9, 16]
+    q = V.FSQ(levels, init=V.uniform_init(np.random.default_rng(0), np, dtype))
+    z = np.concatenate([np.linspace(-12, 12, 4001), [-1e4, 1e4, 0.0]]).astype(dtype)
+    z_e = np.repeat(z[:, None], len(levels), 1).reshape(1, 1, -1, len(levels))
+    z_q, _ = q.forward(z_e)
+    for i, L in enumerate(levels):
+        z_hat = z_q[..., i] * (L // 2)
+        np.testing.assert_array_equal(z_hat, np.round(z_hat))         # integers
+        np.testing.assert_array_equal(np.unique(z_hat), fsq_expected_levels(L), err_msg=f"L = {L}")
+        assert z_hat[0, 0, -1] == 0                                    # z = 0 -> the level 0
+
+
+@st.composite
+def fsq_levels(draw):
+    return draw(st.lists(st.integers(2, 8), min_size=1, max_size=4).filter(lambda ls: math.prod(ls) <= 600))
+
+
+@given(fsq_levels())
+def test_fsq_index_is_a_bijection_codes_to_z_q_to_codes(levels):
+    q = V.FSQ(levels, init=f64_init(0))
+    assert q.K == math.prod(levels) and q.in_dim == q.out_dim == len(levels)
+    codes = np.arange(q.K).reshape(1, 1, q.K)
+    z_q = q.lookup(codes)                                              # (1, 1, K, d)
+    assert len(np.unique(z_q.reshape(q.K, -1), axis=0)) == q.K        # K distinct grid points
+    for i, L in enumerate(levels):
+        assert set(np.unique(z_q[..., i] * (L // 2))) == set(fsq_expected_levels(L))
+    # an encoder output that lands on each grid point: bound^-1(z_hat) = atanh((z_hat + offset) / half_l) - shift
+    L = np.array(levels)
+    half_l, offset = (L - 1) * (1 + 1e-3) / 2, np.where(L % 2 == 0, 0.5, 0.0)
+    z_e = np.arctanh((z_q * (L // 2) + offset) / half_l) - np.arctanh(offset / half_l)
+    np.testing.assert_array_equal(q.quantize(z_e), codes)              # every index reachable, and recovered
+    np.testing.assert_array_equal(q.forward(z_e, train=False)[0], z_q)
+
+
+@given(fsq_levels(), seeds)
+def test_fsq_codes_are_the_mixed_radix_number_of_the_digits(levels, seed):
+    q = V.FSQ(levels, init=f64_init(seed))
+    z_e = 3 * np.random.default_rng(seed).standard_normal((2, 3, 3, len(levels)))
+    z_q, stats = q.forward(z_e)
+    code = np.zeros(z_e.shape[:3], np.int64)
+    for i in reversed(range(len(levels))):                             # Horner: ((d_{n-1}) L_{n-2} + d_{n-2}) ...
+        code = code * levels[i] + (np.round(z_q[..., i] * (levels[i] // 2)).astype(np.int64) + levels[i] // 2)
+    np.testing.assert_array_equal(stats["codes"], code)
+    assert stats["vq"] == 0 and q.params == {} and q.buffers == {}
+
+
+@given(fsq_levels(), seeds)
+def test_fsq_gradient_is_the_straight_through_estimator(levels, seed):
+    rng = np.random.default_rng(seed)
+    q = V.FSQ(levels, init=f64_init(seed))
+    z_e = 1.5 * rng.standard_normal((2, 2, 3, len(levels)))
+    z_q, _ = q.forward(z_e)
+    dz_q = rng.standard_normal(z_q.shape)                              # random upstream gradient
+    dz_e = q.backward(dz_q)
+    L = np.array(levels)
+    half_l, offset = (L - 1) * (1 + 1e-3) / 2, np.where(L % 2 == 0, 0.5, 0.0)
+    bound = lambda z: np.tanh(z + np.arctanh(offset / half_l)) * half_l - offset  # the paper's formula
+    frozen = np.round(bound(z_e)) - bound(z_e.copy())                  # sg[round(b) - b] at the base point
+    surrogate = lambda z: (bound(z) + frozen) / (L // 2)               # value z_q, gradient that of bound / (L // 2)
+    np.testing.assert_allclose(surrogate(z_e), z_q, atol=1e-12)
+    x = z_e.copy()
+    assert rel_error(dz_e, numerical_grad(lambda: np.sum(surrogate(x) * dz_q), x), 1e-3) < 1e-6
+
+
+def test_fsq_rejects_bad_levels():
+    with pytest.raises(ValueError, match="at least 2"):
+        V.FSQ([4, 1])
+    with pytest.raises(ValueError, match="at least"):
+        V.FSQ([])
+
+
+# -----------------------------------------------------------------------------
+# LFQ
+
+
+def lfq_penalty(z, T):
+    """E_m[H(p_m)] - H(E_m[p_m]) with p_m = softmax_c(-|z_m - c|^2 / T) over every +-1 vector c,
+    straight from the definition (distances, not the dot-product shortcut)."""
+    d = z.shape[1]
+    C = np.array([[1.0 if (k >> i) & 1 else -1.0 for i in range(d)] for k in range(2 ** d)])  # (K, d)
+    logits = -((z[:, None, :] - C[None]) ** 2).sum(-1) / T            # (M, K)
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    H = lambda p: -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
+    return H(p).mean() - H(p.mean(0))
+
+
+@st.composite
+def lfq_case(draw):
+    bits = draw(st.integers(1, 5))
+    return bits, grid(draw, bits), draw(st.sampled_from([0.01, 0.3, 1.0, 3.0])), draw(seeds)
+
+
+@given(lfq_case())
+def test_lfq_index_is_the_bits_of_the_signs(case):
+    bits, shape, T, seed = case
+    q = V.LFQ(bits, temperature=T, init=f64_init(seed))
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    z_q, stats = q.forward(z_e)
+    np.testing.assert_array_equal(z_q, np.where(z_e > 0, 1.0, -1.0))
+    expected = sum((z_e[..., i] > 0).astype(np.int64) << i for i in range(bits))
+    np.testing.assert_array_equal(stats["codes"], expected)
+    C = np.array([[1.0 if (k >> i) & 1 else -1.0 for i in range(bits)] for k in range(2 ** bits)])
+    nearest = np.argmin(((z_e[..., None, :] - C) ** 2).sum(-1), -1)   # the nearest corner of the cube
+    np.testing.assert_array_equal(stats["codes"], nearest)
+    np.testing.assert_array_equal(q.lookup(np.arange(q.K)), C)        # row k of the implicit codebook is code k
+    all_codes = np.arange(q.K).reshape(1, 1, q.K)
+    np.testing.assert_array_equal(q.quantize(q.lookup(all_codes)), all_codes)  # round trip, every index
+
+
+@given(lfq_case(), st.sampled_from([0.0, 0.25]), st.sampled_from([0.1, 1.0]))
+def test_lfq_losses_equal_the_formula_and_the_penalty_lies_in_minus_log_K_to_0(case, beta, weight):
+    bits, shape, T, seed = case
+    q = V.LFQ(bits, beta, weight, T, init=f64_init(seed))
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    z_q, s = q.forward(z_e)
+    np.testing.assert_allclose(s["commitment"], np.mean((z_e - z_q) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(s["entropy"], lfq_penalty(z_e.reshape(-1, bits), T), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(s["vq"], beta * s["commitment"] + weight * s["entropy"], rtol=1e-12)
+    assert -bits * math.log(2) - 1e-9 <= s["entropy"] <= 1e-9        # Jensen: H(mean p) >= mean H(p)
+
+
+@given(lfq_case(), st.sampled_from([0.0, 0.25]))
+def test_lfq_gradient_is_straight_through_plus_commitment_plus_entropy_penalty(case, beta):
+    bits, shape, T, seed = case
+    rng = np.random.default_rng(seed)
+    q = V.LFQ(bits, beta, 0.3, T, init=f64_init(seed))
+    z_e = (0.5 + 2 * T) * rng.standard_normal(shape)                   # on the scale of T: the penalty's gradient is alive
+    z_q, _ = q.forward(z_e)
+    dz_q = rng.standard_normal(z_q.shape)
+    dz_e = q.backward(dz_q)
+    q0 = z_q.copy()                                                    # sg[q]: the sign frozen at the base point
+
+    def loss():                                                        # <z + sg[q - z], dz_q> + beta |z - sg[q]|^2 + w penalty
+        return (np.sum((x + (q0 - z_e)) * dz_q) + beta * np.mean((x - q0) ** 2)
+                + 0.3 * lfq_penalty(x.reshape(-1, bits), T))
+
+    x = z_e.copy()
+    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-6
+
+
+def test_lfq_zero_is_the_minus_one_side_in_forward_quantize_and_lookup_alike():
+    q = V.LFQ(3, init=f64_init(0))
+    z_e = np.array([0.0, 0.5, -0.0, -2.0, 0.0, 1e-300]).reshape(1, 2, 1, 3)
+    z_q, stats = q.forward(z_e)
+    np.testing.assert_array_equal(z_q.ravel(), [-1, 1, -1, -1, -1, 1])
+    np.testing.assert_array_equal(stats["codes"].ravel(), [2, 4])
+    np.testing.assert_array_equal(q.quantize(z_e), stats["codes"])
+    np.testing.assert_array_equal(q.lookup(stats["codes"]), z_q)
+
+
+def test_lfq_penalty_is_lower_for_a_confident_even_batch_than_for_a_collapsed_or_unsure_one():
+    bits = 4
+    q = V.LFQ(bits, temperature=0.5, init=f64_init(0))
+    C = q.lookup(np.arange(q.K))                                       # (16, 4)
+    even = np.tile(3 * C, (2, 1)).reshape(2, 4, 4, bits)               # every code twice, far from the boundaries
+    collapsed = np.tile(3 * C[5], (32, 1)).reshape(2, 4, 4, bits)      # one code everywhere
+    unsure = np.full((2, 4, 4, bits), 1e-3)                            # every p_m near uniform
+    pen = {name: float(q.forward(z)[1]["entropy"]) for name, z in
+           [("even", even), ("collapsed", collapsed), ("unsure", unsure)]}
+    assert pen["even"] < pen["collapsed"] - 1 and pen["even"] < pen["unsure"] - 1
+    np.testing.assert_allclose(pen["even"], -bits * math.log(2), atol=1e-6)   # the minimum, -log K
+    np.testing.assert_allclose([pen["collapsed"], pen["unsure"]], [0, 0], atol=1e-4)
+
+
+def test_lfq_is_stable_at_the_default_temperature_with_large_inputs():
+    q = V.LFQ(10, init=V.uniform_init(np.random.default_rng(0), np, "float32"))
+    z_e = (100 * np.random.default_rng(0).standard_normal((2, 4, 4, 10))).astype(np.float32)
+    z_q, stats = q.forward(z_e)
+    dz_e = q.backward(np.ones_like(z_q))
+    assert np.isfinite(stats["vq"]) and np.all(np.isfinite(dz_e))
+    assert q.temperature == 0.01
+
+
+def test_lfq_rejects_too_many_bits_with_the_reason():
+    with pytest.raises(ValueError, match="2\\^bits"):
+        V.LFQ(17)
+    with pytest.raises(ValueError, match="bits"):
+        V.LFQ(0)
+
+
+# -----------------------------------------------------------------------------
+# Gumbel-softmax
+
+
+@st.composite
+def gumbel_case(draw):
+    K, D = draw(st.integers(2, 8)), draw(st.integers(1, 4))
+    return K, D, grid(draw, K), draw(seeds)
+
+
+@given(gumbel_case(), st.sampled_from([1.0, 0.5]), st.sampled_from([1, 7]))
+def test_gumbel_temperature_anneals_exponentially_between_its_endpoints(case, t0, anneal):
+    K, D, shape, seed = case
+    q = V.GumbelQuantizer(K, D, temperature=t0, temperature_min=1 / 16, anneal_steps=anneal, init=f64_init(seed))
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    taus = []
+    for t in range(anneal + 3):
+        assert int(q.buffers["step"]) == t                             # the counter moves once per training batch
+        taus.append(float(q.forward(z_e, train=True)[1]["temperature"]))
+    assert taus[0] == t0
+    np.testing.assert_allclose(taus[anneal:], 1 / 16, rtol=1e-12)      # at anneal_steps and after: the minimum
+    np.testing.assert_allclose(taus[:anneal + 1], t0 * (1 / 16 / t0) ** (np.arange(anneal + 1) / anneal), rtol=1e-12)
+    q.forward(z_e, train=False)
+    assert int(q.buffers["step"]) == anneal + 3                        # evaluation leaves it
+
+
+@given(gumbel_case())
+def test_gumbel_train_z_q_is_the_noisy_softmax_times_the_codebook_and_resumes_exactly(case):
+    K, D, shape, seed = case
+    q = V.GumbelQuantizer(K, D, temperature=2.0, temperature_min=0.5, anneal_steps=4, init=f64_init(seed), seed=seed)
+    rng = np.random.default_rng(seed)
+    z_e = rng.standard_normal(shape)
+    for t in range(3):
+        z_q, stats = q.forward(z_e, train=True)
+        u = np.random.default_rng([seed, t]).random((z_e[..., 0].size, K))
+        s = (z_e.reshape(-1, K) - np.log(-np.log(u))) / (2.0 * 0.25 ** (t / 4))
+        y = np.exp(s - s.max(1, keepdims=True))
+        y /= y.sum(1, keepdims=True)
+        np.testing.assert_allclose(z_q.reshape(-1, D), y @ q.codebook, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(stats["codes"], z_e.argmax(-1))  # the noiseless argmax in training too
+    resumed = V.GumbelQuantizer(K, D, temperature=2.0, temperature_min=0.5, anneal_steps=4, init=f64_init(seed),
+                                seed=seed)
+    resumed.buffers["step"][...] = q.buffers["step"]                   # as a checkpoint restores it
+    np.testing.assert_array_equal(resumed.forward(z_e)[0], q.forward(z_e)[0])
+
+
+@given(gumbel_case())
+def test_gumbel_eval_is_the_hard_one_hot_of_the_argmax(case):
+    K, D, shape, seed = case
+    q = V.GumbelQuantizer(K, D, init=f64_init(seed), seed=seed)
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    z_q, stats = q.forward(z_e, train=False)
+    codes = z_e.argmax(-1)
+    np.testing.assert_array_equal(stats["codes"], codes)
+    np.testing.assert_array_equal(q.quantize(z_e), codes)
+    np.testing.assert_array_equal(z_q, q.codebook[codes])             # exactly a row
+    np.testing.assert_array_equal(z_q, q.lookup(codes))
+    onehot = np.eye(K)[codes]
+    np.testing.assert_allclose(z_q, onehot @ q.codebook, rtol=1e-15, atol=0)
+
+
+@given(gumbel_case(), st.booleans(), st.sampled_from([1e-3, 0.5]))
+def test_gumbel_gradients_match_finite_differences_with_the_noise_held(case, train, kl_weight):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    q = V.GumbelQuantizer(K, D, kl_weight=kl_weight, temperature=1.0, temperature_min=0.25, anneal_steps=10,
+                          init=f64_init(seed), seed=seed)
+    q.buffers["step"][...] = 3                                         # tau between the endpoints
+    z_e = rng.standard_normal(shape)
+    z_q, _ = q.forward(z_e, train)
+    dz_q = rng.standard_normal(z_q.shape)                              # random upstream gradient
+    dz_e = q.backward(dz_q)
+    g_codebook = q.grads["codebook"].copy()
+    x = z_e.copy()
+
+    def loss():                                                        # <z_q, dz_q> + vq, with step 3's noise every time
+        q.buffers["step"][...] = 3
+        z_q, stats = q.forward(x, train)
+        return np.sum(z_q * dz_q) + stats["vq"]
+
+    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-6
+    assert rel_error(g_codebook, numerical_grad(loss, q.codebook), 1e-3) < 1e-6
+    if not train:                                                      # hard argmax: only the chosen rows move
+        unused = np.setdiff1d(np.arange(K), z_e.argmax(-1))
+        assert np.all(g_codebook[unused] == 0)
+
+
+@given(gumbel_case())
+def test_gumbel_kl_is_zero_for_uniform_logits_and_between_0_and_log_K_otherwise(case):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    q = V.GumbelQuantizer(K, D, kl_weight=1.0, init=f64_init(seed))
+    flat = np.repeat(rng.standard_normal(shape[:3] + (1,)), K, -1)     # each position's logits all equal
+    _, stats = q.forward(flat, train=False)
+    assert abs(stats["kl"]) < 1e-12
+    assert np.max(np.abs(q.backward(np.zeros(shape[:3] + (D,))))) < 1e-15  # the minimum: no gradient
+    _, stats = q.forward(3 * rng.standard_normal(shape), train=False)
+    assert 0 < stats["kl"] < math.log(K)
+    _, stats = q.forward(1e4 * np.eye(K)[rng.integers(0, K, shape[:3])], train=False)
+    np.testing.assert_allclose(stats["kl"], math.log(K), rtol=1e-9)   # one-hot q: the maximum, log K
+
+
+def test_gumbel_rejects_a_bad_schedule():
+    with pytest.raises(ValueError, match="temperature_min"):
+        V.GumbelQuantizer(4, 2, temperature=0.5, temperature_min=1.0)
+    with pytest.raises(ValueError, match="anneal_steps"):
+        V.GumbelQuantizer(4, 2, anneal_steps=0)
+
+
+# -----------------------------------------------------------------------------
+# backends
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+def test_fsq_lfq_gumbel_numpy_and_cupy_agree(kind):
+    import cupy
+    cpu, z_e = make(kind, 5)
+    gpu, _ = make(kind, 5, xp=cupy)
+    dz_q = np.random.default_rng(1).standard_normal(z_e.shape[:3] + (cpu.out_dim,))
+    for _ in range(2):                                                 # the Gumbel noise of steps 0 and 1
+        z_c, s_c = cpu.forward(z_e)
+        z_g, s_g = gpu.forward(cupy.asarray(z_e))
+        np.testing.assert_allclose(cupy.asnumpy(z_g), z_c, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(float(s_g["vq"]), float(s_c["vq"]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(cupy.asnumpy(s_g["codes"]), s_c["codes"])
+        np.testing.assert_allclose(cupy.asnumpy(gpu.backward(cupy.asarray(dz_q))), cpu.backward(dz_q), rtol=1e-10,
+                                   atol=1e-12)
 
 
 # -----------------------------------------------------------------------------

@@ -434,11 +434,11 @@ def encode_all(model, images, batch_size=256):
 
 def evaluate(model, images, real_hw, batch_size):
     """Held-out MSE and PSNR on the real pixels (padding cropped) in [0, 1], and each level's
-    code usage over the whole split."""
-    K = model.cfg.codebook_size
+    code usage over the whole split (for residual VQ, the stages' mean)."""
+    K, S = model.cfg.num_codes, model.cfg.rvq_stages if model.cfg.quantizer == "rvq" else 1
     h, w = real_hw
     sq_err, n_values = 0.0, 0
-    counts = {name: np.zeros(K, np.int64) for name in level_names(model)}
+    counts = {name: np.zeros((S, K), np.int64) for name in level_names(model)}
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
         codes = encode_all(model, batch)
@@ -447,14 +447,22 @@ def evaluate(model, images, real_hw, batch_size):
         sq_err += float((diff ** 2).sum())
         n_values += diff.size
         for name, c in zip(counts, codes):
-            counts[name] += np.bincount(c.ravel(), minlength=K)
+            c = c.reshape(len(c), S, -1).transpose(1, 0, 2).reshape(S, -1)  # (S, N h w): a row per stage
+            counts[name] += np.stack([np.bincount(row, minlength=K) for row in c])
     mse = sq_err / n_values
     result = {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12))}
     for name, c in counts.items():
-        p = c / c.sum()
-        result[f"{name}perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        p = c / c.sum(1, keepdims=True)                                # (S, K)
+        entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1)          # (S,) nats
+        result[f"{name}perplexity"] = float(np.exp(entropy).mean())
         result[f"{name}codes_used"] = float((c > 0).mean())
     return result
+
+
+def prior_grid(codes):
+    """A level's codes as the grid its prior models: residual codes (N, S, h, w) become
+    (N, h, w S), a position's S codes side by side (ResidualVQ.to_grid)."""
+    return vqvae.ResidualVQ.to_grid(codes) if codes.ndim == 4 else codes
 
 
 def evaluate_prior(prior, codes, labels, cond_codes, batch_size, name):
@@ -491,14 +499,17 @@ def draw_samples(model, priors, rows, per_row, seed, temperature, real_hw):
     N = rows * per_row
     labels = np.repeat(np.arange(rows), per_row) if priors[0].cfg.num_classes else None
     grid_h, grid_w = -(-h // model.downsample), -(-w // model.downsample)  # the coarsest grid of a padded image
+    S = model.cfg.rvq_stages if model.cfg.quantizer == "rvq" else 1    # codes side by side per position
     codes = []
     t = time.time()
     for level, prior in enumerate(priors):
         f = 2 ** level
         cond = codes[-1] if codes else None
-        codes.append(vqvae.to_numpy(P.sample(prior, N, grid_h * f, grid_w * f, seed + level, temperature, labels,
+        codes.append(vqvae.to_numpy(P.sample(prior, N, grid_h * f, grid_w * f * S, seed + level, temperature, labels,
                                              cond_codes=cond)))
     seconds = time.time() - t
+    if S > 1:
+        codes = [vqvae.ResidualVQ.from_grid(c, S) for c in codes]     # (N, h, w S) -> (N, S, h, w)
     images = to_uint8(model.decode(*codes))[:, :h, :w]
     return image_grid([images[r * per_row:(r + 1) * per_row] for r in range(rows)]), codes, seconds
 
@@ -598,6 +609,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def int_list(text):
+    """'8,6,5' -> (8, 6, 5), for argparse."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN prior "
                                             "over its codes, and sample new images.",
@@ -627,9 +646,26 @@ def build_parser():
     model.add_argument("--codebook-size", "-K", type=int, default=256, help="K: number of codes")
     model.add_argument("--code-dim", "-D", type=int, default=32, help="D: code vector dimension")
     model.add_argument("--beta", type=float, default=m.beta, help="commitment cost")
-    model.add_argument("--quantizer", default="ema", choices=["vq", "ema"],
-                       help="codebook learned by its loss term (vq) or by moving averages (ema)")
-    model.add_argument("--ema-decay", type=float, default=m.ema_decay, help="gamma of the EMA codebook")
+    q = p.add_argument_group("quantizer")
+    q.add_argument("--quantizer", default="ema", choices=vqvae.QUANTIZERS,
+                   help="vq: codebook learned by its loss term; ema: by moving averages; rvq: residual VQ; "
+                        "fsq: finite scalar quantization; lfq: lookup-free (K = 2^bits); gumbel: Gumbel-softmax")
+    q.add_argument("--ema-decay", type=float, default=m.ema_decay, help="gamma of the EMA codebook and of code usage")
+    q.add_argument("--kmeans-init", default=m.kmeans_init, action=argparse.BooleanOptionalAction,
+                   help="vq, ema, rvq: start the codebook as k-means of the first batch's encoder outputs")
+    q.add_argument("--restart-threshold", type=float, default=m.restart_threshold,
+                   help="vq, ema, rvq: re-seed a code whose moving-average uses per batch fall below this "
+                        "(Jukebox uses 1); 0: never")
+    q.add_argument("--rvq-stages", type=int, default=m.rvq_stages, help="rvq: S, residual stages")
+    q.add_argument("--fsq-levels", type=int_list, default=m.fsq_levels, metavar="L1,L2,...",
+                   help="fsq: levels per dimension; the codes are their product")
+    q.add_argument("--lfq-entropy-weight", type=float, default=m.lfq_entropy_weight, help="lfq: entropy penalty weight")
+    q.add_argument("--lfq-temperature", type=float, default=m.lfq_temperature, help="lfq: entropy penalty temperature")
+    q.add_argument("--gumbel-kl-weight", type=float, default=m.gumbel_kl_weight, help="gumbel: weight of KL to uniform")
+    q.add_argument("--gumbel-temperature", type=float, default=m.gumbel_temperature,
+                   help="gumbel: softmax temperature at the start ...")
+    q.add_argument("--gumbel-temperature-min", type=float, default=m.gumbel_temperature_min, help="... at the end of ...")
+    q.add_argument("--gumbel-anneal-steps", type=int, default=m.gumbel_anneal_steps, help="... the annealing steps")
     prior = p.add_argument_group("PixelCNN prior")
     prior.add_argument("--prior-steps", type=int, default=t.prior_steps, help="prior training steps")
     prior.add_argument("--prior-batch-size", type=int, default=t.prior_batch_size, help="code grids per step")
@@ -648,7 +684,9 @@ def build_parser():
 
 
 MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "codebook_size", "code_dim", "beta", "quantizer",
-               "ema_decay")
+               "ema_decay", "kmeans_init", "restart_threshold", "rvq_stages", "fsq_levels", "lfq_entropy_weight",
+               "lfq_temperature", "gumbel_kl_weight", "gumbel_temperature", "gumbel_temperature_min",
+               "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
                "prior_heads": "heads", "prior_attention_every": "attention_every"}
 RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "resume"}
@@ -703,12 +741,12 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     past (VQ-VAE-2's top prior; by default for two levels); a bottom prior is conditioned on
     the top codes, each of which covers 2 x 2 bottom positions."""
     attention = settings["attention_every"]
-    base = dict(codebook_size=model_cfg.codebook_size, channels=settings["channels"], layers=settings["layers"],
+    base = dict(codebook_size=model_cfg.num_codes, channels=settings["channels"], layers=settings["layers"],
                 kernel=settings["kernel"], heads=settings["heads"], num_classes=num_classes, dtype=model_cfg.dtype)
     top = P.PriorConfig(**base, seed=seed, attention_every=(4 if model_cfg.levels == 2 else 0) if attention is None else attention)
     if model_cfg.levels == 1:
         return [top]
-    return [top, P.PriorConfig(**base, seed=seed + 1, cond_codebook_size=model_cfg.codebook_size,
+    return [top, P.PriorConfig(**base, seed=seed + 1, cond_codebook_size=model_cfg.num_codes,
                                cond_channels=settings["channels"], cond_upsample=2)]
 
 
@@ -734,6 +772,10 @@ def train(argv):
         cfg, model_cfg, prior_settings, run, resuming = configs_from_args(parser, args, argv)
     except ValueError as e:                                            # vqvae.Config validation
         raise UserError(str(e))
+
+    if model_cfg.quantizer == "rvq" and model_cfg.levels == 2 and cfg.stage != "vqvae":
+        raise UserError("the priors do not model two levels of residual codes (the bottom prior's conditioning "
+                        "assumes one code per position): use --levels 1 with --quantizer rvq, or --stage vqvae")
 
     # -- data
     data = load_dataset(cfg.data, cfg.data_dir)
@@ -804,7 +846,8 @@ def train(argv):
         # -- stage 2: a PixelCNN prior over each level's codes (the bottom one given the top codes), then samples
         if cfg.stage in ("prior", "all"):
             print(f"encoding {len(train_images) + len(test_images)} images to codes", file=sys.stderr)
-            codes_train, codes_test = encode_all(model, train_images), encode_all(model, test_images)
+            codes_train = tuple(map(prior_grid, encode_all(model, train_images)))
+            codes_test = tuple(map(prior_grid, encode_all(model, test_images)))
             labels_train = data["train_labels"] if use_labels else None
             labels_test = data["test_labels"] if use_labels else None
             priors, prior_wall = [], 0.0
@@ -865,13 +908,13 @@ def encode(argv):
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
-    dtype = np.int16 if model.cfg.codebook_size <= 2**15 else np.int32
+    dtype = np.int16 if model.cfg.num_codes <= 2**15 else np.int32
     codes = [c.astype(dtype) for c in encode_all(model, pad_to_multiple(images, model.downsample))]
     if model.cfg.levels == 1:
         save_npy(args.out, codes[0])
     else:
         save_npz(args.out, {"top": codes[0], "bottom": codes[1]})
-    print(f"wrote {args.out}: codes {' and '.join(str(c.shape) for c in codes)} in [0, {model.cfg.codebook_size})",
+    print(f"wrote {args.out}: codes {' and '.join(str(c.shape) for c in codes)} in [0, {model.cfg.num_codes})",
           file=sys.stderr)
     return 0
 
