@@ -1006,8 +1006,38 @@ class FrozenStopGradients:
         return z_e + (self.e0 - self.z_e0), stats                      # value e_k, gradient to z_e only
 
 
+def frozen(q, z_e0):
+    """The forward of quantizer q with its discrete choices made constants taken at z_e0
+    (straight-through steps and stop-gradients as in each class's docstring), or None where
+    they are not needed: the true gradient of this surrogate at z_e0 is what backward claims."""
+    if isinstance(q, V.VectorQuantizer):
+        return FrozenStopGradients(q, z_e0).forward
+    if isinstance(q, V.ResidualVQ):
+        f = frozen_rvq_loss(q, z_e0)
+        return lambda z_e, train=False: (lambda z_q, vq: (z_q, {"vq": vq}))(*f(z_e))
+    if isinstance(q, V.FSQ):                                           # z_q = (bound(z) + sg[round(b0) - b0]) / (L // 2)
+        bound = lambda z: np.tanh(z + q.shift) * q.half_l - q.offset
+        jump = np.round(bound(z_e0)) - bound(z_e0)
+        return lambda z_e, train=False: ((bound(z_e) + jump) / q.half_width, {"vq": 0.0})
+    if isinstance(q, V.LFQ):                                           # z_q = z + sg[q0 - z0]; the losses are smooth
+        z_q0 = np.where(z_e0 > 0, 1.0, -1.0)
+        return lambda z_e, train=False: (z_e + (z_q0 - z_e0), type(q).forward(q, z_e, False)[1])
+    assert isinstance(q, V.GumbelQuantizer)                            # relaxed: smooth given the noise of step 0
+
+    def forward(z_e, train=False):
+        q.buffers["step"][...] = 0
+        return type(q).forward(q, z_e, True)
+    return forward
+
+
+def margin_from_discrete_choices(q, z_e):
+    """How far z_e is from a discrete choice that frozen() evaluates live (LFQ's losses)."""
+    return np.min(np.abs(z_e)) if isinstance(q, V.LFQ) else np.inf
+
+
 def freeze_stop_gradients(model, x):
-    """Swap each quantizer for FrozenStopGradients at the quantizer inputs of a forward of x."""
+    """Swap each quantizer's forward for frozen() at the quantizer inputs of a forward of x
+    -> the smallest margin of those inputs from a change of discrete choice."""
     names = ["quantizer"] + (["top_quantizer"] if model.cfg.levels == 2 else [])
     inputs = {}
     for name in names:
@@ -1018,23 +1048,30 @@ def freeze_stop_gradients(model, x):
     for name in names:
         real = getattr(model, name)
         del real.forward                                               # back to the class's method
-        setattr(model, name, FrozenStopGradients(real, inputs[name]))
+        real.forward = frozen(real, inputs[name])
+    return min(margin_from_discrete_choices(getattr(model, n), inputs[n]) for n in names)
 
 
 @pytest.mark.parametrize("levels", [1, 2])
-@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+@pytest.mark.parametrize("quantizer", V.QUANTIZERS)
 @given(seed=seeds, H=st.sampled_from([8, 16]))
 def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quantizer, levels, seed, H):
-    model = V.VQVAE(tiny_config(quantizer=quantizer, levels=levels, seed=seed % 1000), device="cpu")
+    model = V.VQVAE(tiny_config(quantizer=quantizer, levels=levels, seed=seed % 1000, rvq_stages=2, fsq_levels=(3, 4),
+                                codebook_size=8 if quantizer == "lfq" else 6), device="cpu")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, H, H, 2))
-    model.forward(x, train=False)
+    if quantizer == "gumbel":                                          # the relaxed path, with step 0's noise
+        freeze_stop_gradients(model, x)
+        model.forward(x, train=True)
+    else:
+        model.forward(x, train=False)
     model.backward()
     grads = {k: g.copy() for k, g in model.grads.items()}
     relu_inputs = [layer.cache for layer in all_layers(model) if isinstance(layer, V.ReLU)]
     assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)        # +-eps flips no ReLU
     params = model.params
-    freeze_stop_gradients(model, x)
+    if quantizer != "gumbel":
+        assume(freeze_stop_gradients(model, x) > 1e-4)                 # ... and no LFQ sign
     check_sampled_grads(lambda: model.forward(x, train=False)["loss"], grads, params, rng, 3)
 
 
@@ -1146,12 +1183,58 @@ def test_config_rejects_bad_values():
         V.Config(quantizer="kmeans")
     with pytest.raises(ValueError, match=r"unknown config keys \['widht'\]"):
         V.Config.from_dict({"widht": 3})
+    with pytest.raises(ValueError, match="lfq needs a codebook_size that is a power of 2 .* got 100"):
+        V.Config(quantizer="lfq", codebook_size=100)
+    with pytest.raises(ValueError, match=r"fsq_levels must be integers >= 2, got \(8, 1\)"):
+        V.Config(fsq_levels=(8, 1))
+    with pytest.raises(ValueError, match="gumbel_temperature_min 2 is above gumbel_temperature 1"):
+        V.Config(gumbel_temperature_min=2)
+    with pytest.raises(ValueError, match="restart_threshold must be >= 0, got -1"):
+        V.Config(restart_threshold=-1)
+    assert V.Config.from_dict({"fsq_levels": [4, 4]}).fsq_levels == (4, 4)  # as JSON gives it back
+
+
+def family_config(quantizer, **kw):
+    """A tiny config of each quantizer, with its own options exercised (restarts, 2 stages, ...)."""
+    extra = {"vq": dict(kmeans_init=True), "ema": dict(restart_threshold=1.0), "rvq": dict(rvq_stages=2, kmeans_init=True),
+             "fsq": dict(fsq_levels=(3, 2, 2)), "lfq": dict(codebook_size=8), "gumbel": dict(gumbel_anneal_steps=2)}
+    return tiny_config(quantizer=quantizer, **{**extra[quantizer], **kw})
 
 
 @pytest.mark.parametrize("levels", [1, 2])
-@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+@pytest.mark.parametrize("quantizer", V.QUANTIZERS)
+def test_every_quantizer_decodes_its_codes_to_the_forward_reconstruction(quantizer, levels):
+    cfg = family_config(quantizer, dtype="float32", levels=levels)
+    model = V.VQVAE(cfg, device="cpu")
+    x = np.random.default_rng(0).random((3, 16, 8, 2)).astype(np.float32)
+    model.train_step(x, V.Adam(model.params, lr=1e-3))                 # k-means and step counters have run
+    codes = model.encode(x)
+    codes = codes if levels == 2 else (codes,)
+    S = 2 if quantizer == "rvq" else 1
+    for level, c in enumerate(codes):
+        f = 4 * 2 ** (levels - 1 - level)                              # the bottom grid is /4, the top one /8
+        assert c.shape == (3, *([S] if S > 1 else []), 16 // f, 8 // f), (level, c.shape)
+        assert np.issubdtype(c.dtype, np.integer) and 0 <= c.min() and c.max() < cfg.num_codes
+    x_hat = model.decode(*codes)
+    stats = model.forward(x, train=False)
+    np.testing.assert_array_equal(stats["codes"], codes[-1])
+    np.testing.assert_allclose(stats["recon"], np.mean((x_hat - x) ** 2), rtol=1e-6)
+    for k in ("loss", "recon", "vq", "perplexity", "usage"):
+        assert np.ndim(stats[k]) == 0 and np.isfinite(stats[k]), k
+
+
+def test_num_codes_is_what_the_quantizer_emits():
+    assert V.Config(quantizer="fsq", fsq_levels=(8, 6, 5)).num_codes == 240
+    assert V.Config(quantizer="lfq", codebook_size=1024).num_codes == 1024
+    for quantizer in V.QUANTIZERS:
+        cfg = family_config(quantizer)
+        assert V.VQVAE(cfg, device="cpu").quantizer.K == cfg.num_codes
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("quantizer", V.QUANTIZERS)
 def test_save_load_round_trip_without_pickle(tmp_path, quantizer, levels):
-    model = V.VQVAE(tiny_config(quantizer=quantizer, dtype="float32", seed=3, levels=levels), device="cpu")
+    model = V.VQVAE(family_config(quantizer, dtype="float32", seed=3, levels=levels), device="cpu")
     x = np.random.default_rng(0).random((2, 8, 8, 2)).astype(np.float32)
     opt = V.Adam(model.params, lr=1e-2)
     for _ in range(3):
@@ -2559,11 +2642,12 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
         assert f["top_codes"].shape == (2, 2, 2) and f["codes"].shape == (2, 4, 4)
 
 
-@pytest.mark.parametrize("quantizer, levels", [("vq", 1), ("ema", 1), ("ema", 2)])
-def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels):
+@pytest.mark.parametrize("quantizer, levels, extra", [("vq", 1, []), ("ema", 1, ["--restart-threshold", "2"]),
+                                                     ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, [])])
+def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
     common = ["--data", str(tmp_path / "x.npy"), "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer,
-              "--levels", str(levels), "--prior-attention-every", str(levels - 1), *TINY]
+              "--levels", str(levels), "--prior-attention-every", str(levels - 1), *TINY, *extra]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert T.main([*common, "--out", straight, "--steps", "8", "--prior-steps", "4"]) == 0
     assert T.main([*common, "--out", split, "--steps", "4", "--stage", "vqvae"]) == 0
@@ -2574,6 +2658,41 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quan
         b = [m["loss"] for m in metric_lines(split, stage) if "loss" in m]
         assert len(a) == len(b) == (8 if stage == "vqvae" else 4)
         assert a == b, stage                                           # bit for bit on CPU
+
+
+@pytest.mark.parametrize("quantizer, flags, K", [("rvq", ["--rvq-stages", "3", "--kmeans-init", "--restart-threshold", "1"], 16),
+                                                 ("fsq", ["--fsq-levels", "5,3"], 15), ("lfq", ["-K", "8"], 8),
+                                                 ("gumbel", ["--gumbel-anneal-steps", "2"], 16)])
+def test_cli_runs_encodes_and_samples_with_every_quantizer(tmp_path, tiny_data, quantizer, flags, K):
+    run = tmp_path / "run"
+    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "4", "--eval-every", "4",
+                   *TINY, "--quantizer", quantizer, *flags]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["quantizer"] == quantizer and 0 < summary["codes_used"] <= 1
+    assert 1 <= summary["perplexity"] <= K and np.isfinite(summary["prior_val_bits_per_code"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["priors"][0]["codebook_size"] == K                   # the prior models the codes the quantizer emits
+    S = 3 if quantizer == "rvq" else 1
+    out = tmp_path / "codes.npy"
+    assert T.main(["encode", "--run", str(run), "--data", tiny_data, "--out", str(out)]) == 0
+    codes = np.load(out, allow_pickle=False)
+    assert codes.shape[1:] == ((S, 2, 2) if S > 1 else (2, 2)) and 0 <= codes.min() and codes.max() < K
+    assert T.main(["sample", "--run", str(run), "--codes-out", str(tmp_path / "s.npz"), "--rows", "1",
+                   "--per-row", "3"]) == 0
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+        assert f["codes"].shape == ((3, S, 2, 2) if S > 1 else (3, 2, 2))
+
+
+def test_cli_names_bad_quantizer_options(tmp_path, tiny_data, capsys):
+    common = ["--data", tiny_data, "--out", str(tmp_path / "run"), *TINY]
+    assert T.main([*common, "--quantizer", "lfq", "-K", "12"]) == 1
+    assert "lfq needs a codebook_size that is a power of 2" in capsys.readouterr().err
+    assert T.main([*common, "--quantizer", "rvq", "--levels", "2"]) == 1
+    assert "the priors do not model two levels of residual codes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.main([*common, "--fsq-levels", "8,x"])
+    assert "expected integers separated by commas, got '8,x'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
 def test_prior_stage_needs_a_finished_vqvae(tmp_path, tiny_data, capsys):
