@@ -1371,10 +1371,12 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
 
 @pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
 @pytest.mark.parametrize("levels", [1, 2])
-@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+@pytest.mark.parametrize("quantizer", V.QUANTIZERS)
 def test_numpy_and_cupy_agree(quantizer, levels):
+    extra = {"vq": dict(kmeans_init=True), "ema": dict(restart_threshold=1.0), "fsq": {}, "lfq": {}, "gumbel": {},
+             "rvq": dict(rvq_stages=2, kmeans_init=True, restart_threshold=1.0)}[quantizer]
     cfg = V.Config(hidden=16, res_hidden=8, codebook_size=32, code_dim=8, quantizer=quantizer, dtype="float64",
-                   levels=levels)
+                   levels=levels, **extra)
     cpu, gpu = V.VQVAE(cfg, device="cpu"), V.VQVAE(cfg, device="gpu")
     x = np.random.default_rng(0).random((4, 16, 16, 3))
     opt_c, opt_g = V.Adam(cpu.params, lr=1e-3), V.Adam(gpu.params, lr=1e-3)
