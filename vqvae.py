@@ -404,7 +404,8 @@ class VectorQuantizer:
     Codebook health (both off by default; the paper has neither):
     - kmeans_init: on the first training batch, the codebook becomes the k-means centroids of
       that batch's encoder outputs, so that every code starts where the data is;
-    - restart_threshold > 0: dead-code restarts as in Jukebox (Dhariwal et al. 2020, sec. 3.3):
+    - restart_threshold > 0: dead-code restarts, Jukebox's "random restarts for embeddings"
+      (Dhariwal et al. 2020):
       each code's usage u_k <- decay u_k + (1 - decay) n_k is tracked, and before each training
       batch a code with u_k < threshold is re-seeded with a random encoder output of that
       batch, its usage reset to the threshold.
@@ -456,7 +457,8 @@ class VectorQuantizer:
         return self.buffers["usage"]
 
     def reseed(self, which, rows):
-        """Codes where `which` (K,) is true become `rows` (K, D); their usage starts at the threshold."""
+        """Codes where `which` (K,) is true become `rows` (K, D); their usage starts at the threshold.
+        (Adam's moments of a re-seeded row are left as they were: small next to a jump to the data.)"""
         self.codebook[...] = array_module(rows).where(which[:, None], rows, self.codebook)
         if self.restart_threshold > 0:
             self.usage[which] = self.restart_threshold
