@@ -221,6 +221,26 @@ def test_layers_keep_float32():
         assert all(layer.grads[k].dtype == p.dtype == np.float32 for k, p in layer.params.items())
 
 
+@given(st.sampled_from([(1, 4), (2, 8), (1, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(1, 9), st.integers(1, 9), st.lists(st.integers(0, 3), min_size=4, max_size=4), seeds)
+def test_cropped_fast_conv_adjoint_equals_the_cropped_col2im_definition(CO, s, bh, bw, H, W, crop, seed):
+    # (C, O) pairs reach both of conv_adjoint's branches (col2im form where 4 s^2 C <= O, the
+    # convolution otherwise); crops of every size, whole blocks or not, up to the whole input
+    C, O = CO
+    kh, kw = bh * s, bw * s
+    Hp, Wp = max(H, kh), max(W, kw)
+    t, b, l, r = crop
+    assume(t + b < Hp and l + r < Wp)
+    rng = np.random.default_rng(seed)
+    Wt = rng.standard_normal((O, C, kh, kw))
+    Ho, Wo = (Hp - kh) // s + 1, (Wp - kw) // s + 1
+    dy = rng.standard_normal((2, Ho, Wo, O))
+    crop = ((t, b), (l, r))
+    fast = V.conv_adjoint(dy, Wt, s, (2, Hp, Wp, C), crop)
+    expected = V.crop_hw(V.conv_adjoint_by_col2im(dy, Wt, s, (2, Hp, Wp, C)), crop)
+    np.testing.assert_allclose(fast, expected, rtol=1e-10, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # vector quantizer
 

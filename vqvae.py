@@ -164,25 +164,39 @@ def conv_adjoint_by_col2im(dy, W, stride, x_pad_shape):
     return col2im(dcols, x_pad_shape[1], x_pad_shape[2], stride)       # cols = windows(x_pad)
 
 
-def conv_adjoint(dy, W, stride, x_pad_shape):
-    """The same as conv_adjoint_by_col2im, as a convolution, where the stride divides the kernel
-    and the padded input: col2im's kh*kw strided adds run on one core in NumPy, a matmul on all.
+def conv_adjoint(dy, W, stride, x_pad_shape, crop=((0, 0), (0, 0))):
+    """crop_hw(conv_adjoint_by_col2im(dy, W, stride, x_pad_shape), crop), computed as a
+    convolution where the stride divides the kernel and the padded input: col2im's kh*kw
+    strided adds run on one core in NumPy, a matmul on all.
 
     Fold each s x s block of pixels into channels (space-to-depth): the convolution becomes a
     stride-1 one with kernel (kh/s, kw/s). The adjoint of a stride-1 convolution is a convolution
     of the zero-padded dy with the kernel rotated by 180 degrees and in/out channels swapped.
-    Unfold the blocks again (depth-to-space). For s = 1 the folding does nothing."""
+    Unfold the blocks again (depth-to-space). For s = 1 the folding does nothing.
+    The crop (the forward's padding) is taken from dy's padding where whole blocks allow it, so
+    the border that would be cropped is never computed (for a 3x3 conv on 8x8, 36 % of the work)."""
     O, C, kh, kw = W.shape
     N, Hp, Wp, _ = x_pad_shape
     s = stride
     if kh % s or kw % s or Hp % s or Wp % s:
-        return conv_adjoint_by_col2im(dy, W, stride, x_pad_shape)
+        return crop_hw(conv_adjoint_by_col2im(dy, W, stride, x_pad_shape), crop)
     bh, bw = kh // s, kw // s
     W_blocks = W.reshape(O, C, bh, s, bw, s).transpose(0, 3, 5, 1, 2, 4).reshape(O, s * s * C, bh, bw)
-    W_rot = W_blocks[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)          # (s*s*C, O, bh, bw)
-    dx_blocks, _ = conv(pad_hw(dy, ((bh - 1, bh - 1), (bw - 1, bw - 1))), W_rot, 1)  # (N, Hp/s, Wp/s, s*s*C)
-    dx_pad = dx_blocks.reshape(N, Hp // s, Wp // s, s, s, C).transpose(0, 1, 3, 2, 4, 5)  # (N, Hp/s, s, Wp/s, s, C)
-    return dx_pad.reshape(N, Hp, Wp, C)
+    (t, b), (l, r) = crop
+    if 4 * s * s * C <= O:
+        # few output channels (a last layer's 3): col2im's adds write kh*kw/s^2 copies of the small
+        # output, where im2col would copy dy, with its many channels, kh*kw/s^2 times
+        dx_blocks = conv_adjoint_by_col2im(dy, W_blocks, 1, (N, Hp // s, Wp // s, s * s * C))
+        bt = bb = bl = br = 0
+    else:
+        bt, bb, bl, br = min(t // s, bh - 1), min(b // s, bh - 1), min(l // s, bw - 1), min(r // s, bw - 1)
+        W_rot = W_blocks[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)      # (s*s*C, O, bh, bw)
+        dy_pad = pad_hw(dy, ((bh - 1 - bt, bh - 1 - bb), (bw - 1 - bl, bw - 1 - br)))  # less padding: pre-cropped
+        dx_blocks, _ = conv(dy_pad, W_rot, 1)                          # (N, Hb, Wb, s*s*C)
+    Hb, Wb = dx_blocks.shape[1:3]
+    dx_pad = dx_blocks.reshape(N, Hb, Wb, s, s, C).transpose(0, 1, 3, 2, 4, 5)  # (N, Hb, s, Wb, s, C)
+    dx = dx_pad.reshape(N, Hb * s, Wb * s, C)                          # blocks bt.. of the padded input
+    return crop_hw(dx, ((t - s * bt, b - s * bb), (l - s * bl, r - s * br)))  # what whole blocks left
 
 
 class Conv2d:
@@ -220,8 +234,7 @@ class Conv2d:
         self.grads["b"] = dy_mat.sum(0)                                # y = ... + b
         if not self.input_grad:
             return None
-        dx_pad = conv_adjoint(dy, self.params["W"], self.stride, x_pad_shape)  # y = conv(x_pad)
-        return crop_hw(dx_pad, self.padding)                           # x_pad = pad(x)
+        return conv_adjoint(dy, self.params["W"], self.stride, x_pad_shape, self.padding)  # y = conv(pad(x))
 
 
 class ConvTranspose2d:
@@ -244,9 +257,9 @@ class ConvTranspose2d:
         W = self.params["W"]
         N, H, W_in, Ci = x.shape
         Hp, Wp = (H - 1) * self.stride + self.kh, (W_in - 1) * self.stride + self.kw
-        y_pad = conv_adjoint(x, W, self.stride, (N, Hp, Wp, W.shape[1]))  # (N, Hp, Wp, Co)
+        y = conv_adjoint(x, W, self.stride, (N, Hp, Wp, W.shape[1]), self.padding)  # (N, Hout, Wout, Co)
         self.cache = x
-        return crop_hw(y_pad, self.padding) + self.params["b"]         # (N, Hout, Wout, Co)
+        return y + self.params["b"]
 
     def backward(self, dy):
         x = self.cache
