@@ -648,6 +648,31 @@ def test_adam_state_round_trip():
     np.testing.assert_array_equal(a["p"], b["p"])
 
 
+def test_adam_with_flat_moments_equals_the_formula_per_parameter():
+    # several shapes, and a transposed (non-contiguous) gradient as Conv2d's dW is: the flat
+    # vectors must hand each parameter its own moments, in its own element order
+    rng = np.random.default_rng(1)
+    shapes = {"W": (4, 3, 2, 2), "b": (4,), "E": (5, 3)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    expected = {k: p.copy() for k, p in params.items()}
+    opt = V.Adam(params, lr=0.01, betas=(0.8, 0.9), eps=1e-6)
+    m = {k: np.zeros(s) for k, s in shapes.items()}
+    v = {k: np.zeros(s) for k, s in shapes.items()}
+    for t in range(1, 4):
+        grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        grads["W"] = rng.standard_normal((4, 2, 2, 3)).transpose(0, 3, 1, 2)  # (4, 3, 2, 2), strided
+        opt.step(grads)
+        for k, g in grads.items():
+            m[k] = 0.8 * m[k] + 0.2 * g
+            v[k] = 0.9 * v[k] + 0.1 * g ** 2
+            expected[k] = expected[k] - 0.01 * (m[k] / (1 - 0.8 ** t)) / (np.sqrt(v[k] / (1 - 0.9 ** t)) + 1e-6)
+            np.testing.assert_allclose(params[k], expected[k], rtol=1e-12)
+            np.testing.assert_allclose(opt.m[k], m[k], rtol=1e-12)
+            np.testing.assert_allclose(opt.v[k], v[k], rtol=1e-12)
+    with pytest.raises(ValueError, match="one dtype"):
+        V.Adam({"a": np.zeros(2, np.float32), "b": np.zeros(2)})
+
+
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
 def test_training_cuts_reconstruction_error_tenfold(quantizer, levels):

@@ -732,24 +732,50 @@ def read_checkpoint(cls, config_cls, path, device=None):
 
 
 class Adam:
-    """Kingma & Ba 2015, bias-corrected. Updates the parameter arrays in place."""
+    """Kingma & Ba 2015, bias-corrected. Updates the parameter arrays in place.
+
+    The moments of all parameters lie end to end in one vector each (self.m[k] and self.v[k]
+    are views of it), and so do the gradients for the step: the update is a few passes over one
+    long vector, not a few per parameter (on a GPU, ~2 kernel launches per parameter, not ~14)."""
 
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8):
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.m = {k: array_module(p).zeros_like(p) for k, p in params.items()}  # first moment
-        self.v = {k: array_module(p).zeros_like(p) for k, p in params.items()}  # second moment
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) > 1:
+            raise ValueError(f"Adam needs parameters of one dtype, got {sorted(map(str, dtypes))}")
+        xp = array_module(next(iter(params.values()))) if params else np
+        dtype = dtypes.pop() if dtypes else np.float32
+        self.offsets = np.cumsum([0] + [p.size for p in params.values()])  # parameter i: [offsets[i], offsets[i+1])
+        self.m_flat = xp.zeros(int(self.offsets[-1]), dtype)          # first moments, end to end
+        self.v_flat = xp.zeros(int(self.offsets[-1]), dtype)          # second moments, end to end
+        self.m = self.views(self.m_flat)                               # by name, for the state dict
+        self.v = self.views(self.v_flat)
         self.t = 0
 
+    def views(self, flat):
+        """{name: the piece of a flat vector that belongs to that parameter, in its shape}."""
+        return {k: flat[a:b].reshape(p.shape)
+                for (k, p), a, b in zip(self.params.items(), self.offsets[:-1], self.offsets[1:])}
+
     def step(self, grads):
+        if not self.params:
+            return
         self.t += 1
         b1, b2 = self.betas
-        for k, p in self.params.items():
-            g, m, v = grads[k], self.m[k], self.v[k]
-            m *= b1; m += (1 - b1) * g                                 # m <- b1 m + (1 - b1) g
-            v *= b2; v += (1 - b2) * g * g                             # v <- b2 v + (1 - b2) g^2
-            m_hat = m / (1 - b1 ** self.t)                             # bias corrections
-            v_hat = v / (1 - b2 ** self.t)
-            p -= self.lr * m_hat / (array_module(p).sqrt(v_hat) + self.eps)
+        xp = array_module(self.m_flat)
+        g = xp.concatenate([grads[k].reshape(-1) for k in self.params])  # every gradient, end to end
+        m, v = self.m_flat, self.v_flat
+        m *= b1; m += (1 - b1) * g                                     # m <- b1 m + (1 - b1) g
+        v *= b2; v += (1 - b2) * g * g                                 # v <- b2 v + (1 - b2) g^2
+        m_hat = m / (1 - b1 ** self.t)                                 # bias corrections
+        v_hat = v / (1 - b2 ** self.t)
+        # lr m_hat / (sqrt(v_hat) + eps), in place: a fresh multi-MB temporary costs page faults
+        update = xp.sqrt(v_hat, out=v_hat)
+        update += self.eps
+        update = xp.divide(m_hat, update, out=update)
+        update *= self.lr
+        for k, u in self.views(update).items():
+            self.params[k] -= u                                        # p <- p - lr m_hat / (sqrt(v_hat) + eps)
 
     def state_dict(self):
         return {"t": np.array(self.t), **{f"m.{k}": to_numpy(a) for k, a in self.m.items()},
