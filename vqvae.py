@@ -143,6 +143,12 @@ def col2im(cols, H, W, stride):
     return x
 
 
+def conv_matrix(W):
+    """A Conv2d weight (O, C, kh, kw) as the matrix that multiplies an im2col patch (kh, kw, C)
+    flattened: (O, kh*kw*C), a row per output channel."""
+    return W.transpose(0, 2, 3, 1).reshape(W.shape[0], -1)
+
+
 def conv(x_pad, W, stride):
     """y[n, i, j, o] = sum_{c, u, v} W[o, c, u, v] x_pad[n, i*s + u, j*s + v, c], no bias.
     One matmul of the im2col patches with the weights -> (y (N, Ho, Wo, O), patches (M, kh*kw*C))."""
@@ -150,7 +156,7 @@ def conv(x_pad, W, stride):
     patches = windows(x_pad, kh, kw, stride)                           # (N, Ho, Wo, kh, kw, C) view
     N, Ho, Wo = patches.shape[:3]
     cols = patches.reshape(N * Ho * Wo, -1)                            # (M, kh*kw*C) copy (a view for 1x1)
-    W_mat = W.transpose(0, 2, 3, 1).reshape(O, -1)                     # (O, kh*kw*C), rows match a patch
+    W_mat = conv_matrix(W)                                             # (O, kh*kw*C), rows match a patch
     return (cols @ W_mat.T).reshape(N, Ho, Wo, O), cols
 
 
@@ -159,7 +165,7 @@ def conv_adjoint_by_col2im(dy, W, stride, x_pad_shape):
     over the patch it was computed from, dy (N, Ho, Wo, O) -> dx_pad (N, Hp, Wp, C)."""
     O, C, kh, kw = W.shape
     N, Ho, Wo, _ = dy.shape
-    W_mat = W.transpose(0, 2, 3, 1).reshape(O, -1)                     # (O, kh*kw*C)
+    W_mat = conv_matrix(W)                                             # (O, kh*kw*C)
     dcols = (dy.reshape(-1, O) @ W_mat).reshape(N, Ho, Wo, kh, kw, C)  # cols @ W_mat.T = y
     return col2im(dcols, x_pad_shape[1], x_pad_shape[2], stride)       # cols = windows(x_pad)
 
