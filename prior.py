@@ -652,8 +652,8 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
     # sigmoid(a_g) = (1 + tanh(a_g / 2)) / 2: the 1/2 is folded into the a_g half of W_h and of
     # base below (a power of two: exact), so that one tanh of h_pre gives tanh(a_f) and tanh(a_g / 2)
     half = xp.asarray(np.repeat([1.0, 0.5], p).astype(dtype))         # (2p,)
-    W_h = [conv_matrix(layer.conv_h.params["W"]).T * half for layer in layers]  # ((r+1) p, 2p): window -> h_pre
-    W_out = [conv_matrix(layer.out.params["W"]).T for layer in layers]  # (p, p)
+    W_h = [conv_matrix(layer.conv_h.params["W"]) * half for layer in layers]  # ((r+1) p, 2p): window -> h_pre
+    W_out = [conv_matrix(layer.out.params["W"]) for layer in layers]   # (p, p)
 
     # every attention layer's keys and values, a slot per position in raster order, filled as
     # the pixels are computed; and the positions' codes

@@ -144,9 +144,9 @@ def col2im(cols, H, W, stride):
 
 
 def conv_matrix(W):
-    """A Conv2d weight (O, C, kh, kw) as the matrix that multiplies an im2col patch (kh, kw, C)
-    flattened: (O, kh*kw*C), a row per output channel."""
-    return W.transpose(0, 2, 3, 1).reshape(W.shape[0], -1)
+    """A Conv2d weight (O, C, kh, kw) as the matrix that im2col patches, (kh, kw, C) flattened,
+    multiply: (kh*kw*C, O), a column per output channel. A view for 1x1 kernels, rotated or not."""
+    return W.transpose(2, 3, 1, 0).reshape(-1, W.shape[0])
 
 
 def conv(x_pad, W, stride):
@@ -156,8 +156,8 @@ def conv(x_pad, W, stride):
     patches = windows(x_pad, kh, kw, stride)                           # (N, Ho, Wo, kh, kw, C) view
     N, Ho, Wo = patches.shape[:3]
     cols = patches.reshape(N * Ho * Wo, -1)                            # (M, kh*kw*C) copy (a view for 1x1)
-    W_mat = conv_matrix(W)                                             # (O, kh*kw*C), rows match a patch
-    return (cols @ W_mat.T).reshape(N, Ho, Wo, O), cols
+    W_mat = conv_matrix(W)                                             # (kh*kw*C, O), rows match a patch
+    return (cols @ W_mat).reshape(N, Ho, Wo, O), cols
 
 
 def conv_adjoint_by_col2im(dy, W, stride, x_pad_shape):
@@ -165,8 +165,8 @@ def conv_adjoint_by_col2im(dy, W, stride, x_pad_shape):
     over the patch it was computed from, dy (N, Ho, Wo, O) -> dx_pad (N, Hp, Wp, C)."""
     O, C, kh, kw = W.shape
     N, Ho, Wo, _ = dy.shape
-    W_mat = conv_matrix(W)                                             # (O, kh*kw*C)
-    dcols = (dy.reshape(-1, O) @ W_mat).reshape(N, Ho, Wo, kh, kw, C)  # cols @ W_mat.T = y
+    W_mat = conv_matrix(W)                                             # (kh*kw*C, O)
+    dcols = (dy.reshape(-1, O) @ W_mat.T).reshape(N, Ho, Wo, kh, kw, C)  # cols @ W_mat = y
     return col2im(dcols, x_pad_shape[1], x_pad_shape[2], stride)       # cols = windows(x_pad)
 
 
@@ -235,7 +235,7 @@ class Conv2d:
         x_pad_shape, cols = self.cache
         O, C = self.params["W"].shape[:2]
         dy_mat = dy.reshape(-1, O)                                     # (M, O)
-        dW_mat = dy_mat.T @ cols                                       # y = cols @ W_mat.T
+        dW_mat = dy_mat.T @ cols                                       # y = cols @ W_mat, W_mat^T = dW_mat
         self.grads["W"] = dW_mat.reshape(O, self.kh, self.kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
         self.grads["b"] = dy_mat.sum(0)                                # y = ... + b
         if not self.input_grad:
