@@ -3,6 +3,7 @@
     python bench.py                 # a table
     python bench.py --json          # the same figures as JSON
     python bench.py --quick         # fewer repetitions, for a smoke test
+    OPENBLAS_NUM_THREADS=1 python bench.py   # one thread on both sides (a machine shared with other jobs)
 
 Measured: the VQ-VAE training step (forward, backward, Adam) for three configurations, with
 FLOPs counted from the layer shapes and the achieved rate as a fraction of this machine's
@@ -309,9 +310,9 @@ def main():
     xp = vqvae.backend(args.device)
     device = "gpu" if xp is not np else "cpu"
     repeat = 5 if args.quick else 20
-    threads = os.cpu_count()
+    threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count())  # NumPy's BLAS threads, for torch too
     if torch is not None:
-        torch.set_num_threads(threads)                                 # as many as NumPy's BLAS uses by default
+        torch.set_num_threads(threads)                                 # as many as NumPy's BLAS uses
     peak = matmul_peak(xp)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": threads, "device": device,
                           "numpy": np.__version__, "torch": torch.__version__ if torch is not None else None,

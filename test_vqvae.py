@@ -222,6 +222,26 @@ def test_layers_keep_float32():
         assert all(layer.grads[k].dtype == p.dtype == np.float32 for k, p in layer.params.items())
 
 
+@given(st.sampled_from([(1, 4), (2, 8), (1, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(1, 9), st.integers(1, 9), st.lists(st.integers(0, 3), min_size=4, max_size=4), seeds)
+def test_cropped_fast_conv_adjoint_equals_the_cropped_col2im_definition(CO, s, bh, bw, H, W, crop, seed):
+    # (C, O) pairs reach both of conv_adjoint's branches (col2im form where 4 s^2 C <= O, the
+    # convolution otherwise); crops of every size, whole blocks or not, up to the whole input
+    C, O = CO
+    kh, kw = bh * s, bw * s
+    Hp, Wp = max(H, kh), max(W, kw)
+    t, b, l, r = crop
+    assume(t + b < Hp and l + r < Wp)
+    rng = np.random.default_rng(seed)
+    Wt = rng.standard_normal((O, C, kh, kw))
+    Ho, Wo = (Hp - kh) // s + 1, (Wp - kw) // s + 1
+    dy = rng.standard_normal((2, Ho, Wo, O))
+    crop = ((t, b), (l, r))
+    fast = V.conv_adjoint(dy, Wt, s, (2, Hp, Wp, C), crop)
+    expected = V.crop_hw(V.conv_adjoint_by_col2im(dy, Wt, s, (2, Hp, Wp, C)), crop)
+    np.testing.assert_allclose(fast, expected, rtol=1e-10, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # vector quantizer
 
@@ -1295,6 +1315,31 @@ def test_adam_state_round_trip():
     opt.step({"p": g})
     opt2.step({"p": g})
     np.testing.assert_array_equal(a["p"], b["p"])
+
+
+def test_adam_with_flat_moments_equals_the_formula_per_parameter():
+    # several shapes, and a transposed (non-contiguous) gradient as Conv2d's dW is: the flat
+    # vectors must hand each parameter its own moments, in its own element order
+    rng = np.random.default_rng(1)
+    shapes = {"W": (4, 3, 2, 2), "b": (4,), "E": (5, 3)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    expected = {k: p.copy() for k, p in params.items()}
+    opt = V.Adam(params, lr=0.01, betas=(0.8, 0.9), eps=1e-6)
+    m = {k: np.zeros(s) for k, s in shapes.items()}
+    v = {k: np.zeros(s) for k, s in shapes.items()}
+    for t in range(1, 4):
+        grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        grads["W"] = rng.standard_normal((4, 2, 2, 3)).transpose(0, 3, 1, 2)  # (4, 3, 2, 2), strided
+        opt.step(grads)
+        for k, g in grads.items():
+            m[k] = 0.8 * m[k] + 0.2 * g
+            v[k] = 0.9 * v[k] + 0.1 * g ** 2
+            expected[k] = expected[k] - 0.01 * (m[k] / (1 - 0.8 ** t)) / (np.sqrt(v[k] / (1 - 0.9 ** t)) + 1e-6)
+            np.testing.assert_allclose(params[k], expected[k], rtol=1e-12)
+            np.testing.assert_allclose(opt.m[k], m[k], rtol=1e-12)
+            np.testing.assert_allclose(opt.v[k], v[k], rtol=1e-12)
+    with pytest.raises(ValueError, match="one dtype"):
+        V.Adam({"a": np.zeros(2, np.float32), "b": np.zeros(2)})
 
 
 @pytest.mark.parametrize("levels", [1, 2])
