@@ -288,6 +288,8 @@ def bench_prior(device, repeat):
 def bench_sampling(device, N, size):
     cfg = P.PriorConfig(codebook_size=512, channels=64, layers=8, kernel=3)
     prior = P.PixelCNN(cfg, device=device)
+    P.sample(prior, N, 2, 2, seed=0), P.sample_naive(prior, N, 2, 2, seed=0)  # warm-up: CuPy compiles kernels on first use
+    sync(prior.xp)
     t = time.perf_counter()
     fast = P.sample(prior, N, size, size, seed=1)
     sync(prior.xp)
