@@ -1211,6 +1211,8 @@ def test_config_rejects_bad_values():
         V.Config(gumbel_temperature_min=2)
     with pytest.raises(ValueError, match="restart_threshold must be >= 0, got -1"):
         V.Config(restart_threshold=-1)
+    with pytest.raises(ValueError, match="kmeans_init and restart_threshold apply to .* vq, ema and rvq, not to fsq"):
+        V.Config(quantizer="fsq", kmeans_init=True)
     assert V.Config.from_dict({"fsq_levels": [4, 4]}).fsq_levels == (4, 4)  # as JSON gives it back
 
 

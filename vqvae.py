@@ -958,6 +958,9 @@ class Config:
                                         or self.codebook_size > 2**16):
             raise ValueError(f"lfq needs a codebook_size that is a power of 2 from 2 to 2^16 (K = 2^bits), "
                              f"got {self.codebook_size}")
+        if (self.kmeans_init or self.restart_threshold) and self.quantizer not in ("vq", "ema", "rvq"):
+            raise ValueError(f"kmeans_init and restart_threshold apply to the nearest-neighbour codebooks of vq, ema "
+                             f"and rvq, not to {self.quantizer}")
         if not isinstance(self.rvq_stages, int) or self.rvq_stages < 1:
             raise ValueError(f"rvq_stages must be a positive integer, got {self.rvq_stages!r}")
         for name in ("restart_threshold", "lfq_entropy_weight", "gumbel_kl_weight"):
