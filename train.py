@@ -643,7 +643,8 @@ def build_parser():
     model.add_argument("--res-blocks", type=int, default=m.res_blocks, help="R: residual blocks")
     model.add_argument("--levels", type=int, default=m.levels, choices=[1, 2],
                        help="1: VQ-VAE; 2: VQ-VAE-2 with top (/8) and bottom (/4) codes")
-    model.add_argument("--codebook-size", "-K", type=int, default=256, help="K: number of codes")
+    model.add_argument("--codebook-size", "-K", type=int, default=256,
+                       help="K: number of codes (for fsq, the product of --fsq-levels instead)")
     model.add_argument("--code-dim", "-D", type=int, default=32, help="D: code vector dimension")
     model.add_argument("--beta", type=float, default=m.beta, help="commitment cost")
     q = p.add_argument_group("quantizer")
@@ -900,8 +901,8 @@ def encode(argv):
     p.add_argument("--data", required=True, help="as for training")
     p.add_argument("--data-dir", default="data", help="as for training")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to encode")
-    p.add_argument("--out", required=True, help="output .npy of codes (N, h, w); for two levels an .npz "
-                                                 "with arrays 'top' and 'bottom'")
+    p.add_argument("--out", required=True, help="output .npy of codes (N, h, w), residual VQ's (N, S, h, w); "
+                                                 "for two levels an .npz with arrays 'top' and 'bottom'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
     args = p.parse_args(argv)
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
