@@ -191,6 +191,13 @@ def test_conv_transpose2d_output_size_is_torch_formula(C, H, k, s):
     assert y.shape == (1, (H - 1) * s - 2 * p + k, (H - 1) * s - 2 * p + k, 2)
 
 
+@given(st.integers(1, 300), st.integers(1, 5), seeds)
+def test_column_sums_equal_numpy_sum(M, C, seed):
+    a = np.random.default_rng(seed).standard_normal((M, C))
+    np.testing.assert_allclose(V.column_sums(a), a.sum(0), rtol=1e-12, atol=1e-12)
+    assert V.column_sums(a.astype(np.float32)).dtype == np.float32
+
+
 @given(st.integers(1, 3), st.integers(1, 6), seeds)
 def test_relu_gradient_is_the_mask(N, C, seed):
     rng = np.random.default_rng(seed)

@@ -143,6 +143,12 @@ def col2im(cols, H, W, stride):
     return x
 
 
+def column_sums(a):
+    """a.sum(0) of a tall (M, C) matrix, as the matvec ones(M) @ a: NumPy's column sums of a
+    narrow matrix run ~10-25x slower than BLAS's (a bias gradient of 3 channels: 0.47 -> 0.02 ms)."""
+    return array_module(a).ones(a.shape[0], dtype=a.dtype) @ a
+
+
 def conv_matrix(W):
     """A Conv2d weight (O, C, kh, kw) as the matrix that im2col patches, (kh, kw, C) flattened,
     multiply: (kh*kw*C, O), a column per output channel. A view for 1x1 kernels, rotated or not."""
@@ -237,7 +243,7 @@ class Conv2d:
         dy_mat = dy.reshape(-1, O)                                     # (M, O)
         dW_mat = dy_mat.T @ cols                                       # y = cols @ W_mat, W_mat^T = dW_mat
         self.grads["W"] = dW_mat.reshape(O, self.kh, self.kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
-        self.grads["b"] = dy_mat.sum(0)                                # y = ... + b
+        self.grads["b"] = column_sums(dy_mat)                          # y = ... + b
         if not self.input_grad:
             return None
         return conv_adjoint(dy, self.params["W"], self.stride, x_pad_shape, self.padding)  # y = conv(pad(x))
@@ -265,12 +271,13 @@ class ConvTranspose2d:
         Hp, Wp = (H - 1) * self.stride + self.kh, (W_in - 1) * self.stride + self.kw
         y = conv_adjoint(x, W, self.stride, (N, Hp, Wp, W.shape[1]), self.padding)  # (N, Hout, Wout, Co)
         self.cache = x
-        return y + self.params["b"]
+        y += self.params["b"]                                          # in place: y is conv_adjoint's fresh output
+        return y
 
     def backward(self, dy):
         x = self.cache
         Ci, Co = self.params["W"].shape[:2]
-        self.grads["b"] = dy.sum((0, 1, 2))                            # y = ... + b
+        self.grads["b"] = column_sums(dy.reshape(-1, Co))              # y = ... + b
         dx, dcols = conv(pad_hw(dy, self.padding), self.params["W"], self.stride)  # the adjoint's adjoint
         dW_mat = x.reshape(-1, Ci).T @ dcols                           # (Ci, kh*kw*Co)
         self.grads["W"] = dW_mat.reshape(Ci, self.kh, self.kw, Co).transpose(0, 3, 1, 2)  # (Ci, Co, kh, kw)
