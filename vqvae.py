@@ -1269,17 +1269,21 @@ class Adam:
         self.t += 1
         b1, b2 = self.betas
         xp = array_module(self.m_flat)
-        g = xp.concatenate([grads[k].reshape(-1) for k in self.params])  # every gradient, end to end
+        g = xp.empty_like(self.m_flat)
+        for k, piece in self.views(g).items():
+            piece[...] = grads[k]                                      # every gradient, end to end (one copy,
+                                                                       # where reshape(-1) of a transposed dW makes two)
         m, v = self.m_flat, self.v_flat
         m *= b1; m += (1 - b1) * g                                     # m <- b1 m + (1 - b1) g
-        v *= b2; v += (1 - b2) * g * g                                 # v <- b2 v + (1 - b2) g^2
-        m_hat = m / (1 - b1 ** self.t)                                 # bias corrections
-        v_hat = v / (1 - b2 ** self.t)
-        # lr m_hat / (sqrt(v_hat) + eps), in place: a fresh multi-MB temporary costs page faults
-        update = xp.sqrt(v_hat, out=v_hat)
-        update += self.eps
-        update = xp.divide(m_hat, update, out=update)
-        update *= self.lr
+        v *= b2; v += (1 - b2) * xp.square(g, out=g)                   # v <- b2 v + (1 - b2) g^2 (g is ours to overwrite)
+        # lr m_hat / (sqrt(v_hat) + eps) with m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t), the bias
+        # corrections moved into two scalars (Kingma & Ba, end of section 2): two passes fewer
+        lr_t = self.lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        eps_t = self.eps * math.sqrt(1 - b2 ** self.t)
+        update = xp.sqrt(v)                                            # in place from here: a fresh multi-MB
+        update += eps_t                                                # temporary costs page faults
+        update = xp.divide(m, update, out=update)
+        update *= lr_t
         for k, u in self.views(update).items():
             self.params[k] -= u                                        # p <- p - lr m_hat / (sqrt(v_hat) + eps)
 
