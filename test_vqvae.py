@@ -191,6 +191,12 @@ def test_conv_transpose2d_output_size_is_torch_formula(C, H, k, s):
     assert y.shape == (1, (H - 1) * s - 2 * p + k, (H - 1) * s - 2 * p + k, 2)
 
 
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), seeds)
+def test_conv_weight_inverts_conv_matrix(O, C, kh, kw, seed):
+    W = np.random.default_rng(seed).standard_normal((O, C, kh, kw))
+    np.testing.assert_array_equal(V.conv_weight(V.conv_matrix(W), kh, kw), W)
+
+
 @given(st.integers(1, 300), st.integers(1, 5), seeds)
 def test_column_sums_equal_numpy_sum(M, C, seed):
     a = np.random.default_rng(seed).standard_normal((M, C))
