@@ -161,6 +161,12 @@ def conv_weight(W_mat, kh, kw):
     return W_mat.reshape(kh, kw, -1, O).transpose(3, 2, 0, 1)
 
 
+def rot180(W):
+    """(O, C, kh, kw) -> (C, O, kh, kw): the kernel rotated by 180 degrees, in and out swapped,
+    of the adjoint of a stride-1 convolution (a view; rot180(rot180(W)) is W)."""
+    return W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+
+
 def conv(x_pad, W, stride):
     """y[n, i, j, o] = sum_{c, u, v} W[o, c, u, v] x_pad[n, i*s + u, j*s + v, c], no bias.
     One matmul of the im2col patches with the weights -> (y (N, Ho, Wo, O), patches (M, kh*kw*C))."""
@@ -208,7 +214,7 @@ def conv_adjoint(dy, W, stride, x_pad_shape, crop=((0, 0), (0, 0))):
         bt = bb = bl = br = 0
     else:
         bt, bb, bl, br = min(t // s, bh - 1), min(b // s, bh - 1), min(l // s, bw - 1), min(r // s, bw - 1)
-        W_rot = W_blocks[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)      # (s*s*C, O, bh, bw)
+        W_rot = rot180(W_blocks)                                       # (s*s*C, O, bh, bw)
         dy_pad = pad_hw(dy, ((bh - 1 - bt, bh - 1 - bb), (bw - 1 - bl, bw - 1 - br)))  # less padding: pre-cropped
         dx_blocks, _ = conv(dy_pad, W_rot, 1)                          # (N, Hb, Wb, s*s*C)
     Hb, Wb = dx_blocks.shape[1:3]
@@ -240,21 +246,32 @@ class Conv2d:
     def forward(self, x):
         x_pad = pad_hw(x, self.padding)
         y, cols = self.apply(x_pad)
-        self.cache = (x_pad.shape, cols)
+        self.cache = (x, x_pad.shape, cols)
         return y                                                       # (N, Ho, Wo, O)
 
     def backward(self, dy):
-        x_pad_shape, cols = self.cache
-        O = self.params["W"].shape[0]
+        x, x_pad_shape, cols = self.cache
+        W = self.params["W"]
+        O, C, kh, kw = W.shape
         dy_mat = dy.reshape(-1, O)                                     # (M, O)
+        self.grads["b"] = column_sums(dy_mat)                          # y = ... + b
+        (t, b), (l, r) = self.padding
+        if self.input_grad and self.stride == 1 and max(t, b) < kh and max(l, r) < kw:
+            # stride 1: dx is the convolution of the padded dy with the rotated kernel (see
+            # conv_adjoint), and the patches of dy it cuts, one row per input pixel, also give dW:
+            # dW[o, c, u, v] = sum_p x[p, c] dy[p + (t - u, l - v), o]. One im2col serves both
+            # gradients, and the forward's patches, cold in memory by now, are not read again.
+            dx, dcols = conv(pad_hw(dy, ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r))), rot180(W), 1)
+            dW_rot_mat = dcols.T @ x.reshape(-1, C)                    # (kh*kw*O, C), as conv_matrix(rot180(W))
+            self.grads["W"] = rot180(conv_weight(dW_rot_mat, kh, kw))  # (O, C, kh, kw)
+            return dx                                                  # (N, H, W, C)
         # y = cols @ W_mat -> dW_mat = cols^T dy; as cols.T @ dy, not (dy.T @ cols).T: OpenBLAS
         # runs this orientation 10-20 % faster at these shapes (long M, short O)
         dW_mat = cols.T @ dy_mat                                       # (kh*kw*C, O), as W_mat
-        self.grads["W"] = conv_weight(dW_mat, self.kh, self.kw)        # (O, C, kh, kw)
-        self.grads["b"] = column_sums(dy_mat)                          # y = ... + b
+        self.grads["W"] = conv_weight(dW_mat, kh, kw)                  # (O, C, kh, kw)
         if not self.input_grad:
             return None
-        return conv_adjoint(dy, self.params["W"], self.stride, x_pad_shape, self.padding)  # y = conv(pad(x))
+        return conv_adjoint(dy, W, self.stride, x_pad_shape, self.padding)  # y = conv(pad(x))
 
 
 class ConvTranspose2d:
