@@ -246,8 +246,13 @@ class Conv2d:
     def forward(self, x):
         x_pad = pad_hw(x, self.padding)
         y, cols = self.apply(x_pad)
-        self.cache = (x, x_pad.shape, cols)
+        self.cache = (x, x_pad.shape, None if self.grads_from_adjoint() else cols)  # cols: MBs, kept only if needed
         return y                                                       # (N, Ho, Wo, O)
+
+    def grads_from_adjoint(self):
+        """Whether backward takes dW from the adjoint's patches of dy (see there), not the forward's."""
+        (t, b), (l, r) = self.padding
+        return self.input_grad and self.stride == 1 and max(t, b) < self.kh and max(l, r) < self.kw
 
     def backward(self, dy):
         x, x_pad_shape, cols = self.cache
@@ -256,7 +261,7 @@ class Conv2d:
         dy_mat = dy.reshape(-1, O)                                     # (M, O)
         self.grads["b"] = column_sums(dy_mat)                          # y = ... + b
         (t, b), (l, r) = self.padding
-        if self.input_grad and self.stride == 1 and max(t, b) < kh and max(l, r) < kw:
+        if self.grads_from_adjoint():
             # stride 1: dx is the convolution of the padded dy with the rotated kernel (see
             # conv_adjoint), and the patches of dy it cuts, one row per input pixel, also give dW:
             # dW[o, c, u, v] = sum_p x[p, c] dy[p + (t - u, l - v), o]. One im2col serves both
