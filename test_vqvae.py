@@ -137,6 +137,21 @@ def test_conv2d_gradients_match_finite_differences(shape, seed):
 
 
 @given(conv_shapes(), seeds)
+def test_conv2d_weight_gradient_from_the_adjoints_patches_equals_cols_transpose_dy(shape, seed):
+    # stride 1 with padding < kernel: backward takes dW from the patches of dy that dx is computed
+    # from; input_grad=False takes the definition, dW_mat = cols^T dy with the forward's patches
+    N, C, O, k, s, pad, H, W = shape
+    rng = np.random.default_rng(seed)
+    fast, plain = V.Conv2d(C, O, k, s, pad, init=f64_init(seed)), V.Conv2d(C, O, k, s, pad, init=f64_init(seed), input_grad=False)
+    x = rng.standard_normal((N, H, W, C))
+    dy = rng.standard_normal(fast.forward(x).shape)
+    plain.forward(x)
+    fast.backward(dy), plain.backward(dy)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(fast.grads[name], plain.grads[name], rtol=1e-10, atol=1e-12)
+
+
+@given(conv_shapes(), seeds)
 def test_conv_transpose2d_gradients_match_finite_differences(shape, seed):
     N, C, O, k, s, pad, H, W = shape
     # a transposed convolution needs (H - 1) s + k > top + bottom padding to give any output
@@ -189,6 +204,19 @@ def test_conv_transpose2d_output_size_is_torch_formula(C, H, k, s):
     y = convt.forward(np.ones((1, H, H, C), np.float32))
     p = (k - 1) // 2
     assert y.shape == (1, (H - 1) * s - 2 * p + k, (H - 1) * s - 2 * p + k, 2)
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), seeds)
+def test_conv_weight_inverts_conv_matrix(O, C, kh, kw, seed):
+    W = np.random.default_rng(seed).standard_normal((O, C, kh, kw))
+    np.testing.assert_array_equal(V.conv_weight(V.conv_matrix(W), kh, kw), W)
+
+
+@given(st.integers(1, 300), st.integers(1, 5), seeds)
+def test_column_sums_equal_numpy_sum(M, C, seed):
+    a = np.random.default_rng(seed).standard_normal((M, C))
+    np.testing.assert_allclose(V.column_sums(a), a.sum(0), rtol=1e-12, atol=1e-12)
+    assert V.column_sums(a.astype(np.float32)).dtype == np.float32
 
 
 @given(st.integers(1, 3), st.integers(1, 6), seeds)
