@@ -960,8 +960,9 @@ def test_gumbel_gradients_match_finite_differences_with_the_noise_held(case, tra
         z_q, stats = q.forward(x, train)
         return np.sum(z_q * dz_q) + stats["vq"]
 
-    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-6
-    assert rel_error(g_codebook, numerical_grad(loss, q.codebook), 1e-3) < 1e-6
+    # 1e-5: the thorough profile found round-off of ~1e-9 on logit gradients of ~5e-4 (rel. 1.4e-6)
+    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-5
+    assert rel_error(g_codebook, numerical_grad(loss, q.codebook), 1e-3) < 1e-5
     if not train:                                                      # hard argmax: only the chosen rows move
         unused = np.setdiff1d(np.arange(K), z_e.argmax(-1))
         assert np.all(g_codebook[unused] == 0)
