@@ -1277,6 +1277,8 @@ def test_every_quantizer_decodes_its_codes_to_the_forward_reconstruction(quantiz
 def test_num_codes_is_what_the_quantizer_emits():
     assert V.Config(quantizer="fsq", fsq_levels=(8, 6, 5)).num_codes == 240
     assert V.Config(quantizer="lfq", codebook_size=1024).num_codes == 1024
+    assert V.Config(quantizer="rvq", rvq_stages=3).codes_per_position == 3
+    assert V.Config(quantizer="ema", rvq_stages=3).codes_per_position == 1
     for quantizer in V.QUANTIZERS:
         cfg = family_config(quantizer)
         assert V.VQVAE(cfg, device="cpu").quantizer.K == cfg.num_codes

@@ -435,7 +435,7 @@ def encode_all(model, images, batch_size=256):
 def evaluate(model, images, real_hw, batch_size):
     """Held-out MSE and PSNR on the real pixels (padding cropped) in [0, 1], and each level's
     code usage over the whole split (for residual VQ, the stages' mean)."""
-    K, S = model.cfg.num_codes, model.cfg.rvq_stages if model.cfg.quantizer == "rvq" else 1
+    K, S = model.cfg.num_codes, model.cfg.codes_per_position
     h, w = real_hw
     sq_err, n_values = 0.0, 0
     counts = {name: np.zeros((S, K), np.int64) for name in level_names(model)}
@@ -499,7 +499,7 @@ def draw_samples(model, priors, rows, per_row, seed, temperature, real_hw):
     N = rows * per_row
     labels = np.repeat(np.arange(rows), per_row) if priors[0].cfg.num_classes else None
     grid_h, grid_w = -(-h // model.downsample), -(-w // model.downsample)  # the coarsest grid of a padded image
-    S = model.cfg.rvq_stages if model.cfg.quantizer == "rvq" else 1    # codes side by side per position
+    S = model.cfg.codes_per_position                                   # residual VQ: S codes side by side
     codes = []
     t = time.time()
     for level, prior in enumerate(priors):

@@ -1023,6 +1023,11 @@ class Config:
         return math.prod(self.fsq_levels) if self.quantizer == "fsq" else self.codebook_size
 
     @property
+    def codes_per_position(self):
+        """S for residual VQ (codes (N, S, h, w)), else 1 (codes (N, h, w))."""
+        return self.rvq_stages if self.quantizer == "rvq" else 1
+
+    @property
     def downsample(self):
         """Image size over the size of the coarsest code grid."""
         return 4 * 2 ** (self.levels - 1)
