@@ -638,7 +638,7 @@ def vq_parts(kind, q, stats):
 
 
 # -----------------------------------------------------------------------------
-# all three: the interface
+# FSQ, LFQ, Gumbel: the shared interface
 
 
 @pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
@@ -991,7 +991,7 @@ def test_gumbel_rejects_a_bad_schedule():
 
 
 # -----------------------------------------------------------------------------
-# backends
+# FSQ, LFQ, Gumbel: backends
 
 
 @pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
