@@ -580,10 +580,9 @@ class VectorQuantizerEMA(VectorQuantizer):
 
     def __init__(self, K, D, beta=0.25, decay=0.99, eps=1e-5, init=None, kmeans_init=False, restart_threshold=0.0,
                  seed=0):
-        super().__init__(K, D, beta, init, kmeans_init, 0.0, decay, seed)
-        self.restart_threshold, self.eps = restart_threshold, eps
-        if restart_threshold > 0:
-            self.buffers["step"] = np.zeros((), np.int64)
+        super().__init__(K, D, beta, init, kmeans_init, restart_threshold, decay, seed)
+        self.eps = eps
+        self.buffers.pop("usage", None)                                # N_k below counts the uses
         xp = array_module(self.codebook)
         self.params = {}                                               # nothing for Adam
         self.buffers.update(codebook=self.codebook, ema_count=xp.ones(K, dtype=self.codebook.dtype),
