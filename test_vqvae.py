@@ -198,6 +198,46 @@ def test_fast_conv_adjoint_equals_the_col2im_definition(C, O, s, bh, bw, H, W, s
     np.testing.assert_allclose(fast, V.conv_adjoint_by_col2im(dy, Wt, s, (2, Hp, Wp, C)), rtol=1e-10, atol=1e-12)
 
 
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 8), st.integers(1, 8),
+       st.lists(st.integers(0, 4), min_size=4, max_size=4), seeds)
+def test_cropped_col2im_equals_col2im_then_crop(kh, kw, s, Ho, Wo, crop, seed):
+    # col2im adds only the patches whose pixels land inside the crop; any crop, up to all but one pixel
+    H, W = (Ho - 1) * s + kh, (Wo - 1) * s + kw
+    t, b, l, r = crop
+    assume(t + b < H and l + r < W)
+    cols = np.random.default_rng(seed).standard_normal((2, Ho, Wo, kh, kw, 3))
+    crop = ((t, b), (l, r))
+    np.testing.assert_array_equal(V.col2im(cols, H, W, s, crop), V.crop_hw(V.col2im(cols, H, W, s), crop))
+
+
+@st.composite
+def few_output_convs(draw):
+    """A stride-1 convolution with 4 O <= C, a kernel of more than one tap and padding < kernel."""
+    O = draw(st.integers(1, 2))
+    C = draw(st.integers(4 * O, 9))
+    kh, kw = draw(st.sampled_from([(1, 2), (2, 1), (2, 2), (3, 3), (4, 4), (3, 2)]))
+    t, b = draw(st.integers(0, kh - 1)), draw(st.integers(0, kh - 1))
+    l, r = draw(st.integers(0, kw - 1)), draw(st.integers(0, kw - 1))
+    H, W = draw(st.integers(max(1, kh - t - b), 6)), draw(st.integers(max(1, kw - l - r), 6))
+    return C, O, (kh, kw), ((t, b), (l, r)), H, W
+
+
+@given(few_output_convs(), seeds)
+def test_conv2d_with_few_outputs_equals_the_direct_loop(shape, seed):
+    # 4 O <= C: Conv2d's forward takes the col2im form (the adjoint of the rotated kernel's
+    # convolution), where the padding is a crop of the 'full' output
+    C, O, (kh, kw), ((t, b), (l, r)), H, W = shape
+    rng = np.random.default_rng(seed)
+    conv = V.Conv2d(C, O, (kh, kw), 1, ((t, b), (l, r)), init=f64_init(seed))
+    assert conv.grads_from_adjoint() and V.col2im_is_cheaper(C, O)   # the path under test
+    x = rng.standard_normal((2, H, W, C))
+    expected = direct_conv(x, conv.params["W"], conv.params["b"], 1, ((t, b), (l, r)))
+    np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(V.conv_by_col2im(x, conv.params["W"], conv.padding),
+                               V.conv(V.pad_hw(x, conv.padding), conv.params["W"], 1)[0], rtol=1e-10, atol=1e-12)
+    check_layer_grads(conv, x, rng)
+
+
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), st.integers(2, 5))
 def test_conv_transpose2d_output_size_is_torch_formula(C, H, k, s):
     convt = V.ConvTranspose2d(C, 2, k, s, padding=(k - 1) // 2)
@@ -1432,7 +1472,7 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
         x_hat = dec(z_st.reshape(2, 2, 2, 3).permute(0, 3, 1, 2))
         loss = ((x_hat - xt) ** 2).mean() + vq
         loss.backward()
-        assert np.isclose(float(loss), float(stats["loss"]), rtol=1e-12)
+        assert np.isclose(float(loss.detach()), float(stats["loss"]), rtol=1e-12)
         torch_grads = {f"encoder.{k}": p.grad for k, p in enc.named_parameters()}
         torch_grads.update({f"pre_quant.{k}": p.grad for k, p in pre.named_parameters()})
         torch_grads.update({f"decoder.{k}": p.grad for k, p in dec.named_parameters()})
