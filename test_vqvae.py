@@ -1455,7 +1455,8 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
     import bench
     torch.set_default_dtype(torch.float64)
     try:
-        model = V.VQVAE(V.Config(hidden=8, res_hidden=4, res_blocks=1, codebook_size=12, code_dim=3,
+        # res_hidden 2 <= hidden / 4: the residual blocks' 3x3 convolutions take the col2im form
+        model = V.VQVAE(V.Config(hidden=8, res_hidden=2, res_blocks=1, codebook_size=12, code_dim=3,
                                  quantizer=quantizer, dtype="float64", seed=1), device="cpu")
         x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
         stats = model.forward(x, train=False)
@@ -1493,8 +1494,8 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
 def test_numpy_and_cupy_agree(quantizer, levels):
     extra = {"vq": dict(kmeans_init=True), "ema": dict(restart_threshold=1.0), "fsq": {}, "lfq": {}, "gumbel": {},
              "rvq": dict(rvq_stages=2, kmeans_init=True, restart_threshold=1.0)}[quantizer]
-    cfg = V.Config(hidden=16, res_hidden=8, codebook_size=32, code_dim=8, quantizer=quantizer, dtype="float64",
-                   levels=levels, **extra)
+    cfg = V.Config(hidden=32, res_hidden=8, codebook_size=32, code_dim=8, quantizer=quantizer, dtype="float64",
+                   levels=levels, **extra)  # res_hidden <= hidden / 4: NumPy takes the col2im form, CuPy im2col
     cpu, gpu = V.VQVAE(cfg, device="cpu"), V.VQVAE(cfg, device="gpu")
     x = np.random.default_rng(0).random((4, 16, 16, 3))
     opt_c, opt_g = V.Adam(cpu.params, lr=1e-3), V.Adam(gpu.params, lr=1e-3)
