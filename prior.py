@@ -593,6 +593,28 @@ def pick(logits, u, temperature):
     return xp.minimum(k, logits.shape[1] - 1)                          # rounding may leave cdf[-1] < u
 
 
+def pixel_kernels(xp, p):
+    """The fast sampler's two elementwise steps of a layer at a pixel -> (gate_at, residual_at).
+
+        gate_at(h, a)     = tanh(h_f + a_f) * (1 + tanh(h_g + a_g)) / 2, for h = [h_f, h_g] and
+                            a = [a_f, a_g] (N, 2p): the gate() of h + a, whose a_g half is halved
+        residual_at(y, b, x) = y + b + x
+
+    With NumPy, these expressions. On a GPU each array operation (a slice too) costs a launch or
+    a Python call that outweighs the arithmetic on a few hundred numbers: there each step is one
+    CuPy ElementwiseKernel doing the same operations in the same order, and the gate reads the
+    halves itself (7 calls -> 1, and 2 -> 1). h and a must be C-contiguous for it."""
+    if xp is np:
+        return (lambda h, a: xp.tanh(h[:, :p] + a[:, :p]) * (0.5 * (1 + xp.tanh(h[:, p:] + a[:, p:]))),
+                lambda y, b, x: y + b + x)
+    gate = xp.ElementwiseKernel(
+        "raw T h, raw T a, int64 p", "T out",
+        "const ptrdiff_t f = i / p * 2 * p + i % p;  // a_f of row i / p, channel i % p; a_g is p further\n"
+        "out = tanh(h[f] + a[f]) * (T(0.5) * (T(1) + tanh(h[f + p] + a[f + p])));", "vqvae_gate_at")
+    residual_at = xp.ElementwiseKernel("T y, T b, T x", "T out", "out = (y + b) + x", "vqvae_residual_at")
+    return (lambda h, a: gate(h, a, p, size=h.shape[0] * p).reshape(h.shape[0], p)), residual_at
+
+
 def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes):
     for name, n in (("N", N), ("h", h), ("w", w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
@@ -630,8 +652,9 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
     On a GPU each array operation is a kernel launch for a few hundred numbers, so the pixel loop
     does as few as it can: the weights become matrices once; what a row's horizontal
     pre-activations add to conv_h(h) (link, conditioning, conv_h's bias) is summed once per row;
-    a pixel's horizontal convolution is one matmul of a view of its window: about 105 array
-    operations per pixel for the default prior (K=512, p=64, L=8), where it took 148.
+    a pixel's horizontal convolution is one matmul of a view of its window; the gate, and the
+    bias with the residual, are one kernel each (pixel_kernels): about 60 array operations per
+    pixel for the default prior (K=512, p=64, L=8), where it took 148.
 
     An attention layer keeps the keys and values of the pixels computed so far; at pixel (i, j)
     it adds that pixel's and computes the query, the attention over the cache and the output for
@@ -650,10 +673,11 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
 
     # the horizontal kernel (1, r+1) and the output 1x1 convolution as matrices, once. The gate
     # sigmoid(a_g) = (1 + tanh(a_g / 2)) / 2: the 1/2 is folded into the a_g half of W_h and of
-    # base below (a power of two: exact), so that one tanh of h_pre gives tanh(a_f) and tanh(a_g / 2)
+    # base below (a power of two: exact), so that the tanh of the a_g half gives tanh(a_g / 2)
     half = xp.asarray(np.repeat([1.0, 0.5], p).astype(dtype))         # (2p,)
     W_h = [conv_matrix(layer.conv_h.params["W"]) * half for layer in layers]  # ((r+1) p, 2p): window -> h_pre
     W_out = [conv_matrix(layer.out.params["W"]) for layer in layers]   # (p, p)
+    gate_at, residual_at = pixel_kernels(xp, p)
 
     # every attention layer's keys and values, a slot per position in raster order, filled as
     # the pixels are computed; and the positions' codes
@@ -666,7 +690,7 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
     V = [xp.zeros((N, h + r, w + 2 * r, p), dtype) for _ in layers]    # (N, h + r, w + 2r, p)
     for i in range(h):
         # 1. every layer's vertical stack on row i-1 -> the links of row i, and with them all that
-        #    row i's h_pre adds to conv_h(h) without the bias: base (N, w, 2p) per layer
+        #    row i's h_pre adds to conv_h(h) without the bias: base (w, N, 2p) per layer
         base = []
         for l, layer in enumerate(layers):
             if i == 0:
@@ -676,19 +700,21 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
                 if l + 1 < len(layers):
                     V[l + 1][:, i - 1 + r, r:r + w] = gate(v_pre)[0][:, 0]     # v_out of row i-1
             link = layer.link.apply(v_pre)[0]                          # (N, 1, w, 2p)
-            base.append((link + conditioning_row(layer, i)[1] + layer.conv_h.params["b"])[:, 0] * half)  # (N, w, 2p)
+            base_row = (link + conditioning_row(layer, i)[1] + layer.conv_h.params["b"])[:, 0] * half  # (N, w, 2p)
+            base.append(xp.ascontiguousarray(base_row.transpose(1, 0, 2)))  # (w, N, 2p): base[l][j] contiguous
         # 2. row i, pixel by pixel. Horizontal inputs padded as conv_h pads (r zero columns on the
         #    left), one more column for layer 0, whose input is shifted right (mask A)
         H = [xp.zeros((N, w + r + int(layer.first), p), dtype) for layer in layers]  # (N, w + r (+1), p)
         for j in range(w):
             for l, layer in enumerate(layers):
                 window = H[l][:, j:j + r + 1].reshape(N, -1)           # (N, (r+1) p): columns j-r..j, a view
-                h_pre = window @ W_h[l] + base[l][:, j]                # (N, 2p): [a_f, a_g / 2], a = conv_h(h) + link + cond
-                th = xp.tanh(h_pre)
-                gated = th[:, :p] * (0.5 * (1 + th[:, p:]))            # tanh(a_f) sigmoid(a_g), as gate()
-                h_out = gated @ W_out[l] + layer.out.params["b"]       # (N, p)
-                if not layer.first:
-                    h_out += H[l][:, j + r]                            # residual: this layer's h at (i, j)
+                h_conv = window @ W_h[l]                               # (N, 2p): conv_h(h), the a_g half halved
+                gated = gate_at(h_conv, base[l][j])                    # tanh(a_f) sigmoid(a_g), as gate(), for
+                                                                       # a = conv_h(h) + link + cond + bias
+                if layer.first:
+                    h_out = gated @ W_out[l] + layer.out.params["b"]   # (N, p)
+                else:                                                  # + residual: this layer's h at (i, j)
+                    h_out = residual_at(gated @ W_out[l], layer.out.params["b"], H[l][:, j + r])
                 if l in model.attention:                               # reads the cached keys and values of 0 .. (i, j)
                     h_out = model.attention[l].step(h_out[:, None, None], pos[l][i, j], i * w + j, *KV[l])[:, 0, 0]
                 if l + 1 < len(layers):

@@ -1942,6 +1942,31 @@ def test_prior_numpy_and_cupy_agree():
     np.testing.assert_array_equal(fast, P.sample(cpu, 2, 4, 4, 0, 1.0, labels, cond))
 
 
+def test_fast_samplers_pixel_steps_are_the_gate_and_the_residual():
+    rng = np.random.default_rng(0)
+    h, a = rng.standard_normal((3, 10)), rng.standard_normal((3, 10))
+    y, x, b = rng.standard_normal((3, 5)), rng.standard_normal((3, 5)), rng.standard_normal(5)
+    gate_at, residual_at = P.pixel_kernels(np, 5)
+    pre = (h + a) * np.repeat([1.0, 2.0], 5)                           # the a_g half comes in halved
+    np.testing.assert_allclose(gate_at(h, a), P.gate(pre)[0], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(gate_at(h, a), np.tanh(pre[:, :5]) / (1 + np.exp(-pre[:, 5:])), rtol=1e-12)
+    np.testing.assert_array_equal(residual_at(y, b, x), (y + b) + x)
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fast_samplers_gpu_kernels_equal_its_numpy_expressions(dtype):
+    import cupy
+    rng = np.random.default_rng(0)
+    h, a = (rng.standard_normal((3, 10)).astype(dtype) for _ in range(2))
+    y, x = (rng.standard_normal((3, 5)).astype(dtype) for _ in range(2))
+    b = rng.standard_normal(5).astype(dtype)
+    (gate_np, residual_np), (gate_cp, residual_cp) = P.pixel_kernels(np, 5), P.pixel_kernels(cupy, 5)
+    gpu = lambda *v: [cupy.asarray(u) for u in v]
+    np.testing.assert_allclose(cupy.asnumpy(gate_cp(*gpu(h, a))), gate_np(h, a), rtol=1e-6 if dtype == "float32" else 1e-14)
+    np.testing.assert_array_equal(cupy.asnumpy(residual_cp(*gpu(y, b, x))), residual_np(y, b, x))
+
+
 # -----------------------------------------------------------------------------
 # prior.py, VQ-VAE-2 parts: helpers
 
