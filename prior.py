@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, conv_matrix, crop_hw, gather,
-                   load_arrays, pad_hw, read_checkpoint, to_numpy, uniform_init)
+from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, check_fields, conv_matrix, crop_hw,
+                   gather, load_arrays, pad_hw, read_checkpoint, to_numpy, uniform_init)
 
 # -----------------------------------------------------------------------------
 # layers
@@ -357,12 +357,13 @@ class PriorConfig:
     cond_upsample: int = 1     # f: each conditioning code covers an f x f block of the grid
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("codebook_size", "channels", "layers", "kernel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (centred on the current column), got {self.kernel}")
-        for name in ("num_classes", "cond_channels"):
+        for name in ("num_classes", "cond_channels", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float64"):

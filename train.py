@@ -24,6 +24,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -40,6 +41,12 @@ class UserError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C stopped a stage after its checkpoint was saved."""
+
+
+# what reading a damaged, truncated or hostile file can raise: a bad zip (an .npz is one), bad
+# gzip or zlib data, an .npy header that claims more memory than there is, or does not parse
+READ_ERRORS = (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error, zipfile.BadZipFile, MemoryError,
+               NotImplementedError, RuntimeError, struct.error)
 
 
 # -----------------------------------------------------------------------------
@@ -170,8 +177,14 @@ def mnist_dataset(dataset, data_dir):
         labels = read_idx(find_or_download(dataset, f"{prefix}-labels-idx1-ubyte.gz", data_dir))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"{dataset} {prefix}: images {images.shape} and labels {labels.shape} do not match")
+        if 0 in images.shape:
+            raise UserError(f"{dataset} {prefix}: no images in the file (shape {images.shape})")
+        if labels.max() >= 10:
+            raise UserError(f"{dataset} {prefix}: label {labels.max()} out of range [0, 10)")
         return images[..., None], labels.astype(np.int64)              # (N, 28, 28, 1)
     (x_train, y_train), (x_test, y_test) = load("train"), load("t10k")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise UserError(f"{dataset}: training images are {x_train.shape[1:3]}, test images {x_test.shape[1:3]}")
     return {"train": x_train, "test": x_test, "train_labels": y_train, "test_labels": y_test,
             "num_classes": 10}
 
@@ -202,8 +215,11 @@ def cifar10_dataset(data_dir):
         archive = find_or_download("cifar10", "cifar-10-binary.tar.gz", data_dir)
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                blobs = {n: tar.extractfile(f"cifar-10-batches-bin/{n}").read() for n in names}
-        except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as e:
+                members = {n: tar.extractfile(f"cifar-10-batches-bin/{n}") for n in names}
+                if None in members.values():                           # a folder or a link of that name
+                    raise KeyError(f"{[n for n, m in members.items() if m is None][0]} is not a file")
+                blobs = {n: m.read() for n, m in members.items()}
+        except (tarfile.TarError, *READ_ERRORS) as e:
             raise UserError(f"{archive}: not a readable CIFAR-10 binary archive ({e})")
     parts = [parse_cifar_batch(blobs[n], n) for n in names]
     return {"train": np.concatenate([p[0] for p in parts[:5]]), "test": parts[5][0],
@@ -216,13 +232,17 @@ def to_nhwc(images, name):
     if images.dtype != np.uint8:
         raise UserError(f"{name}: expected uint8 images, got dtype {images.dtype}")
     if images.ndim == 3:
-        return images[..., None]
-    if images.ndim == 4 and images.shape[3] in (1, 3, 4):
-        return images
-    if images.ndim == 4 and images.shape[1] in (1, 3, 4):
-        return images.transpose(0, 2, 3, 1)
-    raise UserError(f"{name}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with "
-                    f"C in 1, 3, 4; got {images.shape}")
+        images = images[..., None]
+    elif images.ndim == 4 and images.shape[3] in (1, 3, 4):
+        pass
+    elif images.ndim == 4 and images.shape[1] in (1, 3, 4):
+        images = images.transpose(0, 2, 3, 1)
+    else:
+        raise UserError(f"{name}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with "
+                        f"C in 1, 3, 4; got {images.shape}")
+    if 0 in images.shape:
+        raise UserError(f"{name}: no images (shape {images.shape})")
+    return images
 
 
 def array_file_dataset(path):
@@ -232,26 +252,26 @@ def array_file_dataset(path):
         raise UserError(f"{path}: no such file")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" in str(e):                                   # an object array
-            raise UserError(f"{path}: holds Python objects, which are not read without pickle; save uint8 arrays")
-        raise UserError(f"{path}: damaged or truncated file, or not a NumPy file ({e})")
-    except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: damaged or truncated file ({e})")
-    try:
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 keys = loaded.files
                 if "train" in keys and "test" in keys:
                     train, test = to_nhwc(loaded["train"], f"{path}[train]"), to_nhwc(loaded["test"], f"{path}[test]")
+                    if train.shape[1:] != test.shape[1:]:
+                        raise UserError(f"{path}: train images are {train.shape[1:]} (H, W, C), test images "
+                                        f"{test.shape[1:]}: they must match")
                     return {"train": train, "test": test, "num_classes": 0}
                 if len(keys) != 1:
                     raise UserError(f"{path}: expected arrays 'train' and 'test', or a single array; found {keys}")
                 images = to_nhwc(loaded[keys[0]], f"{path}[{keys[0]}]")
         else:
             images = to_nhwc(loaded, str(path))
-    except (ValueError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: damaged or truncated file ({e})")
+    except MemoryError as e:                                           # a header that claims too much
+        raise UserError(f"{path}: an array's header asks for more memory than there is ({e})")
+    except READ_ERRORS as e:
+        if "allow_pickle" in str(e):                                   # an object array
+            raise UserError(f"{path}: holds Python objects, which are not read without pickle; save uint8 arrays")
+        raise UserError(f"{path}: damaged or truncated file, or not a NumPy file ({type(e).__name__}: {e})")
     if len(images) < 2:
         raise UserError(f"{path}: need at least 2 images to hold some out, found {len(images)}")
     n_test = max(1, len(images) // 10)
@@ -261,6 +281,8 @@ def array_file_dataset(path):
 def load_dataset(name, data_dir):
     if name == "shapes":
         return shapes_dataset()
+    if name in ("mnist", "fashion-mnist", "cifar10") and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise UserError(f"--data-dir {data_dir}: not a folder")
     if name in ("mnist", "fashion-mnist"):
         return mnist_dataset(name, data_dir)
     if name == "cifar10":
@@ -344,11 +366,19 @@ def atomic_write(path, data):
     previous file whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:                                               # a full disk, a read-only folder, ...
+        try:
+            tmp.unlink(missing_ok=True)                                # nothing half-written is left behind
+        except OSError:
+            pass                                                       # (a read-only folder never made it)
+        kept = f"; the {path.name} that was there is kept" if path.is_file() else ""
+        raise UserError(f"cannot write {path} ({e.strerror or e}){kept}")
 
 
 def save_npz(path, arrays):
@@ -381,27 +411,76 @@ class TrainConfig:
     prior_labels: bool = True     # condition the prior on the class labels, where the data has them
     temperature: float = 1.0      # of the samples drawn at the end
 
+    def __post_init__(self):
+        """Every setting checked before anything is read or trained; a ValueError names it."""
+        vqvae.check_fields(self)
+        for name in ("steps", "batch_size", "log_every", "eval_every", "prior_steps", "prior_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "prior_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
-def save_checkpoint(path, model, opt, step, wall_time):
-    """Parameters (and EMA buffers), optimiser state, step and time so far, and the model's
-    config, in one .npz that loads without pickle; VQVAE.load / PixelCNN.load read it directly."""
-    arrays = {**model.state_dict(), **{f"opt.{k}": v for k, v in opt.state_dict().items()},
+    @classmethod
+    def from_dict(cls, d):
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown train settings {unknown}")
+        return cls(**d)
+
+
+STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
+
+
+def check_finite(arrays, what):
+    """A NonFiniteError naming the first array of `arrays` that holds NaN or inf."""
+    for k, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise vqvae.NonFiniteError(f"{what} {k!r} holds NaN or infinite values")
+
+
+def save_checkpoint(path, model, opt, step, wall_time, **notes):
+    """Parameters (and EMA buffers), optimiser state, step and time so far, the model's config,
+    and any `notes` (strings), in one .npz that loads without pickle; VQVAE.load / PixelCNN.load
+    read it directly. A state that is not finite is never written."""
+    state, opt_state = model.state_dict(), opt.state_dict()
+    check_finite(state, "parameter")
+    check_finite(opt_state, "optimiser array")
+    arrays = {**state, **{f"opt.{k}": v for k, v in opt_state.items()},
               "config": np.array(json.dumps(asdict(model.cfg))),
-              "step": np.array(step), "wall_time_s": np.array(wall_time)}
+              "step": np.array(step), "wall_time_s": np.array(wall_time), **{k: np.array(v) for k, v in notes.items()}}
     save_npz(path, arrays)
     return path
 
 
 def load_checkpoint(path, model, opt):
+    """Restore model and optimiser from a training checkpoint -> its step, time and notes."""
     try:
         with np.load(path, allow_pickle=False) as f:
             model.load_state_dict(f)
             opt.load_state_dict({k[4:]: f[k] for k in f.files if k.startswith("opt.")})
-            return int(f["step"]), float(f["wall_time_s"])
+            step, wall = f["step"], f["wall_time_s"]
+            if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0 or not np.isfinite(wall).all():
+                raise ValueError(f"step {step} and wall_time_s {wall} are not a step count and a time")
+            notes = {k: str(f[k]) for k in f.files if k in CHECKPOINT_NOTES}
+            return int(step), float(wall), notes
     except FileNotFoundError:
         raise UserError(f"{path}: no checkpoint to resume from")
-    except (ValueError, KeyError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: cannot resume from this checkpoint ({e})")
+    except MemoryError as e:
+        raise UserError(f"{path}: an array's header asks for more memory than there is ({e})")
+    except READ_ERRORS as e:
+        raise UserError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e})")
+
+
+CHECKPOINT_NOTES = ("vqvae_sha256",)  # a prior's: the VQ-VAE whose codes it was fitted to
 
 
 def load_model(path, cls, device):
@@ -410,8 +489,31 @@ def load_model(path, cls, device):
         raise UserError(f"{path}: no such checkpoint")
     try:
         return cls.load(path, device=device)
-    except (ValueError, KeyError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: cannot load the model ({e})")
+    except MemoryError as e:
+        raise UserError(f"{path}: an array's header asks for more memory than there is ({e})")
+    except vqvae.DeviceError:
+        raise
+    except READ_ERRORS as e:
+        raise UserError(f"{path}: cannot load the model ({type(e).__name__}: {e})")
+
+
+def checkpoint_note(path, key):
+    """One note of a checkpoint (None where it has none), read without loading the arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return str(f[key]) if key in f.files else None
+    except READ_ERRORS as e:
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})")
+
+
+def fingerprint(model):
+    """SHA-256 of a model's parameters and buffers: a prior records the VQ-VAE whose codes it
+    models, so that it is never paired with the codes of another."""
+    h = hashlib.sha256()
+    for k, a in sorted(model.state_dict().items()):
+        h.update(k.encode() + str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -549,14 +651,21 @@ class Progress:
         self.stream.flush()
 
 
-def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp, log, stop):
+def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp, log, stop, checkpoint):
     """Steps start..steps of one stage. step_fn(step) trains on that step's batch and returns
     its stats as device scalars. They stay on the device until every log_every steps, when
-    they come to the host in one sync: a non-finite loss stops the run there, before anything
-    is saved. Every eval_every steps and at the end: evaluate_fn(step) and save_fn(step) -> path.
-    Returns the last evaluation; on Ctrl-C, saves and raises Interrupted."""
+    they come to the host in one sync. Every eval_every steps and at the end: evaluate_fn(step)
+    and save_fn(step) -> path. A non-finite loss, gradient or state stops the run before
+    anything non-finite is saved, saying which checkpoint holds the last good state (start > 0:
+    the one resumed from). Returns the last evaluation; on Ctrl-C, saves and raises Interrupted."""
     window, step = [], start
     t_log, step_log = time.time(), start
+    saved = start if start > 0 else None                               # the step of `checkpoint`, if any
+
+    def diverged(what):
+        kept = (f"{checkpoint} holds the last good state, step {saved}" if saved is not None else
+                f"no checkpoint of this stage was saved (the first comes at step {cfg.eval_every})")
+        return UserError(f"{stage}: {what}; stopping. {kept}. A lower learning rate may help")
 
     def flush():
         nonlocal window, t_log, step_log
@@ -565,8 +674,7 @@ def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp,
         losses = vqvae.to_numpy(xp.stack([s["loss"] for s in window]))
         bad = np.flatnonzero(~np.isfinite(losses))
         if len(bad):
-            raise UserError(f"{stage}: the loss became {losses[bad[0]]} at step {step_log + bad[0] + 1}; "
-                            f"stopping. The last good checkpoint is kept")
+            raise diverged(f"the loss became {losses[bad[0]]} at step {step_log + bad[0] + 1}")
         keys = [k for k in window[0] if not k.endswith("codes")]     # scalars only
         mean = {k: float(np.mean(vqvae.to_numpy(xp.stack([s[k] for s in window])))) for k in keys}
         now = time.time()
@@ -576,21 +684,34 @@ def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp,
             + f" | {rate:.0f}/s ETA {(steps - step) * batch_size / rate:.0f}s", final=False)
         window, t_log, step_log = [], now, step
 
+    def save(s):
+        nonlocal saved
+        flush()                                                        # a bad loss stops before the save
+        try:
+            path = save_fn(s)
+        except vqvae.NonFiniteError as e:
+            raise diverged(f"at step {s}, {e}")
+        saved = s
+        return path
+
     ev = None
     while step < steps and not stop.requested:
-        window.append(step_fn(step))
+        try:
+            window.append(step_fn(step))
+        except vqvae.NonFiniteError as e:                              # the step changed nothing
+            flush()
+            raise diverged(f"at step {step + 1}, {e}")
         step += 1
         if step % cfg.log_every == 0:
             flush()
         if step % cfg.eval_every == 0 or step == steps:
             flush()
             ev = evaluate_fn(step)
-            save_fn(step)
+            save(step)
             log({"stage": stage, "step": step, **ev},
                 f"{stage} {step}/{steps} held out: " + " ".join(f"{k} {v:.4g}" for k, v in ev.items()), final=True)
     if stop.requested:
-        flush()
-        path = save_fn(step)
+        path = save(step)
         raise Interrupted(f"{stage} stage interrupted at step {step}, saved in {path}. "
                           f"Continue with: python train.py --resume {path.parent}")
     if ev is None:                                                     # nothing left to train: just evaluate
@@ -600,6 +721,18 @@ def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp,
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (its usage of some forty flags is a wall of text)
+    and without abbreviated flags: '--batch 4' is an error, not a silent '--batch-size 4'
+    that a resumed run's check for changed flags would not see."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -618,20 +751,19 @@ def int_list(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN prior "
-                                            "over its codes, and sample new images.",
-                                formatter_class=HelpFormatter,
-                                epilog="Subcommands: 'python train.py encode --help', 'python train.py sample --help'.")
+    p = ArgumentParser(prog="train.py", description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN "
+                                                    "prior over its codes, and sample new images.",
+                       epilog="Subcommands: 'python train.py encode --help', 'python train.py sample --help'.")
     t, m, pc = TrainConfig(), vqvae.Config(), P.PriorConfig()
     run = p.add_argument_group("run")
     run.add_argument("--data", default=t.data, help="shapes, mnist, fashion-mnist, cifar10, or PATH.npy|PATH.npz")
     run.add_argument("--data-dir", default=t.data_dir, help="where dataset files are found or downloaded to")
     run.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
-    run.add_argument("--stage", default=t.stage, choices=["vqvae", "prior", "all"],
+    run.add_argument("--stage", default=t.stage, choices=STAGES,
                      help="train the VQ-VAE, the prior over its codes (needs --resume), or both")
     run.add_argument("--seed", type=int, default=t.seed, help="seed of the data order, initialisation and sampling")
-    run.add_argument("--device", default=t.device, choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
+    run.add_argument("--device", default=t.device, choices=DEVICES, help="gpu needs CuPy")
     run.add_argument("--log-every", type=int, default=t.log_every, help="steps between progress lines")
     run.add_argument("--eval-every", type=int, default=t.eval_every, help="held-out evaluation, pictures, checkpoint")
     model = p.add_argument_group("VQ-VAE")
@@ -694,37 +826,64 @@ RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device
 
 
 def given_flags(parser, argv):
-    """Destinations of the flags actually typed on the command line."""
-    given = set()
-    for a in argv:
-        for action in parser._actions:
-            if any(a == o or a.startswith(o + "=") for o in action.option_strings):
-                given.add(action.dest)
-    return given
+    """Destinations of the flags actually typed on the command line, in any spelling argparse
+    takes ('-K64', '--lr=1', '--no-kmeans-init'): argv parsed again into a namespace of markers,
+    of which argparse replaces just those of the flags it meets."""
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return {dest for dest, value in vars(typed).items() if value is not unset}
+
+
+def read_json(path, what):
+    """A JSON object from a run folder, or a UserError that names the file and the problem."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # a folder, bytes, not JSON, too deep
+        raise UserError(f"{path}: unreadable {what} ({type(e).__name__}: {e})")
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: unreadable {what} (expected a JSON object, got {type(value).__name__})")
+    return value
+
+
+def saved_configs(run):
+    """(TrainConfig, vqvae.Config, PriorConfigs) of a run folder's config.json, each checked."""
+    path = run / "config.json"
+    try:
+        saved = read_json(path, "run config")
+    except FileNotFoundError:
+        raise UserError(f"{run}: not a run folder (no config.json)")
+    try:
+        if not (isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict)
+                and isinstance(saved.get("priors"), list) and all(isinstance(p, dict) for p in saved["priors"])):
+            raise ValueError("expected objects 'train' and 'model' and a list of objects 'priors'")
+        cfg, model_cfg = TrainConfig.from_dict(saved["train"]), vqvae.Config.from_dict(saved["model"])
+        if len(saved["priors"]) != model_cfg.levels:
+            raise ValueError(f"{len(saved['priors'])} prior configs for a model of {model_cfg.levels} level(s)")
+        priors = [P.PriorConfig.from_dict(p) for p in saved["priors"]]
+        if any(p.codebook_size != model_cfg.num_codes for p in priors):
+            raise ValueError(f"the priors' codebook sizes {[p.codebook_size for p in priors]} differ from the "
+                             f"model's {model_cfg.num_codes} codes")
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: unreadable run config ({e})")
+    return cfg, model_cfg, priors
 
 
 def configs_from_args(parser, args, argv):
     """(TrainConfig, vqvae.Config, the priors' settings, run folder, resuming?) from the flags,
     or from a run folder's config.json when resuming (the settings are then the saved
-    PriorConfigs, one per level)."""
+    PriorConfigs, one per level). A ValueError names a bad setting."""
     given = given_flags(parser, argv)
     if args.resume:
         run = Path(args.resume)
-        try:
-            saved = json.loads((run / "config.json").read_text())
-            cfg, model_cfg = TrainConfig(**saved["train"]), vqvae.Config.from_dict(saved["model"])
-            priors = [P.PriorConfig.from_dict(p) for p in saved["priors"]]
-        except FileNotFoundError:
-            raise UserError(f"{run}: not a run folder (no config.json)")
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{run / 'config.json'}: unreadable run config ({e})")
+        cfg, model_cfg, priors = saved_configs(run)
         old = {**asdict(cfg), **asdict(model_cfg), **{k: getattr(priors[0], v) for k, v in PRIOR_FLAGS.items()}}
         changed = sorted(d for d in given - RESUMABLE if getattr(args, d) != old.get(d))
         if changed:
             raise UserError(f"cannot change {', '.join('--' + d.replace('_', '-') for d in changed)} when resuming; "
                             f"only {', '.join('--' + d.replace('_', '-') for d in sorted(RESUMABLE - {'resume'}))} may")
-        for d in given & (RESUMABLE - {"resume"}):
-            setattr(cfg, d, getattr(args, d))
+        cfg = TrainConfig(**{**asdict(cfg), **{d: getattr(args, d) for d in given & (RESUMABLE - {"resume"})}})
         return cfg, model_cfg, priors, run, True
     if args.stage == "prior":
         raise UserError("--stage prior trains a prior for an existing run: add --resume RUN_DIR")
@@ -751,27 +910,47 @@ def prior_configs(settings, model_cfg, num_classes, seed):
                                cond_channels=settings["channels"], cond_upsample=2)]
 
 
-def check_train_config(cfg, n_train):
-    for name in ("steps", "batch_size", "log_every", "eval_every", "prior_steps", "prior_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("lr", "prior_lr"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not cfg.temperature >= 0:
-        raise UserError(f"--temperature must be at least 0, got {cfg.temperature}")
+def check_batch_sizes(cfg, n_train):
     for name in ("batch_size", "prior_batch_size"):
         if getattr(cfg, name) > n_train:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is larger than the {n_train} training images")
 
 
+def read_summary(run):
+    """A run's summary.json, with the figures that later commands compute with checked."""
+    path = run / "summary.json"
+    summary = read_json(path, "run summary")
+    for key in ("vqvae_wall_time_s", "prior_wall_time_s"):
+        if key in summary and not (isinstance(summary[key], (int, float)) and math.isfinite(summary[key])):
+            raise UserError(f"{path}: {key} is {summary[key]!r}, not a number of seconds")
+    hw = summary.get("image_hw")
+    if hw is not None and not (isinstance(hw, list) and len(hw) == 2
+                               and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)):
+        raise UserError(f"{path}: image_hw is {hw!r}, not a height and a width")
+    return summary
+
+
+def make_run_folder(run):
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run}: a file of that name is in the way of the run folder; choose another --out")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the run folder {run} ({e.strerror or e})")
+
+
+def is_prior_figure(key):
+    """The summary's figures that come from the priors and their samples."""
+    return "prior" in key or key in ("sample_time_s", "samples")
+
+
 def train(argv):
-    # -- config
+    # -- config: every setting is checked here, before anything is read or trained
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         cfg, model_cfg, prior_settings, run, resuming = configs_from_args(parser, args, argv)
-    except ValueError as e:                                            # vqvae.Config validation
+    except ValueError as e:                                            # TrainConfig, vqvae.Config validation
         raise UserError(str(e))
 
     if model_cfg.quantizer == "rvq" and model_cfg.levels == 2 and cfg.stage != "vqvae":
@@ -787,25 +966,69 @@ def train(argv):
         model_cfg.in_channels = data["train"].shape[3]
     train_images = pad_to_multiple(data["train"], model_cfg.downsample)
     test_images = pad_to_multiple(data["test"], model_cfg.downsample)
-    check_train_config(cfg, len(train_images))
-    use_labels = cfg.prior_labels and data.get("num_classes", 0) > 0 and "train_labels" in data
+    check_batch_sizes(cfg, len(train_images))
+    has_labels = data.get("num_classes", 0) > 0 and "train_labels" in data
     try:
         prior_cfgs = prior_settings if resuming else prior_configs(
-            prior_settings, model_cfg, data["num_classes"] if use_labels else 0, cfg.seed)
+            prior_settings, model_cfg, data["num_classes"] if cfg.prior_labels and has_labels else 0, cfg.seed)
     except ValueError as e:                                            # PriorConfig validation
         raise UserError(str(e))
+    num_classes = prior_cfgs[0].num_classes
+    if num_classes and not has_labels:
+        raise UserError(f"the run's prior is class-conditional, but {cfg.data} has no labels")
+    for split in ("train_labels", "test_labels"):
+        if num_classes and not (data[split].min() >= 0 and data[split].max() < num_classes):
+            raise UserError(f"{cfg.data}: {split} lie in [{data[split].min()}, {data[split].max()}], outside the "
+                            f"prior's {num_classes} classes")
 
     # -- models, optimisers, run folder
     model = vqvae.VQVAE(model_cfg, device=cfg.device)
     opt = vqvae.Adam(model.params, lr=cfg.lr)
     xp, device = model.xp, "gpu" if model.xp is not np else "cpu"
-    run.mkdir(parents=True, exist_ok=True)
-    step, wall = 0, 0.0
+    make_run_folder(run)
+    step, wall, summary_before = 0, 0.0, {}
     if resuming:
-        step, wall = load_checkpoint(run / "checkpoint.npz", model, opt)
+        step, wall, _ = load_checkpoint(run / "checkpoint.npz", model, opt)
+        if cfg.steps < step:
+            raise UserError(f"the VQ-VAE of {run} is at step {step}: --steps {cfg.steps} would go back; "
+                            f"give --steps {step} or more")
+        if (run / "summary.json").exists():
+            summary_before = read_summary(run)
     if cfg.stage == "prior" and step < cfg.steps:
         raise UserError(f"the VQ-VAE of {run} stopped at step {step} of {cfg.steps}: finish it first "
                         f"(--resume {run} --stage vqvae)")
+    vqvae_trains = cfg.stage in ("vqvae", "all") and step < cfg.steps
+
+    # -- the priors already saved, read now: a broken file stops the run before any training, and
+    #    a prior fitted to the codes of another state of the VQ-VAE is trained anew, never continued
+    def new_prior(prior_cfg):
+        prior = P.PixelCNN(prior_cfg, device=cfg.device)
+        return prior, vqvae.Adam(prior.params, lr=cfg.prior_lr)
+
+    current = None if vqvae_trains else fingerprint(model)
+    levels, stale = [], []                                             # (name, prior, its Adam, step, seconds)
+    for name, prior_cfg in zip(level_names(model), prior_cfgs):
+        name += "prior"                                                # 'top_prior', 'prior'
+        prior, prior_opt = new_prior(prior_cfg)
+        start, wall_before = 0, 0.0
+        if resuming and (run / f"{name}.npz").exists():
+            start, wall_before, notes = load_checkpoint(run / f"{name}.npz", prior, prior_opt)
+            fitted_to = notes.get("vqvae_sha256")                      # absent in priors saved before it was kept
+            if vqvae_trains or fitted_to not in (None, current) or (fitted_to is None and "stale_priors" in summary_before):
+                stale.append(f"{name}.npz")
+                (prior, prior_opt), start, wall_before = new_prior(prior_cfg), 0, 0.0
+            elif start > cfg.prior_steps:
+                raise UserError(f"{run / name}.npz is at step {start}: --prior-steps {cfg.prior_steps} would go back; "
+                                f"give --prior-steps {start} or more")
+        levels.append((name, prior, prior_opt, start, wall_before))
+    if stale and cfg.stage == "vqvae":
+        stale_note = (f"{' and '.join(stale)} and samples.png come from the codes of an earlier state of the VQ-VAE; "
+                      f"train the priors anew with: python train.py --resume {run} --stage prior")
+    elif stale:
+        stale_note = f"{' and '.join(stale)} came from the codes of an earlier state of the VQ-VAE: trained anew"
+    if stale:
+        print(f"{run}: {stale_note}", file=sys.stderr)
+
     config = {"train": asdict(cfg), "model": asdict(model_cfg), "priors": [asdict(c) for c in prior_cfgs]}
     atomic_write(run / "config.json", json.dumps(config, indent=2).encode())
     print(f"{run}: {cfg.data} {train_images.shape[1:]} ({len(train_images)} train, {len(test_images)} held out), "
@@ -835,7 +1058,8 @@ def train(argv):
             def vqvae_save(s):
                 return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
 
-            ev = fit("vqvae", vqvae_step, vqvae_eval, vqvae_save, step, cfg.steps, cfg.batch_size, cfg, xp, log, stop)
+            ev = fit("vqvae", vqvae_step, vqvae_eval, vqvae_save, step, cfg.steps, cfg.batch_size, cfg, xp, log, stop,
+                     run / "checkpoint.npz")
             wall += time.time() - t_start
         else:
             ev = evaluate(model, test_images, real_hw, cfg.batch_size)
@@ -846,20 +1070,15 @@ def train(argv):
 
         # -- stage 2: a PixelCNN prior over each level's codes (the bottom one given the top codes), then samples
         if cfg.stage in ("prior", "all"):
+            vqvae_sha256 = fingerprint(model)                          # recorded in each prior's checkpoint
             print(f"encoding {len(train_images) + len(test_images)} images to codes", file=sys.stderr)
             codes_train = tuple(map(prior_grid, encode_all(model, train_images)))
             codes_test = tuple(map(prior_grid, encode_all(model, test_images)))
-            labels_train = data["train_labels"] if use_labels else None
-            labels_test = data["test_labels"] if use_labels else None
+            labels_train = data["train_labels"] if num_classes else None
+            labels_test = data["test_labels"] if num_classes else None
             priors, prior_wall = [], 0.0
-            for level, (name, prior_cfg) in enumerate(zip(level_names(model), prior_cfgs)):
-                name += "prior"                                        # 'top_prior', 'prior'
-                prior = P.PixelCNN(prior_cfg, device=cfg.device)
-                prior_opt = vqvae.Adam(prior.params, lr=cfg.prior_lr)
+            for level, (name, prior, prior_opt, start, wall_before) in enumerate(levels):
                 codes, cond = codes_train[level], codes_train[level - 1] if level else None
-                start, wall_before = 0, 0.0
-                if resuming and (run / f"{name}.npz").exists():
-                    start, wall_before = load_checkpoint(run / f"{name}.npz", prior, prior_opt)
                 t_prior = time.time()
 
                 def prior_train_step(s):
@@ -872,20 +1091,25 @@ def train(argv):
                                           cfg.prior_batch_size, name)
 
                 def prior_save(s):
-                    return save_checkpoint(run / f"{name}.npz", prior, prior_opt, s, wall_before + time.time() - t_prior)
+                    return save_checkpoint(run / f"{name}.npz", prior, prior_opt, s, wall_before + time.time() - t_prior,
+                                           vqvae_sha256=vqvae_sha256)
 
                 prior_ev = fit(name, prior_train_step, prior_eval, prior_save, start, cfg.prior_steps,
-                               cfg.prior_batch_size, cfg, xp, log, stop)
+                               cfg.prior_batch_size, cfg, xp, log, stop, run / f"{name}.npz")
                 summary.update(prior_ev, prior_steps=cfg.prior_steps)
                 prior_wall += wall_before + time.time() - t_prior
                 priors.append(prior)
-            rows = prior_cfgs[0].num_classes or 4
+            rows = num_classes or 4
             grid, _, seconds = draw_samples(model, priors, rows, 8, cfg.seed, cfg.temperature, real_hw)
             write_png(run / "samples.png", grid)
             summary.update(prior_wall_time_s=prior_wall, sample_time_s=seconds, samples=rows * 8)
 
-    if (run / "summary.json").exists():                               # a later stage adds to an earlier one
-        summary = {**json.loads((run / "summary.json").read_text()), **summary}
+    summary = {**summary_before, **summary}                            # a later stage adds to an earlier one
+    if stale and cfg.stage == "vqvae":                                 # figures of priors that no longer apply
+        summary = {k: v for k, v in summary.items() if not is_prior_figure(k)}
+        summary["stale_priors"] = stale_note
+    elif cfg.stage != "vqvae":
+        summary.pop("stale_priors", None)
     summary["wall_time_s"] = summary["vqvae_wall_time_s"] + summary.get("prior_wall_time_s", 0.0)  # both stages' training
     atomic_write(run / "summary.json", json.dumps(summary, indent=2).encode())
     print(f"done: {run}/summary.json, {run}/recon.png" + (", samples.png" if "sample_time_s" in summary else ""),
@@ -895,16 +1119,16 @@ def train(argv):
 
 def encode(argv):
     """Write the integer codes of a dataset split with a trained model: the tokenizer."""
-    p = argparse.ArgumentParser(prog="train.py encode", description="Encode a dataset to integer codes.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="train.py encode", description="Encode a dataset to integer codes.")
     p.add_argument("--run", required=True, help="run folder holding checkpoint.npz")
     p.add_argument("--data", required=True, help="as for training")
     p.add_argument("--data-dir", default="data", help="as for training")
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split to encode")
     p.add_argument("--out", required=True, help="output .npy of codes (N, h, w), residual VQ's (N, S, h, w); "
                                                  "for two levels an .npz with arrays 'top' and 'bottom'")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="gpu needs CuPy")
     args = p.parse_args(argv)
+    check_output(args.out, "--out")
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
@@ -920,10 +1144,20 @@ def encode(argv):
     return 0
 
 
+def check_output(path, flag):
+    """A file to be written later: its folder must exist now, and the name must not be a folder."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder, not a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
+
+
 def sample(argv):
     """Draw new images from a finished run: codes from the prior, decoded by the VQ-VAE."""
-    p = argparse.ArgumentParser(prog="train.py sample", description="Sample new images from a trained run.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="train.py sample", description="Sample new images from a trained run.")
     p.add_argument("--run", required=True, help="run folder holding checkpoint.npz and the priors")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/samples_seed<seed>.png)")
     p.add_argument("--codes-out", default=None, help="also write the sampled codes to this .npz (one array a level)")
@@ -931,17 +1165,34 @@ def sample(argv):
     p.add_argument("--rows", type=int, default=4, help="rows, for an unconditional prior")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--temperature", type=float, default=1.0, help="below 1: safer samples; 0: argmax")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="gpu needs CuPy")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="gpu needs CuPy")
     args = p.parse_args(argv)
+    if args.per_row < 1 or args.rows < 1:
+        raise UserError(f"--per-row and --rows must be at least 1, got {args.per_row} and {args.rows}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     run = Path(args.run)
+    for flag, path in (("--out", args.out), ("--codes-out", args.codes_out)):
+        check_output(path, flag)
     model = load_model(run / "checkpoint.npz", vqvae.VQVAE, args.device)
-    priors = [load_model(run / f"{name}prior.npz", P.PixelCNN, args.device) for name in level_names(model)]
-    try:
-        real_hw = tuple(json.loads((run / "summary.json").read_text())["image_hw"])
-    except (OSError, ValueError, KeyError):
+    summary = read_summary(run) if (run / "summary.json").is_file() else {}
+    if "image_hw" not in summary:
         raise UserError(f"{run}: no summary.json with the image size; finish the run first")
-    if args.per_row < 1 or args.rows < 1 or not args.temperature >= 0:
-        raise UserError("--per-row and --rows must be at least 1 and --temperature at least 0")
+    real_hw = tuple(summary["image_hw"])
+    vqvae_sha256 = fingerprint(model)
+    priors = []
+    for name in level_names(model):
+        path = run / f"{name}prior.npz"
+        priors.append(load_model(path, P.PixelCNN, args.device))
+        fitted_to = checkpoint_note(path, "vqvae_sha256")
+        if fitted_to not in (None, vqvae_sha256) or (fitted_to is None and "stale_priors" in summary):
+            raise UserError(f"{path} was fitted to the codes of an earlier state of the VQ-VAE in {run}/checkpoint.npz; "
+                            f"train it anew with: python train.py --resume {run} --stage prior")
+    if any(p.cfg.codebook_size != model.cfg.num_codes for p in priors) or (
+            len(priors) == 2 and priors[1].cfg.cond_codebook_size != model.cfg.num_codes):
+        raise UserError(f"{run}: the priors do not model the {model.cfg.num_codes} codes of this VQ-VAE")
     rows = priors[0].cfg.num_classes or args.rows
     grid, codes, seconds = draw_samples(model, priors, rows, args.per_row, args.seed, args.temperature, real_hw)
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
@@ -965,11 +1216,18 @@ def main(argv=None):
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except UserError as e:
+    except KeyboardInterrupt:                                          # before a stage's loop, or a second Ctrl-C
+        print("\ntrain.py: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, vqvae.DeviceError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-    except vqvae.DeviceError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except OSError as e:                                               # a file or folder the checks above did not foresee
+        print(f"train.py: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        print(f"train.py: error: out of memory ({e or 'no details'}); try a smaller --batch-size or model",
+              file=sys.stderr)
         return 1
 
 

@@ -22,6 +22,7 @@ Conventions used everywhere below:
 """
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -51,6 +52,10 @@ def _gpu_problem():
 
 class DeviceError(RuntimeError):
     """The GPU was asked for but cannot be used; the message says why."""
+
+
+class NonFiniteError(ValueError):
+    """A training step met NaN or infinite values and changed nothing; the message says where."""
 
 
 def backend(device=None):
@@ -992,6 +997,31 @@ class GumbelQuantizer:
 
 QUANTIZERS = ("vq", "ema", "rvq", "fsq", "lfq", "gumbel")
 
+FIELD_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def check_fields(cfg):
+    """Each field of a config dataclass holds a value of its declared type, or a ValueError names
+    the field, the value and the type. A bool is not taken for a number (True would pass for
+    K = 1) nor a number for a bool, and a real must be finite: inf and nan are never a setting.
+    NumPy scalars are accepted and made plain Python values. Ranges are each config's own checks."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        is_bool = isinstance(v, (bool, np.bool_))
+        if f.type is bool:
+            ok = is_bool
+        elif f.type is int:
+            ok = isinstance(v, numbers.Integral) and not is_bool
+        elif f.type is float:
+            ok = isinstance(v, numbers.Real) and not is_bool and math.isfinite(v)
+        elif f.type is str:
+            ok = isinstance(v, str)
+        else:                                                          # a tuple: the config checks it itself
+            continue
+        if not ok:
+            raise ValueError(f"{f.name} must be {FIELD_KINDS[f.type]}, got {v!r}")
+        setattr(cfg, f.name, f.type(v))
+
 
 @dataclass
 class Config:
@@ -1020,6 +1050,7 @@ class Config:
     seed: int = 0              # seeds the parameter initialisation
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("in_channels", "hidden", "res_hidden", "codebook_size", "code_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -1031,9 +1062,11 @@ class Config:
             raise ValueError(f"levels must be 1 or 2, got {self.levels!r}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
-        self.fsq_levels = tuple(self.fsq_levels)                       # a list when read back from JSON
-        if not self.fsq_levels or not all(isinstance(L, int) and L >= 2 for L in self.fsq_levels):
+        if not isinstance(self.fsq_levels, (tuple, list)) or not self.fsq_levels or not all(
+                isinstance(L, numbers.Integral) and not isinstance(L, (bool, np.bool_)) and L >= 2
+                for L in self.fsq_levels):
             raise ValueError(f"fsq_levels must be integers >= 2, got {self.fsq_levels!r}")
+        self.fsq_levels = tuple(int(L) for L in self.fsq_levels)      # a list when read back from JSON
         if self.quantizer == "lfq" and (self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1)
                                         or self.codebook_size > 2**16):
             raise ValueError(f"lfq needs a codebook_size that is a power of 2 from 2 to 2^16 (K = 2^bits), "
@@ -1043,10 +1076,11 @@ class Config:
                              f"and rvq, not to {self.quantizer}")
         if not isinstance(self.rvq_stages, int) or self.rvq_stages < 1:
             raise ValueError(f"rvq_stages must be a positive integer, got {self.rvq_stages!r}")
-        for name in ("restart_threshold", "lfq_entropy_weight", "gumbel_kl_weight"):
+        for name in ("beta", "restart_threshold", "lfq_entropy_weight", "gumbel_kl_weight", "seed"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lfq_temperature", "gumbel_temperature", "gumbel_temperature_min", "gumbel_anneal_steps"):
+        for name in ("ema_eps", "lfq_temperature", "gumbel_temperature", "gumbel_temperature_min",
+                     "gumbel_anneal_steps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.gumbel_temperature_min > self.gumbel_temperature:
@@ -1184,7 +1218,9 @@ class VQVAE:
         shape = getattr(x, "shape", None)
         if shape is None or len(shape) != 4 or shape[3] != C:
             raise ValueError(f"expected images of shape (N, H, W, {C}), got shape {shape}")
-        if shape[0] < 1 or shape[1] % self.downsample or shape[2] % self.downsample or shape[1] < 1 or shape[2] < 1:
+        if shape[0] < 1:
+            raise ValueError(f"expected at least one image, got an empty batch of shape {shape}")
+        if shape[1] % self.downsample or shape[2] % self.downsample or shape[1] < 1 or shape[2] < 1:
             raise ValueError(f"image height and width must be positive multiples of {self.downsample}, "
                              f"got {shape[1]} x {shape[2]} (pad or crop the images)")
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
@@ -1232,9 +1268,19 @@ class VQVAE:
         self.encoder.backward(df)
 
     def train_step(self, x, opt):
-        stats = self.forward(x, train=True)
-        self.backward()
-        opt.step(self.grads)
+        """One step of Adam on the batch x. A step whose gradients are not finite (images far
+        outside the model's scale, a learning rate that blew the weights up) raises
+        NonFiniteError and leaves the model as it was: the EMA averages and usage counts that
+        forward moved are put back, and Adam changes nothing."""
+        before = {k: v.copy() for k, v in self.buffers.items()}        # a few K x D arrays: cheap
+        try:
+            stats = self.forward(x, train=True)
+            self.backward()
+            opt.step(self.grads)
+        except NonFiniteError:
+            for k, v in self.buffers.items():
+                v[...] = before[k]
+            raise
         return stats
 
     # --- the tokenizer: images <-> integer codes
@@ -1291,13 +1337,21 @@ class VQVAE:
 
 def load_arrays(live, state, xp):
     """Copy each array of `state` into the live array of the same name, in place (so that an
-    optimiser holding the live arrays stays valid). Every name must be there, shaped alike."""
+    optimiser holding the live arrays stays valid). Every name must be there, shaped alike, and
+    finite; all are checked before any is copied, so that a bad state leaves the model as it was."""
+    arrays = {}                                                        # each read once (an .npz reads on access)
     for k, v in live.items():
         if k not in state:
             raise ValueError(f"checkpoint has no array {k!r}")
-        if tuple(state[k].shape) != v.shape:
-            raise ValueError(f"checkpoint array {k!r} has shape {tuple(state[k].shape)}, model expects {v.shape}")
-        v[...] = array_module(v).asarray(state[k], dtype=v.dtype)  # host counters stay on the host
+        a = arrays[k] = state[k]
+        if tuple(a.shape) != v.shape:
+            raise ValueError(f"checkpoint array {k!r} has shape {tuple(a.shape)}, model expects {v.shape}")
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"checkpoint array {k!r} has dtype {a.dtype}, expected numbers")
+        if not bool(array_module(a).isfinite(a).all()):
+            raise ValueError(f"checkpoint array {k!r} holds NaN or infinite values: the model it saved had diverged")
+    for k, v in live.items():
+        v[...] = array_module(v).asarray(arrays[k], dtype=v.dtype)     # host counters stay on the host
 
 
 def read_checkpoint(cls, config_cls, path, device=None):
@@ -1323,7 +1377,16 @@ class Adam:
     long vector, not a few per parameter (on a GPU, ~2 kernel launches per parameter, not ~14)."""
 
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        if not isinstance(params, dict) or not all(hasattr(p, "shape") and hasattr(p, "dtype") for p in params.values()):
+            raise ValueError(f"Adam needs a dict of parameter arrays by name (model.params), got {type(params).__name__}")
+        if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+                isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        self.params, self.lr, self.betas, self.eps = params, float(lr), tuple(map(float, betas)), float(eps)
         dtypes = {p.dtype for p in params.values()}
         if len(dtypes) > 1:
             raise ValueError(f"Adam needs parameters of one dtype, got {sorted(map(str, dtypes))}")
@@ -1344,13 +1407,21 @@ class Adam:
     def step(self, grads):
         if not self.params:
             return
-        self.t += 1
         b1, b2 = self.betas
         xp = array_module(self.m_flat)
+        if grads.keys() != self.params.keys():
+            raise ValueError(f"gradients for {sorted(set(grads) ^ set(self.params))[:3]}... do not match the parameters "
+                             f"this Adam was built for (is it another model's optimiser?)")
         g = xp.empty_like(self.m_flat)
         for k, piece in self.views(g).items():
+            if grads[k].shape != piece.shape:                          # assignment would broadcast silently
+                raise ValueError(f"gradient {k!r} has shape {grads[k].shape}, its parameter {piece.shape}")
             piece[...] = grads[k]                                      # every gradient, end to end (one copy,
                                                                        # where reshape(-1) of a transposed dW makes two)
+        if not bool(xp.isfinite(g).all()):                            # one reduction (on a GPU, one sync a step)
+            bad = next(k for k, piece in self.views(g).items() if not bool(xp.isfinite(piece).all()))
+            raise NonFiniteError(f"the gradient of {bad!r} holds NaN or infinite values: no parameter was changed")
+        self.t += 1
         m, v = self.m_flat, self.v_flat
         m *= b1; m += (1 - b1) * g                                     # m <- b1 m + (1 - b1) g
         v *= b2; v += (1 - b2) * xp.square(g, out=g)                   # v <- b2 v + (1 - b2) g^2 (g is ours to overwrite)
@@ -1370,9 +1441,22 @@ class Adam:
                 **{f"v.{k}": to_numpy(a) for k, a in self.v.items()}}
 
     def load_state_dict(self, state):
+        """Moments and step from state_dict(); checked whole before anything is copied, so that a
+        bad state leaves this optimiser as it was."""
+        if "t" not in state or state["t"].shape != () or not np.issubdtype(state["t"].dtype, np.integer) \
+                or int(state["t"]) < 0:
+            raise ValueError("optimiser state needs its step count 't', an integer >= 0")
         for k in self.params:
             for name, moments in (("m", self.m), ("v", self.v)):
-                if f"{name}.{k}" not in state:
+                a = state[f"{name}.{k}"] if f"{name}.{k}" in state else None
+                if a is None:
                     raise ValueError(f"optimiser state has no array {name}.{k!r}")
+                if a.shape != moments[k].shape or not np.issubdtype(a.dtype, np.floating):
+                    raise ValueError(f"optimiser array {name}.{k!r} has shape {a.shape} and dtype {a.dtype}, "
+                                     f"expected floats of shape {moments[k].shape} (another model's optimiser?)")
+                if not bool(array_module(a).isfinite(a).all()) or (name == "v" and bool((a < 0).any())):
+                    raise ValueError(f"optimiser array {name}.{k!r} holds NaN, infinite or (for v) negative values")
+        for k in self.params:
+            for name, moments in (("m", self.m), ("v", self.v)):
                 moments[k][...] = array_module(moments[k]).asarray(state[f"{name}.{k}"])
         self.t = int(state["t"])
