@@ -2496,6 +2496,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -2955,3 +2956,299 @@ def test_encode_command_writes_the_codes_the_api_decodes(tmp_path, tiny_data):
     np.testing.assert_array_equal(codes, model.encode(T.to_model(images)))
     assert model.decode(codes).shape == (4, 8, 8, 3)
     assert T.main(["encode", "--run", str(tmp_path), "--data", tiny_data, "--out", str(out)]) == 1
+
+
+# -----------------------------------------------------------------------------
+# bad input, tried as an adversary would: the Python API's settings and batches
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: V.Config(codebook_size=True), "codebook_size must be an integer, got True"),
+    (lambda: V.Config(beta=float("nan")), "beta must be a finite number, got nan"),
+    (lambda: V.Config(beta=-0.5), "beta must be >= 0, got -0.5"),
+    (lambda: V.Config(ema_decay=float("inf")), "ema_decay must be a finite number, got inf"),
+    (lambda: V.Config(seed=-1), "seed must be >= 0, got -1"),
+    (lambda: V.Config(kmeans_init=1), "kmeans_init must be true or false, got 1"),
+    (lambda: V.Config(fsq_levels=(8, True)), r"fsq_levels must be integers >= 2, got \(8, True\)"),
+    (lambda: V.Config(quantizer=3), "quantizer must be a string, got 3"),
+    (lambda: P.PriorConfig(channels=True), "channels must be an integer, got True"),
+    (lambda: P.PriorConfig(seed=-2), "seed must be a non-negative integer"),
+    (lambda: T.TrainConfig(lr=float("inf")), "lr must be a finite number, got inf"),
+    (lambda: T.TrainConfig(temperature=-1), "--temperature must be a finite number >= 0, got -1.0"),
+    (lambda: T.TrainConfig(steps=0), "--steps must be at least 1, got 0"),
+    (lambda: T.TrainConfig(stage="both"), "stage must be one of vqvae, prior, all, got 'both'"),
+    (lambda: V.Adam({"w": np.zeros(3)}, lr=-1e-3), "lr must be a finite number > 0, got -0.001"),
+    (lambda: V.Adam({"w": np.zeros(3)}, lr=True), "lr must be a finite number > 0, got True"),
+    (lambda: V.Adam({"w": np.zeros(3)}, lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (lambda: V.Adam({"w": np.zeros(3)}, betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\)"),
+    (lambda: V.Adam({"w": np.zeros(3)}, eps=0), "eps must be a finite number > 0, got 0"),
+    (lambda: V.Adam([np.zeros(3)]), "Adam needs a dict of parameter arrays by name"),
+])
+def test_settings_are_refused_with_their_name_value_and_what_is_allowed(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_numpy_scalars_are_taken_as_settings_and_stored_as_python_numbers():
+    cfg = V.Config(codebook_size=np.int64(16), beta=np.float32(0.5), kmeans_init=np.bool_(True))
+    assert type(cfg.codebook_size) is int and type(cfg.beta) is float and cfg.kmeans_init is True
+    json.dumps(T.asdict(cfg))                                          # a run's config.json can hold it
+
+
+def test_an_adam_of_another_model_or_shape_is_refused_without_a_change():
+    model, other = V.VQVAE(tiny_config()), V.VQVAE(tiny_config(levels=2))
+    opt = V.Adam(other.params, lr=1e-3)
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2))
+    with pytest.raises(ValueError, match="do not match the parameters this Adam was built for"):
+        model.train_step(x, opt)
+    params = {k: v.copy() for k, v in other.params.items()}
+    grads = {k: np.zeros(1) for k in other.params}                      # would broadcast into every parameter
+    with pytest.raises(ValueError, match="has shape \\(1,\\), its parameter"):
+        opt.step(grads)
+    assert opt.t == 0 and all(np.array_equal(params[k], v) for k, v in other.params.items())
+    state = V.Adam(model.params).state_dict()
+    with pytest.raises(ValueError, match="another model's optimiser|has no array"):
+        opt.load_state_dict(state)
+
+
+def test_an_empty_batch_is_named_as_such():
+    model = V.VQVAE(tiny_config())
+    with pytest.raises(ValueError, match="expected at least one image, got an empty batch of shape \\(0, 8, 8, 2\\)"):
+        model.forward(np.zeros((0, 8, 8, 2)))
+    prior = P.PixelCNN(P.PriorConfig(codebook_size=4, channels=4, layers=1, dtype="float64"))
+    with pytest.raises(ValueError, match="got shape \\(0, 3, 3\\) \\(empty\\)"):
+        prior.loss(np.zeros((0, 3, 3), np.int64))
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_a_step_on_a_batch_that_overflows_raises_and_changes_nothing(quantizer):
+    """Images of 1e30 are finite, but the gradients they give are not: the step must leave the
+    parameters, the EMA averages, the restart usage and Adam's moments as they were."""
+    cfg = tiny_config(quantizer=quantizer, dtype="float32", restart_threshold=1.0)
+    model = V.VQVAE(cfg)
+    opt = V.Adam(model.params, lr=1e-3)
+    rng = np.random.default_rng(0)
+    model.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt)  # moments and buffers not trivial
+    before = {k: v.copy() for k, v in {**model.params, **model.buffers}.items()}
+    opt_before = {k: v.copy() for k, v in opt.state_dict().items()}
+    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values: no parameter was changed"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        model.train_step(np.full((2, 8, 8, 2), 1e30, np.float32), opt)
+    after = {**model.params, **model.buffers}
+    assert all(np.array_equal(before[k], after[k]) for k in before), [k for k in before if not np.array_equal(before[k], after[k])]
+    assert all(np.array_equal(opt_before[k], v) for k, v in opt.state_dict().items())
+    model.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt)  # and it trains on afterwards
+    assert opt.t == 2
+
+
+def test_a_checkpoint_with_nan_parameters_is_refused_and_the_model_left_whole(tmp_path):
+    model = V.VQVAE(tiny_config())
+    model.save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    name = next(k for k in arrays if k.startswith("decoder") and k.endswith("W"))
+    arrays[name] = np.where(np.arange(arrays[name].size).reshape(arrays[name].shape) == 3, np.nan, arrays[name])
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=f"checkpoint array '{name}' holds NaN or infinite values"):
+        V.VQVAE.load(tmp_path / "bad.npz")
+    before = {k: v.copy() for k, v in model.params.items()}
+    with np.load(tmp_path / "bad.npz", allow_pickle=False) as f, pytest.raises(ValueError):
+        model.load_state_dict(f)
+    assert all(np.array_equal(before[k], v) for k, v in model.params.items())  # checked whole before any copy
+
+
+# -----------------------------------------------------------------------------
+# bad input, tried as an adversary would: the command line and the run folder
+
+def tiny_run(tmp_path, data, name="run", steps=4, extra=()):
+    run = tmp_path / name
+    assert T.main(["--data", data, "--out", str(run), "--steps", str(steps), "--eval-every", "2", *TINY, *extra]) == 0
+    return run
+
+
+def one_error_line(capsys):
+    """The one line a user error prints (and that it is the only line from train.py)."""
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("train.py")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_prior_is_never_paired_with_the_codes_of_another_vqvae_state(tmp_path, tiny_data, capsys):
+    straight = tiny_run(tmp_path, tiny_data, "straight", steps=8)
+    run = tiny_run(tmp_path, tiny_data)                                # VQ-VAE 4 steps, then its prior
+    # the VQ-VAE trains on: the prior fitted to the old codes is trained anew, as in a run of 8 steps
+    assert T.main(["--resume", str(run), "--steps", "8"]) == 0
+    assert "prior.npz came from the codes of an earlier state of the VQ-VAE: trained anew" in capsys.readouterr().err
+    a = [m["loss"] for m in metric_lines(straight, "prior") if "loss" in m]
+    b = [m["loss"] for m in metric_lines(run, "prior") if "loss" in m]
+    assert b[-len(a):] == a                                            # the new prior's losses are the straight run's
+    sha = T.fingerprint(V.VQVAE.load(run / "checkpoint.npz"))
+    assert T.checkpoint_note(run / "prior.npz", "vqvae_sha256") == sha
+    # VQ-VAE only: the stale prior's figures leave the summary, and sampling from it is refused
+    assert T.main(["--resume", str(run), "--steps", "10", "--stage", "vqvae"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert "prior_val_bits_per_code" not in summary and "sample_time_s" not in summary
+    assert f"--resume {run} --stage prior" in summary["stale_priors"]
+    capsys.readouterr()
+    assert T.main(["sample", "--run", str(run)]) == 1
+    assert "prior.npz was fitted to the codes of an earlier state of the VQ-VAE" in one_error_line(capsys)
+    assert T.main(["--resume", str(run), "--stage", "prior"]) == 0     # trained anew, then usable again
+    assert "stale_priors" not in json.loads((run / "summary.json").read_text())
+    assert T.main(["sample", "--run", str(run), "--rows", "1", "--per-row", "2"]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "lr must be a finite number, got inf"),
+    (["--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--prior-lr", "0"], "--prior-lr must be a finite number > 0, got 0.0"),
+    (["--beta", "nan"], "beta must be a finite number, got nan"),
+    (["--beta", "-1"], "beta must be >= 0, got -1.0"),
+    (["--temperature", "inf"], "temperature must be a finite number, got inf"),
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--ema-decay", "1"], "ema_decay must be in (0, 1), got 1.0"),
+    (["--gumbel-temperature", "inf", "--quantizer", "gumbel"], "gumbel_temperature must be a finite number, got inf"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+])
+def test_bad_settings_stop_the_run_before_anything_is_written(tmp_path, tiny_data, capsys, flags, message):
+    run = tmp_path / "run"
+    assert T.main(["--data", tiny_data, "--out", str(run), *TINY, *flags]) == 1
+    assert message in one_error_line(capsys)
+    assert not run.exists()
+
+
+def test_divergence_stops_saying_what_is_kept_and_never_saves_a_non_finite_state(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    with np.errstate(all="ignore"):
+        code = T.main(["--data", tiny_data, "--out", str(run), "--lr", "1e9", "--steps", "20", *TINY])
+    assert code == 1
+    assert "No checkpoint of this stage was saved (the first comes at step 20)" in one_error_line(capsys)
+    assert not (run / "checkpoint.npz").exists()
+    with np.errstate(all="ignore"):
+        code = T.main(["--data", tiny_data, "--out", str(tmp_path / "run2"), "--lr", "1e9", "--steps", "20",
+                       "--eval-every", "1", *TINY])
+    assert code == 1
+    line = one_error_line(capsys)
+    with np.load(tmp_path / "run2" / "checkpoint.npz", allow_pickle=False) as f:
+        step = int(f["step"])
+        assert all(np.isfinite(f[k]).all() for k in f.files if f[k].dtype.kind == "f")
+    assert f"checkpoint.npz holds the last good state, step {step}" in line
+
+
+def test_a_state_that_is_not_finite_is_never_saved(tmp_path):
+    model = V.VQVAE(tiny_config())
+    opt = V.Adam(model.params)
+    model.params["decoder.0.W" if "decoder.0.W" in model.params else next(iter(model.params))][...] = np.inf
+    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values"):
+        T.save_checkpoint(tmp_path / "c.npz", model, opt, 1, 0.0)
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_resume_sees_flags_in_every_spelling_and_never_goes_back(tmp_path, tiny_data, capsys):
+    run = tiny_run(tmp_path, tiny_data)
+    config = (run / "config.json").read_bytes()
+    for flags, message in [(["-K64"], "cannot change --codebook-size when resuming"),
+                           (["--codebook-size=64"], "cannot change --codebook-size when resuming"),
+                           (["--kmeans-init"], "cannot change --kmeans-init when resuming"),
+                           (["--no-prior-labels", "--lr=0.1"], "cannot change --lr, --prior-labels when resuming"),
+                           (["--steps", "2"], "is at step 4: --steps 2 would go back; give --steps 4 or more"),
+                           (["--prior-steps", "1"], "prior.npz is at step 2: --prior-steps 1 would go back")]:
+        assert T.main(["--resume", str(run), *flags]) == 1, flags
+        assert message in one_error_line(capsys), flags
+    for flags in (["--batch", "8"], ["--quant", "vq"]):                # abbreviations are not flags
+        with pytest.raises(SystemExit) as e:
+            T.main(["--resume", str(run), *flags])
+        assert e.value.code == 2 and "unrecognized arguments" in one_error_line(capsys)
+    assert (run / "config.json").read_bytes() == config               # nothing was rewritten
+
+
+def corrupt(tmp_path, run, name, content):
+    """A copy of `run` in which `name` is replaced by `content` (bytes, or None for a folder)."""
+    import shutil
+    copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(run, copy)
+    (copy / name).unlink()
+    (copy / name).mkdir() if content is None else (copy / name).write_bytes(content)
+    return copy
+
+
+def npy_header_only(shape):
+    """An .npy whose header claims `shape` of uint8, followed by 16 bytes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(16)
+
+
+def test_every_damaged_or_misplaced_file_gives_one_line(tmp_path, tiny_data, capsys, monkeypatch):
+    run = tiny_run(tmp_path, tiny_data)
+    checkpoint = (run / "checkpoint.npz").read_bytes()
+    (tmp_path / "afile").write_bytes(b"x")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("train.npy", npy_header_only((10**9, 10**9, 1, 1)))
+        z.writestr("test.npy", npy_header_only((2, 2, 2)))
+    (tmp_path / "huge.npz").write_bytes(buf.getvalue())
+    (tmp_path / "huge.npy").write_bytes(npy_header_only((10**9, 10**9, 10, 3)))
+    np.savez(tmp_path / "channels.npz", train=np.zeros((4, 8, 8, 3), np.uint8), test=np.zeros((2, 8, 8, 1), np.uint8))
+    np.savez(tmp_path / "empty.npz", train=np.zeros((0, 8, 8, 3), np.uint8), test=np.zeros((2, 8, 8, 3), np.uint8))
+    mnist = tmp_path / "labels" / "mnist"
+    write_mnist(mnist, gz=False)
+    (mnist / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([1, 2, 10, 3], np.uint8)))
+    cases = [
+        (["--resume", str(corrupt(tmp_path, run, "checkpoint.npz", checkpoint[:len(checkpoint) // 2]))],
+         "cannot resume from this checkpoint (BadZipFile"),
+        (["sample", "--run", str(corrupt(tmp_path, run, "checkpoint.npz", checkpoint[:100]))], "cannot load the model"),
+        (["sample", "--run", str(corrupt(tmp_path, run, "prior.npz", b"PK\x03\x04 junk"))], "prior.npz: cannot load"),
+        (["--resume", str(corrupt(tmp_path, run, "prior.npz", checkpoint[:-30]))], "prior.npz: cannot resume"),
+        (["--data", str(tmp_path / "huge.npz"), *TINY], "huge.npz: an array's header asks for more memory"),
+        (["--data", str(tmp_path / "huge.npy"), *TINY], "huge.npy: damaged or truncated file"),
+        (["--data", str(tmp_path / "channels.npz"), *TINY], "train images are (8, 8, 3) (H, W, C), test images (8, 8, 1)"),
+        (["--data", str(tmp_path / "empty.npz"), *TINY], "empty.npz[train]: no images"),
+        (["--data", "mnist", "--data-dir", str(tmp_path / "labels"), *TINY], "label 10 out of range [0, 10)"),
+        (["--data", "mnist", "--data-dir", str(tmp_path / "afile"), *TINY], "--data-dir " + str(tmp_path / "afile") + ": not a folder"),
+        (["--data", tiny_data, "--out", str(tmp_path / "afile"), *TINY], "a file of that name is in the way"),
+        (["--resume", tiny_data], "not a run folder"),
+        (["--resume", str(corrupt(tmp_path, run, "config.json", b'{"train": {"steps": "9"}, "model": {}, "priors": [{}]}'))],
+         "unreadable run config (steps must be an integer, got '9')"),
+        (["--resume", str(corrupt(tmp_path, run, "config.json", b'{"train": {}, "model": {}, "priors": []}'))],
+         "0 prior configs for a model of 1 level(s)"),
+        (["--resume", str(corrupt(tmp_path, run, "config.json", b"[" * 100000))], "unreadable run config (RecursionError"),
+        (["--resume", str(corrupt(tmp_path, run, "config.json", b"\xff\xfe"))], "unreadable run config (UnicodeDecodeError"),
+        (["--resume", str(corrupt(tmp_path, run, "config.json", None))], "unreadable run config (IsADirectoryError"),
+        (["--resume", str(corrupt(tmp_path, run, "summary.json", b'{"vqvae_wall_time_s": "x"}')), "--steps", "6"],
+         "vqvae_wall_time_s is 'x', not a number of seconds"),
+        (["--resume", str(corrupt(tmp_path, run, "summary.json", None)), "--steps", "6"], "unreadable run summary"),
+        (["sample", "--run", str(corrupt(tmp_path, run, "summary.json", b'{"image_hw": [8, "8"]}'))],
+         "image_hw is [8, '8'], not a height and a width"),
+        (["sample", "--run", str(run), "--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+        (["sample", "--run", str(run), "--out", str(tmp_path / "no" / "s.png")], "the folder " + str(tmp_path / "no")),
+        (["encode", "--run", str(run), "--data", tiny_data, "--out", str(tmp_path)], "is a folder, not a file name"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert T.main(args) == 1, args
+        line = one_error_line(capsys)
+        assert message in line, (args, line)
+    def read_only(fd):                                                 # root writes anywhere: the error is simulated
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(T.os, "fsync", read_only)
+    assert T.main(["--data", tiny_data, "--out", str(tmp_path / "ro"), *TINY]) == 1
+    assert "cannot write " + str(tmp_path / "ro" / "config.json") + " (Permission denied)" in one_error_line(capsys)
+    assert [p.name for p in (tmp_path / "ro").iterdir()] == []         # no .tmp, and no training happened
+
+
+def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_data, capsys, monkeypatch):
+    run = tiny_run(tmp_path, tiny_data, extra=["--stage", "vqvae"])
+    real_fsync, calls = T.os.fsync, []
+
+    def fill_up(fd):
+        calls.append(fd)
+        if len(calls) > 1:                                             # config.json goes through, the checkpoint not
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(T.os, "fsync", fill_up)
+    assert T.main(["--resume", str(run), "--steps", "6", "--stage", "vqvae"]) == 1
+    line = one_error_line(capsys)
+    assert "(No space left on device)" in line and "checkpoint.npz holds the last good state, step 4" in line
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        assert int(f["step"]) == 4
+    assert not list(run.glob("*.tmp"))

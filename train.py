@@ -662,10 +662,12 @@ def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp,
     t_log, step_log = time.time(), start
     saved = start if start > 0 else None                               # the step of `checkpoint`, if any
 
+    def kept():
+        return (f"{checkpoint} holds the last good state, step {saved}" if saved is not None else
+                f"No checkpoint of this stage was saved (the first comes at step {min(cfg.eval_every, steps)})")
+
     def diverged(what):
-        kept = (f"{checkpoint} holds the last good state, step {saved}" if saved is not None else
-                f"no checkpoint of this stage was saved (the first comes at step {cfg.eval_every})")
-        return UserError(f"{stage}: {what}; stopping. {kept}. A lower learning rate may help")
+        return UserError(f"{stage}: {what}; stopping. {kept()}. A lower learning rate may help")
 
     def flush():
         nonlocal window, t_log, step_log
@@ -691,6 +693,8 @@ def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp,
             path = save_fn(s)
         except vqvae.NonFiniteError as e:
             raise diverged(f"at step {s}, {e}")
+        except UserError as e:                                         # a full disk, say
+            raise UserError(f"{e}. {kept()}")
         saved = s
         return path
 
@@ -706,7 +710,10 @@ def fit(stage, step_fn, evaluate_fn, save_fn, start, steps, batch_size, cfg, xp,
             flush()
         if step % cfg.eval_every == 0 or step == steps:
             flush()
-            ev = evaluate_fn(step)
+            try:
+                ev = evaluate_fn(step)                                 # writes a picture
+            except UserError as e:                                     # a full disk, say
+                raise UserError(f"{e}. {kept()}")
             save(step)
             log({"stage": stage, "step": step, **ev},
                 f"{stage} {step}/{steps} held out: " + " ".join(f"{k} {v:.4g}" for k, v in ev.items()), final=True)
@@ -850,6 +857,8 @@ def read_json(path, what):
 def saved_configs(run):
     """(TrainConfig, vqvae.Config, PriorConfigs) of a run folder's config.json, each checked."""
     path = run / "config.json"
+    if not run.is_dir():
+        raise UserError(f"{run}: not a run folder" + (" (no such folder)" if not run.exists() else ""))
     try:
         saved = read_json(path, "run config")
     except FileNotFoundError:

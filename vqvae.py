@@ -444,7 +444,8 @@ def check_codes(codes, K, xp, shape_name="(N, h, w)"):
     problem otherwise. The range is checked where the codes live: host codes cost no device sync."""
     shape = getattr(codes, "shape", None)
     if shape is None or len(shape) != shape_name.count(",") + 1 or 0 in shape:
-        raise ValueError(f"expected integer codes of shape {shape_name}, got shape {shape}")
+        raise ValueError(f"expected integer codes of shape {shape_name}, got shape {shape}"
+                         + (" (empty)" if shape and 0 in shape else ""))
     if not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
     lo, hi = int(codes.min()), int(codes.max())
@@ -1270,16 +1271,17 @@ class VQVAE:
     def train_step(self, x, opt):
         """One step of Adam on the batch x. A step whose gradients are not finite (images far
         outside the model's scale, a learning rate that blew the weights up) raises
-        NonFiniteError and leaves the model as it was: the EMA averages and usage counts that
-        forward moved are put back, and Adam changes nothing."""
-        before = {k: v.copy() for k, v in self.buffers.items()}        # a few K x D arrays: cheap
+        NonFiniteError and leaves the model as it was: what forward moved in the quantizers (EMA
+        averages, usage counts, re-seeded or k-means codes) is put back, and Adam changes nothing."""
+        state = {**self.params, **self.buffers}
+        before = {k: v.copy() for k, v in state.items() if k.split(".")[0].endswith("quantizer")}  # K x D: cheap
         try:
             stats = self.forward(x, train=True)
             self.backward()
             opt.step(self.grads)
         except NonFiniteError:
-            for k, v in self.buffers.items():
-                v[...] = before[k]
+            for k, v in before.items():
+                state[k][...] = v
             raise
         return stats
 
