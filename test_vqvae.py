@@ -3252,3 +3252,119 @@ def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
         assert int(f["step"]) == 4
     assert not list(run.glob("*.tmp"))
+
+
+# -----------------------------------------------------------------------------
+# bad input, tried as an adversary would: damaged bytes in every file a run reads
+
+def mutate(data, kind, seed):
+    """A damaged copy of `data`: random bytes, cut short, a few bytes changed anywhere, or a
+    few changed in the first 128 bytes (where the headers are)."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        return rng.bytes(int(rng.integers(0, 2 * len(data) + 1)))
+    if kind == "truncated":
+        return data[:int(rng.integers(0, len(data)))]
+    b = bytearray(data)
+    span = len(b) if kind == "flipped" else min(len(b), 128)
+    for i in rng.integers(0, span, int(rng.integers(1, 9))):
+        b[i] = int(rng.integers(256))
+    return bytes(b)
+
+
+damage = st.sampled_from(["random", "truncated", "flipped", "header"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    np.save(folder / "tiny.npy", np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    assert T.main(["--data", str(folder / "tiny.npy"), "--out", str(folder / "run"), "--steps", "2",
+                   "--eval-every", "2", *TINY]) == 0
+    return folder / "run"
+
+
+def valid_files():
+    images = np.random.default_rng(1).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    npy, npz = io.BytesIO(), io.BytesIO()
+    np.save(npy, images)
+    np.savez(npz, train=images[:4], test=images[4:])
+    return {".npy": npy.getvalue(), ".npz": npz.getvalue()}
+
+
+@given(suffix=st.sampled_from([".npy", ".npz"]), kind=damage, seed=seeds)
+def test_damaged_array_files_load_or_give_a_user_error(tmp_path_factory, suffix, kind, seed):
+    path = tmp_path_factory.mktemp("arrays") / f"data{suffix}"
+    path.write_bytes(mutate(valid_files()[suffix], kind, seed))
+    try:
+        data = T.array_file_dataset(path)
+    except T.UserError:
+        return
+    assert data["train"].dtype == np.uint8 and data["train"].ndim == 4 and len(data["train"]) >= 1
+    assert data["test"].shape[1:] == data["train"].shape[1:] and len(data["test"]) >= 1
+
+
+@given(gz=st.booleans(), kind=damage, seed=seeds)
+def test_damaged_idx_files_load_or_give_a_user_error(tmp_path_factory, gz, kind, seed):
+    raw = idx_bytes(np.random.default_rng(2).integers(0, 256, (3, 5, 5), dtype=np.uint8))
+    path = tmp_path_factory.mktemp("idx") / "x-idx3-ubyte"
+    path.write_bytes(mutate(gzip.compress(raw) if gz else raw, kind, seed))
+    try:
+        a = T.read_idx(path)
+    except T.UserError:
+        return
+    assert a.dtype == np.uint8 and 1 <= a.ndim <= 4
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+
+
+@given(kind=st.sampled_from(["bytes", "json", "field"]), value=json_values, seed=seeds)
+def test_damaged_run_configs_load_or_give_a_user_error(finished_run, tmp_path_factory, kind, value, seed):
+    """config.json as damaged bytes, as any JSON, or as the real one with one setting replaced."""
+    run = tmp_path_factory.mktemp("cfg")
+    good = (finished_run / "config.json").read_bytes()
+    if kind == "bytes":
+        text = mutate(good, "flipped", seed)
+    elif kind == "json":
+        text = json.dumps(value).encode()
+    else:
+        config = json.loads(good)
+        section = ["train", "model"][seed % 2]
+        key = sorted(config[section])[seed % len(config[section])]
+        config[section][key] = value
+        text = json.dumps(config).encode()
+    (run / "config.json").write_bytes(text)
+    try:
+        cfg, model_cfg, priors = T.saved_configs(run)
+    except T.UserError:
+        return
+    assert isinstance(cfg, T.TrainConfig) and len(priors) == model_cfg.levels
+
+
+@given(kind=damage, seed=seeds, which=st.sampled_from(["checkpoint.npz", "prior.npz"]))
+def test_damaged_checkpoints_load_or_give_a_user_error(finished_run, tmp_path_factory, kind, seed, which):
+    path = tmp_path_factory.mktemp("ckpt") / which
+    path.write_bytes(mutate((finished_run / which).read_bytes(), kind, seed))
+    cfg, model_cfg, priors = T.saved_configs(finished_run)
+    model = V.VQVAE(model_cfg) if which == "checkpoint.npz" else P.PixelCNN(priors[0])
+    for load in (lambda: T.load_checkpoint(path, model, V.Adam(model.params)),
+                 lambda: T.load_model(path, type(model), "cpu")):
+        try:
+            load()
+        except T.UserError:
+            continue
+        assert all(np.isfinite(v).all() for v in model.params.values())
+
+
+def test_a_mistyped_command_line_is_one_line_with_exit_status_2(tmp_path):
+    for args, message in [(["--batch", "4"], "unrecognized arguments: --batch 4"),
+                          (["--levels", "3"], "argument --levels: invalid choice: 3"),
+                          (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+                          (["sample", "--rows", "x"], "argument --rows: invalid int value: 'x'")]:
+        r = subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True,
+                           cwd=Path(__file__).parent, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, (args, r.stderr)

@@ -23,6 +23,7 @@ import struct
 import sys
 import tarfile
 import time
+import tokenize
 import urllib.request
 import zipfile
 import zlib
@@ -46,7 +47,7 @@ class Interrupted(Exception):
 # what reading a damaged, truncated or hostile file can raise: a bad zip (an .npz is one), bad
 # gzip or zlib data, an .npy header that claims more memory than there is, or does not parse
 READ_ERRORS = (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error, zipfile.BadZipFile, MemoryError,
-               NotImplementedError, RuntimeError, struct.error)
+               NotImplementedError, RuntimeError, struct.error, SyntaxError, tokenize.TokenError)
 
 
 # -----------------------------------------------------------------------------
