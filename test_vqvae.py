@@ -3220,6 +3220,8 @@ def test_every_damaged_or_misplaced_file_gives_one_line(tmp_path, tiny_data, cap
         (["sample", "--run", str(corrupt(tmp_path, run, "summary.json", b'{"image_hw": [8, "8"]}'))],
          "image_hw is [8, '8'], not a height and a width"),
         (["sample", "--run", str(run), "--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+        (["sample", "--run", str(tiny_run(tmp_path, tiny_data, "no_prior", extra=["--stage", "vqvae"]))],
+         "has no prior.npz yet: train it with python train.py --resume"),
         (["sample", "--run", str(run), "--out", str(tmp_path / "no" / "s.png")], "the folder " + str(tmp_path / "no")),
         (["encode", "--run", str(run), "--data", tiny_data, "--out", str(tmp_path)], "is a folder, not a file name"),
     ]

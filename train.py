@@ -1195,6 +1195,8 @@ def sample(argv):
     priors = []
     for name in level_names(model):
         path = run / f"{name}prior.npz"
+        if not path.is_file():
+            raise UserError(f"{run} has no {path.name} yet: train it with python train.py --resume {run} --stage prior")
         priors.append(load_model(path, P.PixelCNN, args.device))
         fitted_to = checkpoint_note(path, "vqvae_sha256")
         if fitted_to not in (None, vqvae_sha256) or (fitted_to is None and "stale_priors" in summary):
