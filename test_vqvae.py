@@ -2722,7 +2722,8 @@ def test_png_writer_round_trips_pixels(tmp_path, C):
 # train.py: the run, checkpoints, resume, errors
 
 TINY = ["--hidden", "8", "--res-hidden", "4", "--res-blocks", "1", "-K", "16", "-D", "4", "--batch-size", "4",
-        "--prior-steps", "2", "--prior-channels", "4", "--prior-layers", "2", "--prior-batch-size", "4"]
+        "--prior-steps", "2", "--prior-channels", "4", "--prior-layers", "2", "--prior-batch-size", "4",
+        "--judge-steps", "2", "--eval-images", "8"]
 
 
 @pytest.fixture
@@ -3370,3 +3371,118 @@ def test_a_mistyped_command_line_is_one_line_with_exit_status_2(tmp_path):
                            cwd=Path(__file__).parent, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, (args, r.stderr)
+
+
+# -----------------------------------------------------------------------------
+# the judge and the sample metrics (train.py evaluate)
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), seeds)
+def test_mean_pool_gradient_matches_finite_differences(N, H, C, seed):
+    rng = np.random.default_rng(seed)
+    check_layer_grads(V.MeanPool(), rng.standard_normal((N, H, H + 1, C)), rng)
+
+
+@given(st.integers(1, 6), st.integers(2, 5), seeds)
+def test_softmax_cross_entropy_gradient_matches_finite_differences(M, K, seed):
+    rng = np.random.default_rng(seed)
+    logits, labels = rng.standard_normal((M, K)) * 3, rng.integers(0, K, M)
+    loss, d = V.softmax_cross_entropy(logits, labels)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.isclose(loss, -np.log(p[np.arange(M), labels]).mean())
+    assert rel_error(d, numerical_grad(lambda: V.softmax_cross_entropy(logits, labels)[0], logits)) < 1e-6
+
+
+@given(st.integers(2, 3), st.sampled_from([4, 8]), seeds)
+def test_judge_gradients_match_finite_differences(K, H, seed):
+    judge = T.Judge(T.JudgeConfig(in_channels=2, num_classes=K, width=2, dtype="float64", seed=seed % 1000))
+    rng = np.random.default_rng(seed)
+    x, labels = rng.standard_normal((3, H, H, 2)), rng.integers(0, K, 3)
+    judge.loss(x, labels)
+    judge.backward()
+    grads = {k: g.copy() for k, g in judge.grads.items()}
+    assert grads.keys() == judge.params.keys()
+    for k, p in judge.params.items():
+        assert grads[k].dtype == p.dtype
+        assert rel_error(grads[k], numerical_grad(lambda: float(judge.loss(x, labels)["loss"]), p), 1e-3) < 1e-5, k
+
+
+def two_classes(n, seed):
+    """Dark and bright noisy images, labelled 0 and 1: a set any working classifier separates."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = np.clip(rng.normal(60 + 130 * labels[:, None, None, None], 30, (n, 8, 8, 3)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def test_the_judge_learns_an_easily_separable_set_and_is_deterministic():
+    x, y = two_classes(200, 0)
+    x_test, y_test = two_classes(100, 1)
+    data = {"train": x, "train_labels": y, "test": x_test, "test_labels": y_test, "num_classes": 2}
+    a, b = T.train_judge(data, 3, 60, "cpu"), T.train_judge(data, 3, 60, "cpu")
+    assert all(np.array_equal(v, b.params[k]) for k, v in a.params.items())   # the same seed, the same judge
+    features, predicted = a.embed(x_test)
+    assert features.shape == (100, 4 * a.cfg.width) and (predicted == y_test).mean() >= 0.95
+
+
+def test_without_labels_the_judge_tells_the_rotation():
+    square = {"train": np.zeros((4, 8, 8, 1), np.uint8)}
+    assert T.judge_task(square) == (None, 4, True)
+    assert T.judge_task({"train": np.zeros((4, 8, 12, 1), np.uint8)}) == (None, 2, True)  # half turns keep the shape
+    img = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.uint8)
+    turned = T.rotate(img, np.array([0, 1]))
+    assert np.array_equal(turned[0], img[0]) and np.array_equal(turned[1], np.rot90(img[1], 1, axes=(0, 1)))
+
+
+@given(st.integers(20, 60), st.integers(1, 5), seeds)
+def test_frechet_distance_is_zero_to_itself_and_the_squared_shift_to_a_shifted_copy(n, F, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, F)) @ rng.standard_normal((F, F))      # correlated features
+    v = rng.standard_normal(F)
+    assert abs(T.frechet_distance(a, a)) < 1e-8 * max(1, (a.var(0) * n / (n - 1)).sum())
+    assert np.isclose(T.frechet_distance(a, a + v), (v ** 2).sum(), rtol=1e-6, atol=1e-8)
+    b = rng.standard_normal((n + 3, F)) * 2
+    assert np.isclose(T.frechet_distance(a, b), T.frechet_distance(rng.permutation(a), rng.permutation(b)))
+    assert np.isclose(T.frechet_distance(a, b), T.frechet_distance(b, a), rtol=1e-6)  # symmetric
+    assert T.frechet_distance(a, b) > 0
+
+
+@given(st.integers(8, 40), st.integers(1, 4), seeds)
+def test_precision_and_recall_are_one_against_itself_zero_far_away_and_order_free(n, F, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((n, F)), rng.standard_normal((n + 5, F))
+    assert T.precision_recall(a, a) == (1.0, 1.0)
+    assert T.precision_recall(a, a + 1000) == (0.0, 0.0)
+    assert T.precision_recall(a, b) == T.precision_recall(rng.permutation(a), rng.permutation(b))
+    p, r = T.precision_recall(a, b)
+    assert 0 < p <= 1 and 0 < r <= 1
+
+
+def test_evaluate_writes_its_figures_and_keeps_its_judge(tmp_path, tiny_data, capsys):
+    run = tiny_run(tmp_path, tiny_data)                                # ends with the evaluation
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("fd_samples_recon", "fd_recon_halves", "fd_recon_real", "fd_real_halves", "precision_samples",
+                "recall_samples", "evaluate_time_s"):
+        assert key in summary and np.isfinite(summary[key]), key
+    assert "accuracy_real" not in summary                              # no labels: a rotation judge, no classes
+    judge = run / "judge_seed0.npz"
+    stamp = judge.stat().st_mtime_ns
+    capsys.readouterr()
+    assert T.main(["evaluate", "--run", str(run), "--judge-steps", "2", "--images", "4"]) == 0
+    assert judge.stat().st_mtime_ns == stamp                           # loaded, not trained again
+    out = capsys.readouterr().out
+    assert "samples to reconstructions" in out and "judge seed 0" in out
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["images"] == 4 and ev["judge_task"] == "rotation" and ev["fd_recon_halves"] >= 0
+    assert T.main(["evaluate", "--run", str(run), "--judge-seed", "1", "--judge-steps", "2"]) == 0
+    assert (run / "judge_seed1.npz").is_file()
+    assert T.main(["evaluate", "--run", str(run), "--images", "1"]) == 1
+    assert "--images must be at least 2, got 1" in one_error_line(capsys)
+
+
+def test_evaluate_on_labelled_data_reports_the_judge_accuracy(tmp_path):
+    x, y = two_classes(60, 0)
+    data = {"train": x[:40], "train_labels": y[:40], "test": x[40:], "test_labels": y[40:], "num_classes": 2}
+    judge = T.train_judge(data, 0, 40, "cpu")
+    fig = T.sample_figures(judge, x[40:], x[40:], x[40:][::-1], y[40:], y[40:][::-1])
+    assert fig["accuracy_real"] == fig["accuracy_recon"] == fig["accuracy_samples"] >= 0.9
+    assert fig["fd_recon_real"] == fig["fd_real_halves"] and fig["precision_recon"] == fig["recall_recon"] == 1.0

@@ -411,11 +411,15 @@ class TrainConfig:
     prior_lr: float = 1e-3
     prior_labels: bool = True     # condition the prior on the class labels, where the data has them
     temperature: float = 1.0      # of the samples drawn at the end
+    evaluate: bool = True         # measure the samples at the end (train.py evaluate)
+    judge_steps: int = 1500       # training steps of the evaluation's judge network
+    eval_images: int = 1000       # held-out images the evaluation measures, and as many samples
 
     def __post_init__(self):
         """Every setting checked before anything is read or trained; a ValueError names it."""
         vqvae.check_fields(self)
-        for name in ("steps", "batch_size", "log_every", "eval_every", "prior_steps", "prior_batch_size"):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "prior_steps", "prior_batch_size",
+                     "judge_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "prior_lr"):
@@ -425,6 +429,8 @@ class TrainConfig:
             raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.eval_images < 2:
+            raise ValueError(f"--eval-images must be at least 2, got {self.eval_images}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.device not in DEVICES:
@@ -594,13 +600,11 @@ def recon_grid(model, images, real_hw, n=8, top_only=False):
     return image_grid(rows)
 
 
-def draw_samples(model, priors, rows, per_row, seed, temperature, real_hw):
-    """New images: codes sampled from the priors, coarsest level first, each finer level given
-    the one above; one row per class when the priors are class-conditional; then decoded.
-    -> (grid, codes per level, seconds spent sampling the codes)."""
+def sample_images(model, priors, N, seed, temperature, real_hw, labels=None, batch_size=256):
+    """N new images: codes sampled from the priors, coarsest level first, each finer level given
+    the one above (and the class labels (N,) when the priors are class-conditional), then
+    decoded -> (uint8 images, codes per level, seconds spent sampling the codes)."""
     h, w = real_hw
-    N = rows * per_row
-    labels = np.repeat(np.arange(rows), per_row) if priors[0].cfg.num_classes else None
     grid_h, grid_w = -(-h // model.downsample), -(-w // model.downsample)  # the coarsest grid of a padded image
     S = model.cfg.codes_per_position                                   # residual VQ: S codes side by side
     codes = []
@@ -613,8 +617,293 @@ def draw_samples(model, priors, rows, per_row, seed, temperature, real_hw):
     seconds = time.time() - t
     if S > 1:
         codes = [vqvae.ResidualVQ.from_grid(c, S) for c in codes]     # (N, h, w S) -> (N, S, h, w)
-    images = to_uint8(model.decode(*codes))[:, :h, :w]
+    images = np.concatenate([to_uint8(model.decode(*(c[i:i + batch_size] for c in codes)))[:, :h, :w]
+                             for i in range(0, N, batch_size)])
+    return images, codes, seconds
+
+
+def draw_samples(model, priors, rows, per_row, seed, temperature, real_hw):
+    """A grid of new images, one row per class when the priors are class-conditional
+    -> (grid, codes per level, seconds spent sampling the codes)."""
+    labels = np.repeat(np.arange(rows), per_row) if priors[0].cfg.num_classes else None
+    images, codes, seconds = sample_images(model, priors, rows * per_row, seed, temperature, real_hw, labels)
     return image_grid([images[r * per_row:(r + 1) * per_row] for r in range(rows)]), codes, seconds
+
+
+# -----------------------------------------------------------------------------
+# the judge: a small classifier trained on the real training images, in whose features the
+# samples and reconstructions are measured (train.py evaluate)
+
+
+@dataclass
+class JudgeConfig:
+    in_channels: int = 3          # C of the images
+    num_classes: int = 3          # the data's classes; without labels, the rotations it tells apart
+    width: int = 16               # w: channels of the first layer (then 2w, 2w, 4w)
+    rotations: bool = False       # True: trained to tell by how much an image was rotated (no labels)
+    dtype: str = "float32"
+    seed: int = 0                 # initialisation and the order of its training batches
+
+    def __post_init__(self):
+        vqvae.check_fields(self)
+        for name in ("in_channels", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown judge settings {unknown}")
+        return cls(**d)
+
+
+class Judge:
+    """x (N, H, W, C) -> logits (N, K): a 3x3 conv, two 4x4 convs of stride 2, a 3x3 conv, with
+    a ReLU after each, then the mean over positions and a linear layer (a 1x1 conv). The mean
+    vector, 4w numbers, is an image's feature, as FID uses Inception's pool features."""
+
+    def __init__(self, cfg, device=None):
+        self.cfg, self.xp = cfg, vqvae.backend(device)
+        init = vqvae.uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
+        w = cfg.width
+        self.features = vqvae.Sequential(
+            vqvae.Conv2d(cfg.in_channels, w, 3, padding=1, init=init, input_grad=False), vqvae.ReLU(),
+            vqvae.Conv2d(w, 2 * w, 4, stride=2, padding=1, init=init), vqvae.ReLU(),        # H/2
+            vqvae.Conv2d(2 * w, 2 * w, 4, stride=2, padding=1, init=init), vqvae.ReLU(),    # H/4
+            vqvae.Conv2d(2 * w, 4 * w, 3, padding=1, init=init), vqvae.ReLU(),
+            vqvae.MeanPool())                                                                 # (N, 1, 1, 4w)
+        self.head = vqvae.Conv2d(4 * w, cfg.num_classes, 1, init=init)
+        self.parts = {"features": self.features, "head": self.head}
+
+    @property
+    def params(self):
+        return vqvae.gather(self.parts, "params")
+
+    @property
+    def grads(self):
+        return vqvae.gather(self.parts, "grads")
+
+    def forward(self, x):
+        return self.head.forward(self.features.forward(self.xp.asarray(x, dtype=self.cfg.dtype)))[:, 0, 0]  # (N, K)
+
+    def loss(self, x, labels):
+        logits = self.forward(x)
+        labels = self.xp.asarray(labels)
+        loss, self.dlogits = vqvae.softmax_cross_entropy(logits, labels)
+        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).mean()}
+
+    def backward(self):
+        self.features.backward(self.head.backward(self.dlogits[:, None, None, :]))  # logits = head(mean(features))
+
+    def train_step(self, x, labels, opt):
+        stats = self.loss(x, labels)
+        self.backward()
+        opt.step(self.grads)
+        return stats
+
+    def embed(self, images, batch_size=250):
+        """uint8 images -> (features (N, 4w) in float64, the predicted class (N,)), on the host."""
+        feats, preds = [], []
+        for i in range(0, len(images), batch_size):
+            x = to_model(pad_to_multiple(images[i:i + batch_size], 4))  # at least 4 x 4 for the two stride-2 layers
+            f = self.features.forward(self.xp.asarray(x, dtype=self.cfg.dtype))
+            preds.append(vqvae.to_numpy(self.head.forward(f)[:, 0, 0].argmax(1)))
+            feats.append(vqvae.to_numpy(f[:, 0, 0]).astype(np.float64))
+        return np.concatenate(feats), np.concatenate(preds)
+
+    def state_dict(self):
+        return {k: vqvae.to_numpy(v) for k, v in self.params.items()}
+
+    def load_state_dict(self, state):
+        vqvae.load_arrays(self.params, state, self.xp)
+
+    @classmethod
+    def load(cls, path, device=None):
+        return vqvae.read_checkpoint(cls, JudgeConfig, path, device)
+
+
+def rotate(images, k):
+    """Each image i turned by k[i] quarter turns (k in 0..3; a non-square image takes 0 or 2)."""
+    out = images.copy()
+    for turns in (1, 2, 3):
+        if (k == turns).any():
+            out[k == turns] = np.rot90(images[k == turns], turns, axes=(1, 2))
+    return out
+
+
+def judge_task(data):
+    """(labels of the training images, number of classes, rotations?) the judge learns. Where
+    the data has no labels, telling by how much an image was turned (RotNet, Gidaris et al.
+    2018) still needs its content: circles and squares look alike turned, digits do not."""
+    if data.get("num_classes", 0) > 0 and "train_labels" in data:
+        return data["train_labels"], data["num_classes"], False
+    H, W = data["train"].shape[1:3]
+    return None, 4 if H == W else 2, True
+
+
+def train_judge(data, seed, steps, device, batch_size=64, lr=2e-3, log=None):
+    """A judge trained on the real training split only (the held-out images are what it measures)."""
+    images = pad_to_multiple(data["train"], 4)                         # at least 4 x 4 for the two stride-2 layers
+    labels, K, rotations = judge_task(data)
+    judge = Judge(JudgeConfig(in_channels=images.shape[3], num_classes=K, rotations=rotations, seed=seed), device)
+    opt = vqvae.Adam(judge.params, lr=lr)
+    batch_size = min(batch_size, len(images))
+    for s in range(steps):
+        idx = batch_indices(seed, s, len(images), batch_size)
+        x = images[idx]
+        if rotations:                                                  # K = 4 quarter turns, or 2 half turns
+            y = np.random.default_rng([seed, s]).integers(0, K, len(idx))
+            x = rotate(x, y * (4 // K))
+        else:
+            y = labels[idx]
+        stats = judge.train_step(to_model(x), y, opt)
+        if log and (s + 1) % 250 == 0:
+            log(f"judge {s + 1}/{steps} loss {float(stats['loss']):.4g} accuracy {float(stats['accuracy']):.3f}")
+    return judge
+
+
+# -----------------------------------------------------------------------------
+# sample metrics: plain functions of feature sets (N, F), each with its formula and its floor
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets (FID, Heusel et al. 2017):
+
+        d = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))
+
+    Tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2),
+    a symmetric matrix with the same eigenvalues: two symmetric eigendecompositions, no general
+    matrix square root. 0 for a set and itself, |v|^2 for a set and its copy shifted by v. Two
+    samples of the same data score above 0 by an amount that shrinks as 1/N: compare a figure
+    with the distance between two halves of real data of the same size (the floor)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    S_a, S_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))  # (F, F), F = 1 too
+    lam, U = np.linalg.eigh(S_a)
+    root_a = (U * np.sqrt(np.clip(lam, 0, None))) @ U.T              # S_a^(1/2)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ S_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(S_a) + np.trace(S_b) - 2 * cross)
+
+
+def pairwise_distances(a, b):
+    """(N, F), (M, F) -> (N, M) Euclidean distances."""
+    sq = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
+    return np.sqrt(np.clip(sq, 0, None))
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019). A set's manifold is the union
+    of balls around its points, each reaching that point's k-th nearest neighbour in the set:
+
+        precision = share of the fakes inside the real manifold   (are the samples realistic?)
+        recall    = share of the reals inside the fake manifold   (do they cover the data?)
+
+    A set against itself scores 1 and 1, against a far-away set 0 and 0; two halves of real
+    data score a little below 1 (the ceiling to read a figure against)."""
+    def radii(x):
+        return np.sort(pairwise_distances(x, x), 1)[:, min(k, len(x) - 1)]  # column 0: the point itself
+
+    def inside(points, centres, r):
+        return float((pairwise_distances(points, centres) <= r[None]).any(1).mean())
+
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def sample_figures(judge, real, recon, samples, real_labels=None, sample_labels=None):
+    """The evaluation's figures from uint8 image sets of the same size n: held-out real images,
+    their reconstructions, and samples. Each Frechet distance compares disjoint halves (n/2
+    against n/2), so that every figure and its floor have the same sample size."""
+    (f_real, p_real), (f_rec, p_rec) = judge.embed(real), judge.embed(recon)
+    h = len(real) // 2
+    A, B = slice(0, h), slice(h, 2 * h)
+    fig = {"fd_real_halves": frechet_distance(f_real[A], f_real[B]),   # the floor of fd_recon_real
+           "fd_recon_real": frechet_distance(f_rec[A], f_real[B]),
+           "fd_recon_halves": frechet_distance(f_rec[A], f_rec[B])}    # the floor of fd_samples_recon
+    fig["precision_real_halves"], fig["recall_real_halves"] = precision_recall(f_real[A], f_real[B])
+    fig["precision_recon"], fig["recall_recon"] = precision_recall(f_real, f_rec)
+    if samples is not None:
+        f_smp, p_smp = judge.embed(samples)
+        fig["fd_samples_recon"] = frechet_distance(f_smp[A], f_rec[B])
+        fig["precision_samples"], fig["recall_samples"] = precision_recall(f_real, f_smp)
+    if real_labels is not None and not judge.cfg.rotations:
+        fig["accuracy_real"] = float((p_real == real_labels).mean())
+        fig["accuracy_recon"] = float((p_rec == real_labels).mean())
+        if samples is not None and sample_labels is not None:
+            fig["accuracy_samples"] = float((p_smp == sample_labels).mean())  # the class each sample was asked for
+    return fig
+
+
+def reconstruct_images(model, images, batch_size=256):
+    """uint8 images -> uint8 reconstructions of the same size (padded for the model, cropped back)."""
+    h, w = images.shape[1:3]
+    return np.concatenate([to_uint8(model.reconstruct(to_model(pad_to_multiple(images[i:i + batch_size],
+                                                                                 model.downsample))))[:, :h, :w]
+                           for i in range(0, len(images), batch_size)])
+
+
+def judge_for(run, data, seed, steps, device):
+    """The run's judge of this seed: loaded from RUN/judge_seed<seed>.npz, or trained on the run's
+    training split and saved there (a judge of other data or steps is trained anew)."""
+    path = run / f"judge_seed{seed}.npz"
+    labels, K, rotations = judge_task(data)
+    if path.is_file():
+        judge = load_model(path, Judge, device)
+        if (judge.cfg.in_channels, judge.cfg.num_classes, judge.cfg.rotations) == (data["train"].shape[3], K, rotations) \
+                and checkpoint_note(path, "steps") == str(steps):
+            return judge
+    t = time.time()
+    judge = train_judge(data, seed, steps, device, log=lambda text: print(text, file=sys.stderr))
+    save_npz(path, {**judge.state_dict(), "config": np.array(json.dumps(asdict(judge.cfg))), "steps": np.array(str(steps)),
+                    "train_time_s": np.array(time.time() - t)})
+    return judge
+
+
+def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps, n, seed, temperature, device):
+    """Train or load the judge, then measure n held-out images, their reconstructions and n
+    samples (an equal number of each class, for a class-conditional prior) -> the figures."""
+    t = time.time()
+    judge = judge_for(run, data, judge_seed, judge_steps, device)
+    n = min(n, len(data["test"]))
+    real = data["test"][:n]
+    real_labels = data["test_labels"][:n] if "test_labels" in data else None
+    num_classes = priors[0].cfg.num_classes if priors else 0
+    sample_labels = np.arange(n) % num_classes if num_classes else None
+    samples = sample_images(model, priors, n, seed, temperature, real_hw, sample_labels)[0] if priors else None
+    fig = sample_figures(judge, real, reconstruct_images(model, real), samples, real_labels, sample_labels)
+    return {"judge_seed": judge_seed, "judge_steps": judge_steps, "judge_task": "rotation" if judge.cfg.rotations
+            else "class", "images": n, "sample_seed": seed, "temperature": temperature, **fig,
+            "evaluate_time_s": time.time() - t}
+
+
+def evaluation_table(ev):
+    """The figures as a small table, each beside the floor it is read against."""
+    rows = [("Frechet distance in the judge's features", "", ""),
+            ("  samples to reconstructions", ev.get("fd_samples_recon"), ev["fd_recon_halves"]),
+            ("  reconstructions to real images", ev["fd_recon_real"], ev["fd_real_halves"]),
+            ("precision against real held-out images", "", ""),
+            ("  samples", ev.get("precision_samples"), ev["precision_real_halves"]),
+            ("  reconstructions", ev["precision_recon"], ev["precision_real_halves"]),
+            ("recall of real held-out images", "", ""),
+            ("  samples", ev.get("recall_samples"), ev["recall_real_halves"]),
+            ("  reconstructions", ev["recall_recon"], ev["recall_real_halves"])]
+    if "accuracy_real" in ev:
+        rows += [("judge's accuracy (class of the largest shape, digit, ...)", "", ""),
+                 ("  class-conditional samples (class asked for)", ev.get("accuracy_samples"), ev["accuracy_real"]),
+                 ("  reconstructions", ev["accuracy_recon"], ev["accuracy_real"])]
+    lines = [f"{'':52} {'figure':>8} {'floor':>8}"]                   # (for precision and recall: the ceiling)
+    for name, value, floor in rows:
+        cell = lambda v: f"{v:8.4g}" if isinstance(v, float) else f"{'-' if v is None else v:>8}"
+        lines.append(f"{name:52} {cell(value)} {cell(floor)}")
+    lines.append(f"({ev['images']} held-out images, their reconstructions and {ev['images']} samples; judge seed "
+                 f"{ev['judge_seed']}, trained on the {ev['judge_task']} task; Frechet distances between halves, "
+                 f"floors from two halves of the same set; {ev['evaluate_time_s']:.0f} s)")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -761,7 +1050,8 @@ def int_list(text):
 def build_parser():
     p = ArgumentParser(prog="train.py", description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN "
                                                     "prior over its codes, and sample new images.",
-                       epilog="Subcommands: 'python train.py encode --help', 'python train.py sample --help'.")
+                       epilog="Subcommands: 'python train.py encode --help', 'python train.py sample --help', "
+                              "'python train.py evaluate --help'.")
     t, m, pc = TrainConfig(), vqvae.Config(), P.PriorConfig()
     run = p.add_argument_group("run")
     run.add_argument("--data", default=t.data, help="shapes, mnist, fashion-mnist, cifar10, or PATH.npy|PATH.npz")
@@ -821,6 +1111,11 @@ def build_parser():
     prior.add_argument("--prior-labels", default=t.prior_labels, action=argparse.BooleanOptionalAction,
                        help="condition the prior on class labels where the data has them")
     prior.add_argument("--temperature", type=float, default=t.temperature, help="of the samples drawn at the end")
+    ev = p.add_argument_group("evaluation (train.py evaluate, run at the end)")
+    ev.add_argument("--evaluate", default=t.evaluate, action=argparse.BooleanOptionalAction,
+                    help="measure the samples and reconstructions with a judge network at the end")
+    ev.add_argument("--judge-steps", type=int, default=t.judge_steps, help="training steps of the judge")
+    ev.add_argument("--eval-images", type=int, default=t.eval_images, help="held-out images measured, and as many samples")
     return p
 
 
@@ -830,7 +1125,8 @@ MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "codebook_size", 
                "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
                "prior_heads": "heads", "prior_attention_every": "attention_every"}
-RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "resume"}
+RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "resume", "evaluate",
+             "judge_steps", "eval_images"}
 
 
 def given_flags(parser, argv):
@@ -1122,8 +1418,21 @@ def train(argv):
         summary.pop("stale_priors", None)
     summary["wall_time_s"] = summary["vqvae_wall_time_s"] + summary.get("prior_wall_time_s", 0.0)  # both stages' training
     atomic_write(run / "summary.json", json.dumps(summary, indent=2).encode())
-    print(f"done: {run}/summary.json, {run}/recon.png" + (", samples.png" if "sample_time_s" in summary else ""),
-          file=sys.stderr)
+
+    # -- the evaluation: a judge trained on the real training images measures the samples
+    if cfg.evaluate and cfg.stage != "vqvae":
+        print(f"evaluating: a judge network trained on the {len(data['train'])} training images measures "
+              f"{min(cfg.eval_images, len(data['test']))} held-out images, their reconstructions and as many samples",
+              file=sys.stderr)
+        ev = evaluate_samples(run, model, priors, data, real_hw, 0, cfg.judge_steps, cfg.eval_images, cfg.seed + 1,
+                              cfg.temperature, cfg.device)
+        atomic_write(run / "evaluation.json", json.dumps(ev, indent=2).encode())
+        print(evaluation_table(ev), file=sys.stderr)
+        summary.update({k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_"))},
+                       evaluate_time_s=ev["evaluate_time_s"])
+        atomic_write(run / "summary.json", json.dumps(summary, indent=2).encode())
+    print(f"done: {run}/summary.json, {run}/recon.png" + (", samples.png" if "sample_time_s" in summary else "")
+          + (", evaluation.json" if cfg.evaluate and cfg.stage != "vqvae" else ""), file=sys.stderr)
     return 0
 
 
@@ -1152,6 +1461,33 @@ def encode(argv):
     print(f"wrote {args.out}: codes {' and '.join(str(c.shape) for c in codes)} in [0, {model.cfg.num_codes})",
           file=sys.stderr)
     return 0
+
+
+def load_trained(run, device, need_priors=True):
+    """A finished run's VQ-VAE, its priors (each checked to be fitted to this VQ-VAE's codes)
+    and the image size -> (model, priors or None, (h, w))."""
+    model = load_model(run / "checkpoint.npz", vqvae.VQVAE, device)
+    summary = read_summary(run) if (run / "summary.json").is_file() else {}
+    if "image_hw" not in summary:
+        raise UserError(f"{run}: no summary.json with the image size; finish the run first")
+    real_hw = tuple(summary["image_hw"])
+    vqvae_sha256 = fingerprint(model)
+    priors = []
+    for name in level_names(model):
+        path = run / f"{name}prior.npz"
+        if not path.is_file():
+            if not need_priors:
+                return model, None, real_hw
+            raise UserError(f"{run} has no {path.name} yet: train it with python train.py --resume {run} --stage prior")
+        priors.append(load_model(path, P.PixelCNN, device))
+        fitted_to = checkpoint_note(path, "vqvae_sha256")
+        if fitted_to not in (None, vqvae_sha256) or (fitted_to is None and "stale_priors" in summary):
+            raise UserError(f"{path} was fitted to the codes of an earlier state of the VQ-VAE in {run}/checkpoint.npz; "
+                            f"train it anew with: python train.py --resume {run} --stage prior")
+    if any(p.cfg.codebook_size != model.cfg.num_codes for p in priors) or (
+            len(priors) == 2 and priors[1].cfg.cond_codebook_size != model.cfg.num_codes):
+        raise UserError(f"{run}: the priors do not model the {model.cfg.num_codes} codes of this VQ-VAE")
+    return model, priors, real_hw
 
 
 def check_output(path, flag):
@@ -1186,25 +1522,7 @@ def sample(argv):
     run = Path(args.run)
     for flag, path in (("--out", args.out), ("--codes-out", args.codes_out)):
         check_output(path, flag)
-    model = load_model(run / "checkpoint.npz", vqvae.VQVAE, args.device)
-    summary = read_summary(run) if (run / "summary.json").is_file() else {}
-    if "image_hw" not in summary:
-        raise UserError(f"{run}: no summary.json with the image size; finish the run first")
-    real_hw = tuple(summary["image_hw"])
-    vqvae_sha256 = fingerprint(model)
-    priors = []
-    for name in level_names(model):
-        path = run / f"{name}prior.npz"
-        if not path.is_file():
-            raise UserError(f"{run} has no {path.name} yet: train it with python train.py --resume {run} --stage prior")
-        priors.append(load_model(path, P.PixelCNN, args.device))
-        fitted_to = checkpoint_note(path, "vqvae_sha256")
-        if fitted_to not in (None, vqvae_sha256) or (fitted_to is None and "stale_priors" in summary):
-            raise UserError(f"{path} was fitted to the codes of an earlier state of the VQ-VAE in {run}/checkpoint.npz; "
-                            f"train it anew with: python train.py --resume {run} --stage prior")
-    if any(p.cfg.codebook_size != model.cfg.num_codes for p in priors) or (
-            len(priors) == 2 and priors[1].cfg.cond_codebook_size != model.cfg.num_codes):
-        raise UserError(f"{run}: the priors do not model the {model.cfg.num_codes} codes of this VQ-VAE")
+    model, priors, real_hw = load_trained(run, args.device)
     rows = priors[0].cfg.num_classes or args.rows
     grid, codes, seconds = draw_samples(model, priors, rows, args.per_row, args.seed, args.temperature, real_hw)
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
@@ -1215,7 +1533,39 @@ def sample(argv):
     return 0
 
 
-COMMANDS = {"encode": encode, "sample": sample}
+def evaluate_command(argv):
+    """Measure a finished run: its judge (trained once on the run's training split, then kept
+    in the run folder), held-out images, their reconstructions and new samples."""
+    p = ArgumentParser(prog="train.py evaluate", description="Measure a run's reconstructions and samples with a "
+                                                               "judge network trained on the real training images.")
+    p.add_argument("--run", required=True, help="run folder of a finished run")
+    p.add_argument("--judge-seed", type=int, default=0, help="seed of the judge (its initialisation and batches)")
+    p.add_argument("--judge-steps", type=int, default=TrainConfig.judge_steps, help="the judge's training steps")
+    p.add_argument("--images", type=int, default=TrainConfig.eval_images,
+                   help="held-out images measured, and as many samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the samples")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="gpu needs CuPy")
+    args = p.parse_args(argv)
+    for flag, v, low in (("--judge-seed", args.judge_seed, 0), ("--judge-steps", args.judge_steps, 1),
+                         ("--images", args.images, 2), ("--seed", args.seed, 0)):
+        if v < low:
+            raise UserError(f"{flag} must be at least {low}, got {v}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    run = Path(args.run)
+    cfg, _, _ = saved_configs(run)
+    model, priors, real_hw = load_trained(run, args.device, need_priors=False)
+    data = load_dataset(cfg.data, cfg.data_dir)
+    ev = evaluate_samples(run, model, priors, data, real_hw, args.judge_seed, args.judge_steps, args.images,
+                          args.seed, args.temperature, args.device)
+    atomic_write(run / "evaluation.json", json.dumps(ev, indent=2).encode())
+    print(evaluation_table(ev))
+    print(f"wrote {run / 'evaluation.json'}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"encode": encode, "sample": sample, "evaluate": evaluate_command}
 
 
 def main(argv=None):

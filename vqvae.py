@@ -376,6 +376,33 @@ class ReLU:
         return dy * (self.cache > 0)                                   # 1 where x > 0, else 0
 
 
+class MeanPool:
+    """(N, H, W, C) -> (N, 1, 1, C): the mean over positions (global average pooling), so
+    that a 1x1 Conv2d after it is a linear layer on one feature vector per image."""
+
+    def __init__(self):
+        self.params, self.grads = {}, {}
+
+    def forward(self, x):
+        self.shape = x.shape
+        return x.mean((1, 2), keepdims=True)
+
+    def backward(self, dy):
+        N, H, W, C = self.shape
+        return array_module(dy).broadcast_to(dy / (H * W), self.shape).copy()  # each position had weight 1/(H W)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean -log softmax(logits)[label] over the rows of logits (M, K) -> (loss, d loss / d logits)."""
+    xp = array_module(logits)
+    z = logits - logits.max(1, keepdims=True)                          # same softmax, no overflow
+    logp = z - xp.log(xp.exp(z).sum(1, keepdims=True))                 # (M, K) log softmax
+    M = len(labels)
+    onehot = one_hot(labels, logits.shape[1], logits.dtype)            # (M, K)
+    loss = -(onehot * logp).sum() / M
+    return loss, (xp.exp(logp) - onehot) / M                           # softmax - onehot, per row
+
+
 def gather(parts, attr):
     """One flat dict of the `params`, `grads` or `buffers` of named parts: '<part>.<name>'."""
     return {f"{name}.{k}": v for name, part in parts.items() for k, v in getattr(part, attr, {}).items()}
