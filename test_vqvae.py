@@ -3485,4 +3485,5 @@ def test_evaluate_on_labelled_data_reports_the_judge_accuracy(tmp_path):
     judge = T.train_judge(data, 0, 40, "cpu")
     fig = T.sample_figures(judge, x[40:], x[40:], x[40:][::-1], y[40:], y[40:][::-1])
     assert fig["accuracy_real"] == fig["accuracy_recon"] == fig["accuracy_samples"] >= 0.9
-    assert fig["fd_recon_real"] == fig["fd_real_halves"] and fig["precision_recon"] == fig["recall_recon"] == 1.0
+    assert fig["fd_recon_real"] == fig["fd_real_halves"]               # the same images: the figure is its floor
+    assert (fig["precision_recon"], fig["recall_recon"]) == (fig["precision_real_halves"], fig["recall_real_halves"])

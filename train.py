@@ -6,10 +6,11 @@
     python train.py --resume runs/RUN               # continue a run exactly where it stopped
     python train.py encode --run runs/RUN --data mnist --out codes.npy
     python train.py sample --run runs/RUN --temperature 0.8
+    python train.py evaluate --run runs/RUN --judge-seed 1   # the sample figures, with another judge
 
 A run folder holds config.json, metrics.jsonl, checkpoint.npz (VQ-VAE, optimiser, step),
-recon_<step>.png grids (originals over reconstructions), recon.png, prior.npz, samples.png
-and summary.json.
+recon_<step>.png grids (originals over reconstructions), recon.png, prior.npz, samples.png,
+evaluation.json with judge_seed0.npz, and summary.json.
 """
 import argparse
 import gzip
@@ -818,7 +819,8 @@ def precision_recall(real, fake, k=3):
 def sample_figures(judge, real, recon, samples, real_labels=None, sample_labels=None):
     """The evaluation's figures from uint8 image sets of the same size n: held-out real images,
     their reconstructions, and samples. Each Frechet distance compares disjoint halves (n/2
-    against n/2), so that every figure and its floor have the same sample size."""
+    against n/2), and so do precision and recall, so that every figure and its floor (or, for
+    precision, recall and accuracy, its ceiling) come from sets of the same size."""
     (f_real, p_real), (f_rec, p_rec) = judge.embed(real), judge.embed(recon)
     h = len(real) // 2
     A, B = slice(0, h), slice(h, 2 * h)
@@ -826,11 +828,11 @@ def sample_figures(judge, real, recon, samples, real_labels=None, sample_labels=
            "fd_recon_real": frechet_distance(f_rec[A], f_real[B]),
            "fd_recon_halves": frechet_distance(f_rec[A], f_rec[B])}    # the floor of fd_samples_recon
     fig["precision_real_halves"], fig["recall_real_halves"] = precision_recall(f_real[A], f_real[B])
-    fig["precision_recon"], fig["recall_recon"] = precision_recall(f_real, f_rec)
+    fig["precision_recon"], fig["recall_recon"] = precision_recall(f_real[A], f_rec[B])
     if samples is not None:
         f_smp, p_smp = judge.embed(samples)
         fig["fd_samples_recon"] = frechet_distance(f_smp[A], f_rec[B])
-        fig["precision_samples"], fig["recall_samples"] = precision_recall(f_real, f_smp)
+        fig["precision_samples"], fig["recall_samples"] = precision_recall(f_real[A], f_smp[B])
     if real_labels is not None and not judge.cfg.rotations:
         fig["accuracy_real"] = float((p_real == real_labels).mean())
         fig["accuracy_recon"] = float((p_rec == real_labels).mean())
@@ -896,13 +898,14 @@ def evaluation_table(ev):
         rows += [("judge's accuracy (class of the largest shape, digit, ...)", "", ""),
                  ("  class-conditional samples (class asked for)", ev.get("accuracy_samples"), ev["accuracy_real"]),
                  ("  reconstructions", ev["accuracy_recon"], ev["accuracy_real"])]
-    lines = [f"{'':52} {'figure':>8} {'floor':>8}"]                   # (for precision and recall: the ceiling)
+    lines = [f"{'':52} {'figure':>8} {'floor':>8}"]
     for name, value, floor in rows:
         cell = lambda v: f"{v:8.4g}" if isinstance(v, float) else f"{'-' if v is None else v:>8}"
         lines.append(f"{name:52} {cell(value)} {cell(floor)}")
     lines.append(f"({ev['images']} held-out images, their reconstructions and {ev['images']} samples; judge seed "
-                 f"{ev['judge_seed']}, trained on the {ev['judge_task']} task; Frechet distances between halves, "
-                 f"floors from two halves of the same set; {ev['evaluate_time_s']:.0f} s)")
+                 f"{ev['judge_seed']}, trained on the {ev['judge_task']} task; every figure compares disjoint halves; "
+                 f"the floor is the same figure for two halves of the data it is read against, a ceiling for "
+                 f"precision, recall and accuracy; {ev['evaluate_time_s']:.0f} s)")
     return "\n".join(lines)
 
 
