@@ -3487,3 +3487,92 @@ def test_evaluate_on_labelled_data_reports_the_judge_accuracy(tmp_path):
     assert fig["accuracy_real"] == fig["accuracy_recon"] == fig["accuracy_samples"] >= 0.9
     assert fig["fd_recon_real"] == fig["fd_real_halves"]               # the same images: the figure is its floor
     assert (fig["precision_recon"], fig["recall_recon"]) == (fig["precision_real_halves"], fig["recall_real_halves"])
+
+
+# -----------------------------------------------------------------------------
+# the run report: report.html
+
+from html.parser import HTMLParser
+
+
+class PageChecker(HTMLParser):
+    """Well-formedness as a browser would need it: every opened element closed, in order; the
+    curves' data-points counts by series name."""
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.points = [], [], {}
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "data-series" in attrs:
+            self.points.setdefault(attrs["data-series"], []).append(int(attrs["data-points"]))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "data-series" in attrs:
+            self.points.setdefault(attrs["data-series"], []).append(int(attrs["data-points"]))
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def check_page(path):
+    checker = PageChecker()
+    checker.feed(Path(path).read_text())
+    checker.close()
+    assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
+    return checker
+
+
+def test_every_run_writes_a_well_formed_report_with_a_point_per_metric_row(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "6", "--eval-every", "3", "--log-every", "2",
+                   *TINY]) == 0
+    page = check_page(run / "report.html")
+    rows = metric_lines(run)
+    train_rows, held_rows = [r for r in rows if "loss" in r], [r for r in rows if "loss" not in r]
+    for key in ("loss", "recon", "vq", "commitment"):
+        assert page.points[key] == [len(train_rows)], key              # one polyline, a point per row
+    assert page.points["val_mse"] == [len(held_rows)] == [2]
+    assert page.points["training"] == [len([r for r in metric_lines(run, "prior") if "loss" in r])]
+    text = (run / "report.html").read_text()
+    for name in ("recon.png", "samples.png", "samples to reconstructions", "codebook_size"):
+        assert name in text, name
+    assert "<script" not in text and "http" not in text                # stands alone, no JavaScript
+
+
+def test_the_report_survives_nan_a_missing_stage_and_a_damaged_last_line(tmp_path, capsys):
+    run = tmp_path / "old_run"                                         # as a run made before report.html existed
+    run.mkdir()
+    lines = [json.dumps({"stage": "vqvae", "step": s, "loss": v, "recon": v, "perplexity": 3.0, "usage": 0.5})
+             for s, v in ((1, 1.0), (2, float("nan")), (3, 0.5))]
+    lines.append(json.dumps({"stage": "vqvae", "step": 3, "val_mse": 0.01, "val_psnr": 20.0}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"stage": "vqvae", "step": 4, "lo')  # killed mid-write
+    assert T.main(["report", "--run", str(run)]) == 0
+    page = check_page(run / "report.html")
+    assert page.points["loss"] == [2] and page.points["val_mse"] == [1]  # the NaN left out, the damaged line skipped
+    assert "training" not in page.points                               # no prior stage: no prior curve
+    (run / "metrics.jsonl").write_text("")
+    (run / "config.json").write_text("{not json")
+    assert T.main(["report", "--run", str(run)]) == 0                  # nothing readable yet: still a page
+    check_page(run / "report.html")
+    assert "stages: none yet" in (run / "report.html").read_text()
+    capsys.readouterr()
+    assert T.main(["report", "--run", str(tmp_path)]) == 1
+    assert "not a run folder" in one_error_line(capsys)
+
+
+def test_chart_scales_and_ticks():
+    assert np.allclose(T.nice_ticks(0, 1), [0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ticks = T.nice_ticks(0.0031, 0.0074, 5)
+    assert all(0.0031 <= t <= 0.0074 for t in ticks) and len(ticks) >= 2
+    svg = T.svg_chart("x", [("a", [(1, 1.0), (2, -1.0), (3, float("inf"))], False)], log_y=True)
+    assert 'data-points="1"' in svg                                    # log scale: the value <= 0 and inf left out
+    assert "no finite values" in T.svg_chart("x", [("a", [(1, float("nan"))], False)])

@@ -15,6 +15,7 @@ evaluation.json with judge_seed0.npz, and summary.json.
 import argparse
 import gzip
 import hashlib
+import html
 import io
 import json
 import math
@@ -910,6 +911,185 @@ def evaluation_table(ev):
 
 
 # -----------------------------------------------------------------------------
+# the run report: report.html, curves as inline SVG, written with the standard library
+
+
+def read_metrics(path):
+    """metrics.jsonl -> its records; a damaged line (the last one of a killed run) is skipped."""
+    records = []
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("stage"), str) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def nice_ticks(lo, hi, n=4):
+    """About n round numbers (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def svg_chart(title, series, log_y=False, width=460, height=230):
+    """A line chart: series = [(name, [(step, value), ...], held_out)], training series as lines,
+    held-out ones as dots. Non-finite values (and, on a log scale, values <= 0) are left out."""
+    per_row = 4                                                        # legend entries per row, above the plot
+    L, R, B = 58, 24, 34                                               # margins; the top one holds the legend
+    T_ = 26 + 14 * math.ceil(len(series) / per_row)
+    keep = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not log_y)
+    series = [(name, [(x, math.log10(y) if log_y else y) for x, y in pts if keep(y)], held) for name, pts, held in series]
+    xs = [x for _, pts, _ in series for x, _ in pts]
+    ys = [y for _, pts, _ in series for _, y in pts]
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">',
+           f'<text x="{L}" y="15" class="title">{html.escape(title)}{" (log scale)" if log_y else ""}</text>']
+    if not ys:
+        return "".join(out) + f'<text x="{L}" y="{height // 2}">no finite values</text></svg>'
+    x0, x1 = min(0, min(xs)), max(xs) or 1
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    y0, y1 = y0 - 0.04 * (y1 - y0), y1 + 0.04 * (y1 - y0)              # no dot on the frame
+    px = lambda x: L + (x - x0) / (x1 - x0) * (width - L - R)
+    py = lambda y: height - B - (y - y0) / (y1 - y0) * (height - T_ - B)
+    if log_y and y1 - y0 >= 2:                                         # whole decades
+        ticks = range(math.ceil(y0), math.floor(y1) + 1)
+    elif log_y:                                                        # under two decades: round values
+        ticks = [math.log10(t) for t in nice_ticks(10 ** y0, 10 ** y1, 5) if t > 0]
+    else:
+        ticks = nice_ticks(y0, y1)
+    drawn = []
+    for t in ticks:                                                    # grid and y labels, 14 px apart at least
+        if any(abs(py(t) - d) < 14 for d in drawn):
+            continue
+        drawn.append(py(t))
+        label = f"{10 ** t:.3g}" if log_y else f"{t:.4g}"
+        out.append(f'<line x1="{L}" x2="{width - R}" y1="{py(t):.1f}" y2="{py(t):.1f}" class="grid"/>'
+                   f'<text x="{L - 4}" y="{py(t) + 4:.1f}" class="ylabel">{label}</text>')
+    for t in nice_ticks(x0, x1):
+        out.append(f'<text x="{px(t):.1f}" y="{height - B + 14}" class="xlabel">{t:g}</text>')
+    out.append(f'<text x="{width - R}" y="{height - 4}" class="xlabel end">step</text>')
+    for i, (name, pts, held) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        if held:
+            dots = "".join(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3"/>' for x, y in pts)
+            out.append(f'<g fill="{colour}" data-series="{html.escape(name)}" data-points="{len(pts)}">{dots}</g>')
+        else:
+            line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{line}" stroke="{colour}" data-series="{html.escape(name)}" '
+                       f'data-points="{len(pts)}"/>')
+        out.append(f'<text x="{L + (width - L - R) // per_row * (i % per_row)}" y="{30 + 14 * (i // per_row)}" '
+                   f'fill="{colour}" class="legend">'
+                   f'{"&#9679; " if held else "&#8212; "}{html.escape(name)}</text>')
+    return "".join(out) + "</svg>"
+
+
+def stage_charts(stage, records):
+    """The charts of one stage from its metrics: training values as lines, held-out as dots."""
+    train = [r for r in records if "loss" in r]
+    held = [r for r in records if "loss" not in r]
+
+    def pts(rows, key):
+        return [(r["step"], r[key]) for r in rows if key in r]
+
+    if stage == "vqvae":
+        parts = [k for k in ("loss", "recon", "vq", "codebook", "commitment") if any(k in r for r in train)]
+        charts = [svg_chart("VQ-VAE loss and its parts", [(k, pts(train, k), False) for k in parts], log_y=True),
+                  svg_chart("held-out MSE", [("val_mse", pts(held, "val_mse"), True)], log_y=True),
+                  svg_chart("held-out PSNR (dB)", [("val_psnr", pts(held, "val_psnr"), True)])]
+        levels = ["top_", ""] if any("top_perplexity" in r for r in records) else [""]
+        charts.append(svg_chart("perplexity of the codes", [
+            (f"{p}{label}", pts(rows, f"{p}perplexity"), rows is held)
+            for p in levels for label, rows in (("batch", train), ("held out", held))], log_y=True))
+        charts.append(svg_chart("share of the codes used", [
+            (f"{p}{label}", pts(rows, f"{p}{key}"), rows is held)
+            for p in levels for label, rows, key in (("batch", train, "usage"), ("held out", held, "codes_used"))]))
+        return charts
+    return [svg_chart(f"{stage}: bits per code", [("training", pts(train, "bits_per_code"), False),
+                                                  ("held out", pts(held, f"{stage}_val_bits_per_code"), True)])]
+
+
+def read_optional_json(path):
+    try:
+        value = json.loads(Path(path).read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
+def key_values(d):
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
+                   for k, v in d.items() if not isinstance(v, (dict, list)) or k == "image_hw")
+    return f"<table>{rows}</table>"
+
+
+REPORT_STYLE = """body{font:14px/1.4 system-ui,sans-serif;max-width:1000px;margin:1em auto;padding:0 1em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
+.charts{display:flex;flex-wrap:wrap;gap:8px}.chart{border:1px solid #ddd;background:#fff;max-width:100%;height:auto}
+.chart polyline{fill:none;stroke-width:1.5}.chart .grid{stroke:#eee}.chart text{font-size:11px;fill:#444}
+.chart .title{font-weight:600;fill:#222}.chart .ylabel{text-anchor:end}.chart .xlabel{text-anchor:middle}
+.chart .end{text-anchor:end}table{border-collapse:collapse;margin:.5em 0}th,td{padding:2px 10px;text-align:left;
+border-bottom:1px solid #eee;font-variant-numeric:tabular-nums}th{font-weight:500;color:#555}
+img{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}
+.cols{display:flex;flex-wrap:wrap;gap:2em}@media print{body{max-width:none}.chart,img{break-inside:avoid}}"""
+
+
+def report_html(run):
+    """The page for a run folder, from whatever of its files are there and readable."""
+    run = Path(run)
+    records = read_metrics(run / "metrics.jsonl")
+    config, summary = read_optional_json(run / "config.json"), read_optional_json(run / "summary.json")
+    evaluation = read_optional_json(run / "evaluation.json")
+    stages = list(dict.fromkeys(r["stage"] for r in records))
+    body = [f"<h1>VQ-VAE run {html.escape(run.name)}</h1>",
+            f"<p>{html.escape(str(summary.get('data', config.get('train', {}).get('data', '?'))))}, "
+            f"{len(records)} metric records, stages: {html.escape(', '.join(stages) or 'none yet')}. "
+            f"Lines: training (every --log-every steps); dots: held out.</p>"]
+    for stage in stages:
+        body.append(f"<h2>{html.escape(stage)}</h2><div class='charts'>"
+                    + "".join(stage_charts(stage, [r for r in records if r["stage"] == stage])) + "</div>")
+    pictures = [(name, title) for name, title in (("recon.png", "held-out images over their reconstructions"),
+                                                  ("recon_top.png", "originals, top code only, both levels"),
+                                                  ("samples.png", "samples (a row per class)")) if (run / name).is_file()]
+    if pictures:
+        body.append("<h2>pictures</h2><div class='cols'>" + "".join(
+            f"<figure><img src='{name}' alt='{title}'><figcaption>{name}: {title}</figcaption></figure>"
+            for name, title in pictures) + "</div>")
+    if evaluation:
+        try:
+            table = evaluation_table(evaluation)
+        except (KeyError, TypeError, ValueError):
+            table = json.dumps(evaluation, indent=2)
+        body.append(f"<h2>evaluation (train.py evaluate)</h2><pre>{html.escape(table)}</pre>")
+    if summary:
+        body.append("<h2>summary</h2>" + key_values(summary))
+    if config:
+        body.append("<h2>configuration</h2><div class='cols'>" + "".join(
+            f"<div><h3>{html.escape(str(part))}</h3>{key_values(v if isinstance(v, dict) else {})}</div>"
+            for part, v in [*((k, config[k]) for k in ("train", "model") if k in config),
+                            *((f"prior {i}", p) for i, p in enumerate(config.get("priors", [])))]) + "</div>")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{REPORT_STYLE}</style></head>"
+            f"<body>{''.join(body)}</body></html>\n")
+
+
+def write_report(run):
+    atomic_write(Path(run) / "report.html", report_html(run).encode())
+
+
+# -----------------------------------------------------------------------------
 # the training loop both stages share
 
 
@@ -1054,7 +1234,7 @@ def build_parser():
     p = ArgumentParser(prog="train.py", description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN "
                                                     "prior over its codes, and sample new images.",
                        epilog="Subcommands: 'python train.py encode --help', 'python train.py sample --help', "
-                              "'python train.py evaluate --help'.")
+                              "'python train.py evaluate --help', 'python train.py report --help'.")
     t, m, pc = TrainConfig(), vqvae.Config(), P.PriorConfig()
     run = p.add_argument_group("run")
     run.add_argument("--data", default=t.data, help="shapes, mnist, fashion-mnist, cifar10, or PATH.npy|PATH.npz")
@@ -1353,6 +1533,8 @@ def train(argv):
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             progress.show(text, final)
+            if final:                                                  # a held-out evaluation: new points
+                write_report(run)
 
         # -- stage 1: the VQ-VAE
         if cfg.stage in ("vqvae", "all"):
@@ -1434,7 +1616,8 @@ def train(argv):
         summary.update({k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_"))},
                        evaluate_time_s=ev["evaluate_time_s"])
         atomic_write(run / "summary.json", json.dumps(summary, indent=2).encode())
-    print(f"done: {run}/summary.json, {run}/recon.png" + (", samples.png" if "sample_time_s" in summary else "")
+    write_report(run)
+    print(f"done: {run}/report.html, summary.json, recon.png" + (", samples.png" if "sample_time_s" in summary else "")
           + (", evaluation.json" if cfg.evaluate and cfg.stage != "vqvae" else ""), file=sys.stderr)
     return 0
 
@@ -1563,12 +1746,25 @@ def evaluate_command(argv):
     ev = evaluate_samples(run, model, priors, data, real_hw, args.judge_seed, args.judge_steps, args.images,
                           args.seed, args.temperature, args.device)
     atomic_write(run / "evaluation.json", json.dumps(ev, indent=2).encode())
+    write_report(run)
     print(evaluation_table(ev))
-    print(f"wrote {run / 'evaluation.json'}", file=sys.stderr)
+    print(f"wrote {run / 'evaluation.json'} and report.html", file=sys.stderr)
     return 0
 
 
-COMMANDS = {"encode": encode, "sample": sample, "evaluate": evaluate_command}
+def report_command(argv):
+    """(Re)write RUN/report.html from whatever the run folder holds, for runs of any age."""
+    p = ArgumentParser(prog="train.py report", description="Write a run folder's report.html: curves, pictures, figures.")
+    p.add_argument("--run", required=True, help="run folder")
+    run = Path(p.parse_args(argv).run)
+    if not (run / "metrics.jsonl").is_file() and not (run / "config.json").is_file():
+        raise UserError(f"{run}: not a run folder (no metrics.jsonl or config.json)")
+    write_report(run)
+    print(f"wrote {run / 'report.html'}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"encode": encode, "sample": sample, "evaluate": evaluate_command, "report": report_command}
 
 
 def main(argv=None):
