@@ -2742,7 +2742,8 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "6", "--eval-every", "3",
                    "--log-every", "2", *TINY]) == 0
     for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "recon_000003.png", "recon_000006.png",
-                 "recon.png", "prior.npz", "samples.png", "summary.json"):
+                 "recon.png", "prior.npz", "samples.png", "summary.json", "report.html", "evaluation.json",
+                 "judge_seed0.npz"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     for key in ("val_mse", "val_psnr", "perplexity", "codes_used", "steps", "wall_time_s", "device",
@@ -3576,3 +3577,16 @@ def test_chart_scales_and_ticks():
     svg = T.svg_chart("x", [("a", [(1, 1.0), (2, -1.0), (3, float("inf"))], False)], log_y=True)
     assert 'data-points="1"' in svg                                    # log scale: the value <= 0 and inf left out
     assert "no finite values" in T.svg_chart("x", [("a", [(1, float("nan"))], False)])
+
+
+@given(values=st.lists(st.tuples(st.sampled_from(["vqvae", "prior", "top_prior"]), st.integers(-3, 50),
+                                 st.sampled_from(["loss", "recon", "val_mse", "perplexity", "bits_per_code",
+                                                  "prior_val_bits_per_code", "codes_used", "usage"]),
+                                 json_values), max_size=12),
+       summary=json_values)
+def test_any_metrics_and_summary_give_a_well_formed_page(tmp_path_factory, values, summary):
+    run = tmp_path_factory.mktemp("report")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"stage": s, "step": t, k: v}) for s, t, k, v in values))
+    (run / "summary.json").write_text(json.dumps(summary))
+    T.write_report(run)
+    check_page(run / "report.html")
