@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, check_fields, conv_matrix, crop_hw,
-                   gather, load_arrays, pad_hw, read_checkpoint, to_numpy, uniform_init)
+from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, check_fields, config_from_dict,
+                   conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint, to_numpy, uniform_init)
 
 # -----------------------------------------------------------------------------
 # layers
@@ -388,11 +388,7 @@ class PriorConfig:
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class PixelCNN:

@@ -440,10 +440,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown train settings {unknown}")
-        return cls(**d)
+        return vqvae.config_from_dict(cls, d)
 
 
 STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
@@ -660,10 +657,7 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, d):
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown judge settings {unknown}")
-        return cls(**d)
+        return vqvae.config_from_dict(cls, d)
 
 
 class Judge:

@@ -1028,6 +1028,15 @@ QUANTIZERS = ("vq", "ema", "rvq", "fsq", "lfq", "gumbel")
 FIELD_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 
+def config_from_dict(cls, d):
+    """A config dataclass from a dict (a config.json section), refusing keys it does not know."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
+    return cls(**d)
+
+
 def check_fields(cfg):
     """Each field of a config dataclass holds a value of its declared type, or a ValueError names
     the field, the value and the type. A bool is not taken for a number (True would pass for
@@ -1136,11 +1145,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def make_encoder(in_ch, cfg, init, stride=4, input_grad=False):
