@@ -1037,6 +1037,11 @@ def config_from_dict(cls, d):
     return cls(**d)
 
 
+def is_real(v):
+    """A finite real number, and not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
 def check_fields(cfg):
     """Each field of a config dataclass holds a value of its declared type, or a ValueError names
     the field, the value and the type. A bool is not taken for a number (True would pass for
@@ -1050,7 +1055,7 @@ def check_fields(cfg):
         elif f.type is int:
             ok = isinstance(v, numbers.Integral) and not is_bool
         elif f.type is float:
-            ok = isinstance(v, numbers.Real) and not is_bool and math.isfinite(v)
+            ok = is_real(v)
         elif f.type is str:
             ok = isinstance(v, str)
         else:                                                          # a tuple: the config checks it itself
@@ -1305,15 +1310,16 @@ class VQVAE:
         outside the model's scale, a learning rate that blew the weights up) raises
         NonFiniteError and leaves the model as it was: what forward moved in the quantizers (EMA
         averages, usage counts, re-seeded or k-means codes) is put back, and Adam changes nothing."""
-        state = {**self.params, **self.buffers}
-        before = {k: v.copy() for k, v in state.items() if k.split(".")[0].endswith("quantizer")}  # K x D: cheap
+        quantizers = {name: part for name, part in self.parts.items() if name.endswith("quantizer")}
+        moved = {**gather(quantizers, "params"), **gather(quantizers, "buffers")}  # what forward(train=True) moves
+        before = {k: v.copy() for k, v in moved.items()}               # a few K x D arrays: cheap
         try:
             stats = self.forward(x, train=True)
             self.backward()
             opt.step(self.grads)
         except NonFiniteError:
             for k, v in before.items():
-                state[k][...] = v
+                moved[k][...] = v
             raise
         return stats
 
@@ -1413,12 +1419,11 @@ class Adam:
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8):
         if not isinstance(params, dict) or not all(hasattr(p, "shape") and hasattr(p, "dtype") for p in params.values()):
             raise ValueError(f"Adam needs a dict of parameter arrays by name (model.params), got {type(params).__name__}")
-        if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        if not (is_real(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
-                isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
+        if not (is_real(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         self.params, self.lr, self.betas, self.eps = params, float(lr), tuple(map(float, betas)), float(eps)
         dtypes = {p.dtype for p in params.values()}
