@@ -577,15 +577,31 @@ class PixelCNN:
 # sampling: ancestral, in raster order, one uniform per code drawn up front
 
 
-def pick(logits, u, temperature):
-    """Codes for logits (N, K) and uniforms u (N,): the first k with cumsum(softmax(logits / T))[k] > u
-    (inverse CDF). Temperature 0 is the limit T -> 0: the argmax."""
+def pick(logits, u, temperature, top_k=0, top_p=1.0):
+    """Codes for logits (N, K) and uniforms u (N,): the first k with cumsum(p)[k] > u (inverse CDF)
+    for p = softmax(logits / T). Temperature 0 is the limit T -> 0: the argmax. Truncation, as
+    users of language models expect it, sets the tail of p to 0 and renormalises what is left:
+    top_k > 0 keeps the k most likely codes (Fan et al. 2018), top_p < 1 the fewest most likely
+    codes whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020); a code tied
+    with the last one kept is kept too."""
     if temperature == 0:
         return logits.argmax(1)
     xp = array_module(logits)
     z = logits / temperature
     e = xp.exp(z - z.max(1, keepdims=True))
-    cdf = xp.cumsum(e / e.sum(1, keepdims=True), axis=1)              # (N, K), nondecreasing
+    p = e / e.sum(1, keepdims=True)                                    # (N, K)
+    if top_k or top_p < 1:
+        desc = -xp.sort(-p, axis=1)                                    # (N, K), each row largest first
+        last = desc.shape[1] - 1
+        if top_k:
+            last = min(last, top_k - 1)
+        keep_to = xp.full(len(p), last)                                # the index of the last code kept, per row
+        if top_p < 1:                                                  # the first index where the mass reaches top_p
+            keep_to = xp.minimum(keep_to, (xp.cumsum(desc, axis=1) < top_p).sum(1))
+        threshold = xp.take_along_axis(desc, keep_to[:, None], axis=1)  # (N, 1): the smallest kept probability
+        p = xp.where(p >= threshold, p, 0)
+        p = p / p.sum(1, keepdims=True)
+    cdf = xp.cumsum(p, axis=1)                                         # (N, K), nondecreasing
     k = (cdf <= u[:, None]).sum(1)                                     # how many are still <= u
     return xp.minimum(k, logits.shape[1] - 1)                          # rounding may leave cdf[-1] < u
 
@@ -612,31 +628,37 @@ def pixel_kernels(xp, p):
     return (lambda h, a: gate(h, a, p, size=h.shape[0] * p).reshape(h.shape[0], p)), residual_at
 
 
-def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes):
+def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes, top_k, top_p):
     for name, n in (("N", N), ("h", h), ("w", w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive integer, got {n!r}")
     if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no truncation), got {top_k!r}")
+    if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (1: no truncation), got {top_p!r}")
     cond_codes = model.check_cond_codes((N, h, w), cond, cond_codes)
     labels, cond = model.check_conditioning((N, h, w), labels, cond)
     u = model.xp.asarray(np.random.default_rng(seed).random((N, h, w)))  # every uniform, up front
     codes = model.xp.zeros((N, h, w), dtype=np.int64)
-    return float(temperature), labels, cond, cond_codes, u, codes
+    rule = (float(temperature), int(top_k), float(top_p))              # how pick() chooses a code
+    return rule, labels, cond, cond_codes, u, codes
 
 
-def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None):
+def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0):
     """h * w full forward passes: the logits at (i, j) are read off a forward of the grid so far.
     Slow, obviously correct. seed: an int or a np.random.Generator."""
-    T, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes)
+    rule, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond,
+                                                               cond_codes, top_k, top_p)
     for i in range(h):
         for j in range(w):
             logits = model.forward(codes, labels, cond, cond_codes)[:, i, j]  # (N, K); later codes are still 0
-            codes[:, i, j] = pick(logits, u[:, i, j], T)
+            codes[:, i, j] = pick(logits, u[:, i, j], *rule)
     return codes
 
 
-def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None):
+def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0):
     """The codes of sample_naive (same seed, same uniforms), computing each pixel of each layer once.
 
     Row by row: once row i-1 is final, every layer's vertical stack is computed for row i-1 only
@@ -657,7 +679,8 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
     it adds that pixel's and computes the query, the attention over the cache and the output for
     (i, j) alone. Conditioning codes become their map once, up front.
     """
-    T, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes)
+    rule, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond,
+                                                               cond_codes, top_k, top_p)
     xp, dtype, p, r = model.xp, model.cfg.dtype, model.cfg.channels, model.cfg.kernel // 2
     layers, table = model.layers, model.embed.params["table"]
     model.cache = None                                                 # layers' caches are overwritten
@@ -717,7 +740,7 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
                 if l + 1 < len(layers):
                     H[l + 1][:, j + r] = h_out
             logits = model.head.forward(h_out[:, None, None])[:, 0, 0]  # (N, K)
-            codes[:, i, j] = code = pick(logits, u[:, i, j], T)
+            codes[:, i, j] = code = pick(logits, u[:, i, j], *rule)
             H[0][:, j + r + 1] = table[code]                           # layer 0 sees it from (i, j+1) on
         V[0][:, i + r, r:r + w] = table[codes[:, i]]                   # the vertical stack, from row i+1 on
     return codes

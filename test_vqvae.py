@@ -1903,6 +1903,34 @@ def test_pick_is_the_inverse_cdf():
     np.testing.assert_array_equal(P.pick(logits, u, 0), [3, 3, 3, 3, 3])
 
 
+@given(prior_case(), st.sampled_from([(1, 1.0), (2, 1.0), (0, 0.5), (3, 0.8)]))
+def test_fast_sampler_returns_the_naive_samplers_codes_with_top_k_and_top_p(case, rule):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, seed=seed % 1000)
+    labels, cond = conditioning(model, N, h, w, np.random.default_rng(seed))
+    top_k, top_p = rule
+    fast = P.sample(model, N, h, w, seed, 1.0, labels, cond, top_k=top_k, top_p=top_p)
+    np.testing.assert_array_equal(fast, P.sample_naive(model, N, h, w, seed, 1.0, labels, cond, top_k=top_k, top_p=top_p))
+    if top_k == 1:                                                     # one code left: greedy decoding
+        np.testing.assert_array_equal(fast, P.sample(model, N, h, w, seed, 0, labels, cond))
+
+
+def test_top_k_and_top_p_keep_the_most_likely_codes_and_renormalise():
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]] * 6))
+    u = np.array([0.05, 0.3, 0.42, 0.43, 0.9, 0.999])
+    np.testing.assert_array_equal(P.pick(logits, u, 1.0, top_k=1), [3] * 6)
+    # top 2: p = (0, 0, 3/7, 4/7), cdf = (0, 0, 0.4286, 1)
+    np.testing.assert_array_equal(P.pick(logits, u, 1.0, top_k=2), [2, 2, 2, 3, 3, 3])
+    np.testing.assert_array_equal(P.pick(logits, u, 1.0, top_p=0.5), [2, 2, 2, 3, 3, 3])   # 0.4 + 0.3 reach 0.5
+    np.testing.assert_array_equal(P.pick(logits, u, 1.0, top_p=0.4), [3] * 6)              # 0.4 alone reaches it
+    np.testing.assert_array_equal(P.pick(logits, u, 1.0, top_k=3, top_p=1.0), P.pick(logits[:, 1:], u, 1.0) + 1)
+    model = tiny_prior(codebook_size=4)
+    for bad, message in [(dict(top_k=-1), "top_k must be an integer >= 0"), (dict(top_k=1.5), "top_k must be"),
+                         (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"), (dict(top_p=float("nan")), "top_p")]:
+        with pytest.raises(ValueError, match=message):
+            P.sample(model, 1, 2, 2, 0, **bad)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_first_code_frequencies_follow_the_tempered_softmax(temperature):
     model = tiny_prior(codebook_size=4, seed=7)
@@ -1913,6 +1941,22 @@ def test_first_code_frequencies_follow_the_tempered_softmax(temperature):
     p /= p.sum()
     freq = np.bincount(codes.ravel(), minlength=4) / n
     assert np.max(np.abs(freq - p)) < 4 * np.sqrt(0.25 / n), (freq, p)  # 4 standard errors at most
+
+
+@pytest.mark.parametrize("top_k, top_p", [(2, 1.0), (0, 0.6)])
+def test_first_code_frequencies_follow_the_truncated_softmax(top_k, top_p):
+    model = tiny_prior(codebook_size=4, seed=7)
+    n = 20000
+    codes = P.sample(model, n, 1, 1, 0, 1.0, top_k=top_k, top_p=top_p)
+    logits = model.forward(np.zeros((1, 1, 1), np.int64))[0, 0, 0]
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    kept = order[:top_k] if top_k else order[:int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+    q = np.where(np.isin(np.arange(4), kept), p, 0)
+    q /= q.sum()
+    freq = np.bincount(codes.ravel(), minlength=4) / n
+    assert np.all(freq[q == 0] == 0) and np.max(np.abs(freq - q)) < 4 * np.sqrt(0.25 / n), (freq, q)
 
 
 def test_same_seed_same_samples_other_seed_other_samples():
@@ -3590,3 +3634,18 @@ def test_any_metrics_and_summary_give_a_well_formed_page(tmp_path_factory, value
     (run / "summary.json").write_text(json.dumps(summary))
     T.write_report(run)
     check_page(run / "report.html")
+
+
+def test_sample_command_truncates_with_top_k_and_top_p(tmp_path, tiny_data, capsys):
+    run = tiny_run(tmp_path, tiny_data)
+    def codes(*flags):
+        out = tmp_path / "s.npz"
+        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--rows", "2", "--per-row", "3", *flags]) == 0
+        return np.load(out, allow_pickle=False)["codes"]
+    np.testing.assert_array_equal(codes("--top-k", "1"), codes("--temperature", "0"))   # one code left: the argmax
+    np.testing.assert_array_equal(codes("--top-p", "1e-9"), codes("--temperature", "0"))
+    capsys.readouterr()
+    assert T.main(["sample", "--run", str(run), "--top-p", "0"]) == 1
+    assert "--top-p in (0, 1], got 0 and 0.0" in one_error_line(capsys)
+    assert T.main(["--resume", str(run), "--top-k", "-2"]) == 1
+    assert "--top-k must be at least 0" in one_error_line(capsys)

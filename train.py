@@ -412,7 +412,9 @@ class TrainConfig:
     prior_batch_size: int = 32
     prior_lr: float = 1e-3
     prior_labels: bool = True     # condition the prior on the class labels, where the data has them
-    temperature: float = 1.0      # of the samples drawn at the end
+    temperature: float = 1.0      # of the samples drawn at the end ...
+    top_k: int = 0                # ... from the k most likely codes only (0: all) ...
+    top_p: float = 1.0            # ... from the most likely codes that reach this probability (1: all)
     evaluate: bool = True         # measure the samples at the end (train.py evaluate)
     judge_steps: int = 1500       # training steps of the evaluation's judge network
     eval_images: int = 1000       # held-out images the evaluation measures, and as many samples
@@ -429,6 +431,10 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be at least 0 (0: no truncation), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1] (1: no truncation), got {self.top_p}")
         if self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.eval_images < 2:
@@ -599,10 +605,11 @@ def recon_grid(model, images, real_hw, n=8, top_only=False):
     return image_grid(rows)
 
 
-def sample_images(model, priors, N, seed, temperature, real_hw, labels=None, batch_size=256):
+def sample_images(model, priors, N, seed, rule, real_hw, labels=None, batch_size=256):
     """N new images: codes sampled from the priors, coarsest level first, each finer level given
     the one above (and the class labels (N,) when the priors are class-conditional), then
-    decoded -> (uint8 images, codes per level, seconds spent sampling the codes)."""
+    decoded -> (uint8 images, codes per level, seconds spent sampling the codes). rule: the
+    sampling's temperature, top_k and top_p (prior.pick)."""
     h, w = real_hw
     grid_h, grid_w = -(-h // model.downsample), -(-w // model.downsample)  # the coarsest grid of a padded image
     S = model.cfg.codes_per_position                                   # residual VQ: S codes side by side
@@ -611,8 +618,8 @@ def sample_images(model, priors, N, seed, temperature, real_hw, labels=None, bat
     for level, prior in enumerate(priors):
         f = 2 ** level
         cond = codes[-1] if codes else None
-        codes.append(vqvae.to_numpy(P.sample(prior, N, grid_h * f, grid_w * f * S, seed + level, temperature, labels,
-                                             cond_codes=cond)))
+        codes.append(vqvae.to_numpy(P.sample(prior, N, grid_h * f, grid_w * f * S, seed + level, labels=labels,
+                                             cond_codes=cond, **rule)))
     seconds = time.time() - t
     if S > 1:
         codes = [vqvae.ResidualVQ.from_grid(c, S) for c in codes]     # (N, h, w S) -> (N, S, h, w)
@@ -621,11 +628,11 @@ def sample_images(model, priors, N, seed, temperature, real_hw, labels=None, bat
     return images, codes, seconds
 
 
-def draw_samples(model, priors, rows, per_row, seed, temperature, real_hw):
+def draw_samples(model, priors, rows, per_row, seed, rule, real_hw):
     """A grid of new images, one row per class when the priors are class-conditional
     -> (grid, codes per level, seconds spent sampling the codes)."""
     labels = np.repeat(np.arange(rows), per_row) if priors[0].cfg.num_classes else None
-    images, codes, seconds = sample_images(model, priors, rows * per_row, seed, temperature, real_hw, labels)
+    images, codes, seconds = sample_images(model, priors, rows * per_row, seed, rule, real_hw, labels)
     return image_grid([images[r * per_row:(r + 1) * per_row] for r in range(rows)]), codes, seconds
 
 
@@ -861,7 +868,7 @@ def judge_for(run, data, seed, steps, device):
     return judge
 
 
-def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps, n, seed, temperature, device):
+def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps, n, seed, rule, device):
     """Train or load the judge, then measure n held-out images, their reconstructions and n
     samples (an equal number of each class, for a class-conditional prior) -> the figures."""
     t = time.time()
@@ -871,10 +878,10 @@ def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps,
     real_labels = data["test_labels"][:n] if "test_labels" in data else None
     num_classes = priors[0].cfg.num_classes if priors else 0
     sample_labels = np.arange(n) % num_classes if num_classes else None
-    samples = sample_images(model, priors, n, seed, temperature, real_hw, sample_labels)[0] if priors else None
+    samples = sample_images(model, priors, n, seed, rule, real_hw, sample_labels)[0] if priors else None
     fig = sample_figures(judge, real, reconstruct_images(model, real), samples, real_labels, sample_labels)
     return {"judge_seed": judge_seed, "judge_steps": judge_steps, "judge_task": "rotation" if judge.cfg.rotations
-            else "class", "images": n, "sample_seed": seed, "temperature": temperature, **fig,
+            else "class", "images": n, "sample_seed": seed, **rule, **fig,
             "evaluate_time_s": time.time() - t}
 
 
@@ -1224,6 +1231,23 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
 
 
+def add_sampling_flags(group, t, temperature_help):
+    group.add_argument("--temperature", type=float, default=t.temperature, help=temperature_help)
+    group.add_argument("--top-k", type=int, default=t.top_k, help="sample from the k most likely codes only (0: all)")
+    group.add_argument("--top-p", type=float, default=t.top_p,
+                       help="sample from the fewest most likely codes whose probability reaches p (nucleus; 1: all)")
+
+
+def sampling_rule(settings):
+    """temperature, top_k and top_p of a TrainConfig or of parsed flags, checked -> prior.sample's keywords."""
+    rule = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p}
+    if not (math.isfinite(rule["temperature"]) and rule["temperature"] >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0, got {rule['temperature']}")
+    if rule["top_k"] < 0 or not 0 < rule["top_p"] <= 1:
+        raise UserError(f"--top-k must be at least 0 and --top-p in (0, 1], got {rule['top_k']} and {rule['top_p']}")
+    return rule
+
+
 def build_parser():
     p = ArgumentParser(prog="train.py", description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN "
                                                     "prior over its codes, and sample new images.",
@@ -1287,7 +1311,7 @@ def build_parser():
     prior.add_argument("--prior-heads", type=int, default=pc.heads, help="attention heads")
     prior.add_argument("--prior-labels", default=t.prior_labels, action=argparse.BooleanOptionalAction,
                        help="condition the prior on class labels where the data has them")
-    prior.add_argument("--temperature", type=float, default=t.temperature, help="of the samples drawn at the end")
+    add_sampling_flags(prior, t, "of the samples drawn at the end")
     ev = p.add_argument_group("evaluation (train.py evaluate, run at the end)")
     ev.add_argument("--evaluate", default=t.evaluate, action=argparse.BooleanOptionalAction,
                     help="measure the samples and reconstructions with a judge network at the end")
@@ -1302,7 +1326,8 @@ MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "codebook_size", 
                "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
                "prior_heads": "heads", "prior_attention_every": "attention_every"}
-RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "resume", "evaluate",
+RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "top_k", "top_p",
+             "resume", "evaluate",
              "judge_steps", "eval_images"}
 
 
@@ -1585,7 +1610,7 @@ def train(argv):
                 prior_wall += wall_before + time.time() - t_prior
                 priors.append(prior)
             rows = num_classes or 4
-            grid, _, seconds = draw_samples(model, priors, rows, 8, cfg.seed, cfg.temperature, real_hw)
+            grid, _, seconds = draw_samples(model, priors, rows, 8, cfg.seed, sampling_rule(cfg), real_hw)
             write_png(run / "samples.png", grid)
             summary.update(prior_wall_time_s=prior_wall, sample_time_s=seconds, samples=rows * 8)
 
@@ -1604,7 +1629,7 @@ def train(argv):
               f"{min(cfg.eval_images, len(data['test']))} held-out images, their reconstructions and as many samples",
               file=sys.stderr)
         ev = evaluate_samples(run, model, priors, data, real_hw, 0, cfg.judge_steps, cfg.eval_images, cfg.seed + 1,
-                              cfg.temperature, cfg.device)
+                              sampling_rule(cfg), cfg.device)
         atomic_write(run / "evaluation.json", json.dumps(ev, indent=2).encode())
         print(evaluation_table(ev), file=sys.stderr)
         summary.update({k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_"))},
@@ -1690,13 +1715,12 @@ def sample(argv):
     p.add_argument("--per-row", type=int, default=8, help="samples per row (one row per class if conditional)")
     p.add_argument("--rows", type=int, default=4, help="rows, for an unconditional prior")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--temperature", type=float, default=1.0, help="below 1: safer samples; 0: argmax")
+    add_sampling_flags(p, TrainConfig(), "below 1: safer samples; 0: argmax")
     p.add_argument("--device", default="auto", choices=DEVICES, help="gpu needs CuPy")
     args = p.parse_args(argv)
     if args.per_row < 1 or args.rows < 1:
         raise UserError(f"--per-row and --rows must be at least 1, got {args.per_row} and {args.rows}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    rule = sampling_rule(args)
     if args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     run = Path(args.run)
@@ -1704,7 +1728,7 @@ def sample(argv):
         check_output(path, flag)
     model, priors, real_hw = load_trained(run, args.device)
     rows = priors[0].cfg.num_classes or args.rows
-    grid, codes, seconds = draw_samples(model, priors, rows, args.per_row, args.seed, args.temperature, real_hw)
+    grid, codes, seconds = draw_samples(model, priors, rows, args.per_row, args.seed, rule, real_hw)
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
     write_png(out, grid)
     if args.codes_out:
@@ -1724,21 +1748,20 @@ def evaluate_command(argv):
     p.add_argument("--images", type=int, default=TrainConfig.eval_images,
                    help="held-out images measured, and as many samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--temperature", type=float, default=1.0, help="of the samples")
+    add_sampling_flags(p, TrainConfig(), "of the samples")
     p.add_argument("--device", default="auto", choices=DEVICES, help="gpu needs CuPy")
     args = p.parse_args(argv)
     for flag, v, low in (("--judge-seed", args.judge_seed, 0), ("--judge-steps", args.judge_steps, 1),
                          ("--images", args.images, 2), ("--seed", args.seed, 0)):
         if v < low:
             raise UserError(f"{flag} must be at least {low}, got {v}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    rule = sampling_rule(args)
     run = Path(args.run)
     cfg, _, _ = saved_configs(run)
     model, priors, real_hw = load_trained(run, args.device, need_priors=False)
     data = load_dataset(cfg.data, cfg.data_dir)
     ev = evaluate_samples(run, model, priors, data, real_hw, args.judge_seed, args.judge_steps, args.images,
-                          args.seed, args.temperature, args.device)
+                          args.seed, rule, args.device)
     atomic_write(run / "evaluation.json", json.dumps(ev, indent=2).encode())
     write_report(run)
     print(evaluation_table(ev))
