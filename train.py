@@ -52,6 +52,13 @@ READ_ERRORS = (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error, z
                NotImplementedError, RuntimeError, struct.error, SyntaxError, tokenize.TokenError)
 
 
+def unreadable(path, problem, e):
+    """The UserError for one of READ_ERRORS met reading `path`."""
+    if isinstance(e, MemoryError):                                     # a header that claims too much
+        return UserError(f"{path}: an array's header asks for more memory than there is ({e})")
+    return UserError(f"{path}: {problem} ({type(e).__name__}: {e})")
+
+
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C); the model sees (x / 255 - 0.5) / PIXEL_STD
 
@@ -223,7 +230,7 @@ def cifar10_dataset(data_dir):
                     raise KeyError(f"{[n for n, m in members.items() if m is None][0]} is not a file")
                 blobs = {n: m.read() for n, m in members.items()}
         except (tarfile.TarError, *READ_ERRORS) as e:
-            raise UserError(f"{archive}: not a readable CIFAR-10 binary archive ({e})")
+            raise unreadable(archive, "not a readable CIFAR-10 binary archive", e)
     parts = [parse_cifar_batch(blobs[n], n) for n in names]
     return {"train": np.concatenate([p[0] for p in parts[:5]]), "test": parts[5][0],
             "train_labels": np.concatenate([p[1] for p in parts[:5]]), "test_labels": parts[5][1],
@@ -269,12 +276,10 @@ def array_file_dataset(path):
                 images = to_nhwc(loaded[keys[0]], f"{path}[{keys[0]}]")
         else:
             images = to_nhwc(loaded, str(path))
-    except MemoryError as e:                                           # a header that claims too much
-        raise UserError(f"{path}: an array's header asks for more memory than there is ({e})")
     except READ_ERRORS as e:
         if "allow_pickle" in str(e):                                   # an object array
             raise UserError(f"{path}: holds Python objects, which are not read without pickle; save uint8 arrays")
-        raise UserError(f"{path}: damaged or truncated file, or not a NumPy file ({type(e).__name__}: {e})")
+        raise unreadable(path, "damaged or truncated file, or not a NumPy file", e)
     if len(images) < 2:
         raise UserError(f"{path}: need at least 2 images to hold some out, found {len(images)}")
     n_test = max(1, len(images) // 10)
@@ -486,10 +491,8 @@ def load_checkpoint(path, model, opt):
             return int(step), float(wall), notes
     except FileNotFoundError:
         raise UserError(f"{path}: no checkpoint to resume from")
-    except MemoryError as e:
-        raise UserError(f"{path}: an array's header asks for more memory than there is ({e})")
     except READ_ERRORS as e:
-        raise UserError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e})")
+        raise unreadable(path, "cannot resume from this checkpoint", e)
 
 
 CHECKPOINT_NOTES = ("vqvae_sha256",)  # a prior's: the VQ-VAE whose codes it was fitted to
@@ -501,12 +504,10 @@ def load_model(path, cls, device):
         raise UserError(f"{path}: no such checkpoint")
     try:
         return cls.load(path, device=device)
-    except MemoryError as e:
-        raise UserError(f"{path}: an array's header asks for more memory than there is ({e})")
     except vqvae.DeviceError:
         raise
     except READ_ERRORS as e:
-        raise UserError(f"{path}: cannot load the model ({type(e).__name__}: {e})")
+        raise unreadable(path, "cannot load the model", e)
 
 
 def checkpoint_note(path, key):
@@ -515,7 +516,7 @@ def checkpoint_note(path, key):
         with np.load(path, allow_pickle=False) as f:
             return str(f[key]) if key in f.files else None
     except READ_ERRORS as e:
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})")
+        raise unreadable(path, "unreadable checkpoint", e)
 
 
 def fingerprint(model):
@@ -855,7 +856,7 @@ def judge_for(run, data, seed, steps, device):
     """The run's judge of this seed: loaded from RUN/judge_seed<seed>.npz, or trained on the run's
     training split and saved there (a judge of other data or steps is trained anew)."""
     path = run / f"judge_seed{seed}.npz"
-    labels, K, rotations = judge_task(data)
+    _, K, rotations = judge_task(data)
     if path.is_file():
         judge = load_model(path, Judge, device)
         if (judge.cfg.in_channels, judge.cfg.num_classes, judge.cfg.rotations) == (data["train"].shape[3], K, rotations) \
@@ -958,7 +959,8 @@ def svg_chart(title, series, log_y=False, width=460, height=230):
            f'<text x="{L}" y="15" class="title">{html.escape(title)}{" (log scale)" if log_y else ""}</text>']
     if not ys:
         return "".join(out) + f'<text x="{L}" y="{height // 2}">no finite values</text></svg>'
-    x0, x1 = min(0, min(xs)), max(xs) or 1
+    x0 = min(0, min(xs))
+    x1 = max(max(xs), x0 + 1)                                          # a single step still spans the axis
     y0, y1 = min(ys), max(ys)
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5, y1 + 0.5
