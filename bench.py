@@ -3,14 +3,16 @@
     python bench.py                 # a table
     python bench.py --json          # the same figures as JSON
     python bench.py --quick         # fewer repetitions, for a smoke test
+    python bench.py --only prior    # the prior alone (its training step, its samplers)
     OPENBLAS_NUM_THREADS=1 python bench.py   # one thread on both sides (a machine shared with other jobs)
 
 Measured: the VQ-VAE training step (forward, backward, Adam) for three configurations, with
 FLOPs counted from the layer shapes and the achieved rate as a fraction of this machine's
 float32 matmul peak; the quantizer's nearest-neighbour search (time and peak extra memory);
-a prior training step; fast against naive sampling. When PyTorch happens to be installed
-(never a requirement) the same architecture, with the same weights, threads, dtype and batch,
-is timed step for step beside ours, alternating, and the loss of the first step is compared.
+a training step of the prior that `python train.py` trains; fast against naive sampling. When
+PyTorch happens to be installed (never a requirement) the same architecture (the VQ-VAE's and
+the prior's), with the same weights, threads, dtype and batch, is timed step for step beside
+ours, alternating, and the loss before the first step is compared.
 """
 import argparse
 import json
@@ -22,6 +24,7 @@ import tracemalloc
 import numpy as np
 
 import prior as P
+import train
 import vqvae
 
 try:  # optional: the reference we measure against
@@ -214,6 +217,99 @@ def torch_step_fn(model, x_nhwc, device):
     return step, first_loss
 
 
+def torch_prior(prior, device):
+    """An nn.Module mirroring a PixelCNN prior (embedding, gated layers, class biases, head), with
+    its weights: (codes (N, h, w), labels (N,) or None) -> logits (N, K, h, w). Activations NCHW.
+    Attention layers and a conditioning map (VQ-VAE-2) are not mirrored."""
+    nn, F = torch.nn, torch.nn.functional
+    cfg = prior.cfg
+    if prior.attention or cfg.cond_channels:
+        raise ValueError("the PyTorch mirror covers the gated layers and class labels, not attention or a cond map")
+    r = cfg.kernel // 2
+
+    def tensor(a):
+        return torch.tensor(vqvae.to_numpy(a))                         # keeps our dtype
+
+    def convert_conv(layer):                                           # no padding: F.pad does ours, asymmetric
+        W = tensor(layer.params["W"])
+        m = nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], dtype=W.dtype)
+        with torch.no_grad():
+            m.weight.copy_(W)
+            m.bias.copy_(tensor(layer.params["b"]))
+        return m
+
+    def convert_embedding(embedding):
+        return nn.Embedding.from_pretrained(tensor(embedding.params["table"]), freeze=False)
+
+    def gate(a):                                                       # paper eq. 2
+        a_f, a_g = a.chunk(2, dim=1)
+        return torch.tanh(a_f) * torch.sigmoid(a_g)
+
+    class Gated(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.first = layer.first
+            self.conv_v, self.conv_h = convert_conv(layer.conv_v), convert_conv(layer.conv_h)
+            self.link, self.out = convert_conv(layer.link), convert_conv(layer.out)
+            self.drop = nn.Dropout(cfg.dropout)                        # its own masks: a timing, not our numbers
+            if cfg.num_classes:
+                self.class_v, self.class_h = convert_embedding(layer.class_v), convert_embedding(layer.class_h)
+
+        def forward(self, v, h, labels):
+            # F.pad(x, (left, right, top, bottom)): the zeros ours pads with, or shifts in
+            c_v = c_h = 0.0
+            if labels is not None:
+                c_v = self.class_v(labels)[:, :, None, None]           # (N, 2p, 1, 1): a bias per class
+                c_h = self.class_h(labels)[:, :, None, None]
+            v_pre = self.conv_v(F.pad(v, (r, r, r, 0))) + c_v          # rows i-r..i, columns j-r..j+r
+            link = self.link(F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1])    # down one row: rows <= i-1 only
+            h_in = F.pad(h, (1, 0))[..., :-1] if self.first else h     # mask A: right one column
+            h_pre = self.conv_h(F.pad(h_in, (r, 0))) + link + c_h      # columns j-r..j
+            h_out = self.out(self.drop(gate(h_pre)))
+            return gate(v_pre), (h_out if self.first else h_out + h)   # no residual in layer 1
+
+    class PixelCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = convert_embedding(prior.embed)
+            self.layers = nn.ModuleList(Gated(layer) for layer in prior.layers)
+            self.head = nn.Sequential(*(nn.ReLU() if isinstance(layer, vqvae.ReLU) else convert_conv(layer)
+                                        for layer in prior.head.layers))
+
+        def forward(self, codes, labels=None):
+            v = h = self.embed(codes).permute(0, 3, 1, 2).contiguous()  # (N, p, h, w), NCHW in memory too
+            for layer in self.layers:
+                v, h = layer(v, h, labels)
+            return self.head(h)                                        # (N, K, h, w)
+
+    return PixelCNN().to(device)
+
+
+def torch_prior_step_fn(prior, codes, labels, device, lr):
+    """One PyTorch training step of the same prior (mean cross-entropy, Adam at lr) -> (step,
+    loss before any step). That loss is taken in evaluation mode (no dropout), to compare with
+    ours at train=False: with dropout the two draw different masks."""
+    net = torch_prior(prior, device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    codes = torch.tensor(codes, device=device)
+    labels = None if labels is None else torch.tensor(labels, device=device)
+    loss_fn = torch.nn.functional.cross_entropy                        # mean -log softmax over N h w, in nats
+
+    net.eval()
+    with torch.no_grad():
+        first_loss = float(loss_fn(net(codes, labels), codes))
+    net.train()
+
+    def step():
+        loss = loss_fn(net(codes, labels), codes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, first_loss
+
+
 # -----------------------------------------------------------------------------
 # the benchmarks
 
@@ -276,13 +372,49 @@ def bench_quantizer(device, K, repeat):
             "peak_over_N_K_floats": peak / (M * K * 4), "N_K_D_floats_bytes": M * K * 64 * 4}
 
 
+def default_prior_run():
+    """The prior that `python train.py` trains with no flags, read from train.py's own defaults so
+    that the benchmark follows them -> (PriorConfig, batch, grid (h, w), Adam's lr)."""
+    parser = train.build_parser()
+    cfg, model_cfg, settings, _, _ = train.configs_from_args(parser, parser.parse_args([]), [])
+    if cfg.data != "shapes":                                           # the others are downloads
+        raise ValueError(f"bench.py reads the default data's image size and classes from the shapes "
+                         f"generator, but train.py's default data is now {cfg.data!r}")
+    data = train.shapes_dataset(n_train=1, n_test=1)                   # one image each: the size and classes
+    num_classes = data["num_classes"] if cfg.prior_labels else 0
+    prior_cfg = train.prior_configs(settings, model_cfg, num_classes, cfg.seed)[0]  # the top-most (or only) level
+    H, W = data["train"].shape[1:3]
+    grid = (H // model_cfg.downsample, W // model_cfg.downsample * model_cfg.codes_per_position)
+    return prior_cfg, cfg.prior_batch_size, grid, cfg.prior_lr
+
+
 def bench_prior(device, repeat):
-    cfg = P.PriorConfig(codebook_size=512, channels=64, layers=8, kernel=3)
+    """A training step of the default run's prior; beside it (when installed) the same prior in
+    PyTorch, alternating, and the loss of both before any step."""
+    cfg, batch, (h, w), lr = default_prior_run()
     prior = P.PixelCNN(cfg, device=device)
-    codes = np.random.default_rng(0).integers(0, 512, (32, 8, 8))
-    opt = vqvae.Adam(prior.params, lr=1e-3)
-    t = timings(lambda: prior.train_step(codes, opt), prior.xp, repeat=repeat)
-    return {"config": "K=512 p=64 L=8 k=3, batch 32 of 8x8", **t, "grids_per_s": 32 / t["median_s"]}
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, cfg.codebook_size, (batch, h, w))
+    labels = rng.integers(0, cfg.num_classes, batch) if cfg.num_classes else None
+    opt = vqvae.Adam(prior.params, lr=lr)
+    ours_first = float(prior.loss(codes, labels)["loss"])             # before any step, no dropout
+    fns, syncs = [lambda: prior.train_step(codes, opt, labels)], [lambda: sync(prior.xp)]
+    result = {"config": f"K={cfg.codebook_size} p={cfg.channels} L={cfg.layers} k={cfg.kernel}, "
+                        f"{cfg.num_classes} classes, dropout {cfg.dropout}, batch {batch} of {h}x{w}",
+              "batch": batch}
+    if torch is not None:
+        tdev = "cuda" if prior.xp is not np else "cpu"
+        step, torch_first = torch_prior_step_fn(prior, codes, labels, tdev, lr)
+        result.update(first_loss_ours=ours_first, first_loss_torch=torch_first,
+                      first_loss_relative_difference=abs(ours_first - torch_first) / abs(torch_first))
+        fns.append(step)
+        syncs.append(torch.cuda.synchronize if tdev == "cuda" else (lambda: None))
+    times = interleaved(fns, syncs, repeat=repeat)
+    result.update(ours=times[0], grids_per_s=batch / times[0]["median_s"])
+    if torch is not None:
+        result["torch"] = times[1]
+        result["ratio_ours_over_torch"] = times[0]["median_s"] / times[1]["median_s"]
+    return result
 
 
 def bench_sampling(device, N, size):
@@ -308,6 +440,8 @@ def main():
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and a smaller sampling grid")
     ap.add_argument("--batch", type=int, default=32, help="batch of the training-step configurations")
+    ap.add_argument("--only", choices=["vqvae", "prior"], help="the VQ-VAE (training step, quantizer) or the prior "
+                                                               "(training step, sampling) alone")
     args = ap.parse_args()
     xp = vqvae.backend(args.device)
     device = "gpu" if xp is not np else "cpu"
@@ -315,20 +449,30 @@ def main():
     threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count())  # NumPy's BLAS threads, for torch too
     if torch is not None:
         torch.set_num_threads(threads)                                 # as many as NumPy's BLAS uses
-    peak = matmul_peak(xp)
+    vqvae_part, prior_part = args.only in (None, "vqvae"), args.only in (None, "prior")
+    peak = matmul_peak(xp) if vqvae_part else None                     # the training steps' "of peak"
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": threads, "device": device,
                           "numpy": np.__version__, "torch": torch.__version__ if torch is not None else None,
-                          "float32_matmul_peak_gflops": peak},
-              "training_step": [bench_training(name, device, args.batch, peak, repeat) for name in CONFIGS],
-              "quantizer": [bench_quantizer(device, K, repeat) for K in (512, 8192)],
-              "prior_step": bench_prior(device, repeat),
-              "sampling": bench_sampling(device, 2 if args.quick else 4, 8 if args.quick else 16)}
+                          "float32_matmul_peak_gflops": peak}}
+    if vqvae_part:
+        report["training_step"] = [bench_training(name, device, args.batch, peak, repeat) for name in CONFIGS]
+        report["quantizer"] = [bench_quantizer(device, K, repeat) for K in (512, 8192)]
+    if prior_part:
+        report["prior_step"] = bench_prior(device, repeat)
+        report["sampling"] = bench_sampling(device, 2 if args.quick else 4, 8 if args.quick else 16)
     if args.json:
         print(json.dumps(report, indent=2))
         return
     m = report["machine"]
-    print(f"{m['cpu']}, {m['cores']} cores, device {m['device']}, numpy {m['numpy']}, torch {m['torch']}; "
-          f"float32 matmul peak {peak:.0f} GFLOP/s")
+    print(f"{m['cpu']}, {m['cores']} cores, device {m['device']}, numpy {m['numpy']}, torch {m['torch']}"
+          + (f"; float32 matmul peak {peak:.0f} GFLOP/s" if peak else ""))
+    if vqvae_part:
+        print_vqvae(report)
+    if prior_part:
+        print_prior(report)
+
+
+def print_vqvae(report):
     print(f"\n{'training step':14s} {'batch':>5s} {'median ms':>10s} {'p10-p90 ms':>13s} {'img/s':>7s} "
           f"{'GFLOP/s':>8s} {'of peak':>8s} {'torch ms':>9s} {'ours/torch':>10s}")
     for r in report["training_step"]:
@@ -343,11 +487,24 @@ def main():
     for r in report["quantizer"]:
         print(f"{'':14s} {r['N']:5d} {r['D']:3d} {r['K']:5d} {r['median_s'] * 1e3:10.2f} "
               f"{r['peak_extra_bytes'] / 2**20:14.1f} {r['peak_over_N_K_floats']:15.2f}")
-    r = report["prior_step"]
-    print(f"\nprior step ({r['config']}): {r['median_s'] * 1e3:.1f} ms median, {r['grids_per_s']:.0f} grids/s")
-    r = report["sampling"]
-    print(f"sampling ({r['config']}): fast {r['fast_s']:.2f} s, naive {r['naive_s']:.2f} s, "
-          f"{r['speedup']:.1f}x, same codes: {r['same_codes']}")
+
+
+def print_prior(report):
+    """The prior's step (ours against torch) and its samplers (fast against naive), a row each:
+    the time of ours, of the reference, and their ratio."""
+    s, r = report["prior_step"], report["sampling"]
+    print(f"\n{'prior':14s} {'ours':>9s} {'reference':>16s} {'ratio':>17s}  config")
+    line = f"{'training step':14s} {s['ours']['median_s'] * 1e3:6.1f} ms"
+    if "torch" in s:
+        line += f" {'torch':>7s} {s['torch']['median_s'] * 1e3:6.1f} ms {'ours/torch':>11s} {s['ratio_ours_over_torch']:5.2f}"
+    else:
+        line += f" {'(no torch)':>16s} {'':17s}"
+    print(f"{line}  {s['config']}")
+    print(f"{'sampling':14s} {r['fast_s']:7.2f} s {'naive':>7s} {r['naive_s']:7.2f} s {'naive/fast':>11s} "
+          f"{r['speedup']:5.1f}  {r['config']}, same codes: {r['same_codes']}")
+    if "torch" in s:
+        print(f"prior loss before any step: ours {s['first_loss_ours']:.7f}, torch {s['first_loss_torch']:.7f}, "
+              f"relative difference {s['first_loss_relative_difference']:.1e}")
 
 
 if __name__ == "__main__":
