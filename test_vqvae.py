@@ -2706,6 +2706,17 @@ def test_shapes_data_is_deterministic_varied_and_labelled():
     assert len({img.tobytes() for img in a}) == 50
 
 
+def test_shapes64_scenes_hold_two_to_four_shapes_at_64_by_64(monkeypatch):
+    monkeypatch.setattr(T, "make_shapes", lambda n, size, seed, count: ((size, count, seed), None))
+    assert T.load_dataset("shapes64", "data")["train"] == (64, (2, 4), 1)
+    assert T.load_dataset("shapes", "data")["test"] == (32, (1, 2), 2)
+    monkeypatch.undo()
+    x, labels = T.make_shapes(40, size=64, seed=0, count=(2, 4))
+    assert x.shape == (40, 64, 64, 3) and set(labels.tolist()) == {0, 1, 2}
+    colours = [len(np.unique(img.reshape(-1, 3), axis=0)) for img in x]
+    assert min(colours) >= 2 and np.mean(colours) > 3                 # a background and its shapes' colours
+
+
 def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
     n, bs = 10, 3                                                      # 3 batches an epoch, 1 example left out
     epoch0 = np.concatenate([T.batch_indices(7, s, n, bs) for s in range(3)])
@@ -2734,6 +2745,19 @@ def test_sizes_are_padded_and_metrics_use_only_the_real_pixels():
 
     ev = T.evaluate(ExactOnRealPixels(), padded, (6, 7), batch_size=2)
     assert ev["val_mse"] == 0 and ev["codes_used"] == 0.25
+
+
+def test_two_level_evaluation_measures_the_reconstructions_from_the_top_codes_alone():
+    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, res_blocks=1, codebook_size=16, code_dim=4, levels=2), device="cpu")
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    ev = T.evaluate(model, images, (16, 16), batch_size=4)
+    top, bottom = T.encode_all(model, images)
+    top_only = T.to_uint8(model.decode(top)) / 255                     # the bottom code vectors zeroed
+    full = T.to_uint8(model.decode(top, bottom)) / 255
+    np.testing.assert_allclose(ev["top_only_mse"], np.mean((top_only - images / 255) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(ev["val_mse"], np.mean((full - images / 255) ** 2), rtol=1e-12)
+    assert "top_only_mse" not in T.evaluate(V.VQVAE(V.Config(hidden=8, codebook_size=16, code_dim=4), device="cpu"),
+                                            images, (16, 16), batch_size=4)
 
 
 def read_png(path):
@@ -2818,7 +2842,7 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
     for name in ("recon.png", "recon_top.png", "top_prior.npz", "prior.npz", "samples.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("codes_used", "top_codes_used", "perplexity", "top_perplexity", "prior_val_bits_per_code",
+    for key in ("codes_used", "top_codes_used", "perplexity", "top_perplexity", "prior_val_bits_per_code", "top_only_mse",
                 "top_prior_val_bits_per_code"):
         assert key in summary, key
     priors = json.loads((run / "config.json").read_text())["priors"]

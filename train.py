@@ -69,10 +69,10 @@ BACKGROUND_COLOURS = np.array([[250, 190, 212], [220, 190, 255], [255, 250, 200]
                                [200, 200, 200], [0, 0, 117]])
 
 
-def make_shapes(n, size=32, seed=0):
-    """n RGB scenes of one or two filled shapes (circle, square, triangle) of random size and
-    place, in ten colours, on one of six background colours. The small palette gives the codes
-    something discrete to learn in minutes. Labels: the kind of the largest shape."""
+def make_shapes(n, size=32, seed=0, count=(1, 2)):
+    """n RGB scenes of count[0] to count[1] filled shapes (circle, square, triangle) of random
+    size and place, in ten colours, on one of six background colours. The small palette gives
+    the codes something discrete to learn in minutes. Labels: the kind of the largest shape."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5                            # pixel centres
     images = np.empty((n, size, size, 3), np.uint8)
@@ -81,7 +81,7 @@ def make_shapes(n, size=32, seed=0):
         background = BACKGROUND_COLOURS[rng.integers(len(BACKGROUND_COLOURS))]
         img = np.broadcast_to(background, (size, size, 3)).copy()
         largest = 0
-        for _ in range(rng.integers(1, 3)):
+        for _ in range(rng.integers(count[0], count[1] + 1)):
             kind, r = rng.integers(3), rng.uniform(size / 8, size / 3.5)
             cy, cx = rng.uniform(r, size - r, 2)
             if kind == 0:
@@ -101,8 +101,12 @@ def make_shapes(n, size=32, seed=0):
 
 
 def shapes_dataset(size=32, n_train=10000, n_test=1000):
-    x_train, y_train = make_shapes(n_train, size, seed=1)
-    x_test, y_test = make_shapes(n_test, size, seed=2)
+    """The built-in data: 32 x 32 scenes of one or two shapes, or (--data shapes64) 64 x 64 scenes
+    of two to four, whose layout, colours and background are the global structure that a
+    coarse top code of VQ-VAE-2 can carry."""
+    count = (1, 2) if size == 32 else (2, 4)
+    x_train, y_train = make_shapes(n_train, size, seed=1, count=count)
+    x_test, y_test = make_shapes(n_test, size, seed=2, count=count)
     return {"train": x_train, "test": x_test, "train_labels": y_train, "test_labels": y_test,
             "num_classes": 3}
 
@@ -286,9 +290,12 @@ def array_file_dataset(path):
     return {"train": images[:-n_test], "test": images[-n_test:], "num_classes": 0}
 
 
+SHAPES = {"shapes": 32, "shapes64": 64}  # the built-in data, by name: their image size
+
+
 def load_dataset(name, data_dir):
-    if name == "shapes":
-        return shapes_dataset()
+    if name in SHAPES:
+        return shapes_dataset(SHAPES[name])
     if name in ("mnist", "fashion-mnist", "cifar10") and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir}: not a folder")
     if name in ("mnist", "fashion-mnist"):
@@ -297,7 +304,7 @@ def load_dataset(name, data_dir):
         return cifar10_dataset(data_dir)
     if name.endswith((".npy", ".npz")):
         return array_file_dataset(name)
-    raise UserError(f"unknown dataset {name!r}: use shapes, mnist, fashion-mnist, cifar10, or a .npy/.npz file")
+    raise UserError(f"unknown dataset {name!r}: use shapes, shapes64, mnist, fashion-mnist, cifar10, or a .npy/.npz file")
 
 
 def pad_to_multiple(images, m):
@@ -403,7 +410,7 @@ def save_npy(path, array):
 
 @dataclass
 class TrainConfig:
-    data: str = "shapes"          # shapes, mnist, fashion-mnist, cifar10, or PATH.npy / PATH.npz
+    data: str = "shapes"          # shapes, shapes64, mnist, fashion-mnist, cifar10, or PATH.npy / PATH.npz
     data_dir: str = "data"        # where dataset files are found or downloaded to
     stage: str = "all"            # vqvae, prior, or all (the VQ-VAE, then the prior over its codes)
     steps: int = 3000             # VQ-VAE training steps
@@ -549,10 +556,12 @@ def encode_all(model, images, batch_size=256):
 
 def evaluate(model, images, real_hw, batch_size):
     """Held-out MSE and PSNR on the real pixels (padding cropped) in [0, 1], and each level's
-    code usage over the whole split (for residual VQ, the stages' mean)."""
+    code usage over the whole split (for residual VQ, the stages' mean). For two levels also
+    the MSE of the reconstructions from the top codes alone (the bottom code vectors zeroed):
+    how much of each image the coarse code carries by itself."""
     K, S = model.cfg.num_codes, model.cfg.codes_per_position
     h, w = real_hw
-    sq_err, n_values = 0.0, 0
+    sq_err, top_sq_err, n_values = 0.0, 0.0, 0
     counts = {name: np.zeros((S, K), np.int64) for name in level_names(model)}
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
@@ -561,11 +570,16 @@ def evaluate(model, images, real_hw, batch_size):
         diff = x_hat.astype(np.float64) / 255 - batch[:, :h, :w] / 255
         sq_err += float((diff ** 2).sum())
         n_values += diff.size
+        if len(codes) == 2:                                            # decode(top): the bottom vectors zeroed
+            top_only = to_uint8(model.decode(codes[0]))[:, :h, :w].astype(np.float64) / 255
+            top_sq_err += float(((top_only - batch[:, :h, :w] / 255) ** 2).sum())
         for name, c in zip(counts, codes):
             c = c.reshape(len(c), S, -1).transpose(1, 0, 2).reshape(S, -1)  # (S, N h w): a row per stage
             counts[name] += np.stack([np.bincount(row, minlength=K) for row in c])
     mse = sq_err / n_values
     result = {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12))}
+    if model.cfg.levels == 2:
+        result["top_only_mse"] = top_sq_err / n_values
     for name, c in counts.items():
         p = c / c.sum(1, keepdims=True)                                # (S, K)
         entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1)          # (S,) nats
@@ -1257,7 +1271,8 @@ def build_parser():
                               "'python train.py evaluate --help', 'python train.py report --help'.")
     t, m, pc = TrainConfig(), vqvae.Config(), P.PriorConfig()
     run = p.add_argument_group("run")
-    run.add_argument("--data", default=t.data, help="shapes, mnist, fashion-mnist, cifar10, or PATH.npy|PATH.npz")
+    run.add_argument("--data", default=t.data, help="shapes (32 x 32), shapes64 (64 x 64), mnist, fashion-mnist, "
+                                                    "cifar10, or PATH.npy|PATH.npz")
     run.add_argument("--data-dir", default=t.data_dir, help="where dataset files are found or downloaded to")
     run.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
