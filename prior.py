@@ -41,8 +41,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from vqvae import (Conv2d, ReLU, Sequential, array_module, backend, check_codes, check_fields, config_from_dict,
-                   conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint, to_numpy, uniform_init)
+from vqvae import (Conv2d, NonFiniteError, ReLU, Sequential, array_module, backend, check_codes, check_fields,
+                   config_from_dict, conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint, step_rng,
+                   to_numpy, uniform_init)
 
 # -----------------------------------------------------------------------------
 # layers
@@ -127,6 +128,28 @@ class Upsample:
         return dy.reshape(N, H // f, f, W // f, f, C).sum((2, 4))     # x[a, b] feeds its f x f block: sum it
 
 
+class Dropout:
+    """Inverted dropout (Srivastava et al. 2014): in training each number is kept with probability
+    1 - p and scaled by 1 / (1 - p), so that its expectation is unchanged and evaluation needs no
+    rescaling; at evaluation (no generator given) the layer is the identity. PixelCNN++ and
+    PixelSNAIL put it inside each gated residual block, before the block's last convolution."""
+
+    def __init__(self, p):
+        self.p = p
+        self.params, self.grads = {}, {}
+
+    def forward(self, x, rng=None):
+        if rng is None or self.p == 0:
+            self.cache = None
+            return x
+        keep = rng.random(x.shape) >= self.p                           # drawn on the host: NumPy and CuPy alike
+        self.cache = array_module(x).asarray(keep.astype(x.dtype) / (1 - self.p))  # (N, H, W, C) mask / (1 - p)
+        return x * self.cache
+
+    def backward(self, dy):
+        return dy if self.cache is None else dy * self.cache           # y = x * mask / (1 - p)
+
+
 class GatedLayer:
     """One gated layer (paper Figure 2): (v, h) -> (v_out, h_out), p channels in each stack.
 
@@ -136,9 +159,12 @@ class GatedLayer:
     The first layer has no residual connection: its h is the embedding of the code at (i, j)
     itself, and adding it to h_out would show every pixel its own code. Later layers add h,
     which holds only what (i, j) may see.
+
+    dropout > 0 drops numbers of the horizontal gate's output in training, before its 1x1
+    convolution (where PixelCNN++ puts it in its gated residual blocks).
     """
 
-    def __init__(self, p, k, first, num_classes=0, cond_channels=0, init=None):
+    def __init__(self, p, k, first, num_classes=0, cond_channels=0, init=None, dropout=0.0):
         r = k // 2
         self.first = first
         self.conv_v = Conv2d(p, 2 * p, (r + 1, k), padding=((r, 0), (r, r)), init=init)  # rows i-r..i
@@ -146,6 +172,7 @@ class GatedLayer:
         self.link = Conv2d(2 * p, 2 * p, 1, init=init)                 # vertical -> horizontal
         self.out = Conv2d(p, p, 1, init=init)
         self.gate_v, self.gate_h = Gate(), Gate()
+        self.drop = Dropout(dropout)
         self.down, self.right = Shift(1), Shift(2)
         self.parts = {"conv_v": self.conv_v, "conv_h": self.conv_h, "link": self.link, "out": self.out}
         if num_classes:
@@ -175,14 +202,15 @@ class GatedLayer:
             c_h = c_h + self.cond_h.forward(cond)
         return c_v, c_h
 
-    def forward(self, v, h, labels=None, cond=None):
+    def forward(self, v, h, labels=None, cond=None, rng=None):
+        """rng: a generator for dropout's masks in training; None at evaluation."""
         c_v, c_h = self.conditioning(labels, cond)
         v_pre = self.conv_v.forward(v) + c_v                           # (N, H, W, 2p), rows <= i
         v_out = self.gate_v.forward(v_pre)                             # (N, H, W, p)
         link = self.link.forward(self.down.forward(v_pre))             # row i: rows <= i-1 only
         h_in = self.right.forward(h) if self.first else h              # mask A: not (i, j) itself
         h_pre = self.conv_h.forward(h_in) + link + c_h                 # (N, H, W, 2p)
-        h_out = self.out.forward(self.gate_h.forward(h_pre))           # (N, H, W, p)
+        h_out = self.out.forward(self.drop.forward(self.gate_h.forward(h_pre), rng))  # (N, H, W, p)
         if not self.first:
             h_out = h_out + h                                          # residual
         self.cache = (labels is not None, cond is not None)
@@ -191,7 +219,7 @@ class GatedLayer:
     def backward(self, dv_out, dh_out):
         """-> dv, dh, dcond (None without a cond map)."""
         has_labels, has_cond = self.cache
-        dh_pre = self.gate_h.backward(self.out.backward(dh_out))       # h_out = out(gate(h_pre))
+        dh_pre = self.gate_h.backward(self.drop.backward(self.out.backward(dh_out)))  # h_out = out(drop(gate(h_pre)))
         dh = self.conv_h.backward(dh_pre)                              # h_pre = conv_h(h_in) + ...
         dh = self.right.backward(dh) if self.first else dh + dh_out    # h_in = shift(h); h_out = ... + h
         dlink = self.down.backward(self.link.backward(dh_pre))         # h_pre = ... + link(down(v_pre))
@@ -355,6 +383,7 @@ class PriorConfig:
     attention_dim: int = 0     # d: width of queries, keys and values, n heads of d/n (0 = channels)
     cond_codebook_size: int = 0  # > 0: conditioned on codes (N, h/f, w/f), embedded in cond_channels
     cond_upsample: int = 1     # f: each conditioning code covers an f x f block of the grid
+    dropout: float = 0.0       # in training, of each gated layer's horizontal gate output (0 = none)
 
     def __post_init__(self):
         check_fields(self)
@@ -382,6 +411,8 @@ class PriorConfig:
                              f"{self.attention_dim or self.channels} must be divisible by heads={self.heads}")
         if self.cond_codebook_size and not self.cond_channels:
             raise ValueError("cond_codebook_size needs cond_channels > 0, the width of the conditioning code embedding")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.cond_upsample > 1 and not self.cond_codebook_size:
             raise ValueError(f"cond_upsample={self.cond_upsample} applies to conditioning codes only: "
                              f"set cond_codebook_size too")
@@ -410,7 +441,7 @@ class PixelCNN:
         init = uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
         p = cfg.channels
         self.embed = Embedding(cfg.codebook_size, p, init)
-        self.layers = [GatedLayer(p, cfg.kernel, l == 0, cfg.num_classes, cfg.cond_channels, init)
+        self.layers = [GatedLayer(p, cfg.kernel, l == 0, cfg.num_classes, cfg.cond_channels, init, cfg.dropout)
                        for l in range(cfg.layers)]
         self.head = make_head(p, cfg.codebook_size, init)
         # the VQ-VAE-2 parts come last, so that the parts above start from the same draws with or without them
@@ -420,6 +451,9 @@ class PixelCNN:
         if cfg.cond_codebook_size:
             self.cond_embed = Embedding(cfg.cond_codebook_size, cfg.cond_channels, init)
             self.upsample = Upsample(cfg.cond_upsample)
+        # a host counter of training batches: dropout's masks come from (seed, step), so that a
+        # resumed run draws what the uninterrupted run drew
+        self.buffers = {"dropout.step": np.zeros((), np.int64)} if cfg.dropout else {}
         self.cache = None
 
     @property
@@ -504,7 +538,8 @@ class PixelCNN:
         return self.upsample.forward(self.cond_embed.forward(cond_codes))
 
     # --- training: loss caches, backward fills .grads
-    def forward(self, codes, labels=None, cond=None, cond_codes=None):
+    def forward(self, codes, labels=None, cond=None, cond_codes=None, train=False):
+        """train=True: a training batch (dropout on, if the config has it, and the step counted)."""
         codes = check_codes(codes, self.cfg.codebook_size, self.xp)
         cond_codes = self.check_cond_codes(codes.shape, cond, cond_codes)
         labels, cond = self.check_conditioning(codes.shape, labels, cond)
@@ -513,23 +548,29 @@ class PixelCNN:
             cond = self.cond_map(cond_codes)                           # (N, h, w, Cc)
         x = self.embed.forward(codes)                                  # (N, h, w, p)
         v = h = x                                                      # both stacks start from the codes
+        rng = None
+        if train and self.cfg.dropout:
+            rng = step_rng(self.cfg.seed, int(self.buffers["dropout.step"]))  # this batch's dropout masks
+            self.buffers["dropout.step"] += 1
         for l, layer in enumerate(self.layers):
-            v, h = layer.forward(v, h, labels, cond)
+            v, h = layer.forward(v, h, labels, cond, rng)
             if l in self.attention:
                 h = self.attention[l].forward(h)                       # the horizontal stack reads the whole past
         return self.head.forward(h)                                    # (N, h, w, K)
 
-    def loss(self, codes, labels=None, cond=None, cond_codes=None):
+    def loss(self, codes, labels=None, cond=None, cond_codes=None, train=False):
         """Mean cross-entropy -log p(code[i, j] | codes before it), in nats and in bits."""
-        logits = self.forward(codes, labels, cond, cond_codes)         # checks the inputs once
+        logits = self.forward(codes, labels, cond, cond_codes, train)  # checks the inputs once
         codes = self.xp.asarray(codes)
         K = self.cfg.codebook_size
         z = logits.reshape(-1, K)                                      # (M, K)
         z = z - z.max(1, keepdims=True)                                # same softmax, no overflow
-        logp = z - self.xp.log(self.xp.exp(z).sum(1, keepdims=True))   # log softmax
+        e = self.xp.exp(z)
+        total = e.sum(1, keepdims=True)                                # (M, 1)
+        logp = z - self.xp.log(total)                                  # log softmax
         onehot = (codes.reshape(-1, 1) == self.xp.arange(K)).astype(z.dtype)  # (M, K)
         nll = -(onehot * logp).sum() / z.shape[0]
-        self.cache = (self.xp.exp(logp), onehot, logits.shape, cond is not None, cond_codes is not None)
+        self.cache = (e / total, onehot, logits.shape, cond is not None, cond_codes is not None)  # softmax
         return {"loss": nll, "bits_per_code": nll / math.log(2)}
 
     def backward(self):
@@ -553,17 +594,26 @@ class PixelCNN:
         return dcond if has_cond else None
 
     def train_step(self, codes, opt, labels=None, cond=None, cond_codes=None):
-        stats = self.loss(codes, labels, cond, cond_codes)
-        self.backward()
-        opt.step(self.grads)
+        """One step of Adam on a batch. A step whose gradients are not finite raises
+        NonFiniteError and changes nothing (the dropout step counter is put back too)."""
+        before = {k: v.copy() for k, v in self.buffers.items()}
+        try:
+            stats = self.loss(codes, labels, cond, cond_codes, train=True)
+            self.backward()
+            opt.step(self.grads)
+        except NonFiniteError:
+            for k, v in before.items():
+                self.buffers[k][...] = v
+            raise
         return stats
 
     # --- checkpoints: .npz, config as a JSON string, loaded with allow_pickle=False
     def state_dict(self):
-        return {k: to_numpy(v) for k, v in self.params.items()}
+        """Host copies of every parameter and buffer, by name."""
+        return {k: to_numpy(v) for k, v in {**self.params, **self.buffers}.items()}
 
     def load_state_dict(self, state):
-        load_arrays(self.params, state, self.xp)
+        load_arrays({**self.params, **self.buffers}, state, self.xp)
 
     def save(self, path):
         np.savez(path, config=np.array(json.dumps(asdict(self.cfg))), **self.state_dict())

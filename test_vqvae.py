@@ -1723,6 +1723,83 @@ def test_receptive_field_of_a_three_layer_3x3_prior():
 
 
 # -----------------------------------------------------------------------------
+# prior.py: dropout
+
+
+@given(prior_case(), st.sampled_from([0.2, 0.5]))
+def test_prior_with_dropout_gradients_match_finite_differences_with_the_masks_fixed(case, rate):
+    cfg, (N, h, w), seed = case
+    model = tiny_prior(**cfg, dropout=rate, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
+    labels, cond = conditioning(model, N, h, w, rng)
+
+    def f():                                                           # the same batch: the same masks
+        model.buffers["dropout.step"][...] = 5
+        return model.loss(codes, labels, cond, train=True)["loss"]
+    f()
+    assert any(layer.drop.cache is not None and (layer.drop.cache == 0).any() for layer in model.layers) or \
+        N * h * w * cfg["channels"] * cfg["layers"] < 8                # dropout did drop something
+    dcond = model.backward()
+    grads = dict({k: g.copy() for k, g in model.grads.items()}, cond=dcond)
+    relu_inputs = [layer.cache for layer in model.head.layers if isinstance(layer, V.ReLU)]
+    assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)       # +-eps flips no ReLU
+    check_sampled_grads(f, grads, dict(model.params, **({"cond": cond} if cond is not None else {})), rng, 4)
+
+
+def test_dropout_keeps_each_number_with_probability_one_minus_p_and_scales_it():
+    layer = P.Dropout(0.25)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 64))
+    y = layer.forward(x, np.random.default_rng(1))
+    kept = y != 0
+    assert abs(kept.mean() - 0.75) < 0.02                              # 16,384 numbers: 4 sigma is 0.014
+    np.testing.assert_allclose(y[kept], x[kept] / 0.75, rtol=1e-15)
+    dy = np.random.default_rng(2).standard_normal(x.shape)
+    np.testing.assert_allclose(layer.backward(dy), np.where(kept, dy / 0.75, 0), rtol=1e-15)
+    assert layer.forward(x) is x and layer.backward(dy) is dy         # evaluation: the identity
+
+
+def test_prior_dropout_acts_in_training_only_and_its_masks_follow_the_step():
+    rng = np.random.default_rng(0)
+    codes, labels = rng.integers(0, 5, (2, 4, 4)), np.array([0, 2])
+    model = tiny_prior(channels=8, num_classes=3, dropout=0.3)
+    plain = tiny_prior(channels=8, num_classes=3)                      # the same draws: the same weights
+    np.testing.assert_array_equal(model.loss(codes, labels)["loss"], plain.loss(codes, labels)["loss"])
+    first = model.loss(codes, labels, train=True)["loss"]
+    second = model.loss(codes, labels, train=True)["loss"]
+    assert first != second and int(model.buffers["dropout.step"]) == 2  # a new mask for each batch
+    model.buffers["dropout.step"][...] = 0
+    assert model.loss(codes, labels, train=True)["loss"] == first      # masks are a function of (seed, step)
+    np.testing.assert_array_equal(P.sample(model, 2, 3, 3, 0, 1.0, labels),   # sampling: evaluation mode
+                                  P.sample(plain, 2, 3, 3, 0, 1.0, labels))
+
+
+def test_prior_with_dropout_resumes_exactly_and_a_non_finite_step_changes_nothing(tmp_path):
+    rng = np.random.default_rng(0)
+    codes, labels = rng.integers(0, 5, (6, 4, 4)), rng.integers(0, 3, 6)
+    straight = tiny_prior(channels=8, num_classes=3, dropout=0.3, dtype="float32")
+    opt = V.Adam(straight.params, lr=1e-2)
+    for s in range(4):
+        straight.train_step(codes, opt, labels)
+        if s == 1:
+            T.save_checkpoint(tmp_path / "prior.npz", straight, opt, 2, 0.0)
+    resumed = tiny_prior(channels=8, num_classes=3, dropout=0.3, dtype="float32")
+    resumed_opt = V.Adam(resumed.params, lr=1e-2)
+    assert T.load_checkpoint(tmp_path / "prior.npz", resumed, resumed_opt)[0] == 2
+    for _ in range(2):
+        resumed.train_step(codes, resumed_opt, labels)
+    for k, v in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[k], v, err_msg=k)
+    before = {k: v.copy() for k, v in resumed.state_dict().items()}
+    resumed.params["head.3.b"][0] = np.inf                             # every logit of code 0 infinite
+    with np.errstate(invalid="ignore"), pytest.raises(V.NonFiniteError):
+        resumed.train_step(codes, resumed_opt, labels)
+    resumed.params["head.3.b"][0] = before["head.3.b"][0]
+    assert resumed_opt.t == 4
+    for k, v in resumed.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)         # the dropout step counter too
+
+
 # prior.py: model: loss, conditioning, training, dtype, checkpoints, input checks
 
 
