@@ -2941,7 +2941,8 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
     common = ["--data", str(tmp_path / "x.npy"), "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer,
-              "--levels", str(levels), "--prior-attention-every", str(levels - 1), *TINY, *extra]
+              "--levels", str(levels), "--prior-attention-every", str(levels - 1), *TINY, *extra,
+              "--prior-warmup", "2", "--prior-decay-steps", "4", "--prior-flip", "--prior-dropout", "0.2"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert T.main([*common, "--out", straight, "--steps", "8", "--prior-steps", "4"]) == 0
     assert T.main([*common, "--out", split, "--steps", "4", "--stage", "vqvae"]) == 0
@@ -2952,6 +2953,46 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quan
         b = [m["loss"] for m in metric_lines(split, stage) if "loss" in m]
         assert len(a) == len(b) == (8 if stage == "vqvae" else 4)
         assert a == b, stage                                           # bit for bit on CPU
+
+
+def test_prior_learning_rate_warms_up_linearly_then_decays_linearly_to_a_tenth():
+    cfg = T.TrainConfig(prior_lr=4e-3, prior_warmup=4, prior_decay_steps=12)
+    lrs = [T.prior_lr_at(cfg, s) for s in range(15)]
+    np.testing.assert_allclose(lrs[:4], [1e-3, 2e-3, 3e-3, 4e-3])    # (s + 1) / warmup of the peak
+    np.testing.assert_allclose(lrs[4:], [4e-4 + 3.6e-3 * (12 - s) / 8 for s in range(4, 12)] + [4e-4] * 3)
+    assert T.prior_lr_at(T.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_decay_steps=5), 0) == 1e-3
+    old = T.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_steps=10)  # a config.json from before: decay_steps 0
+    np.testing.assert_allclose(T.prior_lr_at(old, 5), 1e-3 * (0.1 + 0.9 * 5 / 10))
+    with pytest.raises(ValueError, match="--prior-warmup must be at least 0"):
+        T.TrainConfig(prior_warmup=-1)
+
+
+def test_prior_training_set_adds_the_codes_of_the_mirrored_images_with_their_labels():
+    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, res_blocks=1, codebook_size=16, code_dim=4, levels=2), device="cpu")
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(5)
+    (top, bottom), both = T.prior_training_set(model, images, labels, mirror=True)
+    plain, no_labels = T.prior_training_set(model, images, labels, mirror=False)
+    assert top.shape == (10, 2, 2) and bottom.shape == (10, 4, 4)
+    np.testing.assert_array_equal(both, np.r_[labels, labels])
+    for level, codes in enumerate((top, bottom)):
+        np.testing.assert_array_equal(codes[:5], plain[level])
+        np.testing.assert_array_equal(codes[5:], T.encode_all(model, images[:, :, ::-1])[level])
+    np.testing.assert_array_equal(no_labels, labels)
+    assert T.prior_training_set(model, images, None, mirror=True)[1] is None
+
+
+def test_mirroring_is_on_by_default_for_data_a_mirror_keeps_in_its_class_only(tmp_path):
+    parser = T.build_parser()
+    for data, expected in [("shapes", True), ("cifar10", True), ("mnist", False), ("fashion-mnist", False),
+                           ("x.npy", False)]:
+        argv = ["--data", data, "--out", str(tmp_path / data)]
+        cfg = T.configs_from_args(parser, parser.parse_args(argv), argv)[0]
+        assert cfg.prior_flip is expected, data
+        assert cfg.prior_decay_steps == cfg.prior_steps                # fixed when the run starts
+    argv = ["--data", "mnist", "--prior-flip", "--prior-steps", "9", "--prior-decay-steps", "7"]
+    cfg = T.configs_from_args(parser, parser.parse_args(argv), argv)[0]
+    assert cfg.prior_flip and cfg.prior_decay_steps == 7
 
 
 @pytest.mark.parametrize("quantizer, flags, K", [("rvq", ["--rvq-stages", "3", "--kmeans-init", "--restart-threshold", "1"], 16),

@@ -422,8 +422,11 @@ class TrainConfig:
     eval_every: int = 500         # held-out evaluation, pictures and a checkpoint
     prior_steps: int = 1500       # PixelCNN prior training steps
     prior_batch_size: int = 32
-    prior_lr: float = 2e-3         # measured against 1e-3 and 3e-3 (README): the best per step of the default run
+    prior_lr: float = 4e-3        # the prior's peak learning rate, reached after ...
+    prior_warmup: int = 150       # ... a linear warm-up over this many steps, then a linear decay ...
+    prior_decay_steps: int = 0    # ... to a tenth at this step (0: --prior-steps of the run's start); README
     prior_labels: bool = True     # condition the prior on the class labels, where the data has them
+    prior_flip: bool = True       # also train the prior on the codes of mirrored training images (where valid)
     temperature: float = 1.0      # of the samples drawn at the end ...
     top_k: int = 0                # ... from the k most likely codes only (0: all) ...
     top_p: float = 1.0            # ... from the most likely codes that reach this probability (1: all)
@@ -441,6 +444,9 @@ class TrainConfig:
         for name in ("lr", "prior_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("prior_warmup", "prior_decay_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -592,6 +598,20 @@ def prior_grid(codes):
     """A level's codes as the grid its prior models: residual codes (N, S, h, w) become
     (N, h, w S), a position's S codes side by side (ResidualVQ.to_grid)."""
     return vqvae.ResidualVQ.to_grid(codes) if codes.ndim == 4 else codes
+
+
+def prior_training_set(model, images, labels, mirror):
+    """The priors' training grids, one array per level, coarsest first, and their labels (or
+    None). With mirror, also the codes of the images mirrored left to right, with the same
+    labels: twice the grids, for data whose classes a mirror keeps. They are encoded, not the
+    grids mirrored: the encoder's padding is not symmetric, and a mirrored image's codes differ
+    from its codes mirrored (for the default model, at 16 % of the positions)."""
+    codes = tuple(map(prior_grid, encode_all(model, images)))
+    if mirror:
+        mirrored = tuple(map(prior_grid, encode_all(model, images[:, :, ::-1])))  # (N, H, W, C): W reversed
+        codes = tuple(np.concatenate([a, b]) for a, b in zip(codes, mirrored))
+        labels = None if labels is None else np.concatenate([labels, labels])
+    return codes, labels
 
 
 def evaluate_prior(prior, codes, labels, cond_codes, batch_size, name):
@@ -1318,7 +1338,16 @@ def build_parser():
     prior = p.add_argument_group("PixelCNN prior")
     prior.add_argument("--prior-steps", type=int, default=t.prior_steps, help="prior training steps")
     prior.add_argument("--prior-batch-size", type=int, default=t.prior_batch_size, help="code grids per step")
-    prior.add_argument("--prior-lr", type=float, default=t.prior_lr, help="Adam learning rate of the prior")
+    prior.add_argument("--prior-lr", type=float, default=t.prior_lr, help="peak Adam learning rate of the prior ...")
+    prior.add_argument("--prior-warmup", type=int, default=t.prior_warmup, help="... reached after a linear warm-up "
+                                                                                 "over this many steps ...")
+    prior.add_argument("--prior-decay-steps", type=int, default=t.prior_decay_steps,
+                       help="... then decayed linearly to a tenth of it at this step (0: at --prior-steps)")
+    prior.add_argument("--prior-dropout", type=float, default=pc.dropout,
+                       help="dropout rate in the gated layers, in training (0: none)")
+    prior.add_argument("--prior-flip", default=None, action=argparse.BooleanOptionalAction,
+                       help="also train the prior on the codes of horizontally mirrored training images (default: "
+                            f"on for {' and '.join(MIRROR_INVARIANT)}, whose classes a mirror keeps; off otherwise)")
     prior.add_argument("--prior-channels", type=int, default=pc.channels, help="p: channels of each stack")
     prior.add_argument("--prior-layers", type=int, default=pc.layers, help="L: gated layers")
     prior.add_argument("--prior-kernel", type=int, default=pc.kernel, help="k: odd kernel size")
@@ -1342,7 +1371,9 @@ MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "codebook_size", 
                "lfq_temperature", "gumbel_kl_weight", "gumbel_temperature", "gumbel_temperature_min",
                "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
-               "prior_heads": "heads", "prior_attention_every": "attention_every"}
+               "prior_heads": "heads", "prior_attention_every": "attention_every", "prior_dropout": "dropout"}
+MIRROR_INVARIANT = ("shapes", "shapes64", "cifar10")  # the built-in data a horizontal mirror keeps in its class (a triangle
+                                          # stays apex up); not digits, nor clothes (a shoe points left)
 RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "top_k", "top_p",
              "resume", "evaluate",
              "judge_steps", "eval_images"}
@@ -1412,6 +1443,10 @@ def configs_from_args(parser, args, argv):
         return cfg, model_cfg, priors, run, True
     if args.stage == "prior":
         raise UserError("--stage prior trains a prior for an existing run: add --resume RUN_DIR")
+    if args.prior_flip is None:
+        args.prior_flip = args.data in MIRROR_INVARIANT
+    if args.prior_decay_steps == 0:                                     # fixed now: a resumed run keeps its schedule
+        args.prior_decay_steps = args.prior_steps
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     model_cfg = vqvae.Config(**{k: getattr(args, k) for k in MODEL_FLAGS}, seed=args.seed)
     settings = {v: getattr(args, k) for k, v in PRIOR_FLAGS.items()}
@@ -1427,12 +1462,28 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     the top codes, each of which covers 2 x 2 bottom positions."""
     attention = settings["attention_every"]
     base = dict(codebook_size=model_cfg.num_codes, channels=settings["channels"], layers=settings["layers"],
-                kernel=settings["kernel"], heads=settings["heads"], num_classes=num_classes, dtype=model_cfg.dtype)
+                kernel=settings["kernel"], heads=settings["heads"], dropout=settings["dropout"], num_classes=num_classes,
+                dtype=model_cfg.dtype)
     top = P.PriorConfig(**base, seed=seed, attention_every=(4 if model_cfg.levels == 2 else 0) if attention is None else attention)
     if model_cfg.levels == 1:
         return [top]
     return [top, P.PriorConfig(**base, seed=seed + 1, cond_codebook_size=model_cfg.num_codes,
                                cond_channels=settings["channels"], cond_upsample=2)]
+
+
+def prior_lr_at(cfg, step):
+    """The prior's learning rate at a step (from 0): up linearly from 0 to --prior-lr over
+    --prior-warmup steps, then down linearly to a tenth of it at --prior-decay-steps, and a
+    tenth after that (a run resumed with more --prior-steps trains on at that rate). Adam's
+    first steps, with second moments estimated from a few batches, are the least reliable: the
+    warm-up keeps them small. The decay ends training at a low rate, where the last steps
+    average out the batch-to-batch noise instead of following it."""
+    peak, warmup = cfg.prior_lr, cfg.prior_warmup
+    end = cfg.prior_decay_steps or cfg.prior_steps                     # 0: a config.json from before the schedule
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    left = max(0.0, (end - step) / max(1, end - warmup))               # 1 at the peak, 0 from `end` on
+    return peak * (0.1 + 0.9 * left)
 
 
 def check_batch_sizes(cfg, n_train):
@@ -1598,10 +1649,11 @@ def train(argv):
         # -- stage 2: a PixelCNN prior over each level's codes (the bottom one given the top codes), then samples
         if cfg.stage in ("prior", "all"):
             vqvae_sha256 = fingerprint(model)                          # recorded in each prior's checkpoint
-            print(f"encoding {len(train_images) + len(test_images)} images to codes", file=sys.stderr)
-            codes_train = tuple(map(prior_grid, encode_all(model, train_images)))
+            print(f"encoding {len(train_images) * (1 + cfg.prior_flip) + len(test_images)} images to codes"
+                  + (" (the training images also mirrored)" if cfg.prior_flip else ""), file=sys.stderr)
+            codes_train, labels_train = prior_training_set(model, train_images, data["train_labels"] if num_classes
+                                                           else None, cfg.prior_flip)
             codes_test = tuple(map(prior_grid, encode_all(model, test_images)))
-            labels_train = data["train_labels"] if num_classes else None
             labels_test = data["test_labels"] if num_classes else None
             priors, prior_wall = [], 0.0
             for level, (name, prior, prior_opt, start, wall_before) in enumerate(levels):
@@ -1609,6 +1661,7 @@ def train(argv):
                 t_prior = time.time()
 
                 def prior_train_step(s):
+                    prior_opt.lr = prior_lr_at(cfg, s)
                     idx = batch_indices(cfg.seed + 1 + level, s, len(codes), cfg.prior_batch_size)
                     return prior.train_step(codes[idx], prior_opt, None if labels_train is None else labels_train[idx],
                                             cond_codes=None if cond is None else cond[idx])
