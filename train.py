@@ -13,6 +13,7 @@ recon_<step>.png grids (originals over reconstructions), recon.png, prior.npz, s
 evaluation.json with judge_seed0.npz, and summary.json.
 """
 import argparse
+import functools
 import gzip
 import hashlib
 import html
@@ -335,8 +336,16 @@ def batch_indices(seed, step, n, batch_size):
     any step's batch can be recomputed from the step alone, which makes resuming exact."""
     per_epoch = n // batch_size
     epoch, i = divmod(step, per_epoch)
+    return epoch_order(seed, epoch, n)[i * batch_size:(i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    """The shuffle of one epoch, read-only, kept while the epoch lasts: drawing a permutation of
+    20,000 takes 0.6 ms, more than 1 % of a prior step of 8 grids."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[i * batch_size:(i + 1) * batch_size]
+    order.flags.writeable = False
+    return order
 
 
 # -----------------------------------------------------------------------------
