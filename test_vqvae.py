@@ -3515,7 +3515,7 @@ def test_precision_and_recall_are_one_against_itself_zero_far_away_and_order_fre
 def test_evaluate_writes_its_figures_and_keeps_its_judge(tmp_path, tiny_data, capsys):
     run = tiny_run(tmp_path, tiny_data)                                # ends with the evaluation
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("fd_samples_recon", "fd_recon_halves", "fd_recon_real", "fd_real_halves", "precision_samples",
+    for key in ("fd_samples_recon", "fd_samples_real", "fd_recon_halves", "fd_recon_real", "fd_real_halves", "precision_samples",
                 "recall_samples", "evaluate_time_s"):
         assert key in summary and np.isfinite(summary[key]), key
     assert "accuracy_real" not in summary                              # no labels: a rotation judge, no classes
@@ -3541,6 +3541,7 @@ def test_evaluate_on_labelled_data_reports_the_judge_accuracy(tmp_path):
     fig = T.sample_figures(judge, x[40:], x[40:], x[40:][::-1], y[40:], y[40:][::-1])
     assert fig["accuracy_real"] == fig["accuracy_recon"] == fig["accuracy_samples"] >= 0.9
     assert fig["fd_recon_real"] == fig["fd_real_halves"]               # the same images: the figure is its floor
+    assert abs(fig["fd_samples_real"]) < 1e-5 * fig["fd_real_halves"]  # samples[:10] are real[10:], reversed
     assert (fig["precision_recon"], fig["recall_recon"]) == (fig["precision_real_halves"], fig["recall_real_halves"])
 
 

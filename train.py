@@ -854,6 +854,7 @@ def sample_figures(judge, real, recon, samples, real_labels=None, sample_labels=
     if samples is not None:
         f_smp, p_smp = judge.embed(samples)
         fig["fd_samples_recon"] = frechet_distance(f_smp[A], f_rec[B])
+        fig["fd_samples_real"] = frechet_distance(f_smp[A], f_real[B])  # both gaps: the prior's and the decoder's
         fig["precision_samples"], fig["recall_samples"] = precision_recall(f_real[A], f_smp[B])
     if real_labels is not None and not judge.cfg.rotations:
         fig["accuracy_real"] = float((p_real == real_labels).mean())
@@ -909,6 +910,7 @@ def evaluation_table(ev):
     """The figures as a small table, each beside the floor it is read against."""
     rows = [("Frechet distance in the judge's features", "", ""),
             ("  samples to reconstructions", ev.get("fd_samples_recon"), ev["fd_recon_halves"]),
+            ("  samples to real images", ev.get("fd_samples_real"), ev["fd_real_halves"]),
             ("  reconstructions to real images", ev["fd_recon_real"], ev["fd_real_halves"]),
             ("precision against real held-out images", "", ""),
             ("  samples", ev.get("precision_samples"), ev["precision_real_halves"]),
