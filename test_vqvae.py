@@ -2835,7 +2835,8 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
         assert f["top_codes"].shape == (2, 2, 2) and f["codes"].shape == (2, 4, 4)
 
 
-ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--disc-width", "4"]
+ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--disc-width", "4", "--adam-beta1", "0.5",
+               "--adam-beta2", "0.9"]
 
 
 @pytest.mark.parametrize("quantizer, levels, extra", [("vq", 1, []), ("ema", 1, ["--restart-threshold", "2"]),
@@ -3158,6 +3159,7 @@ def test_a_prior_is_never_paired_with_the_codes_of_another_vqvae_state(tmp_path,
     (["--ema-decay", "1"], "ema_decay must be in (0, 1), got 1.0"),
     (["--gumbel-temperature", "inf", "--quantizer", "gumbel"], "gumbel_temperature must be a finite number, got inf"),
     (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
     (["--adversarial", "--disc-weight", "-1"], "--disc-weight must be a finite number >= 0, got -1.0"),
     (["--adversarial", "--disc-start", "-5"], "--disc-start must be a step >= 0, got -5"),
     (["--adversarial", "--disc-lr", "nan"], "disc_lr must be a finite number, got nan"),

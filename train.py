@@ -409,6 +409,8 @@ class TrainConfig:
     steps: int = 3000             # VQ-VAE training steps
     batch_size: int = 32
     lr: float = 1e-3
+    adam_beta1: float = 0.9       # the VQ-VAE's Adam: beta1 ...
+    adam_beta2: float = 0.999     # ... and beta2 (VQGAN's are 0.5 and 0.9; README)
     seed: int = 0                 # data order, initialisation and sampling
     device: str = "auto"
     log_every: int = 50
@@ -424,11 +426,11 @@ class TrainConfig:
     judge_steps: int = 1500       # training steps of the evaluation's judge network
     eval_images: int = 1000       # held-out images the evaluation measures, and as many samples
     adversarial: bool = False     # VQGAN's patch discriminator and adversarial loss (vqvae.VQGAN)
-    disc_start: int = 1000        # the VQ-VAE step at which the discriminator starts (trained and used)
+    disc_start: int = 500         # the VQ-VAE step at which the discriminator starts (trained and used)
     disc_weight: float = 0.8      # w of the adaptive weight lambda (VQGAN's discriminator_weight)
-    disc_layers: int = 2          # stride-2 convolutions of the discriminator
-    disc_width: int = 32          # channels of its first convolution (then 2x each layer, at most 8x)
-    disc_lr: float = 1e-3         # Adam learning rate of the discriminator
+    disc_layers: int = 2          # stride-2 convolutions of the discriminator (32 x 32: 6 x 6 patches of 34 px)
+    disc_width: int = 16          # channels of its first convolution (then 2x each layer, at most 8x)
+    disc_lr: float = 1e-3         # Adam learning rate of the discriminator (the VQ-VAE's)
 
     def __post_init__(self):
         """Every setting checked before anything is read or trained; a ValueError names it."""
@@ -448,6 +450,9 @@ class TrainConfig:
             raise ValueError(f"--top-p must be in (0, 1] (1: no truncation), got {self.top_p}")
         if self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.disc_start < 0:
             raise ValueError(f"--disc-start must be a step >= 0, got {self.disc_start}")
         if not self.disc_weight >= 0:
@@ -465,7 +470,7 @@ class TrainConfig:
 
 
 STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
-DISC_BETAS = (0.5, 0.9)  # the discriminator's Adam, as VQGAN's (both its networks); measured in the README
+DISC_BETAS = (0.5, 0.9)  # the discriminator's Adam: VQGAN's (for both its networks), the usual beta1 of GANs; not tuned here
 
 
 def check_finite(arrays, what):
@@ -1295,6 +1300,8 @@ def build_parser():
     model.add_argument("--steps", type=int, default=t.steps, help="VQ-VAE training steps")
     model.add_argument("--batch-size", type=int, default=t.batch_size, help="images per step")
     model.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
+    model.add_argument("--adam-beta1", type=float, default=t.adam_beta1, help="Adam's beta1 for the VQ-VAE (VQGAN: 0.5)")
+    model.add_argument("--adam-beta2", type=float, default=t.adam_beta2, help="Adam's beta2 for the VQ-VAE (VQGAN: 0.9)")
     model.add_argument("--hidden", type=int, default=64, help="H: encoder/decoder channels")
     model.add_argument("--res-hidden", type=int, default=32, help="RH: residual block hidden channels")
     model.add_argument("--res-blocks", type=int, default=m.res_blocks, help="R: residual blocks")
@@ -1527,7 +1534,7 @@ def train(argv):
 
     # -- models, optimisers, run folder
     model = vqvae.VQVAE(model_cfg, device=cfg.device)
-    opt = vqvae.Adam(model.params, lr=cfg.lr)
+    opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     xp, device = model.xp, "gpu" if model.xp is not np else "cpu"
     gan = disc = disc_opt = None
     if cfg.adversarial:                                                # a stream of its own: the VQ-VAE starts as without
