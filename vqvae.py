@@ -11,6 +11,7 @@ sg[.] is the stop-gradient. The decoder's gradient reaches the encoder through t
 unchanged (the straight-through estimator), the codebook term moves only the codebook, and the
 commitment term (beta = 0.25) moves only the encoder. With the EMA variant (paper appendix A.1)
 the codebook follows moving averages of the encoder outputs instead of its loss term.
+VQGAN's adversarial patch loss (Esser et al. 2021) is a section of its own near the end.
 
 Conventions used everywhere below:
 - activations are channels-last, (N, H, W, C): an im2col patch is then one reshape and a
@@ -1565,8 +1566,8 @@ class VQGAN:
         lam = self.weight * adaptive_weight(G_L.weight_grad(dx_rec), G_L.weight_grad(dx_gan))  # eq. 7, sg[]: a constant
         # the discriminator's term: real images and the reconstructions as plain data, sg[x_hat]
         N = len(x)
-        logits = self.disc.forward(xp.concatenate([x, x_hat]))         # (2N, h, w, 1): no batch statistics, so
-        disc_loss, d_real, d_fake = hinge_d_loss(logits[:N], logits[N:])  # one pass is two passes
+        logits = self.disc.forward(xp.concatenate([x, x_hat]))         # (2N, h, w, 1): D has no batch statistics,
+        disc_loss, d_real, d_fake = hinge_d_loss(logits[:N], logits[N:])  # so one pass of both is two passes
         self.cache = (dx_rec + lam * dx_gan, xp.concatenate([d_real, d_fake]))
         stats.update(loss=stats["loss"] + lam * gan, gan=gan, gan_weight=lam, disc_loss=disc_loss,
                      logits_real=logits[:N].mean(), logits_fake=logits[N:].mean())
@@ -1581,7 +1582,9 @@ class VQGAN:
         self.disc.backward(dlogits)                                    # L_D: D only (x_hat was data to it)
 
     def train_step(self, x, opt, disc_opt, step):
-        """One step of both Adams at training step `step` (from 0). Every gradient is checked
+        """One step of both Adams at training step `step` (from 0). Both networks' gradients come
+        from one forward (taming-transformers runs a second one for D's step, after the VQ-VAE's
+        update: there D learns from reconstructions one step newer). Every gradient is checked
         before either optimiser changes anything: a step that is not finite raises NonFiniteError
         and leaves the VQ-VAE (EMA state included), D and both Adams as they were."""
         adversarial = step >= self.start
