@@ -3845,3 +3845,21 @@ def test_an_adversarial_run_keeps_its_discriminator_in_the_checkpoint_and_refuse
     assert "cannot resume from this checkpoint (ValueError: checkpoint has no array 'disc.2.W')" in one_error_line(capsys)
     assert T.main(["--resume", str(run), "--no-adversarial"]) == 1
     assert "cannot change --adversarial when resuming" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+def test_adversarial_steps_numpy_and_cupy_agree():
+    cfg = V.Config(hidden=32, res_hidden=8, codebook_size=32, code_dim=8, quantizer="ema", dtype="float64")
+    runs = []
+    for device, xp in (("cpu", np), ("gpu", V.cupy)):
+        disc = V.PatchDiscriminator(3, 4, 2, init=V.uniform_init(np.random.default_rng(1), xp, "float64"))
+        gan = V.VQGAN(V.VQVAE(cfg, device=device), disc, 0.8, start=1)
+        runs.append((gan, V.Adam(gan.model.params, lr=1e-3), V.Adam(disc.params, lr=1e-3, betas=(0.5, 0.9))))
+    x = np.random.default_rng(0).random((4, 16, 16, 3))
+    for step in range(3):                                              # step 0 without D, then with it
+        sc, sg = [gan.train_step(x, opt, disc_opt, step) for gan, opt, disc_opt in runs]
+        np.testing.assert_allclose(float(sc["loss"]), float(sg["loss"]), rtol=1e-9)
+    (cpu, _, _), (gpu, _, _) = runs
+    for k, v in {**cpu.model.state_dict(), **{f"disc.{k}": a for k, a in cpu.disc.params.items()}}.items():
+        other = gpu.model.state_dict()[k] if not k.startswith("disc.") else V.to_numpy(gpu.disc.params[k[5:]])
+        np.testing.assert_allclose(other, v, rtol=1e-7, atol=1e-9, err_msg=k)
