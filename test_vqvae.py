@@ -283,7 +283,7 @@ def test_layers_keep_float32():
     init = V.uniform_init(rng, np, "float32")
     x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
     for layer in (V.Conv2d(3, 4, 3, 1, 1, init), V.ConvTranspose2d(3, 4, 4, 2, 1, init),
-                  V.ReLU(), V.ResidualBlock(3, 2, init)):
+                  V.ReLU(), V.LeakyReLU(0.2), V.ResidualBlock(3, 2, init), V.PatchDiscriminator(3, 2, 1, init=init)):
         y = layer.forward(x)
         dx = layer.backward(np.ones_like(y))
         assert y.dtype == dx.dtype == np.float32
@@ -2936,8 +2936,13 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
         assert f["top_codes"].shape == (2, 2, 2) and f["codes"].shape == (2, 4, 4)
 
 
+ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--disc-width", "4", "--adam-beta1", "0.5",
+               "--adam-beta2", "0.9"]
+
+
 @pytest.mark.parametrize("quantizer, levels, extra", [("vq", 1, []), ("ema", 1, ["--restart-threshold", "2"]),
-                                                     ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, [])])
+                                                     ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, []),
+                                                     ("ema", 1, ADVERSARIAL)])
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
     common = ["--data", str(tmp_path / "x.npy"), "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer,
@@ -3296,6 +3301,12 @@ def test_a_prior_is_never_paired_with_the_codes_of_another_vqvae_state(tmp_path,
     (["--ema-decay", "1"], "ema_decay must be in (0, 1), got 1.0"),
     (["--gumbel-temperature", "inf", "--quantizer", "gumbel"], "gumbel_temperature must be a finite number, got inf"),
     (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
+    (["--adversarial", "--disc-weight", "-1"], "--disc-weight must be a finite number >= 0, got -1.0"),
+    (["--adversarial", "--disc-start", "-5"], "--disc-start must be a step >= 0, got -5"),
+    (["--adversarial", "--disc-lr", "nan"], "disc_lr must be a finite number, got nan"),
+    (["--adversarial", "--disc-width", "0"], "--disc-width must be at least 1, got 0"),
+    (["--adversarial", "--disc-layers", "2"], "--disc-layers 2 leaves no patch of a 8 x 8 image to judge: give fewer"),
 ])
 def test_bad_settings_stop_the_run_before_anything_is_written(tmp_path, tiny_data, capsys, flags, message):
     run = tmp_path / "run"
@@ -3338,6 +3349,7 @@ def test_resume_sees_flags_in_every_spelling_and_never_goes_back(tmp_path, tiny_
                            (["--codebook-size=64"], "cannot change --codebook-size when resuming"),
                            (["--kmeans-init"], "cannot change --kmeans-init when resuming"),
                            (["--no-prior-labels", "--lr=0.1"], "cannot change --lr, --prior-labels when resuming"),
+                           (["--adversarial", "--disc-weight", "2"], "cannot change --adversarial, --disc-weight when resuming"),
                            (["--steps", "2"], "is at step 4: --steps 2 would go back; give --steps 4 or more"),
                            (["--prior-steps", "1"], "prior.npz is at step 2: --prior-steps 1 would go back")]:
         assert T.main(["--resume", str(run), *flags]) == 1, flags
@@ -3647,7 +3659,7 @@ def test_precision_and_recall_are_one_against_itself_zero_far_away_and_order_fre
 def test_evaluate_writes_its_figures_and_keeps_its_judge(tmp_path, tiny_data, capsys):
     run = tiny_run(tmp_path, tiny_data)                                # ends with the evaluation
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("fd_samples_recon", "fd_recon_halves", "fd_recon_real", "fd_real_halves", "precision_samples",
+    for key in ("fd_samples_recon", "fd_samples_real", "fd_recon_halves", "fd_recon_real", "fd_real_halves", "precision_samples",
                 "recall_samples", "evaluate_time_s"):
         assert key in summary and np.isfinite(summary[key]), key
     assert "accuracy_real" not in summary                              # no labels: a rotation judge, no classes
@@ -3673,6 +3685,7 @@ def test_evaluate_on_labelled_data_reports_the_judge_accuracy(tmp_path):
     fig = T.sample_figures(judge, x[40:], x[40:], x[40:][::-1], y[40:], y[40:][::-1])
     assert fig["accuracy_real"] == fig["accuracy_recon"] == fig["accuracy_samples"] >= 0.9
     assert fig["fd_recon_real"] == fig["fd_real_halves"]               # the same images: the figure is its floor
+    assert abs(fig["fd_samples_real"]) < 1e-5 * fig["fd_real_halves"]  # samples[:10] are real[10:], reversed
     assert (fig["precision_recon"], fig["recall_recon"]) == (fig["precision_real_halves"], fig["recall_real_halves"])
 
 
@@ -3791,3 +3804,204 @@ def test_sample_command_truncates_with_top_k_and_top_p(tmp_path, tiny_data, caps
     assert "--top-p in (0, 1], got 0 and 0.0" in one_error_line(capsys)
     assert T.main(["--resume", str(run), "--top-k", "-2"]) == 1
     assert "--top-k must be at least 0" in one_error_line(capsys)
+
+
+# -----------------------------------------------------------------------------
+# adversarial training (VQGAN): LeakyReLU, the patch discriminator, its losses, the adaptive weight
+
+
+def tiny_disc(in_ch, width, layers, seed):
+    return V.PatchDiscriminator(in_ch, width, layers, init=f64_init(seed + 1))
+
+
+def leaky_inputs(disc):
+    """The inputs of D's LeakyReLUs in its latest forward, to keep finite differences off their kink."""
+    return [layer.cache for layer in disc.layers if isinstance(layer, V.LeakyReLU)]
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.floats(0.01, 0.5), seeds)
+def test_leaky_relu_gradient_is_one_or_the_slope(N, C, slope, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, 3, 3, C))
+    assume(np.min(np.abs(x)) > 1e-3)                                   # away from the kink at 0
+    layer = V.LeakyReLU(slope)
+    np.testing.assert_array_equal(layer.forward(x), np.where(x > 0, x, slope * x))
+    check_layer_grads(layer, x, rng)
+
+
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(3, 4), seeds)
+def test_patch_discriminator_gradients_match_finite_differences_for_its_weights_and_input(layers, width, C, size, seed):
+    disc = tiny_disc(C, width, layers, seed % 1000)
+    rng = np.random.default_rng(seed)
+    H = size * 2 ** layers                                             # leaves a logit map of size - 2 >= 1
+    x = rng.standard_normal((2, H, H + 2 ** layers, C))
+    y = disc.forward(x)
+    assert y.shape == (2, *disc.patches(H, H + 2 ** layers), 1) and min(y.shape[1:3]) >= 1
+    assume(min(np.min(np.abs(a)) for a in leaky_inputs(disc)) > 1e-4)  # +-eps flips no LeakyReLU
+    check_layer_grads(disc, x, rng, tol=1e-5)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), seeds)
+def test_hinge_and_generator_losses_equal_their_formulas_and_gradients(N, h, seed):
+    rng = np.random.default_rng(seed)
+    real, fake = rng.standard_normal((N, h, h, 1)) * 2, rng.standard_normal((N, h + 1, h, 1)) * 2
+    assume(np.min(np.abs(np.abs(real) - 1)) > 1e-3 and np.min(np.abs(np.abs(fake) - 1)) > 1e-3)  # off the hinges
+    loss, d_real, d_fake = V.hinge_d_loss(real, fake)
+    assert np.isclose(loss, 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake))))
+    assert rel_error(d_real, numerical_grad(lambda: V.hinge_d_loss(real, fake)[0], real)) < 1e-6
+    assert rel_error(d_fake, numerical_grad(lambda: V.hinge_d_loss(real, fake)[0], fake)) < 1e-6
+    assert np.all(d_real[real > 1] == 0) and np.all(d_fake[fake < -1] == 0)   # beyond the margin: no push
+    g, d_g = V.generator_loss(fake)
+    assert np.isclose(g, -fake.mean())
+    assert rel_error(d_g, numerical_grad(lambda: V.generator_loss(fake)[0], fake)) < 1e-6
+    r32, f32 = real.astype(np.float32), fake.astype(np.float32)
+    assert all(a.dtype == np.float32 for a in (*V.hinge_d_loss(r32, f32), *V.generator_loss(f32)))
+
+
+@given(conv_shapes(), seeds)
+def test_conv_transpose_weight_grad_equals_backwards_and_leaves_grads_alone(shape, seed):
+    N, C, O, k, s, pad, H, W = shape
+    assume((H - 1) * s + k[0] > sum(pad[0]) and (W - 1) * s + k[1] > sum(pad[1]))
+    rng = np.random.default_rng(seed)
+    convt = V.ConvTranspose2d(C, O, k, s, pad, init=f64_init(seed))
+    y = convt.forward(rng.standard_normal((N, H, W, C)))
+    dy, other = rng.standard_normal(y.shape), rng.standard_normal(y.shape)
+    convt.backward(dy)
+    dW = convt.grads["W"].copy()
+    np.testing.assert_allclose(convt.weight_grad(dy), dW, rtol=1e-10, atol=1e-12)
+    convt.weight_grad(other)
+    assert np.array_equal(convt.grads["W"], dW)                        # .grads untouched
+    np.testing.assert_allclose(convt.weight_grad(dy + 2 * other), dW + 2 * convt.weight_grad(other), rtol=1e-9, atol=1e-12)
+
+
+def tiny_vqgan(seed, weight=0.5, quantizer="vq", dtype="float64"):
+    model = V.VQVAE(tiny_config(quantizer=quantizer, seed=seed, dtype=dtype), device="cpu")
+    disc = V.PatchDiscriminator(2, 2, 1, init=V.uniform_init(np.random.default_rng(seed + 1), np, dtype))
+    return V.VQGAN(model, disc, weight, start=0)
+
+
+@given(seeds)
+def test_adaptive_weight_is_the_ratio_of_the_full_gradients_at_the_last_layer(seed):
+    """lambda from the last layer's weight_grad shortcut equals |g_rec| / (|g_gan| + delta) with
+    g_rec and g_gan the gradients of each loss at W_L by central differences through the whole
+    network (and, for g_rec, the full backward's)."""
+    gan = tiny_vqgan(seed % 1000, weight=0.7)
+    model, disc = gan.model, gan.disc
+    x = np.random.default_rng(seed).standard_normal((2, 8, 8, 2))
+    stats = gan.forward(x, train=False)
+    W_L = model.last_layer.params["W"]
+    disc.forward(model.cache[1])
+    assume(min(np.min(np.abs(a)) for a in leaky_inputs(disc)) > 1e-4)  # +-eps flips no LeakyReLU
+    def gan_loss():
+        model.forward(x, train=False)
+        return -disc.forward(model.cache[1]).mean()                     # L_GAN = -mean D(x_hat)
+    g_rec = numerical_grad(lambda: model.forward(x, train=False)["recon"], W_L)
+    g_gan = numerical_grad(gan_loss, W_L)
+    model.forward(x, train=False)
+    model.backward()                                                   # the full backward of the recon term
+    assert rel_error(model.last_layer.grads["W"], g_rec, 1e-3) < 1e-6
+    expected = np.linalg.norm(g_rec) / (np.linalg.norm(g_gan) + 1e-4)
+    assert abs(stats["gan_weight"] / 0.7 - expected) <= 1e-6 * expected
+    assert V.adaptive_weight(np.ones(3), np.zeros(3)) == 1e4           # clipped where L_GAN's gradient vanishes
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+@given(seed=seeds)
+def test_adversarial_step_gradients_are_those_of_recon_plus_lambda_gan_with_lambda_held(quantizer, seed):
+    """The VQ-VAE's gradients from VQGAN's one decoder backward equal central differences of
+    recon + vq + lambda (-mean D(x_hat)) with lambda a constant (the stop-gradient of eq. 7), and
+    D's gradients those of the hinge loss with x_hat a constant."""
+    gan = tiny_vqgan(seed % 1000, quantizer=quantizer)
+    model, disc = gan.model, gan.disc
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 8, 8, 2))
+    stats = gan.forward(x, train=False)
+    gan.backward()
+    grads, disc_grads = {k: g.copy() for k, g in model.grads.items()}, {k: g.copy() for k, g in disc.grads.items()}
+    lam, x_hat = float(stats["gan_weight"]), model.cache[1].copy()
+    assert lam > 0
+    logits = disc.forward(np.concatenate([x, x_hat]))
+    kinks = [layer.cache for layer in all_layers(model) if isinstance(layer, V.ReLU)] + leaky_inputs(disc)
+    assume(min(np.min(np.abs(a)) for a in kinks) > 1e-4 and np.min(np.abs(np.abs(logits) - 1)) > 1e-4)
+    assume(freeze_stop_gradients(model, x) > 1e-4)
+    def loss():
+        stats = model.forward(x, train=False)
+        return stats["loss"] + lam * -disc.forward(model.cache[1]).mean()
+    check_sampled_grads(loss, grads, model.params, rng, 3)
+    check_sampled_grads(lambda: V.hinge_d_loss(disc.forward(x), disc.forward(x_hat))[0], disc_grads, disc.params, rng, 4)
+
+
+def test_before_disc_start_the_step_is_the_vqvae_step_and_the_discriminator_sleeps():
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2)).astype(np.float32)
+    gan, plain = tiny_vqgan(3, quantizer="ema", dtype="float32"), V.VQVAE(tiny_config(quantizer="ema", seed=3, dtype="float32"))
+    gan.start = 2
+    opt, disc_opt, plain_opt = V.Adam(gan.model.params), V.Adam(gan.disc.params), V.Adam(plain.params)
+    disc_before = {k: v.copy() for k, v in gan.disc.params.items()}
+    for step in range(2):
+        stats = gan.train_step(x, opt, disc_opt, step)
+        assert "gan" not in stats and stats["loss"] == plain.train_step(x, plain_opt)["loss"]
+    assert all(np.array_equal(v, plain.params[k]) for k, v in gan.model.params.items())
+    assert disc_opt.t == 0 and all(np.array_equal(v, disc_before[k]) for k, v in gan.disc.params.items())
+    stats = gan.train_step(x, opt, disc_opt, 2)                        # from step 2 on: both networks move
+    assert disc_opt.t == 1 and opt.t == 3 and stats["gan_weight"].dtype == np.float32
+    assert stats["loss"] == stats["recon"] + stats["vq"] + stats["gan_weight"] * stats["gan"]
+    assert not all(np.array_equal(v, disc_before[k]) for k, v in gan.disc.params.items())
+
+
+@pytest.mark.parametrize("where", ["everywhere", "discriminator only"])
+def test_a_non_finite_adversarial_step_changes_neither_network_nor_either_adam(where, monkeypatch):
+    gan = tiny_vqgan(0, quantizer="ema", dtype="float32")
+    model, disc = gan.model, gan.disc
+    opt, disc_opt = V.Adam(model.params, lr=1e-3), V.Adam(disc.params, lr=1e-3, betas=(0.5, 0.9))
+    rng = np.random.default_rng(0)
+    gan.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt, disc_opt, 0)  # moments and EMA not trivial
+    state = lambda: {**{f"m.{k}": v for k, v in {**model.params, **model.buffers}.items()}, **opt.state_dict(),
+                     **{f"d.{k}": v for k, v in disc.params.items()}, **{f"do.{k}": v for k, v in disc_opt.state_dict().items()}}
+    before = {k: np.copy(v) for k, v in state().items()}
+    x = np.full((2, 8, 8, 2), 1e30, np.float32)
+    if where == "discriminator only":                                  # the VQ-VAE's gradients finite, D's not
+        x = rng.standard_normal((2, 8, 8, 2)).astype(np.float32)
+        real_hinge = V.hinge_d_loss
+        monkeypatch.setattr(V, "hinge_d_loss", lambda r, f: (lambda l, dr, df: (l, dr * np.nan, df))(*real_hinge(r, f)))
+    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values: no parameter was changed"), \
+            np.errstate(all="ignore"):
+        gan.train_step(x, opt, disc_opt, 1)
+    changed = [k for k, v in state().items() if not np.array_equal(before[k], v)]
+    assert changed == []
+    monkeypatch.undo()
+    gan.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt, disc_opt, 1)  # and it trains on
+    assert opt.t == disc_opt.t == 2
+
+
+def test_an_adversarial_run_keeps_its_discriminator_in_the_checkpoint_and_refuses_a_damaged_one(tmp_path, tiny_data, capsys):
+    run = tiny_run(tmp_path, tiny_data, extra=[*ADVERSARIAL, "--stage", "vqvae", "--log-every", "1"])
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    assert int(arrays["disc_opt.t"]) == 2 and arrays["disc.0.W"].shape == (4, 3, 4, 4)  # D trained at steps 2 and 3
+    lines = [m for m in metric_lines(run) if "loss" in m]              # steps 1 to 4, the training lines
+    assert "gan" not in lines[1] and all(k in lines[2] for k in ("gan", "gan_weight", "disc_loss"))  # from step index 2
+    assert json.loads((run / "summary.json").read_text())["adversarial"] is True
+    del arrays["disc.2.W"]
+    np.savez(run / "checkpoint.npz", **arrays)
+    assert T.main(["--resume", str(run), "--steps", "6", "--stage", "vqvae"]) == 1
+    assert "cannot resume from this checkpoint (ValueError: checkpoint has no array 'disc.2.W')" in one_error_line(capsys)
+    assert T.main(["--resume", str(run), "--no-adversarial"]) == 1
+    assert "cannot change --adversarial when resuming" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+def test_adversarial_steps_numpy_and_cupy_agree():
+    cfg = V.Config(hidden=32, res_hidden=8, codebook_size=32, code_dim=8, quantizer="ema", dtype="float64")
+    runs = []
+    for device, xp in (("cpu", np), ("gpu", V.cupy)):
+        disc = V.PatchDiscriminator(3, 4, 2, init=V.uniform_init(np.random.default_rng(1), xp, "float64"))
+        gan = V.VQGAN(V.VQVAE(cfg, device=device), disc, 0.8, start=1)
+        runs.append((gan, V.Adam(gan.model.params, lr=1e-3), V.Adam(disc.params, lr=1e-3, betas=(0.5, 0.9))))
+    x = np.random.default_rng(0).random((4, 16, 16, 3))
+    for step in range(3):                                              # step 0 without D, then with it
+        sc, sg = [gan.train_step(x, opt, disc_opt, step) for gan, opt, disc_opt in runs]
+        np.testing.assert_allclose(float(sc["loss"]), float(sg["loss"]), rtol=1e-9)
+    (cpu, _, _), (gpu, _, _) = runs
+    for k, v in {**cpu.model.state_dict(), **{f"disc.{k}": a for k, a in cpu.disc.params.items()}}.items():
+        other = gpu.model.state_dict()[k] if not k.startswith("disc.") else V.to_numpy(gpu.disc.params[k[5:]])
+        np.testing.assert_allclose(other, v, rtol=1e-7, atol=1e-9, err_msg=k)

@@ -425,6 +425,8 @@ class TrainConfig:
     steps: int = 3000             # VQ-VAE training steps
     batch_size: int = 32
     lr: float = 1e-3
+    adam_beta1: float = 0.9       # the VQ-VAE's Adam: beta1 ...
+    adam_beta2: float = 0.999     # ... and beta2 (VQGAN's are 0.5 and 0.9; README)
     seed: int = 0                 # data order, initialisation and sampling
     device: str = "auto"
     log_every: int = 50
@@ -442,15 +444,21 @@ class TrainConfig:
     evaluate: bool = True         # measure the samples at the end (train.py evaluate)
     judge_steps: int = 1500       # training steps of the evaluation's judge network
     eval_images: int = 1000       # held-out images the evaluation measures, and as many samples
+    adversarial: bool = False     # VQGAN's patch discriminator and adversarial loss (vqvae.VQGAN)
+    disc_start: int = 500         # the VQ-VAE step at which the discriminator starts (trained and used)
+    disc_weight: float = 0.8      # w of the adaptive weight lambda (VQGAN's discriminator_weight)
+    disc_layers: int = 2          # stride-2 convolutions of the discriminator (32 x 32: 6 x 6 patches of 34 px)
+    disc_width: int = 16          # channels of its first convolution (then 2x each layer, at most 8x)
+    disc_lr: float = 1e-3         # Adam learning rate of the discriminator (the VQ-VAE's)
 
     def __post_init__(self):
         """Every setting checked before anything is read or trained; a ValueError names it."""
         vqvae.check_fields(self)
         for name in ("steps", "batch_size", "log_every", "eval_every", "prior_steps", "prior_batch_size",
-                     "judge_steps"):
+                     "judge_steps", "disc_layers", "disc_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "prior_lr"):
+        for name in ("lr", "prior_lr", "disc_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
         for name in ("prior_warmup", "prior_decay_steps"):
@@ -464,6 +472,13 @@ class TrainConfig:
             raise ValueError(f"--top-p must be in (0, 1] (1: no truncation), got {self.top_p}")
         if self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.disc_start < 0:
+            raise ValueError(f"--disc-start must be a step >= 0, got {self.disc_start}")
+        if not self.disc_weight >= 0:
+            raise ValueError(f"--disc-weight must be a finite number >= 0, got {self.disc_weight}")
         if self.eval_images < 2:
             raise ValueError(f"--eval-images must be at least 2, got {self.eval_images}")
         if self.stage not in STAGES:
@@ -477,6 +492,7 @@ class TrainConfig:
 
 
 STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
+DISC_BETAS = (0.5, 0.9)  # the discriminator's Adam: VQGAN's (for both its networks), the usual beta1 of GANs; not tuned here
 
 
 def check_finite(arrays, what):
@@ -486,26 +502,34 @@ def check_finite(arrays, what):
             raise vqvae.NonFiniteError(f"{what} {k!r} holds NaN or infinite values")
 
 
-def save_checkpoint(path, model, opt, step, wall_time, **notes):
+def save_checkpoint(path, model, opt, step, wall_time, disc=None, disc_opt=None, **notes):
     """Parameters (and EMA buffers), optimiser state, step and time so far, the model's config,
     and any `notes` (strings), in one .npz that loads without pickle; VQVAE.load / PixelCNN.load
-    read it directly. A state that is not finite is never written."""
-    state, opt_state = model.state_dict(), opt.state_dict()
+    read it directly. An adversarial run adds its discriminator ('disc.*') and the discriminator's
+    Adam ('disc_opt.*'). A state that is not finite is never written."""
+    state, opt_state = model.state_dict(), {f"opt.{k}": v for k, v in opt.state_dict().items()}
+    if disc is not None:
+        state.update({f"disc.{k}": vqvae.to_numpy(v) for k, v in disc.params.items()})
+        opt_state.update({f"disc_opt.{k}": v for k, v in disc_opt.state_dict().items()})
     check_finite(state, "parameter")
     check_finite(opt_state, "optimiser array")
-    arrays = {**state, **{f"opt.{k}": v for k, v in opt_state.items()},
+    arrays = {**state, **opt_state,
               "config": np.array(json.dumps(asdict(model.cfg))),
               "step": np.array(step), "wall_time_s": np.array(wall_time), **{k: np.array(v) for k, v in notes.items()}}
     save_npz(path, arrays)
     return path
 
 
-def load_checkpoint(path, model, opt):
-    """Restore model and optimiser from a training checkpoint -> its step, time and notes."""
+def load_checkpoint(path, model, opt, disc=None, disc_opt=None):
+    """Restore model and optimiser (and an adversarial run's discriminator and its optimiser)
+    from a training checkpoint -> its step, time and notes."""
     try:
         with np.load(path, allow_pickle=False) as f:
             model.load_state_dict(f)
             opt.load_state_dict({k[4:]: f[k] for k in f.files if k.startswith("opt.")})
+            if disc is not None:
+                vqvae.load_arrays({f"disc.{k}": v for k, v in disc.params.items()}, f, model.xp)
+                disc_opt.load_state_dict({k[9:]: f[k] for k in f.files if k.startswith("disc_opt.")})
             step, wall = f["step"], f["wall_time_s"]
             if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0 or not np.isfinite(wall).all():
                 raise ValueError(f"step {step} and wall_time_s {wall} are not a step count and a time")
@@ -878,6 +902,7 @@ def sample_figures(judge, real, recon, samples, real_labels=None, sample_labels=
     if samples is not None:
         f_smp, p_smp = judge.embed(samples)
         fig["fd_samples_recon"] = frechet_distance(f_smp[A], f_rec[B])
+        fig["fd_samples_real"] = frechet_distance(f_smp[A], f_real[B])  # both gaps: the prior's and the decoder's
         fig["precision_samples"], fig["recall_samples"] = precision_recall(f_real[A], f_smp[B])
     if real_labels is not None and not judge.cfg.rotations:
         fig["accuracy_real"] = float((p_real == real_labels).mean())
@@ -933,6 +958,7 @@ def evaluation_table(ev):
     """The figures as a small table, each beside the floor it is read against."""
     rows = [("Frechet distance in the judge's features", "", ""),
             ("  samples to reconstructions", ev.get("fd_samples_recon"), ev["fd_recon_halves"]),
+            ("  samples to real images", ev.get("fd_samples_real"), ev["fd_real_halves"]),
             ("  reconstructions to real images", ev["fd_recon_real"], ev["fd_real_halves"]),
             ("precision against real held-out images", "", ""),
             ("  samples", ev.get("precision_samples"), ev["precision_real_halves"]),
@@ -1062,6 +1088,9 @@ def stage_charts(stage, records):
         charts.append(svg_chart("share of the codes used", [
             (f"{p}{label}", pts(rows, f"{p}{key}"), rows is held)
             for p in levels for label, rows, key in (("batch", train, "usage"), ("held out", held, "codes_used"))]))
+        if any("disc_loss" in r for r in train):                       # VQGAN: from the discriminator's start
+            charts.append(svg_chart("adversarial: D's hinge loss, L_GAN, lambda, mean logits", [
+                (k, pts(train, k), False) for k in ("disc_loss", "gan", "gan_weight", "logits_real", "logits_fake")]))
         return charts
     return [svg_chart(f"{stage}: bits per code", [("training", pts(train, "bits_per_code"), False),
                                                   ("held out", pts(held, f"{stage}_val_bits_per_code"), True)])]
@@ -1315,6 +1344,8 @@ def build_parser():
     model.add_argument("--steps", type=int, default=t.steps, help="VQ-VAE training steps")
     model.add_argument("--batch-size", type=int, default=t.batch_size, help="images per step")
     model.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
+    model.add_argument("--adam-beta1", type=float, default=t.adam_beta1, help="Adam's beta1 for the VQ-VAE (VQGAN: 0.5)")
+    model.add_argument("--adam-beta2", type=float, default=t.adam_beta2, help="Adam's beta2 for the VQ-VAE (VQGAN: 0.9)")
     model.add_argument("--hidden", type=int, default=64, help="H: encoder/decoder channels")
     model.add_argument("--res-hidden", type=int, default=32, help="RH: residual block hidden channels")
     model.add_argument("--res-blocks", type=int, default=m.res_blocks, help="R: residual blocks")
@@ -1344,6 +1375,16 @@ def build_parser():
                    help="gumbel: softmax temperature at the start ...")
     q.add_argument("--gumbel-temperature-min", type=float, default=m.gumbel_temperature_min, help="... at the end of ...")
     q.add_argument("--gumbel-anneal-steps", type=int, default=m.gumbel_anneal_steps, help="... the annealing steps")
+    gan = p.add_argument_group("adversarial loss (VQGAN, Esser et al. 2021)")
+    gan.add_argument("--adversarial", default=t.adversarial, action=argparse.BooleanOptionalAction,
+                     help="train the VQ-VAE against a patch discriminator as well (hinge loss, adaptive weight)")
+    gan.add_argument("--disc-start", type=int, default=t.disc_start,
+                     help="the VQ-VAE step at which the discriminator starts; before it, MSE and VQ terms only")
+    gan.add_argument("--disc-weight", type=float, default=t.disc_weight,
+                     help="w: the adversarial term's weight, times the adaptive lambda")
+    gan.add_argument("--disc-layers", type=int, default=t.disc_layers, help="stride-2 convolutions of the discriminator")
+    gan.add_argument("--disc-width", type=int, default=t.disc_width, help="channels of its first convolution")
+    gan.add_argument("--disc-lr", type=float, default=t.disc_lr, help="Adam learning rate of the discriminator")
     prior = p.add_argument_group("PixelCNN prior")
     prior.add_argument("--prior-steps", type=int, default=t.prior_steps, help="prior training steps")
     prior.add_argument("--prior-batch-size", type=int, default=t.prior_batch_size, help="code grids per step")
@@ -1568,12 +1609,21 @@ def train(argv):
 
     # -- models, optimisers, run folder
     model = vqvae.VQVAE(model_cfg, device=cfg.device)
-    opt = vqvae.Adam(model.params, lr=cfg.lr)
+    opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     xp, device = model.xp, "gpu" if model.xp is not np else "cpu"
+    gan = disc = disc_opt = None
+    if cfg.adversarial:                                                # a stream of its own: the VQ-VAE starts as without
+        init = vqvae.uniform_init(np.random.default_rng([cfg.seed, 1]), xp, model_cfg.dtype)
+        disc = vqvae.PatchDiscriminator(model_cfg.in_channels, cfg.disc_width, cfg.disc_layers, init=init)
+        if min(disc.patches(*train_images.shape[1:3])) < 1:
+            raise UserError(f"--disc-layers {cfg.disc_layers} leaves no patch of a {train_images.shape[1]} x "
+                            f"{train_images.shape[2]} image to judge: give fewer")
+        disc_opt = vqvae.Adam(disc.params, lr=cfg.disc_lr, betas=DISC_BETAS)
+        gan = vqvae.VQGAN(model, disc, cfg.disc_weight, cfg.disc_start)
     make_run_folder(run)
     step, wall, summary_before = 0, 0.0, {}
     if resuming:
-        step, wall, _ = load_checkpoint(run / "checkpoint.npz", model, opt)
+        step, wall, _ = load_checkpoint(run / "checkpoint.npz", model, opt, disc, disc_opt)
         if cfg.steps < step:
             raise UserError(f"the VQ-VAE of {run} is at step {step}: --steps {cfg.steps} would go back; "
                             f"give --steps {step} or more")
@@ -1622,7 +1672,7 @@ def train(argv):
 
     progress = Progress()
     summary = {"data": cfg.data, "image_hw": list(real_hw), "device": device, "quantizer": model_cfg.quantizer,
-               "levels": model_cfg.levels}
+               "levels": model_cfg.levels, "adversarial": cfg.adversarial}
     t_start = time.time()
     with open(run / "metrics.jsonl", "a") as metrics, CtrlC() as stop:
         def log(record, text, final):
@@ -1636,6 +1686,8 @@ def train(argv):
         if cfg.stage in ("vqvae", "all"):
             def vqvae_step(s):
                 idx = batch_indices(cfg.seed, s, len(train_images), cfg.batch_size)
+                if gan is not None:                                    # VQGAN: the discriminator from step disc_start
+                    return gan.train_step(to_model(train_images[idx]), opt, disc_opt, s)
                 return model.train_step(to_model(train_images[idx]), opt)
 
             def vqvae_eval(s):
@@ -1643,7 +1695,7 @@ def train(argv):
                 return evaluate(model, test_images, real_hw, cfg.batch_size)
 
             def vqvae_save(s):
-                return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
+                return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start, disc, disc_opt)
 
             ev = fit("vqvae", vqvae_step, vqvae_eval, vqvae_save, step, cfg.steps, cfg.batch_size, cfg, xp, log, stop,
                      run / "checkpoint.npz")
