@@ -1164,6 +1164,69 @@ def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quan
     check_sampled_grads(lambda: model.forward(x, train=False)["loss"], grads, params, rng, 3)
 
 
+@pytest.mark.parametrize("levels, code_stride, top_only_rate", [(1, 8, 0.0), (2, 8, 0.0), (2, 4, 0.5)])
+@given(seed=seeds)
+def test_model_gradients_at_code_stride_8_and_with_top_only_decoding_match_finite_differences(
+        levels, code_stride, top_only_rate, seed):
+    """--code-stride 8 (a third stride-2 layer each side) and --top-only-rate (the bottom code
+    vectors of the drawn images zeroed before the decoder): the drawn images are held fixed by
+    setting the step counter back before each forward."""
+    model = V.VQVAE(tiny_config(quantizer="vq", levels=levels, code_stride=code_stride, top_only_rate=top_only_rate,
+                                seed=seed % 1000), device="cpu")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4 if top_only_rate else 2, 16, 16, 2))  # 16: the top grid of (2, 8) is 1 x 1
+
+    def loss():
+        if top_only_rate:
+            model.top_only.buffers["step"][...] = 0                    # the same images decoded from the top alone
+        return model.forward(x, train=True)["loss"]
+
+    loss()
+    if top_only_rate:
+        assume(0 < float(model.keep.sum()) < len(x))                   # some images of each kind
+    model.backward()
+    grads = {k: g.copy() for k, g in model.grads.items()}
+    relu_inputs = [layer.cache for layer in all_layers(model) if isinstance(layer, V.ReLU)]
+    assume(min(np.min(np.abs(a)) for a in relu_inputs) > 1e-4)        # +-eps flips no ReLU
+    assume(freeze_stop_gradients(model, x) > 1e-4)
+    check_sampled_grads(loss, grads, model.params, rng, 3)
+
+
+def test_code_stride_8_gives_grids_of_an_eighth_and_two_levels_a_sixteenth():
+    x = np.random.default_rng(0).random((2, 16, 32, 2)).astype(np.float32)
+    one = V.VQVAE(tiny_config(dtype="float32", code_stride=8), device="cpu")
+    codes = one.encode(x)
+    assert one.downsample == 8 and codes.shape == (2, 2, 4)
+    assert one.decode(codes).shape == x.shape
+    np.testing.assert_array_equal(one.forward(x, train=False)["codes"], codes)
+    two = V.VQVAE(tiny_config(dtype="float32", code_stride=8, levels=2), device="cpu")
+    top, bottom = two.encode(x)
+    assert two.downsample == 16 and top.shape == (2, 1, 2) and bottom.shape == (2, 2, 4)
+    assert two.decode(top, bottom).shape == two.decode(top).shape == x.shape
+    with pytest.raises(ValueError, match="multiples of 8, got 12 x 16"):
+        one.encode(np.zeros((1, 12, 16, 2), np.float32))
+    assert V.VQVAE(tiny_config(), device="cpu").downsample == 4  # the paper's, the default
+
+
+def test_top_only_training_decodes_the_drawn_images_from_the_top_code_alone():
+    model = V.VQVAE(tiny_config(levels=2, top_only_rate=0.5, codebook_size=32), device="cpu")
+    x = np.random.default_rng(0).standard_normal((8, 8, 8, 2))
+    model.forward(x, train=True)
+    keep = model.keep[:, 0, 0, 0]
+    assert set(np.unique(keep)) == {0.0, 1.0}                          # both kinds in this batch
+    _, x_hat = model.cache
+    top, bottom = model.encode(x)
+    np.testing.assert_allclose(x_hat[keep == 0], model.decode(top)[keep == 0], rtol=1e-12)
+    np.testing.assert_allclose(x_hat[keep == 1], model.decode(top, bottom)[keep == 1], rtol=1e-12)
+    again = V.VQVAE(tiny_config(levels=2, top_only_rate=0.5, codebook_size=32), device="cpu")
+    again.forward(x, train=True)
+    np.testing.assert_array_equal(again.keep[:, 0, 0, 0], keep)        # a function of (seed, step) alone
+    model.forward(x, train=False)                                      # evaluation decodes every image in full
+    assert model.keep is None
+    draws = np.concatenate([model.top_only.keep(100, np.float64, np)[:, 0, 0, 0] for _ in range(40)])
+    assert abs(draws.mean() - 0.5) < 0.03                              # the rate, over 4,000 draws
+
+
 def test_model_encode_decode_shapes_and_consistency():
     cfg = tiny_config(dtype="float32")
     model = V.VQVAE(cfg, device="cpu")
@@ -1282,6 +1345,12 @@ def test_config_rejects_bad_values():
         V.Config(restart_threshold=-1)
     with pytest.raises(ValueError, match="kmeans_init and restart_threshold apply to .* vq, ema and rvq, not to fsq"):
         V.Config(quantizer="fsq", kmeans_init=True)
+    with pytest.raises(ValueError, match="code_stride must be 4 or 8, got 2"):
+        V.Config(code_stride=2)
+    with pytest.raises(ValueError, match=r"top_only_rate must be in \[0, 1\), got 1"):
+        V.Config(levels=2, top_only_rate=1)
+    with pytest.raises(ValueError, match="top_only_rate 0.5 needs two levels"):
+        V.Config(top_only_rate=0.5)
     assert V.Config.from_dict({"fsq_levels": [4, 4]}).fsq_levels == (4, 4)  # as JSON gives it back
 
 
@@ -2942,6 +3011,7 @@ ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--di
 
 @pytest.mark.parametrize("quantizer, levels, extra", [("vq", 1, []), ("ema", 1, ["--restart-threshold", "2"]),
                                                      ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, []),
+                                                     ("ema", 2, ["--top-only-rate", "0.5", "--code-stride", "8"]),
                                                      ("ema", 1, ADVERSARIAL)])
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
@@ -3212,11 +3282,11 @@ def test_an_empty_batch_is_named_as_such():
         prior.loss(np.zeros((0, 3, 3), np.int64))
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "ema"])
-def test_a_step_on_a_batch_that_overflows_raises_and_changes_nothing(quantizer):
+@pytest.mark.parametrize("quantizer, extra", [("vq", {}), ("ema", {}), ("ema", dict(levels=2, top_only_rate=0.5))])
+def test_a_step_on_a_batch_that_overflows_raises_and_changes_nothing(quantizer, extra):
     """Images of 1e30 are finite, but the gradients they give are not: the step must leave the
-    parameters, the EMA averages, the restart usage and Adam's moments as they were."""
-    cfg = tiny_config(quantizer=quantizer, dtype="float32", restart_threshold=1.0)
+    parameters, the EMA averages, the restart usage, the step counters and Adam's moments as they were."""
+    cfg = tiny_config(quantizer=quantizer, dtype="float32", restart_threshold=1.0, **extra)
     model = V.VQVAE(cfg)
     opt = V.Adam(model.params, lr=1e-3)
     rng = np.random.default_rng(0)

@@ -1350,7 +1350,12 @@ def build_parser():
     model.add_argument("--res-hidden", type=int, default=32, help="RH: residual block hidden channels")
     model.add_argument("--res-blocks", type=int, default=m.res_blocks, help="R: residual blocks")
     model.add_argument("--levels", type=int, default=m.levels, choices=[1, 2],
-                       help="1: VQ-VAE; 2: VQ-VAE-2 with top (/8) and bottom (/4) codes")
+                       help="1: VQ-VAE; 2: VQ-VAE-2 with top (/8) and bottom (/4) codes (at --code-stride 4)")
+    model.add_argument("--code-stride", type=int, default=m.code_stride, choices=[4, 8],
+                       help="image size over the (bottom) code grid's size; the top code's is twice it")
+    model.add_argument("--top-only-rate", type=float, default=m.top_only_rate,
+                       help="two levels: the share of training images decoded from the top code alone, so "
+                            "that the top code carries the scene's colours and layout by itself (README)")
     model.add_argument("--codebook-size", "-K", type=int, default=256,
                        help="K: number of codes (for fsq, the product of --fsq-levels instead)")
     model.add_argument("--code-dim", "-D", type=int, default=32, help="D: code vector dimension")
@@ -1416,10 +1421,10 @@ def build_parser():
     return p
 
 
-MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "codebook_size", "code_dim", "beta", "quantizer",
-               "ema_decay", "kmeans_init", "restart_threshold", "rvq_stages", "fsq_levels", "lfq_entropy_weight",
-               "lfq_temperature", "gumbel_kl_weight", "gumbel_temperature", "gumbel_temperature_min",
-               "gumbel_anneal_steps")
+MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "code_stride", "top_only_rate", "codebook_size",
+               "code_dim", "beta", "quantizer", "ema_decay", "kmeans_init", "restart_threshold", "rvq_stages",
+               "fsq_levels", "lfq_entropy_weight", "lfq_temperature", "gumbel_kl_weight", "gumbel_temperature",
+               "gumbel_temperature_min", "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
                "prior_heads": "heads", "prior_attention_every": "attention_every", "prior_dropout": "dropout"}
 MIRROR_INVARIANT = ("shapes", "shapes64", "cifar10")  # the built-in data a horizontal mirror keeps in its class (a triangle

@@ -1100,6 +1100,8 @@ class Config:
     res_hidden: int = 32       # RH: hidden channels inside a residual block
     res_blocks: int = 2        # R: residual blocks in the encoder and in the decoder
     levels: int = 1            # 1: VQ-VAE; 2: VQ-VAE-2's top (/8) and bottom (/4) codes
+    code_stride: int = 4       # image size / the finest code grid's size: 4 (the paper) or 8; the top is twice it
+    top_only_rate: float = 0.0 # two levels: the share of training images decoded from the top code alone
     codebook_size: int = 512   # K: codes in each level's codebook
     code_dim: int = 64         # D: dimension of a code vector
     beta: float = 0.25         # commitment cost
@@ -1130,6 +1132,13 @@ class Config:
             raise ValueError(f"res_blocks must be a non-negative integer, got {self.res_blocks!r}")
         if self.levels not in (1, 2):
             raise ValueError(f"levels must be 1 or 2, got {self.levels!r}")
+        if self.code_stride not in (4, 8):
+            raise ValueError(f"code_stride must be 4 or 8, got {self.code_stride!r}")
+        if not 0 <= self.top_only_rate < 1:
+            raise ValueError(f"top_only_rate must be in [0, 1), got {self.top_only_rate!r}")
+        if self.top_only_rate > 0 and self.levels != 2:
+            raise ValueError(f"top_only_rate {self.top_only_rate} needs two levels (there is no top code to decode "
+                             f"from alone with levels = {self.levels})")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
         if not isinstance(self.fsq_levels, (tuple, list)) or not self.fsq_levels or not all(
@@ -1174,7 +1183,7 @@ class Config:
     @property
     def downsample(self):
         """Image size over the size of the coarsest code grid."""
-        return 4 * 2 ** (self.levels - 1)
+        return self.code_stride * 2 ** (self.levels - 1)
 
     @classmethod
     def from_dict(cls, d):
@@ -1183,29 +1192,55 @@ class Config:
 
 def make_encoder(in_ch, cfg, init, stride=4, input_grad=False):
     """(N, H, W, in_ch) -> features (N, H/stride, W/stride, hidden): the encoder of the paper
-    (DeepMind's example) up to its last 1x1 convolution; stride 2 for VQ-VAE-2's top level.
+    (DeepMind's example) up to its last 1x1 convolution, one 4x4 stride-2 convolution per halving
+    (two for the paper's /4, three for --code-stride 8, one for VQ-VAE-2's top level).
     input_grad: whether anything needs the gradient of the input (not for images)."""
     H, RH = cfg.hidden, cfg.res_hidden
+    halvings = int(math.log2(stride))
     down = [Conv2d(in_ch, H // 2, 4, stride=2, padding=1, init=init, input_grad=input_grad), ReLU()]  # /2
-    if stride == 4:
-        down += [Conv2d(H // 2, H, 4, stride=2, padding=1, init=init), ReLU(),                 # /4
-                 Conv2d(H, H, 3, padding=1, init=init)]
-    else:
-        down += [Conv2d(H // 2, H, 3, padding=1, init=init)]
+    ch = H // 2
+    for _ in range(halvings - 1):                                      # /4, /8, ...
+        down += [Conv2d(ch, H, 4, stride=2, padding=1, init=init), ReLU()]
+        ch = H
+    down += [Conv2d(ch, H, 3, padding=1, init=init)]
     return Sequential(*down, *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU())
 
 
 def make_decoder(in_ch, out_ch, cfg, init, stride=4):
     """(N, h, w, in_ch) -> (N, stride h, stride w, out_ch), mirroring the encoder."""
     H, RH = cfg.hidden, cfg.res_hidden
+    halvings = int(math.log2(stride))
     layers = [Conv2d(in_ch, H, 3, padding=1, init=init),
               *[ResidualBlock(H, RH, init) for _ in range(cfg.res_blocks)], ReLU()]
-    if stride == 4:
-        layers += [ConvTranspose2d(H, H // 2, 4, stride=2, padding=1, init=init), ReLU(),          # x2
-                   ConvTranspose2d(H // 2, out_ch, 4, stride=2, padding=1, init=init)]           # x4
-    else:
-        layers += [ConvTranspose2d(H, out_ch, 4, stride=2, padding=1, init=init)]                # x2
+    ch = H
+    for i in range(halvings - 1):                                      # x2, x4, ...: H channels, H/2 before the last
+        out = H // 2 if i == halvings - 2 else H
+        layers += [ConvTranspose2d(ch, out, 4, stride=2, padding=1, init=init), ReLU()]
+        ch = out
+    layers += [ConvTranspose2d(ch, out_ch, 4, stride=2, padding=1, init=init)]  # the last doubling, to the image
     return Sequential(*layers)
+
+
+class TopOnly:
+    """VQ-VAE-2 taught to decode from its top code alone (an option of this project, not the
+    paper's): in a training batch, each image is, with probability `rate`, decoded with zeros in
+    place of its bottom code vectors, which is what decode(top) gives the decoder. The
+    reconstruction error of those images reaches only the top level, so the top code has to
+    carry what a coarse code can (the background, the shapes' colours and places) instead of
+    leaving all of it to the bottom code, and top-only reconstructions show it. Which images
+    are drawn depends on (seed, step) alone: a step counter in the checkpoint keeps resume exact."""
+
+    def __init__(self, rate, seed):
+        self.rate, self.seed = rate, seed
+        self.params, self.grads = {}, {}
+        self.buffers = {"step": np.zeros((), np.int64)}                # host counter of training batches
+
+    def keep(self, N, dtype, xp):
+        """(N, 1, 1, 1): 0 for the images of this batch decoded from the top alone, else 1."""
+        step = int(self.buffers["step"])
+        self.buffers["step"] += 1                                      # in place: the buffer dict holds this array
+        top_only = step_rng(self.seed, step).random(N) < self.rate
+        return xp.asarray(~top_only, dtype=dtype)[:, None, None, None]
 
 
 def make_quantizer(cfg, init, seed):
@@ -1237,7 +1272,9 @@ class VQVAE:
         z_q_top   = top_quantizer(top_pre_quant(top_encoder(f)))  (N, H/8, W/8, D) global structure
         z_q       = quantizer(pre_quant([f, top_decoder(z_q_top)]))  (N, H/4, W/4, D) detail, given the top
         x_hat     = decoder([upsample_top(z_q_top), z_q])
-    [a, b] concatenates channels. Each level has its own codebook and VQ loss.
+    [a, b] concatenates channels. Each level has its own codebook and VQ loss. /4 is the code
+    stride s (cfg.code_stride; 8 halves each grid again), the top is at /2s. With top_only_rate,
+    training also decodes some images from z_q_top alone (z_q zeroed; class TopOnly).
     """
 
     def __init__(self, cfg=None, device=None):
@@ -1247,13 +1284,13 @@ class VQVAE:
         H, D = cfg.hidden, cfg.code_dim
         self.downsample = cfg.downsample
         self.quantizer = q = make_quantizer(cfg, init, seed=(cfg.seed, 0))  # its sizes set its neighbours'
-        self.encoder = make_encoder(cfg.in_channels, cfg, init)
+        self.encoder = make_encoder(cfg.in_channels, cfg, init, stride=cfg.code_stride)
         self.pre_quant = Conv2d(H + D * (cfg.levels - 1), q.in_dim, 1, init=init)
         if cfg.levels == 1:
-            self.decoder = make_decoder(q.out_dim, cfg.in_channels, cfg, init)
+            self.decoder = make_decoder(q.out_dim, cfg.in_channels, cfg, init, stride=cfg.code_stride)
         else:
             self.top_quantizer = top = make_quantizer(cfg, init, seed=(cfg.seed, 1))
-            self.decoder = make_decoder(top.out_dim + q.out_dim, cfg.in_channels, cfg, init)
+            self.decoder = make_decoder(top.out_dim + q.out_dim, cfg.in_channels, cfg, init, stride=cfg.code_stride)
             self.top_encoder = make_encoder(H, cfg, init, stride=2, input_grad=True)
             self.top_pre_quant = Conv2d(H, top.in_dim, 1, init=init)
             self.top_decoder = make_decoder(top.out_dim, D, cfg, init, stride=2)  # conditions the bottom code
@@ -1264,6 +1301,8 @@ class VQVAE:
             self.parts.update(top_encoder=self.top_encoder, top_pre_quant=self.top_pre_quant,
                               top_quantizer=self.top_quantizer, top_decoder=self.top_decoder,
                               upsample_top=self.upsample_top)
+        if cfg.top_only_rate > 0:
+            self.top_only = self.parts["top_only"] = TopOnly(cfg.top_only_rate, seed=(cfg.seed, 2))
 
     # --- the parts, by name: references to the live arrays, updated in place by Adam
     @property
@@ -1311,6 +1350,9 @@ class VQVAE:
             z_q_top, top = self.top_quantizer.forward(z_e_top, train)
             d_top = self.top_decoder.forward(z_q_top)                  # (N, H/4, W/4, D)
             z_q, vq = self.quantizer.forward(self.pre_quant.forward(xp.concatenate([f, d_top], -1)), train)
+            self.keep = self.top_only.keep(len(x), z_q.dtype, xp) if train and self.cfg.top_only_rate > 0 else None
+            if self.keep is not None:                                  # some images decoded from the top alone
+                z_q = z_q * self.keep
             x_hat = self.decoder.forward(xp.concatenate([self.upsample_top.forward(z_q_top), z_q], -1))
         recon = ((x_hat - x) ** 2).mean()                              # |x - x_hat|^2
         self.cache = (x, x_hat)
@@ -1338,6 +1380,8 @@ class VQVAE:
         else:
             D, H = self.top_quantizer.out_dim, self.cfg.hidden
             d_up, dz_q = d_in[..., :D], d_in[..., D:]                  # x_hat = decoder([upsample_top(z_q_top), z_q])
+            if self.keep is not None:                                  # a zeroed bottom code gets no gradient
+                dz_q = dz_q * self.keep
             d_pre = self.pre_quant.backward(self.quantizer.backward(dz_q))  # straight-through + commitment
             df, d_top = d_pre[..., :H], d_pre[..., H:]                 # z_e = pre_quant([f, top_decoder(z_q_top)])
             dz_q_top = self.upsample_top.backward(d_up) + self.top_decoder.backward(d_top)  # z_q_top feeds both
@@ -1359,10 +1403,10 @@ class VQVAE:
     @contextlib.contextmanager
     def kept_unless_finite(self):
         """A training step inside this block that raises NonFiniteError leaves the quantizers as
-        they were: what forward(train=True) moved in them is put back (the optimisers must check
-        every gradient before they change anything)."""
+        they were: what forward(train=True) moved in them and in the step counters is put back (the
+        optimisers must check every gradient before they change anything)."""
         quantizers = {name: part for name, part in self.parts.items() if name.endswith("quantizer")}
-        moved = {**gather(quantizers, "params"), **gather(quantizers, "buffers")}  # what forward(train=True) moves
+        moved = {**gather(quantizers, "params"), **self.buffers}      # what forward(train=True) moves
         before = {k: v.copy() for k, v in moved.items()}               # a few K x D arrays: cheap
         try:
             yield
@@ -1373,8 +1417,8 @@ class VQVAE:
 
     # --- the tokenizer: images <-> integer codes
     def encode(self, x):
-        """Images (N, H, W, C) -> codes (N, H/4, W/4) in [0, K) (residual VQ: (N, S, H/4, W/4));
-        for two levels, the pair (top codes at H/8, bottom codes at H/4)."""
+        """Images (N, H, W, C) -> codes (N, H/s, W/s) in [0, K), s the code stride (residual VQ:
+        (N, S, H/s, W/s)); for two levels, the pair (top codes at H/2s, bottom codes at H/s)."""
         f = self.encoder.forward(self.check_images(x))
         if self.cfg.levels == 1:
             return self.quantizer.quantize(self.pre_quant.forward(f))
@@ -1383,10 +1427,10 @@ class VQVAE:
         return top, self.quantizer.quantize(self.pre_quant.forward(self.xp.concatenate([f, d_top], -1)))
 
     def decode(self, codes, bottom=None):
-        """Codes (N, h, w) -> images (N, 4h, 4w, C). Two levels: decode(top, bottom) with top
-        (N, h, w) and bottom (N, 2h, 2w) -> (N, 8h, 8w, C); with bottom=None the decoder gets
-        zeros in place of the bottom code vectors, which shows what the top level carries by
-        itself (as in VQ-VAE-2's reconstructions from each level)."""
+        """Codes (N, h, w) -> images (N, s h, s w, C), s the code stride (4 by default). Two
+        levels: decode(top, bottom) with top (N, h, w) and bottom (N, 2h, 2w) -> (N, 2s h, 2s w, C);
+        with bottom=None the decoder gets zeros in place of the bottom code vectors, which shows
+        what the top level carries by itself (trained for with top_only_rate, class TopOnly)."""
         if self.cfg.levels == 1:
             if bottom is not None:
                 raise ValueError("this model has one level: decode(codes) takes no bottom codes")
