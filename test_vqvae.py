@@ -2995,6 +2995,7 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
     assert priors[0]["attention_every"] == 1 and priors[0]["cond_codebook_size"] == 0
     assert priors[1]["cond_codebook_size"] == 16 and priors[1]["cond_upsample"] == 2
     assert read_png(run / "recon_top.png").shape[0] == (3 * (16 + 2) + 2) * 2  # originals, top only, both levels
+    assert "top_only_mse" in (run / "report.html").read_text()        # charted beside val_mse
     out = tmp_path / "codes.npz"
     assert T.main(["encode", "--run", str(run), "--data", str(tmp_path / "x.npy"), "--out", str(out)]) == 0
     with np.load(out, allow_pickle=False) as f:

@@ -1079,7 +1079,9 @@ def stage_charts(stage, records):
     if stage == "vqvae":
         parts = [k for k in ("loss", "recon", "vq", "codebook", "commitment") if any(k in r for r in train)]
         charts = [svg_chart("VQ-VAE loss and its parts", [(k, pts(train, k), False) for k in parts], log_y=True),
-                  svg_chart("held-out MSE", [("val_mse", pts(held, "val_mse"), True)], log_y=True),
+                  svg_chart("held-out MSE (two levels: also from the top code alone)", [
+                      (k, pts(held, k), True) for k in ("val_mse", "top_only_mse")
+                      if k == "val_mse" or any(k in r for r in held)], log_y=True),
                   svg_chart("held-out PSNR (dB)", [("val_psnr", pts(held, "val_psnr"), True)])]
         levels = ["top_", ""] if any("top_perplexity" in r for r in records) else [""]
         charts.append(svg_chart("perplexity of the codes", [
