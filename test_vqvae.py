@@ -1259,6 +1259,20 @@ def test_two_level_encode_decode_shapes_and_consistency():
     np.testing.assert_array_equal(model.reconstruct(x), x_hat)
 
 
+def test_two_level_top_codebook_may_be_smaller_than_the_bottom_one():
+    cfg = tiny_config(levels=2, codebook_size=16, top_codebook_size=4, kmeans_init=True, restart_threshold=1.0)
+    model = V.VQVAE(cfg, device="cpu")
+    assert cfg.level_num_codes == [4, 16] and V.Config(levels=2, codebook_size=16).level_num_codes == [16, 16]
+    assert model.top_quantizer.codebook.shape == (4, 3) and model.quantizer.codebook.shape == (16, 3)
+    x = np.random.default_rng(0).standard_normal((6, 16, 16, 2))
+    model.train_step(x, V.Adam(model.params, lr=1e-3))               # k-means and restarts at K_top = 4
+    top, bottom = model.encode(x)
+    assert 0 <= top.min() and top.max() < 4 and bottom.max() < 16 and len(np.unique(bottom)) > 4
+    priors = T.prior_configs(dict(channels=4, layers=2, kernel=3, heads=1, dropout=0.0, attention_every=1),
+                             cfg, num_classes=0, seed=0)
+    assert [p.codebook_size for p in priors] == [4, 16] and priors[1].cond_codebook_size == 4
+
+
 def test_two_level_bottom_code_depends_on_the_top_code():
     model = V.VQVAE(tiny_config(levels=2, codebook_size=32), device="cpu")
     x = np.random.default_rng(1).standard_normal((2, 16, 16, 2))
@@ -1351,6 +1365,12 @@ def test_config_rejects_bad_values():
         V.Config(levels=2, top_only_rate=1)
     with pytest.raises(ValueError, match="top_only_rate 0.5 needs two levels"):
         V.Config(top_only_rate=0.5)
+    with pytest.raises(ValueError, match="top_codebook_size must be a non-negative integer, got -1"):
+        V.Config(levels=2, top_codebook_size=-1)
+    with pytest.raises(ValueError, match="top_codebook_size sets the top codebook of two levels .* not of 1 level"):
+        V.Config(top_codebook_size=8)
+    with pytest.raises(ValueError, match="top_codebook_size .* not of 2 level\\(s\\) of fsq"):
+        V.Config(levels=2, quantizer="fsq", top_codebook_size=8)
     assert V.Config.from_dict({"fsq_levels": [4, 4]}).fsq_levels == (4, 4)  # as JSON gives it back
 
 
@@ -2979,31 +2999,37 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
 
 
-def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path):
+@pytest.mark.parametrize("top_K", [0, 3])                            # 0: the top codebook has -K 16 codes too
+def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, top_K):
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
     run = tmp_path / "run"
     assert T.main(["--data", str(tmp_path / "x.npy"), "--out", str(run), "--steps", "3", "--eval-every", "3",
-                   "--levels", "2", "--prior-attention-every", "1", *TINY]) == 0
+                   "--levels", "2", "--prior-attention-every", "1", *TINY, "--top-codebook-size", str(top_K)]) == 0
     for name in ("recon.png", "recon_top.png", "top_prior.npz", "prior.npz", "samples.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     for key in ("codes_used", "top_codes_used", "perplexity", "top_perplexity", "prior_val_bits_per_code", "top_only_mse",
                 "top_prior_val_bits_per_code"):
         assert key in summary, key
+    K = top_K or 16
+    assert round(summary["top_codes_used"] * K) == summary["top_codes_used"] * K  # used codes over K_top, not 16
     priors = json.loads((run / "config.json").read_text())["priors"]
     assert priors[0]["attention_every"] == 1 and priors[0]["cond_codebook_size"] == 0
-    assert priors[1]["cond_codebook_size"] == 16 and priors[1]["cond_upsample"] == 2
+    assert priors[0]["codebook_size"] == K and priors[1]["codebook_size"] == 16
+    assert priors[1]["cond_codebook_size"] == K and priors[1]["cond_upsample"] == 2
     assert read_png(run / "recon_top.png").shape[0] == (3 * (16 + 2) + 2) * 2  # originals, top only, both levels
     assert "top_only_mse" in (run / "report.html").read_text()        # charted beside val_mse
     out = tmp_path / "codes.npz"
     assert T.main(["encode", "--run", str(run), "--data", str(tmp_path / "x.npy"), "--out", str(out)]) == 0
     with np.load(out, allow_pickle=False) as f:
         assert f["top"].shape == (4, 2, 2) and f["bottom"].shape == (4, 4, 4)
+        assert f["top"].max() < K and f["bottom"].max() < 16
     codes_out = tmp_path / "s.npz"
-    assert T.main(["sample", "--run", str(run), "--codes-out", str(codes_out), "--rows", "1", "--per-row", "2"]) == 0
+    assert T.main(["sample", "--run", str(run), "--codes-out", str(codes_out), "--rows", "1", "--per-row", "8"]) == 0
     with np.load(codes_out, allow_pickle=False) as f:
-        assert f["top_codes"].shape == (2, 2, 2) and f["codes"].shape == (2, 4, 4)
+        assert f["top_codes"].shape == (8, 2, 2) and f["codes"].shape == (8, 4, 4)
+        assert f["top_codes"].max() < K
 
 
 ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--disc-width", "4", "--adam-beta1", "0.5",
@@ -3012,7 +3038,7 @@ ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--di
 
 @pytest.mark.parametrize("quantizer, levels, extra", [("vq", 1, []), ("ema", 1, ["--restart-threshold", "2"]),
                                                      ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, []),
-                                                     ("ema", 2, ["--top-only-rate", "0.5", "--code-stride", "8"]),
+                                                     ("ema", 2, ["--top-only-rate", "0.5", "--code-stride", "8", "--top-codebook-size", "8"]),
                                                      ("ema", 1, ADVERSARIAL)])
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))

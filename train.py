@@ -598,10 +598,10 @@ def evaluate(model, images, real_hw, batch_size):
     code usage over the whole split (for residual VQ, the stages' mean). For two levels also
     the MSE of the reconstructions from the top codes alone (the bottom code vectors zeroed):
     how much of each image the coarse code carries by itself."""
-    K, S = model.cfg.num_codes, model.cfg.codes_per_position
+    S = model.cfg.codes_per_position
     h, w = real_hw
     sq_err, top_sq_err, n_values = 0.0, 0.0, 0
-    counts = {name: np.zeros((S, K), np.int64) for name in level_names(model)}
+    counts = {name: np.zeros((S, K), np.int64) for name, K in zip(level_names(model), model.cfg.level_num_codes)}
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
         codes = encode_all(model, batch)
@@ -614,7 +614,7 @@ def evaluate(model, images, real_hw, batch_size):
             top_sq_err += float(((top_only - batch[:, :h, :w] / 255) ** 2).sum())
         for name, c in zip(counts, codes):
             c = c.reshape(len(c), S, -1).transpose(1, 0, 2).reshape(S, -1)  # (S, N h w): a row per stage
-            counts[name] += np.stack([np.bincount(row, minlength=K) for row in c])
+            counts[name] += np.stack([np.bincount(row, minlength=counts[name].shape[1]) for row in c])
     mse = sq_err / n_values
     result = {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12))}
     if model.cfg.levels == 2:
@@ -1360,6 +1360,9 @@ def build_parser():
                             "that the top code carries the scene's colours and layout by itself (README)")
     model.add_argument("--codebook-size", "-K", type=int, default=256,
                        help="K: number of codes (for fsq, the product of --fsq-levels instead)")
+    model.add_argument("--top-codebook-size", type=int, default=m.top_codebook_size,
+                       help="two levels: K of the top codebook, if not --codebook-size (0); fewer top codes are "
+                            "easier for the top prior to model (README)")
     model.add_argument("--code-dim", "-D", type=int, default=32, help="D: code vector dimension")
     model.add_argument("--beta", type=float, default=m.beta, help="commitment cost")
     q = p.add_argument_group("quantizer")
@@ -1424,7 +1427,7 @@ def build_parser():
 
 
 MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "code_stride", "top_only_rate", "codebook_size",
-               "code_dim", "beta", "quantizer", "ema_decay", "kmeans_init", "restart_threshold", "rvq_stages",
+               "top_codebook_size", "code_dim", "beta", "quantizer", "ema_decay", "kmeans_init", "restart_threshold", "rvq_stages",
                "fsq_levels", "lfq_entropy_weight", "lfq_temperature", "gumbel_kl_weight", "gumbel_temperature",
                "gumbel_temperature_min", "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
@@ -1475,9 +1478,9 @@ def saved_configs(run):
         if len(saved["priors"]) != model_cfg.levels:
             raise ValueError(f"{len(saved['priors'])} prior configs for a model of {model_cfg.levels} level(s)")
         priors = [P.PriorConfig.from_dict(p) for p in saved["priors"]]
-        if any(p.codebook_size != model_cfg.num_codes for p in priors):
+        if [p.codebook_size for p in priors] != model_cfg.level_num_codes:
             raise ValueError(f"the priors' codebook sizes {[p.codebook_size for p in priors]} differ from the "
-                             f"model's {model_cfg.num_codes} codes")
+                             f"model's codes per level {model_cfg.level_num_codes}")
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: unreadable run config ({e})")
     return cfg, model_cfg, priors
@@ -1518,13 +1521,14 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     past (VQ-VAE-2's top prior; by default for two levels); a bottom prior is conditioned on
     the top codes, each of which covers 2 x 2 bottom positions."""
     attention = settings["attention_every"]
-    base = dict(codebook_size=model_cfg.num_codes, channels=settings["channels"], layers=settings["layers"],
-                kernel=settings["kernel"], heads=settings["heads"], dropout=settings["dropout"], num_classes=num_classes,
-                dtype=model_cfg.dtype)
-    top = P.PriorConfig(**base, seed=seed, attention_every=(4 if model_cfg.levels == 2 else 0) if attention is None else attention)
+    K = model_cfg.level_num_codes                                      # coarsest first
+    base = dict(channels=settings["channels"], layers=settings["layers"], kernel=settings["kernel"],
+                heads=settings["heads"], dropout=settings["dropout"], num_classes=num_classes, dtype=model_cfg.dtype)
+    top = P.PriorConfig(**base, codebook_size=K[0], seed=seed,
+                        attention_every=(4 if model_cfg.levels == 2 else 0) if attention is None else attention)
     if model_cfg.levels == 1:
         return [top]
-    return [top, P.PriorConfig(**base, seed=seed + 1, cond_codebook_size=model_cfg.num_codes,
+    return [top, P.PriorConfig(**base, codebook_size=K[1], seed=seed + 1, cond_codebook_size=K[0],
                                cond_channels=settings["channels"], cond_upsample=2)]
 
 
@@ -1795,13 +1799,13 @@ def encode(argv):
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
-    dtype = np.int16 if model.cfg.num_codes <= 2**15 else np.int32
+    dtype = np.int16 if max(model.cfg.level_num_codes) <= 2**15 else np.int32
     codes = [c.astype(dtype) for c in encode_all(model, pad_to_multiple(images, model.downsample))]
     if model.cfg.levels == 1:
         save_npy(args.out, codes[0])
     else:
         save_npz(args.out, {"top": codes[0], "bottom": codes[1]})
-    print(f"wrote {args.out}: codes {' and '.join(str(c.shape) for c in codes)} in [0, {model.cfg.num_codes})",
+    print(f"wrote {args.out}: codes {' and '.join(f'{c.shape} in [0, {K})' for c, K in zip(codes, model.cfg.level_num_codes))}",
           file=sys.stderr)
     return 0
 
@@ -1827,9 +1831,9 @@ def load_trained(run, device, need_priors=True):
         if fitted_to not in (None, vqvae_sha256) or (fitted_to is None and "stale_priors" in summary):
             raise UserError(f"{path} was fitted to the codes of an earlier state of the VQ-VAE in {run}/checkpoint.npz; "
                             f"train it anew with: python train.py --resume {run} --stage prior")
-    if any(p.cfg.codebook_size != model.cfg.num_codes for p in priors) or (
-            len(priors) == 2 and priors[1].cfg.cond_codebook_size != model.cfg.num_codes):
-        raise UserError(f"{run}: the priors do not model the {model.cfg.num_codes} codes of this VQ-VAE")
+    K = model.cfg.level_num_codes
+    if [p.cfg.codebook_size for p in priors] != K or (len(priors) == 2 and priors[1].cfg.cond_codebook_size != K[0]):
+        raise UserError(f"{run}: the priors do not model the codes of this VQ-VAE ({' and '.join(map(str, K))} per level)")
     return model, priors, real_hw
 
 

@@ -1102,7 +1102,8 @@ class Config:
     levels: int = 1            # 1: VQ-VAE; 2: VQ-VAE-2's top (/8) and bottom (/4) codes
     code_stride: int = 4       # image size / the finest code grid's size: 4 (the paper) or 8; the top is twice it
     top_only_rate: float = 0.0 # two levels: the share of training images decoded from the top code alone
-    codebook_size: int = 512   # K: codes in each level's codebook
+    codebook_size: int = 512   # K: codes in each level's codebook ...
+    top_codebook_size: int = 0 # ... but the top level's, when > 0 (two levels; a smaller K_top is easier to model)
     code_dim: int = 64         # D: dimension of a code vector
     beta: float = 0.25         # commitment cost
     quantizer: str = "vq"      # one of QUANTIZERS below
@@ -1132,6 +1133,11 @@ class Config:
             raise ValueError(f"res_blocks must be a non-negative integer, got {self.res_blocks!r}")
         if self.levels not in (1, 2):
             raise ValueError(f"levels must be 1 or 2, got {self.levels!r}")
+        if not isinstance(self.top_codebook_size, int) or self.top_codebook_size < 0:
+            raise ValueError(f"top_codebook_size must be a non-negative integer, got {self.top_codebook_size!r}")
+        if self.top_codebook_size and (self.levels != 2 or self.quantizer not in ("vq", "ema", "rvq", "gumbel")):
+            raise ValueError(f"top_codebook_size sets the top codebook of two levels of vq, ema, rvq or gumbel codes, "
+                             f"not of {self.levels} level(s) of {self.quantizer}")
         if self.code_stride not in (4, 8):
             raise ValueError(f"code_stride must be 4 or 8, got {self.code_stride!r}")
         if not 0 <= self.top_only_rate < 1:
@@ -1174,6 +1180,11 @@ class Config:
     def num_codes(self):
         """K of the codes the model emits: the codebook size, or FSQ's implicit prod L_i."""
         return math.prod(self.fsq_levels) if self.quantizer == "fsq" else self.codebook_size
+
+    @property
+    def level_num_codes(self):
+        """K of each level's codes, coarsest first: [K] or [K_top, K]."""
+        return [self.top_codebook_size or self.num_codes, self.num_codes][2 - self.levels:]
 
     @property
     def codes_per_position(self):
@@ -1243,10 +1254,10 @@ class TopOnly:
         return xp.asarray(~top_only, dtype=dtype)[:, None, None, None]
 
 
-def make_quantizer(cfg, init, seed):
-    """The quantizer named by cfg.quantizer, with its settings from cfg."""
-    K, D, health = cfg.codebook_size, cfg.code_dim, dict(kmeans_init=cfg.kmeans_init,
-                                                        restart_threshold=cfg.restart_threshold, seed=seed)
+def make_quantizer(cfg, init, seed, K=None):
+    """The quantizer named by cfg.quantizer, with its settings from cfg (K: another codebook size)."""
+    K, D = K or cfg.codebook_size, cfg.code_dim
+    health = dict(kmeans_init=cfg.kmeans_init, restart_threshold=cfg.restart_threshold, seed=seed)
     if cfg.quantizer == "vq":
         return VectorQuantizer(K, D, cfg.beta, init, decay=cfg.ema_decay, **health)
     if cfg.quantizer == "ema":
@@ -1289,7 +1300,7 @@ class VQVAE:
         if cfg.levels == 1:
             self.decoder = make_decoder(q.out_dim, cfg.in_channels, cfg, init, stride=cfg.code_stride)
         else:
-            self.top_quantizer = top = make_quantizer(cfg, init, seed=(cfg.seed, 1))
+            self.top_quantizer = top = make_quantizer(cfg, init, seed=(cfg.seed, 1), K=cfg.level_num_codes[0])
             self.decoder = make_decoder(top.out_dim + q.out_dim, cfg.in_channels, cfg, init, stride=cfg.code_stride)
             self.top_encoder = make_encoder(H, cfg, init, stride=2, input_grad=True)
             self.top_pre_quant = Conv2d(H, top.in_dim, 1, init=init)
