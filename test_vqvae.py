@@ -2999,13 +2999,14 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
 
 
-@pytest.mark.parametrize("top_K", [0, 3])                            # 0: the top codebook has -K 16 codes too
-def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, top_K):
+@pytest.mark.parametrize("top_K, factor", [(0, 1), (3, 2)])          # top_K 0: the top codebook has -K 16 codes too
+def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, top_K, factor):
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
     run = tmp_path / "run"
     assert T.main(["--data", str(tmp_path / "x.npy"), "--out", str(run), "--steps", "3", "--eval-every", "3",
-                   "--levels", "2", "--prior-attention-every", "1", *TINY, "--top-codebook-size", str(top_K)]) == 0
+                   "--levels", "2", "--prior-attention-every", "1", *TINY, "--top-codebook-size", str(top_K),
+                   "--top-prior-factor", str(factor), "--log-every", "1"]) == 0
     for name in ("recon.png", "recon_top.png", "top_prior.npz", "prior.npz", "samples.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
@@ -3014,6 +3015,11 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, top_K):
         assert key in summary, key
     K = top_K or 16
     assert round(summary["top_codes_used"] * K) == summary["top_codes_used"] * K  # used codes over K_top, not 16
+    assert summary["prior_steps"] == 2 and summary["top_prior_steps"] == 2 * factor   # TINY: --prior-steps 2
+    for name, steps in (("prior", 2), ("top_prior", 2 * factor)):
+        with np.load(run / f"{name}.npz", allow_pickle=False) as f:
+            assert int(f["step"]) == steps, name
+        assert len([m for m in metric_lines(run, name) if "loss" in m]) == steps, name
     priors = json.loads((run / "config.json").read_text())["priors"]
     assert priors[0]["attention_every"] == 1 and priors[0]["cond_codebook_size"] == 0
     assert priors[0]["codebook_size"] == K and priors[1]["codebook_size"] == 16
@@ -3038,7 +3044,8 @@ ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--di
 
 @pytest.mark.parametrize("quantizer, levels, extra", [("vq", 1, []), ("ema", 1, ["--restart-threshold", "2"]),
                                                      ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, []),
-                                                     ("ema", 2, ["--top-only-rate", "0.5", "--code-stride", "8", "--top-codebook-size", "8"]),
+                                                     ("ema", 2, ["--top-only-rate", "0.5", "--code-stride", "8", "--top-codebook-size", "8",
+                                                                 "--top-prior-factor", "2"]),
                                                      ("ema", 1, ADVERSARIAL)])
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
@@ -3050,10 +3057,11 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quan
     assert T.main([*common, "--out", split, "--steps", "4", "--stage", "vqvae"]) == 0
     assert T.main(["--resume", split, "--steps", "8", "--prior-steps", "2"]) == 0   # VQ-VAE 4 -> 8, prior 0 -> 2
     assert T.main(["--resume", split, "--stage", "prior", "--prior-steps", "4"]) == 0  # prior 2 -> 4
+    factor = 2 if "--top-prior-factor" in extra else 1
     for stage in ("vqvae", "prior", "top_prior")[:levels + 1]:
         a = [m["loss"] for m in metric_lines(straight, stage) if "loss" in m]
         b = [m["loss"] for m in metric_lines(split, stage) if "loss" in m]
-        assert len(a) == len(b) == (8 if stage == "vqvae" else 4)
+        assert len(a) == len(b) == {"vqvae": 8, "prior": 4, "top_prior": 4 * factor}[stage]
         assert a == b, stage                                           # bit for bit on CPU
 
 
@@ -3067,6 +3075,9 @@ def test_prior_learning_rate_warms_up_linearly_then_decays_linearly_to_a_tenth()
     np.testing.assert_allclose(T.prior_lr_at(old, 5), 1e-3 * (0.1 + 0.9 * 5 / 10))
     with pytest.raises(ValueError, match="--prior-warmup must be at least 0"):
         T.TrainConfig(prior_warmup=-1)
+    stretched = [T.prior_lr_at(cfg, s, scale=3) for s in range(45)]    # a top prior of 3 times the steps
+    np.testing.assert_allclose(stretched[2:12:3], lrs[:4])             # warm-up: 12 steps, to the peak at step 11
+    np.testing.assert_allclose(stretched[12::3], lrs[4:])              # decay: to a tenth at step 36
 
 
 def test_prior_training_set_adds_the_codes_of_the_mirrored_images_with_their_labels():
@@ -3404,6 +3415,8 @@ def test_a_prior_is_never_paired_with_the_codes_of_another_vqvae_state(tmp_path,
     (["--adversarial", "--disc-lr", "nan"], "disc_lr must be a finite number, got nan"),
     (["--adversarial", "--disc-width", "0"], "--disc-width must be at least 1, got 0"),
     (["--adversarial", "--disc-layers", "2"], "--disc-layers 2 leaves no patch of a 8 x 8 image to judge: give fewer"),
+    (["--top-prior-factor", "0"], "--top-prior-factor must be at least 1, got 0"),
+    (["--top-prior-factor", "2"], "--top-prior-factor 2 sets the top prior of two levels: add --levels 2"),
 ])
 def test_bad_settings_stop_the_run_before_anything_is_written(tmp_path, tiny_data, capsys, flags, message):
     run = tmp_path / "run"

@@ -436,6 +436,7 @@ class TrainConfig:
     prior_lr: float = 2e-3        # the prior's peak learning rate, reached after ...
     prior_warmup: int = 600       # ... a linear warm-up over this many steps, then a linear decay ...
     prior_decay_steps: int = 0    # ... to a tenth at this step (0: --prior-steps of the run's start); README
+    top_prior_factor: int = 1     # two levels: the top prior trains this many times the steps, warm-up and decay
     prior_labels: bool = True     # condition the prior on the class labels, where the data has them
     prior_flip: bool = True       # also train the prior on the codes of mirrored training images (where valid)
     temperature: float = 1.0      # of the samples drawn at the end ...
@@ -455,7 +456,7 @@ class TrainConfig:
         """Every setting checked before anything is read or trained; a ValueError names it."""
         vqvae.check_fields(self)
         for name in ("steps", "batch_size", "log_every", "eval_every", "prior_steps", "prior_batch_size",
-                     "judge_steps", "disc_layers", "disc_width"):
+                     "top_prior_factor", "judge_steps", "disc_layers", "disc_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "prior_lr", "disc_lr"):
@@ -1403,6 +1404,9 @@ def build_parser():
                                                                                  "over this many steps ...")
     prior.add_argument("--prior-decay-steps", type=int, default=t.prior_decay_steps,
                        help="... then decayed linearly to a tenth of it at this step (0: at --prior-steps)")
+    prior.add_argument("--top-prior-factor", type=int, default=t.top_prior_factor,
+                       help="two levels: the top prior trains this many times --prior-steps, its warm-up and decay "
+                            "stretched alike")
     prior.add_argument("--prior-dropout", type=float, default=pc.dropout,
                        help="dropout rate in the gated layers, in training (0: none)")
     prior.add_argument("--prior-flip", default=None, action=argparse.BooleanOptionalAction,
@@ -1434,7 +1438,7 @@ PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_ke
                "prior_heads": "heads", "prior_attention_every": "attention_every", "prior_dropout": "dropout"}
 MIRROR_INVARIANT = ("shapes", "shapes64", "cifar10")  # the built-in data a horizontal mirror keeps in its class (a triangle
                                           # stays apex up); not digits, nor clothes (a shoe points left)
-RESUMABLE = {"steps", "prior_steps", "stage", "log_every", "eval_every", "device", "temperature", "top_k", "top_p",
+RESUMABLE = {"steps", "prior_steps", "top_prior_factor", "stage", "log_every", "eval_every", "device", "temperature", "top_k", "top_p",
              "resume", "evaluate",
              "judge_steps", "eval_images"}
 
@@ -1532,15 +1536,16 @@ def prior_configs(settings, model_cfg, num_classes, seed):
                                cond_channels=settings["channels"], cond_upsample=2)]
 
 
-def prior_lr_at(cfg, step):
+def prior_lr_at(cfg, step, scale=1):
     """The prior's learning rate at a step (from 0): up linearly from 0 to --prior-lr over
     --prior-warmup steps, then down linearly to a tenth of it at --prior-decay-steps, and a
     tenth after that (a run resumed with more --prior-steps trains on at that rate). Adam's
     first steps, with second moments estimated from a few batches, are the least reliable: the
     warm-up keeps them small. The decay ends training at a low rate, where the last steps
-    average out the batch-to-batch noise instead of following it."""
-    peak, warmup = cfg.prior_lr, cfg.prior_warmup
-    end = cfg.prior_decay_steps or cfg.prior_steps                     # 0: a config.json from before the schedule
+    average out the batch-to-batch noise instead of following it. A prior that trains `scale`
+    times the steps (the top one, --top-prior-factor) has its warm-up and decay stretched alike."""
+    peak, warmup = cfg.prior_lr, cfg.prior_warmup * scale
+    end = (cfg.prior_decay_steps or cfg.prior_steps) * scale           # 0: a config.json from before the schedule
     if step < warmup:
         return peak * (step + 1) / warmup
     left = max(0.0, (end - step) / max(1, end - warmup))               # 1 at the peak, 0 from `end` on
@@ -1593,6 +1598,8 @@ def train(argv):
     if model_cfg.quantizer == "rvq" and model_cfg.levels == 2 and cfg.stage != "vqvae":
         raise UserError("the priors do not model two levels of residual codes (the bottom prior's conditioning "
                         "assumes one code per position): use --levels 1 with --quantizer rvq, or --stage vqvae")
+    if cfg.top_prior_factor != 1 and model_cfg.levels != 2:
+        raise UserError(f"--top-prior-factor {cfg.top_prior_factor} sets the top prior of two levels: add --levels 2")
 
     # -- data
     data = load_dataset(cfg.data, cfg.data_dir)
@@ -1655,6 +1662,7 @@ def train(argv):
     levels, stale = [], []                                             # (name, prior, its Adam, step, seconds)
     for name, prior_cfg in zip(level_names(model), prior_cfgs):
         name += "prior"                                                # 'top_prior', 'prior'
+        scale = cfg.top_prior_factor if name == "top_prior" else 1     # the top prior may train longer
         prior, prior_opt = new_prior(prior_cfg)
         start, wall_before = 0, 0.0
         if resuming and (run / f"{name}.npz").exists():
@@ -1663,10 +1671,11 @@ def train(argv):
             if vqvae_trains or fitted_to not in (None, current) or (fitted_to is None and "stale_priors" in summary_before):
                 stale.append(f"{name}.npz")
                 (prior, prior_opt), start, wall_before = new_prior(prior_cfg), 0, 0.0
-            elif start > cfg.prior_steps:
-                raise UserError(f"{run / name}.npz is at step {start}: --prior-steps {cfg.prior_steps} would go back; "
-                                f"give --prior-steps {start} or more")
-        levels.append((name, prior, prior_opt, start, wall_before))
+            elif start > cfg.prior_steps * scale:
+                raise UserError(f"{run / name}.npz is at step {start}: --prior-steps {cfg.prior_steps}"
+                                + (f" (x {scale}, --top-prior-factor)" if scale > 1 else "") + " would go back; "
+                                f"give --prior-steps {-(-start // scale)} or more")
+        levels.append((name, prior, prior_opt, start, scale, wall_before))
     if stale and cfg.stage == "vqvae":
         stale_note = (f"{' and '.join(stale)} and samples.png come from the codes of an earlier state of the VQ-VAE; "
                       f"train the priors anew with: python train.py --resume {run} --stage prior")
@@ -1728,12 +1737,12 @@ def train(argv):
             codes_test = tuple(map(prior_grid, encode_all(model, test_images)))
             labels_test = data["test_labels"] if num_classes else None
             priors, prior_wall = [], 0.0
-            for level, (name, prior, prior_opt, start, wall_before) in enumerate(levels):
+            for level, (name, prior, prior_opt, start, scale, wall_before) in enumerate(levels):
                 codes, cond = codes_train[level], codes_train[level - 1] if level else None
                 t_prior = time.time()
 
                 def prior_train_step(s):
-                    prior_opt.lr = prior_lr_at(cfg, s)
+                    prior_opt.lr = prior_lr_at(cfg, s, scale)
                     idx = batch_indices(cfg.seed + 1 + level, s, len(codes), cfg.prior_batch_size)
                     return prior.train_step(codes[idx], prior_opt, None if labels_train is None else labels_train[idx],
                                             cond_codes=None if cond is None else cond[idx])
@@ -1746,9 +1755,9 @@ def train(argv):
                     return save_checkpoint(run / f"{name}.npz", prior, prior_opt, s, wall_before + time.time() - t_prior,
                                            vqvae_sha256=vqvae_sha256)
 
-                prior_ev = fit(name, prior_train_step, prior_eval, prior_save, start, cfg.prior_steps,
+                prior_ev = fit(name, prior_train_step, prior_eval, prior_save, start, cfg.prior_steps * scale,
                                cfg.prior_batch_size, cfg, xp, log, stop, run / f"{name}.npz")
-                summary.update(prior_ev, prior_steps=cfg.prior_steps)
+                summary.update(prior_ev, **{f"{name}_steps": cfg.prior_steps * scale})
                 prior_wall += wall_before + time.time() - t_prior
                 priors.append(prior)
             rows = num_classes or 4
