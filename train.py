@@ -1438,8 +1438,8 @@ PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_ke
                "prior_heads": "heads", "prior_attention_every": "attention_every", "prior_dropout": "dropout"}
 MIRROR_INVARIANT = ("shapes", "shapes64", "cifar10")  # the built-in data a horizontal mirror keeps in its class (a triangle
                                           # stays apex up); not digits, nor clothes (a shoe points left)
-RESUMABLE = {"steps", "prior_steps", "top_prior_factor", "stage", "log_every", "eval_every", "device", "temperature", "top_k", "top_p",
-             "resume", "evaluate",
+RESUMABLE = {"steps", "prior_steps", "top_prior_factor", "stage", "log_every", "eval_every", "device", "temperature",
+             "top_k", "top_p", "resume", "evaluate",
              "judge_steps", "eval_images"}
 
 
@@ -1659,7 +1659,7 @@ def train(argv):
         return prior, vqvae.Adam(prior.params, lr=cfg.prior_lr)
 
     current = None if vqvae_trains else fingerprint(model)
-    levels, stale = [], []                                             # (name, prior, its Adam, step, seconds)
+    levels, stale = [], []                                 # (name, prior, its Adam, step, steps factor, seconds)
     for name, prior_cfg in zip(level_names(model), prior_cfgs):
         name += "prior"                                                # 'top_prior', 'prior'
         scale = cfg.top_prior_factor if name == "top_prior" else 1     # the top prior may train longer
