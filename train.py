@@ -1672,9 +1672,9 @@ def train(argv):
                 stale.append(f"{name}.npz")
                 (prior, prior_opt), start, wall_before = new_prior(prior_cfg), 0, 0.0
             elif start > cfg.prior_steps * scale:
-                raise UserError(f"{run / name}.npz is at step {start}: --prior-steps {cfg.prior_steps}"
-                                + (f" (x {scale}, --top-prior-factor)" if scale > 1 else "") + " would go back; "
-                                f"give --prior-steps {-(-start // scale)} or more")
+                times = f" x {scale} (--top-prior-factor)" if scale > 1 else ""
+                raise UserError(f"{run / name}.npz is at step {start}: --prior-steps {cfg.prior_steps}{times} would go "
+                                f"back; give --prior-steps {math.ceil(start / scale)} or more")
         levels.append((name, prior, prior_opt, start, scale, wall_before))
     if stale and cfg.stage == "vqvae":
         stale_note = (f"{' and '.join(stale)} and samples.png come from the codes of an earlier state of the VQ-VAE; "
