@@ -384,6 +384,8 @@ class PriorConfig:
     cond_codebook_size: int = 0  # > 0: conditioned on codes (N, h/f, w/f), embedded in cond_channels
     cond_upsample: int = 1     # f: each conditioning code covers an f x f block of the grid
     dropout: float = 0.0       # in training, of each gated layer's horizontal gate output (0 = none)
+    label_dropout: float = 0.0  # in training, the share of grids whose class becomes "none" (the label
+                               # num_classes, one more row in the class tables): classifier-free guidance
 
     def __post_init__(self):
         check_fields(self)
@@ -411,8 +413,11 @@ class PriorConfig:
                              f"{self.attention_dim or self.channels} must be divisible by heads={self.heads}")
         if self.cond_codebook_size and not self.cond_channels:
             raise ValueError("cond_codebook_size needs cond_channels > 0, the width of the conditioning code embedding")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "label_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.label_dropout and not self.num_classes:
+            raise ValueError(f"label_dropout={self.label_dropout} needs a class-conditional prior (num_classes > 0)")
         if self.cond_upsample > 1 and not self.cond_codebook_size:
             raise ValueError(f"cond_upsample={self.cond_upsample} applies to conditioning codes only: "
                              f"set cond_codebook_size too")
@@ -441,7 +446,8 @@ class PixelCNN:
         init = uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
         p = cfg.channels
         self.embed = Embedding(cfg.codebook_size, p, init)
-        self.layers = [GatedLayer(p, cfg.kernel, l == 0, cfg.num_classes, cfg.cond_channels, init, cfg.dropout)
+        rows = cfg.num_classes + (cfg.label_dropout > 0)                 # + the "no class" label, for guidance
+        self.layers = [GatedLayer(p, cfg.kernel, l == 0, rows, cfg.cond_channels, init, cfg.dropout)
                        for l in range(cfg.layers)]
         self.head = make_head(p, cfg.codebook_size, init)
         # the VQ-VAE-2 parts come last, so that the parts above start from the same draws with or without them
@@ -451,9 +457,9 @@ class PixelCNN:
         if cfg.cond_codebook_size:
             self.cond_embed = Embedding(cfg.cond_codebook_size, cfg.cond_channels, init)
             self.upsample = Upsample(cfg.cond_upsample)
-        # a host counter of training batches: dropout's masks come from (seed, step), so that a
-        # resumed run draws what the uninterrupted run drew
-        self.buffers = {"dropout.step": np.zeros((), np.int64)} if cfg.dropout else {}
+        # a host counter of training batches: dropout's masks and the dropped labels come from
+        # (seed, step), so that a resumed run draws what the uninterrupted run drew
+        self.buffers = {"dropout.step": np.zeros((), np.int64)} if cfg.dropout or cfg.label_dropout else {}
         self.cache = None
 
     @property
@@ -487,8 +493,10 @@ class PixelCNN:
                 raise ValueError(f"expected integer labels of shape ({N},), got shape "
                                  f"{getattr(labels, 'shape', None)} and dtype {getattr(labels, 'dtype', None)}")
             lo, hi = int(labels.min()), int(labels.max())                # where labels live: no device sync for host ones
-            if lo < 0 or hi >= nc:
-                raise ValueError(f"labels must lie in [0, {nc}), got values in [{lo}, {hi}]")
+            none = self.cfg.label_dropout > 0                              # label nc: no class, as trained
+            if lo < 0 or hi >= nc + none:
+                raise ValueError(f"labels must lie in [0, {nc}){f', or be {nc} for no class' if none else ''}, "
+                                 f"got values in [{lo}, {hi}]")
             labels = self.xp.asarray(labels)
         if cond is None and cc and not self.cfg.cond_codebook_size:  # a code-conditioned prior makes its own map
             raise ValueError(f"this prior is spatially conditioned (cond_channels={cc}): "
@@ -549,9 +557,12 @@ class PixelCNN:
         x = self.embed.forward(codes)                                  # (N, h, w, p)
         v = h = x                                                      # both stacks start from the codes
         rng = None
-        if train and self.cfg.dropout:
-            rng = step_rng(self.cfg.seed, int(self.buffers["dropout.step"]))  # this batch's dropout masks
+        if train and (self.cfg.dropout or self.cfg.label_dropout):
+            rng = step_rng(self.cfg.seed, int(self.buffers["dropout.step"]))  # this batch's random choices
             self.buffers["dropout.step"] += 1
+        if rng is not None and self.cfg.label_dropout:                 # classifier-free guidance's training:
+            dropped = self.xp.asarray(rng.random(len(labels)) < self.cfg.label_dropout)  # these grids learn the
+            labels = self.xp.where(dropped, self.cfg.num_classes, labels)  # unconditional prior, label "no class"
         for l, layer in enumerate(self.layers):
             v, h = layer.forward(v, h, labels, cond, rng)
             if l in self.attention:
@@ -656,6 +667,19 @@ def pick(logits, u, temperature, top_k=0, top_p=1.0):
     return xp.minimum(k, logits.shape[1] - 1)                          # rounding may leave cdf[-1] < u
 
 
+def guide(logits, guidance):
+    """Classifier-free guidance (Ho & Salimans 2022): logits (2N, K) of N grids with their classes
+    and of the same grids with "no class" -> (N, K), c + (s - 1) (c - u) for the first half c and
+    the second u: up to a constant per row the log-probabilities of p_c^s / p_u^(s-1), which
+    favours the codes that the class makes more likely than they are without it (s > 1). s = 1:
+    the logits as they are (no second half)."""
+    if guidance == 1:
+        return logits
+    N = len(logits) // 2
+    c, u = logits[:N], logits[N:]
+    return c + (guidance - 1) * (c - u)
+
+
 def pixel_kernels(xp, p):
     """The fast sampler's two elementwise steps of a layer at a pixel -> (gate_at, residual_at).
 
@@ -678,7 +702,7 @@ def pixel_kernels(xp, p):
     return (lambda h, a: gate(h, a, p, size=h.shape[0] * p).reshape(h.shape[0], p)), residual_at
 
 
-def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes, top_k, top_p):
+def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes, top_k, top_p, guidance):
     for name, n in (("N", N), ("h", h), ("w", w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive integer, got {n!r}")
@@ -688,27 +712,46 @@ def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes,
         raise ValueError(f"top_k must be an integer >= 0 (0: no truncation), got {top_k!r}")
     if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] (1: no truncation), got {top_p!r}")
+    if not (isinstance(guidance, numbers.Real) and not isinstance(guidance, bool) and math.isfinite(guidance)
+            and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0 (1: none), got {guidance!r}")
+    if guidance != 1 and not model.cfg.label_dropout:
+        raise ValueError(f"guidance={guidance} needs a class-conditional prior trained with label_dropout > 0, "
+                         f"which also knows the grids without a class")
     cond_codes = model.check_cond_codes((N, h, w), cond, cond_codes)
     labels, cond = model.check_conditioning((N, h, w), labels, cond)
-    u = model.xp.asarray(np.random.default_rng(seed).random((N, h, w)))  # every uniform, up front
-    codes = model.xp.zeros((N, h, w), dtype=np.int64)
+    xp = model.xp
+    u = xp.asarray(np.random.default_rng(seed).random((N, h, w)))      # every uniform, up front
+    if guidance != 1:                                                  # the same grids again, without their class:
+        labels = xp.concatenate([labels, xp.full_like(labels, model.cfg.num_classes)])  # 2N rows, one code each
+        cond, cond_codes = (None if a is None else xp.concatenate([a, a]) for a in (cond, cond_codes))
+    codes = xp.zeros((len(labels) if guidance != 1 else N, h, w), dtype=np.int64)
     rule = (float(temperature), int(top_k), float(top_p))              # how pick() chooses a code
-    return rule, labels, cond, cond_codes, u, codes
+    return rule, float(guidance), labels, cond, cond_codes, u, codes
 
 
-def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0):
+def _pick_guided(logits, u, rule, guidance):
+    """pick() on the guided logits; with guidance, the code goes to both halves of the batch."""
+    code = pick(guide(logits, guidance), u, *rule)
+    return code if guidance == 1 else array_module(code).concatenate([code, code])
+
+
+def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0,
+                 guidance=1.0):
     """h * w full forward passes: the logits at (i, j) are read off a forward of the grid so far.
-    Slow, obviously correct. seed: an int or a np.random.Generator."""
-    rule, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond,
-                                                               cond_codes, top_k, top_p)
+    Slow, obviously correct. seed: an int or a np.random.Generator. guidance != 1: classifier-free
+    guidance (guide()), each forward over the N grids with and without their classes."""
+    rule, guidance, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels,
+                                                                         cond, cond_codes, top_k, top_p, guidance)
     for i in range(h):
         for j in range(w):
-            logits = model.forward(codes, labels, cond, cond_codes)[:, i, j]  # (N, K); later codes are still 0
-            codes[:, i, j] = pick(logits, u[:, i, j], *rule)
-    return codes
+            logits = model.forward(codes, labels, cond, cond_codes)[:, i, j]  # (N or 2N, K); later codes are still 0
+            codes[:, i, j] = _pick_guided(logits, u[:, i, j], rule, guidance)
+    return codes[:N]
 
 
-def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0):
+def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0,
+           guidance=1.0):
     """The codes of sample_naive (same seed, same uniforms), computing each pixel of each layer once.
 
     Row by row: once row i-1 is final, every layer's vertical stack is computed for row i-1 only
@@ -727,10 +770,12 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
 
     An attention layer keeps the keys and values of the pixels computed so far; at pixel (i, j)
     it adds that pixel's and computes the query, the attention over the cache and the output for
-    (i, j) alone. Conditioning codes become their map once, up front.
+    (i, j) alone. Conditioning codes become their map once, up front. With guidance the batch is
+    the N grids twice, with and without their classes, and both copies get the guided code.
     """
-    rule, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels, cond,
-                                                               cond_codes, top_k, top_p)
+    rule, guidance, labels, cond, cond_codes, u, codes = _sampling_setup(model, N, h, w, seed, temperature, labels,
+                                                                         cond, cond_codes, top_k, top_p, guidance)
+    samples, N = N, len(codes)                                         # N: the rows computed (2N with guidance)
     xp, dtype, p, r = model.xp, model.cfg.dtype, model.cfg.channels, model.cfg.kernel // 2
     layers, table = model.layers, model.embed.params["table"]
     model.cache = None                                                 # layers' caches are overwritten
@@ -790,7 +835,7 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
                 if l + 1 < len(layers):
                     H[l + 1][:, j + r] = h_out
             logits = model.head.forward(h_out[:, None, None])[:, 0, 0]  # (N, K)
-            codes[:, i, j] = code = pick(logits, u[:, i, j], *rule)
+            codes[:, i, j] = code = _pick_guided(logits, u[:, i, j], rule, guidance)
             H[0][:, j + r + 1] = table[code]                           # layer 0 sees it from (i, j+1) on
         V[0][:, i + r, r:r + w] = table[codes[:, i]]                   # the vertical stack, from row i+1 on
-    return codes
+    return codes[:samples]

@@ -2531,6 +2531,94 @@ def test_fast_sampler_returns_the_naive_samplers_codes_with_attention_and_cond_c
     np.testing.assert_array_equal(fast, naive)
 
 
+# classifier-free guidance: label dropout in training, guided sampling
+
+
+@given(prior2_case(), st.sampled_from([0.0, 2.5]), st.sampled_from(["float64", "float32"]))
+def test_fast_sampler_returns_the_naive_samplers_codes_with_guidance(case, guidance, dtype):
+    cfg, (N, h, w), seed = case
+    cfg.update(num_classes=3, label_dropout=0.3)                       # guidance needs both
+    model = tiny_prior(**cfg, dtype=dtype, seed=seed % 1000)
+    labels, cond, cond_codes = inputs(model, N, h, w, np.random.default_rng(seed))
+    labels[0] = 3                                                      # "no class" may be asked for too
+    fast = P.sample(model, N, h, w, seed, 1.0, labels, cond, cond_codes, guidance=guidance)
+    naive = P.sample_naive(model, N, h, w, seed, 1.0, labels, cond, cond_codes, guidance=guidance)
+    assert fast.shape == (N, h, w) and fast.min() >= 0 and fast.max() < cfg["codebook_size"]
+    np.testing.assert_array_equal(fast, naive)
+
+
+def test_guidance_one_is_plain_sampling_and_zero_samples_without_the_class():
+    rng = np.random.default_rng(0)
+    model = tiny_prior(codebook_size=6, channels=8, layers=2, num_classes=3, label_dropout=0.2, seed=3)
+    for v in model.params.values():                                    # weights large enough to make labels matter
+        v[...] = rng.normal(0, 0.7, v.shape)
+    labels = np.array([0, 1, 2, 1])
+    plain = P.sample(model, 4, 3, 4, 5, labels=labels)
+    np.testing.assert_array_equal(P.sample(model, 4, 3, 4, 5, labels=labels, guidance=1.0), plain)
+    none = P.sample(model, 4, 3, 4, 5, labels=np.full(4, 3))           # the prior without a class
+    np.testing.assert_array_equal(P.sample(model, 4, 3, 4, 5, labels=labels, guidance=0.0), none)
+    assert not np.array_equal(plain, none)                             # the labels do matter here
+
+
+@pytest.mark.parametrize("guidance", [2.0, 0.5])
+def test_first_code_frequencies_follow_the_guided_distribution(guidance):
+    """p_s(k) is proportional to p_c(k)^s / p_u(k)^(s-1): with the class, without it (label "no class")."""
+    rng = np.random.default_rng(1)
+    model = tiny_prior(codebook_size=4, channels=4, layers=1, num_classes=2, label_dropout=0.5, seed=7)
+    for v in model.params.values():
+        v[...] = rng.normal(0, 0.8, v.shape)
+    n = 20000
+    codes = P.sample(model, n, 1, 1, 0, labels=np.ones(n, np.int64), guidance=guidance)
+    log_p = [model.forward(np.zeros((1, 1, 1), np.int64), np.array([c]))[0, 0, 0] for c in (1, 2)]
+    log_p = [z - np.log(np.exp(z).sum()) for z in log_p]               # log p_c, log p_u
+    q = np.exp(guidance * log_p[0] - (guidance - 1) * log_p[1])
+    q /= q.sum()
+    freq = np.bincount(codes.ravel(), minlength=4) / n
+    assert np.max(np.abs(freq - q)) < 4 * np.sqrt(0.25 / n), (freq, q)
+    plain = np.exp(log_p[0])
+    assert np.max(np.abs(q - plain)) > 0.02                            # the guided distribution is another one
+
+
+def test_label_dropout_drops_classes_in_training_only_from_seed_and_step():
+    model = tiny_prior(codebook_size=4, channels=2, layers=1, num_classes=3, label_dropout=0.25, seed=2)
+    seen = []
+    table = model.layers[0].class_v
+    forward = table.forward
+    table.forward = lambda codes: seen.append(np.array(codes).ravel()) or forward(codes)
+    n = 4000
+    codes, labels = np.zeros((n, 1, 1), np.int64), np.arange(n) % 3
+    model.loss(codes, labels)
+    np.testing.assert_array_equal(seen.pop(), labels)                  # evaluation: the classes as given
+    model.loss(codes, labels, train=True)
+    dropped = seen.pop() != labels
+    assert abs(dropped.mean() - 0.25) < 0.03                           # 4 sigma is 0.027
+    np.testing.assert_array_equal(model.layers[0].class_v.cache.ravel()[dropped], 3)  # to "no class", the rest kept
+    model.loss(codes, labels, train=True)
+    assert not np.array_equal(seen.pop() != labels, dropped)           # another batch, other grids
+    model.buffers["dropout.step"][...] = 0
+    model.loss(codes, labels, train=True)
+    np.testing.assert_array_equal(seen.pop() != labels, dropped)       # a function of (seed, step)
+
+
+def test_label_dropout_and_guidance_reject_what_they_cannot_do():
+    with pytest.raises(ValueError, match=r"label_dropout=0.1 needs a class-conditional prior \(num_classes > 0\)"):
+        P.PriorConfig(label_dropout=0.1)
+    with pytest.raises(ValueError, match=r"label_dropout must be in \[0, 1\), got 1.0"):
+        P.PriorConfig(num_classes=2, label_dropout=1.0)
+    plain = tiny_prior(num_classes=3)
+    guided = tiny_prior(num_classes=3, label_dropout=0.1)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 3\]"):
+        plain.loss(np.zeros((2, 2, 2), np.int64), np.array([0, 3]))
+    guided.loss(np.zeros((2, 2, 2), np.int64), np.array([0, 3]))      # 3: no class, as trained
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), or be 3 for no class, got values in \[0, 4\]"):
+        guided.loss(np.zeros((2, 2, 2), np.int64), np.array([0, 4]))
+    with pytest.raises(ValueError, match="guidance=2 needs a class-conditional prior trained with label_dropout > 0"):
+        P.sample(plain, 1, 2, 2, 0, labels=np.array([1]), guidance=2)
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+            P.sample_naive(guided, 1, 2, 2, 0, labels=np.array([1]), guidance=bad)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_fast_sampler_returns_the_naive_samplers_codes_on_a_larger_grid(dtype):
     # more codes and wider layers than the drawn cases, and weights doubled (at the init the
@@ -3914,6 +4002,34 @@ def test_sample_command_truncates_with_top_k_and_top_p(tmp_path, tiny_data, caps
     assert "--top-p in (0, 1], got 0 and 0.0" in one_error_line(capsys)
     assert T.main(["--resume", str(run), "--top-k", "-2"]) == 1
     assert "--top-k must be at least 0" in one_error_line(capsys)
+
+
+def test_class_conditional_runs_train_with_label_dropout_and_sample_with_guidance(tmp_path, tiny_data, capsys):
+    write_mnist(tmp_path / "mnist", n_train=8)                         # labelled: a class-conditional prior
+    run = tiny_run(tmp_path, "mnist", steps=2, extra=("--data-dir", str(tmp_path)))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["priors"][0]["label_dropout"] == T.LABEL_DROPOUT and saved["train"]["guidance"] is None
+    def codes(*flags):
+        out = tmp_path / "s.npz"
+        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--per-row", "3", *flags]) == 0
+        return np.load(out, allow_pickle=False)["codes"]
+    np.testing.assert_array_equal(codes(), codes("--guidance", str(T.GUIDANCE)))  # the default for such a prior
+    assert not np.array_equal(codes("--guidance", "1"), codes("--guidance", "4"))
+    capsys.readouterr()
+    assert T.main(["sample", "--run", str(run), "--guidance", "-1"]) == 1
+    assert "--guidance must be a finite number >= 0 (1: none), got -1.0" in one_error_line(capsys)
+    unconditional = tmp_path / "plain"
+    assert T.main(["--data", str(tiny_data), "--steps", "2", "--prior-steps", "2", "--out", str(unconditional),
+                   "--no-prior-labels", "--no-evaluate", "--log-every", "1"]) == 0
+    assert json.loads((unconditional / "config.json").read_text())["priors"][0]["label_dropout"] == 0
+    capsys.readouterr()
+    assert T.main(["sample", "--run", str(unconditional), "--guidance", "2"]) == 1
+    assert "--guidance 2.0 needs a class-conditional prior trained with --prior-label-dropout > 0" \
+        in one_error_line(capsys)
+    assert T.main(["--data", str(tiny_data), "--out", str(tmp_path / "x"), "--no-prior-labels",
+                   "--prior-label-dropout", "0.2"]) == 1
+    assert "--prior-label-dropout 0.2 drops the class of a class-conditional prior" in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()                               # refused before anything was written
 
 
 # -----------------------------------------------------------------------------

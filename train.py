@@ -417,6 +417,10 @@ def save_npy(path, array):
     atomic_write(path, buf.getvalue())
 
 
+LABEL_DROPOUT = 0.1  # a class-conditional prior's training grids without their class (README, "The prior") ...
+GUIDANCE = 1.5       # ... and the classifier-free guidance its samples are drawn with
+
+
 @dataclass
 class TrainConfig:
     data: str = "shapes"          # shapes, shapes64, mnist, fashion-mnist, cifar10, or PATH.npy / PATH.npz
@@ -441,7 +445,9 @@ class TrainConfig:
     prior_flip: bool = True       # also train the prior on the codes of mirrored training images (where valid)
     temperature: float = 1.0      # of the samples drawn at the end ...
     top_k: int = 0                # ... from the k most likely codes only (0: all) ...
-    top_p: float = 1.0            # ... from the most likely codes that reach this probability (1: all)
+    top_p: float = 1.0            # ... from the most likely codes that reach this probability (1: all) ...
+    guidance: float | None = None  # ... with classifier-free guidance s (None: GUIDANCE for a prior trained with
+                                  # label dropout, else 1 = none)
     evaluate: bool = True         # measure the samples at the end (train.py evaluate)
     judge_steps: int = 1500       # training steps of the evaluation's judge network
     eval_images: int = 1000       # held-out images the evaluation measures, and as many samples
@@ -471,6 +477,10 @@ class TrainConfig:
             raise ValueError(f"--top-k must be at least 0 (0: no truncation), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1] (1: no truncation), got {self.top_p}")
+        if self.guidance is not None:
+            if not vqvae.is_real(self.guidance) or not self.guidance >= 0:
+                raise ValueError(f"--guidance must be a finite number >= 0 (1: none), got {self.guidance!r}")
+            self.guidance = float(self.guidance)
         if self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -678,7 +688,7 @@ def sample_images(model, priors, N, seed, rule, real_hw, labels=None, batch_size
     """N new images: codes sampled from the priors, coarsest level first, each finer level given
     the one above (and the class labels (N,) when the priors are class-conditional), then
     decoded -> (uint8 images, codes per level, seconds spent sampling the codes). rule: the
-    sampling's temperature, top_k and top_p (prior.pick)."""
+    sampling's temperature, top_k and top_p (prior.pick) and guidance (prior.guide)."""
     h, w = real_hw
     grid_h, grid_w = -(-h // model.downsample), -(-w // model.downsample)  # the coarsest grid of a padded image
     S = model.cfg.codes_per_position                                   # residual VQ: S codes side by side
@@ -975,10 +985,11 @@ def evaluation_table(ev):
     for name, value, floor in rows:
         cell = lambda v: f"{v:8.4g}" if isinstance(v, float) else f"{'-' if v is None else v:>8}"
         lines.append(f"{name:52} {cell(value)} {cell(floor)}")
-    lines.append(f"({ev['images']} held-out images, their reconstructions and {ev['images']} samples; judge seed "
-                 f"{ev['judge_seed']}, trained on the {ev['judge_task']} task; every figure compares disjoint halves; "
-                 f"the floor is the same figure for two halves of the data it is read against, a ceiling for "
-                 f"precision, recall and accuracy; {ev['evaluate_time_s']:.0f} s)")
+    guided = f" drawn with guidance {ev['guidance']:g}" if ev.get("guidance", 1) != 1 else ""
+    lines.append(f"({ev['images']} held-out images, their reconstructions and {ev['images']} samples{guided}; "
+                 f"judge seed {ev['judge_seed']}, trained on the {ev['judge_task']} task; every figure compares "
+                 f"disjoint halves; the floor is the same figure for two halves of the data it is read against, a "
+                 f"ceiling for precision, recall and accuracy; {ev['evaluate_time_s']:.0f} s)")
     return "\n".join(lines)
 
 
@@ -1313,15 +1324,29 @@ def add_sampling_flags(group, t, temperature_help):
     group.add_argument("--top-k", type=int, default=t.top_k, help="sample from the k most likely codes only (0: all)")
     group.add_argument("--top-p", type=float, default=t.top_p,
                        help="sample from the fewest most likely codes whose probability reaches p (nucleus; 1: all)")
+    group.add_argument("--guidance", type=float, default=t.guidance,
+                       help=f"classifier-free guidance scale s of a class-conditional prior trained with label dropout "
+                            f"(1: none; default {GUIDANCE} for such a prior, else 1)")
 
 
-def sampling_rule(settings):
-    """temperature, top_k and top_p of a TrainConfig or of parsed flags, checked -> prior.sample's keywords."""
-    rule = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p}
+def sampling_rule(settings, prior_cfgs):
+    """temperature, top_k, top_p and guidance of a TrainConfig or of parsed flags, checked against
+    the PriorConfigs of the priors that will sample -> prior.sample's keywords. Guidance not given: GUIDANCE when every
+    prior was trained with label dropout (it knows the grids without a class), else 1 (none)."""
+    rule = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
+            "guidance": settings.guidance}
     if not (math.isfinite(rule["temperature"]) and rule["temperature"] >= 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {rule['temperature']}")
     if rule["top_k"] < 0 or not 0 < rule["top_p"] <= 1:
         raise UserError(f"--top-k must be at least 0 and --top-p in (0, 1], got {rule['top_k']} and {rule['top_p']}")
+    guided = bool(prior_cfgs) and all(c.label_dropout > 0 for c in prior_cfgs)
+    if rule["guidance"] is None:
+        rule["guidance"] = GUIDANCE if guided else 1.0
+    elif not (math.isfinite(rule["guidance"]) and rule["guidance"] >= 0):
+        raise UserError(f"--guidance must be a finite number >= 0 (1: none), got {rule['guidance']}")
+    elif rule["guidance"] != 1 and prior_cfgs and not guided:
+        raise UserError(f"--guidance {rule['guidance']} needs a class-conditional prior trained with "
+                        f"--prior-label-dropout > 0; this run's prior{'s were' if len(prior_cfgs) > 1 else ' was'} not")
     return rule
 
 
@@ -1421,6 +1446,9 @@ def build_parser():
     prior.add_argument("--prior-heads", type=int, default=pc.heads, help="attention heads")
     prior.add_argument("--prior-labels", default=t.prior_labels, action=argparse.BooleanOptionalAction,
                        help="condition the prior on class labels where the data has them")
+    prior.add_argument("--prior-label-dropout", type=float, default=None,
+                       help="share of training grids whose class is dropped, so that the prior also learns them "
+                            f"without it, for --guidance (default: {LABEL_DROPOUT} for a class-conditional prior)")
     add_sampling_flags(prior, t, "of the samples drawn at the end")
     ev = p.add_argument_group("evaluation (train.py evaluate, run at the end)")
     ev.add_argument("--evaluate", default=t.evaluate, action=argparse.BooleanOptionalAction,
@@ -1435,11 +1463,12 @@ MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "code_stride", "t
                "fsq_levels", "lfq_entropy_weight", "lfq_temperature", "gumbel_kl_weight", "gumbel_temperature",
                "gumbel_temperature_min", "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
-               "prior_heads": "heads", "prior_attention_every": "attention_every", "prior_dropout": "dropout"}
+               "prior_heads": "heads", "prior_attention_every": "attention_every", "prior_dropout": "dropout",
+               "prior_label_dropout": "label_dropout"}
 MIRROR_INVARIANT = ("shapes", "shapes64", "cifar10")  # the built-in data a horizontal mirror keeps in its class (a triangle
                                           # stays apex up); not digits, nor clothes (a shoe points left)
 RESUMABLE = {"steps", "prior_steps", "top_prior_factor", "stage", "log_every", "eval_every", "device", "temperature",
-             "top_k", "top_p", "resume", "evaluate",
+             "top_k", "top_p", "guidance", "resume", "evaluate",
              "judge_steps", "eval_images"}
 
 
@@ -1524,10 +1553,16 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     """One PriorConfig per level, coarsest first. The top-most prior may attend to its whole
     past (VQ-VAE-2's top prior; by default for two levels); a bottom prior is conditioned on
     the top codes, each of which covers 2 x 2 bottom positions."""
-    attention = settings["attention_every"]
+    attention, label_dropout = settings["attention_every"], settings.get("label_dropout")
+    if label_dropout is None:
+        label_dropout = LABEL_DROPOUT if num_classes else 0.0
+    elif label_dropout > 0 and not num_classes:
+        raise UserError(f"--prior-label-dropout {label_dropout} drops the class of a class-conditional prior; this "
+                        f"prior has no classes (--no-prior-labels, or data without labels)")
     K = model_cfg.level_num_codes                                      # coarsest first
     base = dict(channels=settings["channels"], layers=settings["layers"], kernel=settings["kernel"],
-                heads=settings["heads"], dropout=settings["dropout"], num_classes=num_classes, dtype=model_cfg.dtype)
+                heads=settings["heads"], dropout=settings["dropout"], label_dropout=label_dropout,
+                num_classes=num_classes, dtype=model_cfg.dtype)
     top = P.PriorConfig(**base, codebook_size=K[0], seed=seed,
                         attention_every=(4 if model_cfg.levels == 2 else 0) if attention is None else attention)
     if model_cfg.levels == 1:
@@ -1624,6 +1659,7 @@ def train(argv):
         if num_classes and not (data[split].min() >= 0 and data[split].max() < num_classes):
             raise UserError(f"{cfg.data}: {split} lie in [{data[split].min()}, {data[split].max()}], outside the "
                             f"prior's {num_classes} classes")
+    rule = sampling_rule(cfg, prior_cfgs)                              # how the samples at the end are drawn
 
     # -- models, optimisers, run folder
     model = vqvae.VQVAE(model_cfg, device=cfg.device)
@@ -1761,7 +1797,7 @@ def train(argv):
                 prior_wall += wall_before + time.time() - t_prior
                 priors.append(prior)
             rows = num_classes or 4
-            grid, _, seconds = draw_samples(model, priors, rows, 8, cfg.seed, sampling_rule(cfg), real_hw)
+            grid, _, seconds = draw_samples(model, priors, rows, 8, cfg.seed, rule, real_hw)
             write_png(run / "samples.png", grid)
             summary.update(prior_wall_time_s=prior_wall, sample_time_s=seconds, samples=rows * 8)
 
@@ -1780,7 +1816,7 @@ def train(argv):
               f"{min(cfg.eval_images, len(data['test']))} held-out images, their reconstructions and as many samples",
               file=sys.stderr)
         ev = evaluate_samples(run, model, priors, data, real_hw, 0, cfg.judge_steps, cfg.eval_images, cfg.seed + 1,
-                              sampling_rule(cfg), cfg.device)
+                              rule, cfg.device)
         atomic_write(run / "evaluation.json", json.dumps(ev, indent=2).encode())
         print(evaluation_table(ev), file=sys.stderr)
         summary.update({k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_"))},
@@ -1871,13 +1907,14 @@ def sample(argv):
     args = p.parse_args(argv)
     if args.per_row < 1 or args.rows < 1:
         raise UserError(f"--per-row and --rows must be at least 1, got {args.per_row} and {args.rows}")
-    rule = sampling_rule(args)
+    sampling_rule(args, [])                                            # the numbers, before anything is read
     if args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     run = Path(args.run)
     for flag, path in (("--out", args.out), ("--codes-out", args.codes_out)):
         check_output(path, flag)
     model, priors, real_hw = load_trained(run, args.device)
+    rule = sampling_rule(args, [p.cfg for p in priors])
     rows = priors[0].cfg.num_classes or args.rows
     grid, codes, seconds = draw_samples(model, priors, rows, args.per_row, args.seed, rule, real_hw)
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
@@ -1906,10 +1943,11 @@ def evaluate_command(argv):
                          ("--images", args.images, 2), ("--seed", args.seed, 0)):
         if v < low:
             raise UserError(f"{flag} must be at least {low}, got {v}")
-    rule = sampling_rule(args)
+    sampling_rule(args, [])                                            # the numbers, before anything is read
     run = Path(args.run)
     cfg, _, _ = saved_configs(run)
     model, priors, real_hw = load_trained(run, args.device, need_priors=False)
+    rule = sampling_rule(args, [p.cfg for p in priors or []])
     data = load_dataset(cfg.data, cfg.data_dir)
     ev = evaluate_samples(run, model, priors, data, real_hw, args.judge_seed, args.judge_steps, args.images,
                           args.seed, rule, args.device)
