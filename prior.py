@@ -725,7 +725,7 @@ def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes,
     if guidance != 1:                                                  # the same grids again, without their class:
         labels = xp.concatenate([labels, xp.full_like(labels, model.cfg.num_classes)])  # 2N rows, one code each
         cond, cond_codes = (None if a is None else xp.concatenate([a, a]) for a in (cond, cond_codes))
-    codes = xp.zeros((len(labels) if guidance != 1 else N, h, w), dtype=np.int64)
+    codes = xp.zeros((N if guidance == 1 else 2 * N, h, w), dtype=np.int64)
     rule = (float(temperature), int(top_k), float(top_p))              # how pick() chooses a code
     return rule, float(guidance), labels, cond, cond_codes, u, codes
 

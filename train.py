@@ -1331,8 +1331,9 @@ def add_sampling_flags(group, t, temperature_help):
 
 def sampling_rule(settings, prior_cfgs):
     """temperature, top_k, top_p and guidance of a TrainConfig or of parsed flags, checked against
-    the PriorConfigs of the priors that will sample -> prior.sample's keywords. Guidance not given: GUIDANCE when every
-    prior was trained with label dropout (it knows the grids without a class), else 1 (none)."""
+    the PriorConfigs of the priors that will sample -> prior.sample's keywords. Guidance not
+    given: GUIDANCE when every prior was trained with label dropout (it knows the grids without
+    a class), else 1 (none)."""
     rule = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
             "guidance": settings.guidance}
     if not (math.isfinite(rule["temperature"]) and rule["temperature"] >= 0):
