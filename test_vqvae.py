@@ -3622,6 +3622,10 @@ def test_every_damaged_or_misplaced_file_gives_one_line(tmp_path, tiny_data, cap
          "has no prior.npz yet: train it with python train.py --resume"),
         (["sample", "--run", str(run), "--out", str(tmp_path / "no" / "s.png")], "the folder " + str(tmp_path / "no")),
         (["encode", "--run", str(run), "--data", tiny_data, "--out", str(tmp_path)], "is a folder, not a file name"),
+        (["encode", "--run", str(run), "--data", tiny_data, "--out", str(tmp_path / "c.npz")],
+         "c.npz: this writes NPY data: give a name ending in .npy"),
+        (["sample", "--run", str(run), "--out", str(tmp_path / "s.jpg")], "s.jpg: this writes PNG data"),
+        (["sample", "--run", str(run), "--codes-out", str(tmp_path / "c.npy")], "give a name ending in .npz"),
     ]
     for args, message in cases:
         capsys.readouterr()

@@ -1842,6 +1842,7 @@ def encode(argv):
     args = p.parse_args(argv)
     check_output(args.out, "--out")
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
+    check_output(args.out, "--out", ".npy" if model.cfg.levels == 1 else ".npz")
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
@@ -1883,8 +1884,10 @@ def load_trained(run, device, need_priors=True):
     return model, priors, real_hw
 
 
-def check_output(path, flag):
-    """A file to be written later: its folder must exist now, and the name must not be a folder."""
+def check_output(path, flag, suffix=None):
+    """A file to be written later: its folder must exist now, the name must not be a folder, and it
+    ends in the suffix of what will be written (a PNG named .jpg, or an .npz named .npy, would be
+    read back wrong)."""
     if path is None:
         return
     path = Path(path)
@@ -1892,6 +1895,8 @@ def check_output(path, flag):
         raise UserError(f"{flag} {path}: is a folder, not a file name")
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if suffix and path.suffix.lower() != suffix:
+        raise UserError(f"{flag} {path}: this writes {suffix[1:].upper()} data: give a name ending in {suffix}")
 
 
 def sample(argv):
@@ -1912,8 +1917,8 @@ def sample(argv):
     if args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     run = Path(args.run)
-    for flag, path in (("--out", args.out), ("--codes-out", args.codes_out)):
-        check_output(path, flag)
+    for flag, path, suffix in (("--out", args.out, ".png"), ("--codes-out", args.codes_out, ".npz")):
+        check_output(path, flag, suffix)
     model, priors, real_hw = load_trained(run, args.device)
     rule = sampling_rule(args, [p.cfg for p in priors])
     rows = priors[0].cfg.num_classes or args.rows
