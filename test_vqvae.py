@@ -2931,6 +2931,51 @@ def test_npz_with_train_and_test_arrays(tmp_path):
     assert data["train"].shape == (5, 8, 8, 1) and data["test"].shape == (3, 8, 8, 1)
 
 
+def test_npz_with_labels_gives_classes(tmp_path):
+    images = np.zeros((8, 8, 8), np.uint8)
+    np.savez(tmp_path / "d.npz", train=images[:5], test=images[5:], train_labels=np.array([0, 2, 1, 2, 0], np.uint8),
+             test_labels=np.array([1, 0, 3], np.int32))
+    data = T.load_dataset(str(tmp_path / "d.npz"), tmp_path)
+    assert data["num_classes"] == 4 and data["train_labels"].dtype == data["test_labels"].dtype == np.int64
+    np.testing.assert_array_equal(data["train_labels"], [0, 2, 1, 2, 0])
+    np.testing.assert_array_equal(data["test_labels"], [1, 0, 3])
+
+
+def test_npz_with_bad_labels_is_rejected_clearly(tmp_path):
+    train, test = np.zeros((4, 8, 8), np.uint8), np.zeros((2, 8, 8), np.uint8)
+    cases = {"short": (dict(train_labels=np.array([0, 1, 1]), test_labels=np.array([0, 1])),
+                       r"d.npz\[train_labels\]: expected one label for each of the 4 images, shape \(4,\); got \(3,\)"),
+             "float": (dict(train_labels=np.array([0, 1, 1, 0]), test_labels=np.array([0.0, 1.0])),
+                       r"d.npz\[test_labels\]: expected integer class labels, got dtype float64"),
+             "negative": (dict(train_labels=np.array([0, -1, 1, 0]), test_labels=np.array([0, 1])),
+                          "label -1 is negative"),
+             "one class": (dict(train_labels=np.zeros(4, int), test_labels=np.zeros(2, int)),
+                           "labels 0 to 0 for 4 training images: number the classes 0, 1, ..., with at least two"),
+             "too many": (dict(train_labels=np.array([0, 1, 9, 0]), test_labels=np.array([0, 1])),
+                          "labels 0 to 9 for 4 training images"),
+             "one split": (dict(train_labels=np.array([0, 1, 1, 0])), "'test_labels' for classes \\(both or neither\\)"),
+             "unknown": (dict(labels=np.array([0, 1, 1, 0])), r"found \['train', 'test', 'labels'\]")}
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / "d.npz", train=train, test=test, **arrays)
+        with pytest.raises(T.UserError, match=message):
+            T.load_dataset(str(tmp_path / "d.npz"), tmp_path)
+
+
+def test_a_labelled_npz_trains_a_class_conditional_prior_and_the_judge_its_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    images = np.where(labels[:, None, None, None] == 1, 200, 40).astype(np.uint8) + rng.integers(0, 20, (40, 8, 8, 3),
+                                                                                                  dtype=np.uint8)
+    np.savez(tmp_path / "l.npz", train=images[:32], test=images[32:], train_labels=labels[:32], test_labels=labels[32:])
+    run = tmp_path / "run"
+    assert T.main(["--data", str(tmp_path / "l.npz"), "--out", str(run), "--steps", "2", "--eval-every", "2",
+                   "--evaluate", *TINY]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["priors"][0]["num_classes"] == 2 and config["priors"][0]["label_dropout"] == T.LABEL_DROPOUT
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["judge_task"] == "class" and 0 <= ev["accuracy_samples"] <= 1 and 0 <= ev["accuracy_recon"] <= 1
+
+
 def test_array_files_with_wrong_content_are_rejected_clearly(tmp_path):
     np.save(tmp_path / "float.npy", np.zeros((4, 8, 8), np.float32))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)

@@ -260,8 +260,23 @@ def to_nhwc(images, name):
     return images
 
 
+def to_labels(labels, n, name):
+    """Class labels for n images: integers 0, 1, ... as a (n,) int64 array."""
+    if labels.ndim != 1 or len(labels) != n:
+        raise UserError(f"{name}: expected one label for each of the {n} images, shape ({n},); got {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{name}: expected integer class labels, got dtype {labels.dtype}")
+    if labels.min() < 0:
+        raise UserError(f"{name}: label {labels.min()} is negative; classes are numbered 0, 1, ...")
+    return labels.astype(np.int64)
+
+
+NPZ_ARRAYS = ("train", "test", "train_labels", "test_labels")  # what a dataset .npz may hold
+
+
 def array_file_dataset(path):
-    """A .npy of images (the last 10 % held out), or a .npz with 'train' and 'test' arrays or one array."""
+    """A .npy of images (the last 10 % held out), or a .npz with 'train' and 'test' arrays (and, for
+    classes, 'train_labels' and 'test_labels') or one array."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -271,11 +286,24 @@ def array_file_dataset(path):
             with loaded:
                 keys = loaded.files
                 if "train" in keys and "test" in keys:
+                    unknown = [k for k in keys if k not in NPZ_ARRAYS]
+                    if unknown or ("train_labels" in keys) != ("test_labels" in keys):
+                        raise UserError(f"{path}: expected arrays 'train' and 'test', and 'train_labels' and "
+                                        f"'test_labels' for classes (both or neither); found {keys}")
                     train, test = to_nhwc(loaded["train"], f"{path}[train]"), to_nhwc(loaded["test"], f"{path}[test]")
                     if train.shape[1:] != test.shape[1:]:
                         raise UserError(f"{path}: train images are {train.shape[1:]} (H, W, C), test images "
                                         f"{test.shape[1:]}: they must match")
-                    return {"train": train, "test": test, "num_classes": 0}
+                    if "train_labels" not in keys:
+                        return {"train": train, "test": test, "num_classes": 0}
+                    y_train = to_labels(loaded["train_labels"], len(train), f"{path}[train_labels]")
+                    y_test = to_labels(loaded["test_labels"], len(test), f"{path}[test_labels]")
+                    num_classes = int(max(y_train.max(), y_test.max())) + 1
+                    if not 2 <= num_classes <= len(train):
+                        raise UserError(f"{path}: labels 0 to {num_classes - 1} for {len(train)} training images: "
+                                        f"number the classes 0, 1, ..., with at least two")
+                    return {"train": train, "test": test, "train_labels": y_train, "test_labels": y_test,
+                            "num_classes": num_classes}
                 if len(keys) != 1:
                     raise UserError(f"{path}: expected arrays 'train' and 'test', or a single array; found {keys}")
                 images = to_nhwc(loaded[keys[0]], f"{path}[{keys[0]}]")
@@ -1359,7 +1387,8 @@ def build_parser():
     t, m, pc = TrainConfig(), vqvae.Config(), P.PriorConfig()
     run = p.add_argument_group("run")
     run.add_argument("--data", default=t.data, help="shapes (32 x 32), shapes64 (64 x 64), mnist, fashion-mnist, "
-                                                    "cifar10, or PATH.npy|PATH.npz")
+                                                    "cifar10, or PATH.npy|PATH.npz (uint8 images; an .npz with "
+                                                    "train, test and optionally train_labels, test_labels)")
     run.add_argument("--data-dir", default=t.data_dir, help="where dataset files are found or downloaded to")
     run.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
