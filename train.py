@@ -1869,9 +1869,8 @@ def encode(argv):
                                                  "for two levels an .npz with arrays 'top' and 'bottom'")
     p.add_argument("--device", default="auto", choices=DEVICES, help="gpu needs CuPy")
     args = p.parse_args(argv)
-    check_output(args.out, "--out")
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
-    check_output(args.out, "--out", ".npy" if model.cfg.levels == 1 else ".npz")
+    check_output(args.out, "--out", ".npy" if model.cfg.levels == 1 else ".npz")   # before the data is read
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
