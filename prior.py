@@ -24,8 +24,10 @@ https://arxiv.org/abs/1906.00446) an optional causal self-attention layer after 
 `attention_every`-th gated layer lets the horizontal stack at (i, j) read every earlier position
 (as in PixelSNAIL, Chen, Mishra, Rohaninejad, Abbeel 2018, https://arxiv.org/abs/1712.09763).
 Its bottom prior is conditioned on the top level's codes: with `cond_codebook_size` the prior
-embeds integer codes (N, h/f, w/f), repeats each over an f x f block, and feeds that map to the
-same `cond` path as a given map.
+embeds integer codes (N, h/f, w/f), passes them through `cond_blocks` residual blocks (the
+paper's conditioning stack: not causal, since every top code is given before the bottom ones
+are drawn, so that a bottom code also sees the top codes below and to the right of its own),
+repeats each over an f x f block, and feeds that map to the same `cond` path as a given map.
 
 Sampling is ancestral, one code at a time in raster order. sample_naive() reruns the whole
 forward for every code; sample() computes each pixel of each layer once, row by row, and
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from vqvae import (Conv2d, NonFiniteError, ReLU, Sequential, array_module, backend, check_codes, check_fields,
+from vqvae import (Conv2d, NonFiniteError, ReLU, ResidualBlock, Sequential, array_module, backend, check_codes, check_fields,
                    config_from_dict, conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint, step_rng,
                    to_numpy, uniform_init)
 
@@ -383,6 +385,9 @@ class PriorConfig:
     attention_dim: int = 0     # d: width of queries, keys and values, n heads of d/n (0 = channels)
     cond_codebook_size: int = 0  # > 0: conditioned on codes (N, h/f, w/f), embedded in cond_channels
     cond_upsample: int = 1     # f: each conditioning code covers an f x f block of the grid
+    cond_blocks: int = 0       # residual blocks over the embedded conditioning codes before they are
+                               # repeated (VQ-VAE-2's conditioning stack): each position then reads its
+                               # neighbours' codes too, the later ones included (0 = its own code only)
     dropout: float = 0.0       # in training, of each gated layer's horizontal gate output (0 = none)
     label_dropout: float = 0.0  # in training, the share of grids whose class becomes "none" (the label
                                # num_classes, one more row in the class tables): classifier-free guidance
@@ -399,7 +404,7 @@ class PriorConfig:
                 raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        for name in ("attention_every", "attention_dim", "cond_codebook_size"):
+        for name in ("attention_every", "attention_dim", "cond_codebook_size", "cond_blocks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
         for name in ("heads", "cond_upsample"):
@@ -420,6 +425,9 @@ class PriorConfig:
             raise ValueError(f"label_dropout={self.label_dropout} needs a class-conditional prior (num_classes > 0)")
         if self.cond_upsample > 1 and not self.cond_codebook_size:
             raise ValueError(f"cond_upsample={self.cond_upsample} applies to conditioning codes only: "
+                             f"set cond_codebook_size too")
+        if self.cond_blocks and not self.cond_codebook_size:
+            raise ValueError(f"cond_blocks={self.cond_blocks} applies to conditioning codes only: "
                              f"set cond_codebook_size too")
 
     @classmethod
@@ -456,6 +464,8 @@ class PixelCNN:
                           for l in range(cfg.layers) if every and (l + 1) % every == 0}
         if cfg.cond_codebook_size:
             self.cond_embed = Embedding(cfg.cond_codebook_size, cfg.cond_channels, init)
+            self.cond_stack = Sequential(*(ResidualBlock(cfg.cond_channels, cfg.cond_channels, init)
+                                           for _ in range(cfg.cond_blocks)))  # not causal: every code is given
             self.upsample = Upsample(cfg.cond_upsample)
         # a host counter of training batches: dropout's masks and the dropped labels come from
         # (seed, step), so that a resumed run draws what the uninterrupted run drew
@@ -469,6 +479,8 @@ class PixelCNN:
                  **{f"attention.{l}": att for l, att in self.attention.items()}, "head": self.head}
         if self.cfg.cond_codebook_size:
             parts["cond_embed"] = self.cond_embed
+        if self.cfg.cond_blocks:
+            parts["cond_stack"] = self.cond_stack
         return parts
 
     @property
@@ -542,8 +554,10 @@ class PixelCNN:
 
     def cond_map(self, cond_codes):
         """Conditioning codes (N, h/f, w/f) -> the map every gate reads (N, h, w, Cc): each code's
-        learned embedding, repeated over the f x f block of codes below it."""
-        return self.upsample.forward(self.cond_embed.forward(cond_codes))
+        learned embedding, through the conditioning stack (if any: then each position's features
+        also hold its neighbours', within cond_blocks positions each way), repeated over the f x f
+        block of codes below it."""
+        return self.upsample.forward(self.cond_stack.forward(self.cond_embed.forward(cond_codes)))
 
     # --- training: loss caches, backward fills .grads
     def forward(self, codes, labels=None, cond=None, cond_codes=None, train=False):
@@ -601,7 +615,8 @@ class PixelCNN:
             dcond = dc if dcond is None else dcond + dc                # every layer reads cond
         self.embed.backward(dv + dh)                                   # v = h = embed(codes)
         if has_cond_codes:
-            self.cond_embed.backward(self.upsample.backward(dcond))    # cond = upsample(cond_embed(cond_codes))
+            self.cond_embed.backward(self.cond_stack.backward(self.upsample.backward(dcond)))  # cond = upsample(
+                                                                       # cond_stack(cond_embed(cond_codes)))
         return dcond if has_cond else None
 
     def train_step(self, codes, opt, labels=None, cond=None, cond_codes=None):

@@ -2206,7 +2206,8 @@ def prior2_case(draw, attention=None, cond_codes=None, max_hw=4):
     f = 1
     if cond_codes:
         f = draw(st.integers(1, 2))
-        cfg.update(cond_codebook_size=draw(st.integers(1, 4)), cond_upsample=f, cond_channels=2)
+        cfg.update(cond_codebook_size=draw(st.integers(1, 4)), cond_upsample=f, cond_channels=2,
+                   cond_blocks=draw(st.integers(0, 2)))
     N = draw(st.integers(1, 2))
     h, w = f * draw(st.integers(1, max_hw // f)), f * draw(st.integers(1, max_hw // f))
     return cfg, (N, h, w), draw(seeds)
@@ -2474,19 +2475,27 @@ def test_code_conditioned_prior_loss_gradients_match_finite_differences(case):
 
 @given(prior2_case(cond_codes=True))
 def test_cond_codes_act_as_the_map_of_their_repeated_embeddings(case):
-    # the code-conditioned prior is the map-conditioned one fed table[cond_codes], each entry
-    # repeated over its f x f block
+    # the code-conditioned prior is the map-conditioned one fed table[cond_codes] (through the
+    # conditioning stack's residual blocks, where it has them), each entry repeated over its f x f block
     cfg, (N, h, w), seed = case
     model = tiny_prior(**cfg, seed=seed % 1000)
-    as_map = tiny_prior(**dict(cfg, cond_codebook_size=0, cond_upsample=1), seed=seed % 1000)
-    as_map.load_state_dict(model.state_dict())                         # everything but cond_embed
+    as_map = tiny_prior(**dict(cfg, cond_codebook_size=0, cond_upsample=1, cond_blocks=0), seed=seed % 1000)
+    as_map.load_state_dict(model.state_dict())                         # everything but cond_embed, cond_stack
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, cfg["codebook_size"], (N, h, w))
     labels, _, cond_codes = inputs(model, N, h, w, rng)
     f = cfg["cond_upsample"]
-    cond = model.cond_embed.params["table"][cond_codes].repeat(f, 1).repeat(f, 2)  # (N, h, w, Cc)
-    np.testing.assert_array_equal(model.forward(codes, labels, cond_codes=cond_codes),
-                                  as_map.forward(codes, labels, cond))
+    relu = lambda a: np.maximum(a, 0)
+    x = model.cond_embed.params["table"][cond_codes]                   # (N, h/f, w/f, Cc)
+    for block in model.cond_stack.layers:                              # x + conv1x1(relu(conv3x3(relu(x)))),
+        (W3, b3), (W1, b1) = ((c.params["W"], c.params["b"]) for c in block.layers[1::2])  # zero-padded
+        x_pad = np.pad(relu(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        hidden = b3 + sum(x_pad[:, u:u + x.shape[1], v:v + x.shape[2]] @ W3[:, :, u, v].T
+                          for u in range(3) for v in range(3))
+        x = x + relu(hidden) @ W1[:, :, 0, 0].T + b1
+    cond = x.repeat(f, 1).repeat(f, 2)                                 # (N, h, w, Cc)
+    np.testing.assert_allclose(model.forward(codes, labels, cond_codes=cond_codes),
+                               as_map.forward(codes, labels, cond), rtol=1e-12, atol=1e-12)
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.booleans(), seeds, st.data())
@@ -2507,6 +2516,57 @@ def test_changing_a_cond_code_changes_its_block_and_nothing_before_it(f, hc, wc,
     block = np.any(after != base, -1)[0, a * f:a * f + f, b * f:b * f + f]
     assert block.all()                                                 # every code above which it sits
     np.testing.assert_array_equal(model.forward(codes, cond_codes=cond_codes), base)  # undone: as before
+
+
+@given(st.integers(1, 2), st.integers(1, 4), st.integers(1, 4), seeds, st.data())
+def test_the_conditioning_stack_reaches_blocks_codes_each_way_and_no_further(blocks, hc, wc, seed, data):
+    # each residual block's 3x3 convolution reaches one conditioning code further each way
+    model = tiny_prior(cond_channels=4, cond_codebook_size=4, cond_upsample=1, cond_blocks=blocks, seed=seed % 1000)
+    cond_codes = np.random.default_rng(seed).integers(0, 4, (1, hc, wc))
+    a, b = data.draw(st.integers(0, hc - 1)), data.draw(st.integers(0, wc - 1))
+    changed = cond_codes.copy()
+    changed[0, a, b] = (cond_codes[0, a, b] + 1) % 4
+    moved = np.any(model.cond_map(changed) != model.cond_map(cond_codes), -1)[0]  # (hc, wc)
+    rows, cols = np.abs(np.arange(hc) - a)[:, None], np.abs(np.arange(wc) - b)[None, :]
+    assert not moved[np.maximum(rows, cols) > blocks].any()            # nothing beyond the reach
+    assert moved[a, b]                                                 # the skip carries the code itself
+
+
+def test_with_a_conditioning_stack_a_code_sees_the_conditioning_codes_after_it():
+    # the map at (0, 0) holds the embedding of the conditioning code at (1, 1) too: a later
+    # position. Without the stack only its own code's (the test above: nothing before it moves)
+    model = tiny_prior(cond_channels=4, cond_codebook_size=4, cond_upsample=2, cond_blocks=1, seed=3)
+    codes, cond_codes = np.zeros((1, 4, 4), np.int64), np.array([[[0, 1], [2, 3]]])
+    changed = cond_codes.copy()
+    changed[0, 1, 1] = 0
+    first = model.forward(codes, cond_codes=cond_codes)[0, 0, 0]
+    assert np.all(model.forward(codes, cond_codes=changed)[0, 0, 0] != first)
+
+
+def test_a_conditioning_stack_learns_what_only_later_conditioning_codes_tell():
+    # the code at (0, 0) copies the conditioning code at (0, 1), a later position: without the
+    # stack the prior cannot do better than the data's entropy of it given its own conditioning
+    # code (about log 4), with one block it can
+    rng = np.random.default_rng(0)
+    N = 256
+    cond_codes = rng.integers(0, 4, (N, 1, 2))
+    codes = np.zeros((N, 1, 2), np.int64)
+    codes[:, 0, 0] = cond_codes[:, 0, 1]
+    nll = {}
+    for blocks in (0, 1):
+        model = tiny_prior(codebook_size=4, channels=8, kernel=1, cond_channels=8, cond_codebook_size=4,
+                           cond_blocks=blocks, dtype="float32", seed=0)
+        opt = V.Adam(model.params, lr=1e-2)
+        for _ in range(200):
+            model.train_step(codes, opt, cond_codes=cond_codes)
+        z = model.forward(codes, cond_codes=cond_codes)[:, 0, 0].astype(np.float64)  # (N, K)
+        logp = z - z.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        nll[blocks] = -np.mean(logp[np.arange(N), codes[:, 0, 0]])
+    counts = np.bincount(4 * cond_codes[:, 0, 0] + codes[:, 0, 0], minlength=16).reshape(4, 4)  # [own, code]
+    p = counts / counts.sum(1, keepdims=True).clip(1)
+    bound = -np.sum(counts * np.log(np.where(counts > 0, p, 1))) / N   # H(code | its own conditioning code)
+    assert bound > 1.3 and nll[0] >= bound - 1e-4 and nll[1] < 0.3, (bound, nll)
 
 
 # -----------------------------------------------------------------------------
@@ -2638,7 +2698,7 @@ def test_fast_sampler_returns_the_naive_samplers_codes_on_a_larger_grid(dtype):
 @given(prior2_case(attention=True), st.sampled_from(["float64", "float32"]))
 def test_zero_temperature_with_attention_is_greedy_decoding(case, dtype):
     cfg, (N, h, w), seed = case
-    cfg.update(cond_codebook_size=0, cond_upsample=1)                  # greedy_decode passes labels and cond
+    cfg.update(cond_codebook_size=0, cond_upsample=1, cond_blocks=0)  # greedy_decode passes labels and cond
     model = tiny_prior(**cfg, dtype=dtype, seed=seed % 1000)
     labels, cond, _ = inputs(model, N, h, w, np.random.default_rng(seed))
     greedy, _ = greedy_decode(model, N, h, w, labels, cond)
@@ -3132,14 +3192,15 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
 
 
-@pytest.mark.parametrize("top_K, factor", [(0, 1), (3, 2)])          # top_K 0: the top codebook has -K 16 codes too
-def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, top_K, factor):
+@pytest.mark.parametrize("top_K, factor, blocks", [(0, 1, None), (3, 2, 1)])  # top_K 0: the top codebook has -K 16
+def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, capsys, top_K, factor, blocks):  # codes too
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
     run = tmp_path / "run"
     assert T.main(["--data", str(tmp_path / "x.npy"), "--out", str(run), "--steps", "3", "--eval-every", "3",
                    "--levels", "2", "--prior-attention-every", "1", *TINY, "--top-codebook-size", str(top_K),
-                   "--top-prior-factor", str(factor), "--log-every", "1"]) == 0
+                   "--top-prior-factor", str(factor), "--log-every", "1",
+                   *([] if blocks is None else ["--prior-cond-blocks", str(blocks)])]) == 0
     for name in ("recon.png", "recon_top.png", "top_prior.npz", "prior.npz", "samples.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
@@ -3157,6 +3218,9 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, top_K, 
     assert priors[0]["attention_every"] == 1 and priors[0]["cond_codebook_size"] == 0
     assert priors[0]["codebook_size"] == K and priors[1]["codebook_size"] == 16
     assert priors[1]["cond_codebook_size"] == K and priors[1]["cond_upsample"] == 2
+    assert priors[0]["cond_blocks"] == 0 and priors[1]["cond_blocks"] == (T.COND_BLOCKS if blocks is None else blocks)
+    assert T.main(["--resume", str(run), "--prior-cond-blocks", str(priors[1]["cond_blocks"] + 1)]) == 1  # the bottom
+    assert "cannot change --prior-cond-blocks when resuming" in one_error_line(capsys)  # prior's setting, not the top's
     assert read_png(run / "recon_top.png").shape[0] == (3 * (16 + 2) + 2) * 2  # originals, top only, both levels
     assert "top_only_mse" in (run / "report.html").read_text()        # charted beside val_mse
     out = tmp_path / "codes.npz"
@@ -3550,6 +3614,8 @@ def test_a_prior_is_never_paired_with_the_codes_of_another_vqvae_state(tmp_path,
     (["--adversarial", "--disc-layers", "2"], "--disc-layers 2 leaves no patch of a 8 x 8 image to judge: give fewer"),
     (["--top-prior-factor", "0"], "--top-prior-factor must be at least 1, got 0"),
     (["--top-prior-factor", "2"], "--top-prior-factor 2 sets the top prior of two levels: add --levels 2"),
+    (["--prior-cond-blocks", "-1"], "--prior-cond-blocks must be at least 0, got -1"),
+    (["--prior-cond-blocks", "1"], "--prior-cond-blocks 1 sets the bottom prior of two levels: add --levels 2"),
 ])
 def test_bad_settings_stop_the_run_before_anything_is_written(tmp_path, tiny_data, capsys, flags, message):
     run = tmp_path / "run"

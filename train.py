@@ -447,6 +447,7 @@ def save_npy(path, array):
 
 LABEL_DROPOUT = 0.1  # a class-conditional prior's training grids without their class (README, "The prior") ...
 GUIDANCE = 1.5       # ... and the classifier-free guidance its samples are drawn with
+COND_BLOCKS = 2      # two levels: residual blocks over the top codes that the bottom prior reads (README, VQ-VAE-2)
 
 
 @dataclass
@@ -1474,6 +1475,10 @@ def build_parser():
                        help="causal self-attention after every so many gated layers of the top-most prior "
                             "(default: 4 for a two-level model, 0 = none for one level)")
     prior.add_argument("--prior-heads", type=int, default=pc.heads, help="attention heads")
+    prior.add_argument("--prior-cond-blocks", type=int, default=None,
+                       help="two levels: residual blocks over the top codes before the bottom prior reads them, so "
+                            "that each bottom code sees the top codes around it, the later ones too (default: "
+                            f"{COND_BLOCKS}; 0: only the top code above it)")
     prior.add_argument("--prior-labels", default=t.prior_labels, action=argparse.BooleanOptionalAction,
                        help="condition the prior on class labels where the data has them")
     prior.add_argument("--prior-label-dropout", type=float, default=None,
@@ -1494,7 +1499,7 @@ MODEL_FLAGS = ("hidden", "res_hidden", "res_blocks", "levels", "code_stride", "t
                "gumbel_temperature_min", "gumbel_anneal_steps")
 PRIOR_FLAGS = {"prior_channels": "channels", "prior_layers": "layers", "prior_kernel": "kernel",
                "prior_heads": "heads", "prior_attention_every": "attention_every", "prior_dropout": "dropout",
-               "prior_label_dropout": "label_dropout"}
+               "prior_label_dropout": "label_dropout", "prior_cond_blocks": "cond_blocks"}
 MIRROR_INVARIANT = ("shapes", "shapes64", "cifar10")  # the built-in data a horizontal mirror keeps in its class (a triangle
                                           # stays apex up); not digits, nor clothes (a shoe points left)
 RESUMABLE = {"steps", "prior_steps", "top_prior_factor", "stage", "log_every", "eval_every", "device", "temperature",
@@ -1557,7 +1562,8 @@ def configs_from_args(parser, args, argv):
     if args.resume:
         run = Path(args.resume)
         cfg, model_cfg, priors = saved_configs(run)
-        old = {**asdict(cfg), **asdict(model_cfg), **{k: getattr(priors[0], v) for k, v in PRIOR_FLAGS.items()}}
+        old = {**asdict(cfg), **asdict(model_cfg), **{k: getattr(priors[0], v) for k, v in PRIOR_FLAGS.items()},
+               "prior_cond_blocks": priors[-1].cond_blocks}               # a bottom prior's setting
         changed = sorted(d for d in given - RESUMABLE if getattr(args, d) != old.get(d))
         if changed:
             raise UserError(f"cannot change {', '.join('--' + d.replace('_', '-') for d in changed)} when resuming; "
@@ -1582,8 +1588,14 @@ def configs_from_args(parser, args, argv):
 def prior_configs(settings, model_cfg, num_classes, seed):
     """One PriorConfig per level, coarsest first. The top-most prior may attend to its whole
     past (VQ-VAE-2's top prior; by default for two levels); a bottom prior is conditioned on
-    the top codes, each of which covers 2 x 2 bottom positions."""
+    the top codes, each of which covers 2 x 2 bottom positions, through residual blocks that let
+    it see the top codes around its own (VQ-VAE-2's conditioning stack)."""
     attention, label_dropout = settings["attention_every"], settings.get("label_dropout")
+    cond_blocks = settings.get("cond_blocks")
+    if cond_blocks is not None and cond_blocks < 0:
+        raise UserError(f"--prior-cond-blocks must be at least 0, got {cond_blocks}")
+    if cond_blocks and model_cfg.levels == 1:
+        raise UserError(f"--prior-cond-blocks {cond_blocks} sets the bottom prior of two levels: add --levels 2")
     if label_dropout is None:
         label_dropout = LABEL_DROPOUT if num_classes else 0.0
     elif label_dropout > 0 and not num_classes:
@@ -1598,7 +1610,8 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     if model_cfg.levels == 1:
         return [top]
     return [top, P.PriorConfig(**base, codebook_size=K[1], seed=seed + 1, cond_codebook_size=K[0],
-                               cond_channels=settings["channels"], cond_upsample=2)]
+                               cond_channels=settings["channels"], cond_upsample=2,
+                               cond_blocks=COND_BLOCKS if cond_blocks is None else cond_blocks)]
 
 
 def prior_lr_at(cfg, step, scale=1):
