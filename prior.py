@@ -43,9 +43,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from vqvae import (Conv2d, NonFiniteError, ReLU, ResidualBlock, Sequential, array_module, backend, check_codes, check_fields,
-                   config_from_dict, conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint, step_rng,
-                   to_numpy, uniform_init)
+from vqvae import (Conv2d, NonFiniteError, ReLU, ResidualBlock, Sequential, array_module, backend, check_codes,
+                   check_fields, config_from_dict, conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint,
+                   step_rng, to_numpy, uniform_init)
 
 # -----------------------------------------------------------------------------
 # layers
@@ -615,8 +615,8 @@ class PixelCNN:
             dcond = dc if dcond is None else dcond + dc                # every layer reads cond
         self.embed.backward(dv + dh)                                   # v = h = embed(codes)
         if has_cond_codes:
-            self.cond_embed.backward(self.cond_stack.backward(self.upsample.backward(dcond)))  # cond = upsample(
-                                                                       # cond_stack(cond_embed(cond_codes)))
+            d_stack_out = self.upsample.backward(dcond)                # cond = upsample(cond_stack(cond_embed(
+            self.cond_embed.backward(self.cond_stack.backward(d_stack_out))  # cond_codes)))
         return dcond if has_cond else None
 
     def train_step(self, codes, opt, labels=None, cond=None, cond_codes=None):
