@@ -615,8 +615,9 @@ class PixelCNN:
             dcond = dc if dcond is None else dcond + dc                # every layer reads cond
         self.embed.backward(dv + dh)                                   # v = h = embed(codes)
         if has_cond_codes:
-            d_stack_out = self.upsample.backward(dcond)                # cond = upsample(cond_stack(cond_embed(
-            self.cond_embed.backward(self.cond_stack.backward(d_stack_out))  # cond_codes)))
+            # cond = upsample(cond_stack(cond_embed(cond_codes))), taken back in reverse
+            d_stack_out = self.upsample.backward(dcond)                # (N, h/f, w/f, Cc)
+            self.cond_embed.backward(self.cond_stack.backward(d_stack_out))
         return dcond if has_cond else None
 
     def train_step(self, codes, opt, labels=None, cond=None, cond_codes=None):

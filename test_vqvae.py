@@ -3192,8 +3192,9 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
 
 
-@pytest.mark.parametrize("top_K, factor, blocks", [(0, 1, None), (3, 2, 1)])  # top_K 0: the top codebook has -K 16
-def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, capsys, top_K, factor, blocks):  # codes too
+# top_K 0: the top codebook has -K 16 codes too; blocks None: the default conditioning stack
+@pytest.mark.parametrize("top_K, factor, blocks", [(0, 1, None), (3, 2, 1)])
+def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, capsys, top_K, factor, blocks):
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
     run = tmp_path / "run"
@@ -3219,8 +3220,9 @@ def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, capsys,
     assert priors[0]["codebook_size"] == K and priors[1]["codebook_size"] == 16
     assert priors[1]["cond_codebook_size"] == K and priors[1]["cond_upsample"] == 2
     assert priors[0]["cond_blocks"] == 0 and priors[1]["cond_blocks"] == (T.COND_BLOCKS if blocks is None else blocks)
-    assert T.main(["--resume", str(run), "--prior-cond-blocks", str(priors[1]["cond_blocks"] + 1)]) == 1  # the bottom
-    assert "cannot change --prior-cond-blocks when resuming" in one_error_line(capsys)  # prior's setting, not the top's
+    # the flag is the bottom prior's setting (not the top's 0): changing it on resume is refused
+    assert T.main(["--resume", str(run), "--prior-cond-blocks", str(priors[1]["cond_blocks"] + 1)]) == 1
+    assert "cannot change --prior-cond-blocks when resuming" in one_error_line(capsys)
     assert read_png(run / "recon_top.png").shape[0] == (3 * (16 + 2) + 2) * 2  # originals, top only, both levels
     assert "top_only_mse" in (run / "report.html").read_text()        # charted beside val_mse
     out = tmp_path / "codes.npz"
