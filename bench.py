@@ -16,6 +16,7 @@ ours, alternating, and the loss before the first step is compared.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -218,13 +219,13 @@ def torch_step_fn(model, x_nhwc, device):
 
 
 def torch_prior(prior, device):
-    """An nn.Module mirroring a PixelCNN prior (embedding, gated layers, class biases, head), with
-    its weights: (codes (N, h, w), labels (N,) or None) -> logits (N, K, h, w). Activations NCHW.
-    Attention layers and a conditioning map (VQ-VAE-2) are not mirrored."""
+    """An nn.Module mirroring a PixelCNN prior (embedding, gated layers, class biases, causal
+    self-attention, head), with its weights: (codes (N, h, w), labels (N,) or None) -> logits
+    (N, K, h, w). Activations NCHW. A conditioning map (VQ-VAE-2's bottom prior) is not mirrored."""
     nn, F = torch.nn, torch.nn.functional
     cfg = prior.cfg
-    if prior.attention or cfg.cond_channels:
-        raise ValueError("the PyTorch mirror covers the gated layers and class labels, not attention or a cond map")
+    if cfg.cond_channels:
+        raise ValueError("the PyTorch mirror covers the gated layers, class labels and attention, not a cond map")
     r = cfg.kernel // 2
 
     def tensor(a):
@@ -268,18 +269,42 @@ def torch_prior(prior, device):
             h_out = self.out(self.drop(gate(h_pre)))
             return gate(v_pre), (h_out if self.first else h_out + h)   # no residual in layer 1
 
+    class Attention(nn.Module):
+        def __init__(self, att):
+            super().__init__()
+            self.n, self.F, self.scale = att.n, att.F, att.scale
+            self.query, self.key = convert_conv(att.query), convert_conv(att.key)
+            self.value, self.out = convert_conv(att.value), convert_conv(att.out)
+
+        def forward(self, h):
+            N, C, H, W = h.shape
+            pos = tensor(P.positional_encoding(H, W, self.F, np, prior.cfg.dtype)).permute(2, 0, 1).to(h.device)
+            x = torch.cat([h, pos.expand(N, -1, -1, -1)], dim=1)       # (N, C + P, H, W)
+
+            def heads(y):                                              # (N, d, H, W) -> (N, n, T, d/n), as split_heads
+                return y.reshape(N, self.n, -1, H * W).transpose(2, 3)
+
+            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(h))
+            later = torch.ones(H * W, H * W, dtype=torch.bool, device=h.device).triu(1)  # key after query
+            a = torch.softmax((q @ k.transpose(2, 3) * self.scale).masked_fill(later, -math.inf), dim=-1)
+            o = (a @ v).transpose(2, 3).reshape(N, -1, H, W)           # heads merged: (N, d, H, W)
+            return h + self.out(o)
+
     class PixelCNN(nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = convert_embedding(prior.embed)
             self.layers = nn.ModuleList(Gated(layer) for layer in prior.layers)
+            self.attention = nn.ModuleDict({str(l): Attention(att) for l, att in prior.attention.items()})
             self.head = nn.Sequential(*(nn.ReLU() if isinstance(layer, vqvae.ReLU) else convert_conv(layer)
                                         for layer in prior.head.layers))
 
         def forward(self, codes, labels=None):
             v = h = self.embed(codes).permute(0, 3, 1, 2).contiguous()  # (N, p, h, w), NCHW in memory too
-            for layer in self.layers:
+            for l, layer in enumerate(self.layers):
                 v, h = layer(v, h, labels)
+                if str(l) in self.attention:
+                    h = self.attention[str(l)](h)                      # after gated layer l, as ours
             return self.head(h)                                        # (N, K, h, w)
 
     return PixelCNN().to(device)
@@ -399,8 +424,9 @@ def bench_prior(device, repeat):
     opt = vqvae.Adam(prior.params, lr=lr)
     ours_first = float(prior.loss(codes, labels)["loss"])             # before any step, no dropout
     fns, syncs = [lambda: prior.train_step(codes, opt, labels)], [lambda: sync(prior.xp)]
-    result = {"config": f"K={cfg.codebook_size} p={cfg.channels} L={cfg.layers} k={cfg.kernel}, "
-                        f"{cfg.num_classes} classes, dropout {cfg.dropout}, batch {batch} of {h}x{w}",
+    after = ", ".join(str(l + 1) for l in prior.attention) or "none"   # gated layers (from 1) followed by attention
+    result = {"config": f"K={cfg.codebook_size} p={cfg.channels} L={cfg.layers} k={cfg.kernel}, attention after "
+                        f"layer {after}, {cfg.num_classes} classes, dropout {cfg.dropout}, batch {batch} of {h}x{w}",
               "batch": batch}
     if torch is not None:
         tdev = "cuda" if prior.xp is not np else "cpu"

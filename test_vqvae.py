@@ -1577,6 +1577,34 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("attention_every", [0, 1, 3])
+def test_prior_loss_and_gradients_equal_its_pytorch_mirror(attention_every):
+    """bench.py times the prior against this PyTorch mirror: it must compute the same function.
+    Its autograd also checks our hand-written backward of every part, attention included."""
+    torch = pytest.importorskip("torch")
+    import bench
+    cfg = P.PriorConfig(codebook_size=7, channels=8, layers=3, attention_every=attention_every, heads=2,
+                        num_classes=3, label_dropout=0.1, dtype="float64", seed=3)
+    prior = P.PixelCNN(cfg, device="cpu")
+    rng = np.random.default_rng(0)
+    codes, labels = rng.integers(0, 7, (4, 5, 6)), np.array([0, 1, 2, 3])  # 3: "no class"
+    stats = prior.loss(codes, labels)
+    prior.backward()
+    net = bench.torch_prior(prior, "cpu")
+    loss = torch.nn.functional.cross_entropy(net(torch.tensor(codes), torch.tensor(labels)), torch.tensor(codes))
+    loss.backward()
+    assert np.isclose(float(loss.detach()), float(stats["loss"]), rtol=1e-12)
+    ours = prior.grads
+    def our_name(k):                                                   # torch's parameter names -> ours
+        kind = "table" if k.startswith("embed") or "class_" in k else "W"  # an Embedding's weight is our table
+        return k.replace("weight", kind).replace("bias", "b")
+
+    theirs = {our_name(k): p.grad for k, p in net.named_parameters()}
+    assert theirs.keys() == ours.keys() and len(prior.attention) == (3 // attention_every if attention_every else 0)
+    for k, g in theirs.items():
+        np.testing.assert_allclose(ours[k], g.numpy(), rtol=1e-9, atol=1e-12, err_msg=k)
+
+
 @pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", V.QUANTIZERS)
@@ -3305,6 +3333,21 @@ def test_mirroring_is_on_by_default_for_data_a_mirror_keeps_in_its_class_only(tm
     argv = ["--data", "mnist", "--prior-flip", "--prior-steps", "9", "--prior-decay-steps", "7"]
     cfg = T.configs_from_args(parser, parser.parse_args(argv), argv)[0]
     assert cfg.prior_flip and cfg.prior_decay_steps == 7
+
+
+def test_prior_layers_and_attention_defaults_depend_on_the_levels(tmp_path):
+    """One level: 7 gated layers and one attention layer after the last; two levels: 8 gated
+    layers, attention after every 4th in the top prior only. Explicit flags win."""
+    parser = T.build_parser()
+    for flags, expected in [([], [(7, 7)]), (["--levels", "2"], [(8, 4), (8, 0)]),
+                            (["--prior-attention-every", "0"], [(7, 0)]), (["--prior-layers", "5"], [(5, 5)]),
+                            (["--levels", "2", "--prior-layers", "4"], [(4, 4), (4, 0)])]:
+        argv = ["--out", str(tmp_path / "run"), *flags]
+        _, model_cfg, settings, _, _ = T.configs_from_args(parser, parser.parse_args(argv), argv)
+        priors = T.prior_configs(settings, model_cfg, num_classes=3, seed=0)
+        assert [(p.layers, p.attention_every) for p in priors] == expected, flags
+        assert len(P.PixelCNN(priors[0]).attention) == (priors[0].layers // priors[0].attention_every
+                                                        if priors[0].attention_every else 0)
 
 
 @pytest.mark.parametrize("quantizer, flags, K", [("rvq", ["--rvq-stages", "3", "--kmeans-init", "--restart-threshold", "1"], 16),
