@@ -1594,11 +1594,12 @@ def test_prior_loss_and_gradients_equal_its_pytorch_mirror(attention_every):
     loss = torch.nn.functional.cross_entropy(net(torch.tensor(codes), torch.tensor(labels)), torch.tensor(codes))
     loss.backward()
     assert np.isclose(float(loss.detach()), float(stats["loss"]), rtol=1e-12)
-    ours = prior.grads
+
     def our_name(k):                                                   # torch's parameter names -> ours
         kind = "table" if k.startswith("embed") or "class_" in k else "W"  # an Embedding's weight is our table
         return k.replace("weight", kind).replace("bias", "b")
 
+    ours = prior.grads
     theirs = {our_name(k): p.grad for k, p in net.named_parameters()}
     assert theirs.keys() == ours.keys() and len(prior.attention) == (3 // attention_every if attention_every else 0)
     for k, g in theirs.items():
