@@ -24,6 +24,7 @@ import tracemalloc
 
 import numpy as np
 
+import datasets
 import prior as P
 import train
 import vqvae
@@ -340,10 +341,11 @@ def torch_prior_step_fn(prior, codes, labels, device, lr):
 
 
 CONFIGS = {  # name: (image shape H, W, C; model config)
-    "a_28x28x1": ((28, 28, 1), dict(hidden=128, res_hidden=32, res_blocks=2, codebook_size=512, code_dim=64)),
-    "b_32x32x3": ((32, 32, 3), dict(hidden=128, res_hidden=32, res_blocks=2, codebook_size=512, code_dim=64)),
-    "c_default": ((32, 32, 3), dict(hidden=64, res_hidden=32, res_blocks=2, codebook_size=256, code_dim=32,
-                                    quantizer="ema")),
+    "a_28x28x1": ((28, 28, 1), dict(hidden=128, res_hidden=32, res_blocks=2, codebook_size=512, code_dim=64,
+                                    quantizer="vq")),
+    "b_32x32x3": ((32, 32, 3), dict(hidden=128, res_hidden=32, res_blocks=2, codebook_size=512, code_dim=64,
+                                    quantizer="vq")),
+    "c_default": ((32, 32, 3), {}),                                   # vqvae.Config(): train.py's model
 }
 
 
@@ -398,16 +400,15 @@ def bench_quantizer(device, K, repeat):
 
 
 def default_prior_run():
-    """The prior that `python train.py` trains with no flags, read from train.py's own defaults so
+    """The prior that `python train.py` trains with no flags, from the configs' own defaults so
     that the benchmark follows them -> (PriorConfig, batch, grid (h, w), Adam's lr)."""
-    parser = train.build_parser()
-    cfg, model_cfg, settings, _, _ = train.configs_from_args(parser, parser.parse_args([]), [])
+    cfg, model_cfg = train.TrainConfig(), vqvae.Config()
     if cfg.data != "shapes":                                           # the others are downloads
         raise ValueError(f"bench.py reads the default data's image size and classes from the shapes "
                          f"generator, but train.py's default data is now {cfg.data!r}")
-    data = train.shapes_dataset(n_train=1, n_test=1)                   # one image each: the size and classes
+    data = datasets.shapes_dataset(n_train=1, n_test=1)                # one image each: the size and classes
     num_classes = data["num_classes"] if cfg.prior_labels else 0
-    prior_cfg = train.prior_configs(settings, model_cfg, num_classes, cfg.seed)[0]  # the top-most (or only) level
+    prior_cfg = train.prior_configs({}, model_cfg, num_classes, cfg.seed)[0]  # the top-most (or only) level
     H, W = data["train"].shape[1:3]
     grid = (H // model_cfg.downsample, W // model_cfg.downsample * model_cfg.codes_per_position)
     return prior_cfg, cfg.prior_batch_size, grid, cfg.prior_lr
@@ -444,7 +445,7 @@ def bench_prior(device, repeat):
 
 
 def bench_sampling(device, N, size):
-    cfg = P.PriorConfig(codebook_size=512, channels=64, layers=8, kernel=3)
+    cfg = P.PriorConfig(codebook_size=512, channels=64, layers=8, kernel=3, attention_every=0)  # gated layers only
     prior = P.PixelCNN(cfg, device=device)
     P.sample(prior, N, 2, 2, seed=0), P.sample_naive(prior, N, 2, 2, seed=0)  # warm-up: CuPy compiles kernels on first use
     sync(prior.xp)

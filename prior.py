@@ -39,13 +39,14 @@ has forward -> y, backward(dy) -> dx and `params` / `grads` dicts with the same 
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from settings import SettingError, check, from_dict, setting
 from vqvae import (Conv2d, NonFiniteError, ReLU, ResidualBlock, Sequential, array_module, backend, check_codes,
-                   check_fields, config_from_dict, conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint,
-                   step_rng, to_numpy, uniform_init)
+                   conv_matrix, crop_hw, gather, load_arrays, pad_hw, read_checkpoint, step_rng, to_numpy,
+                   uniform_init)
 
 # -----------------------------------------------------------------------------
 # layers
@@ -371,68 +372,64 @@ class CausalSelfAttention:
 
 @dataclass
 class PriorConfig:
-    codebook_size: int = 512   # K: codes of the VQ-VAE, one logit each
-    channels: int = 64         # p: channels of each stack
-    layers: int = 8            # L: gated layers
-    kernel: int = 3            # k: odd; each layer reaches r = k // 2 further
-    num_classes: int = 0       # class-conditional when > 0: labels (N,) in [0, num_classes)
-    cond_channels: int = 0     # spatially conditioned when > 0: cond (N, h, w, cond_channels)
-    dtype: str = "float32"
-    seed: int = 0              # seeds the parameter initialisation
-    # VQ-VAE-2 (all off by default)
-    attention_every: int = 0   # > 0: causal self-attention on the horizontal stack after every such gated layer
-    heads: int = 4             # n: attention heads
-    attention_dim: int = 0     # d: width of queries, keys and values, n heads of d/n (0 = channels)
-    cond_codebook_size: int = 0  # > 0: conditioned on codes (N, h/f, w/f), embedded in cond_channels
-    cond_upsample: int = 1     # f: each conditioning code covers an f x f block of the grid
-    cond_blocks: int = 0       # residual blocks over the embedded conditioning codes before they are
-                               # repeated (VQ-VAE-2's conditioning stack): each position then reads its
-                               # neighbours' codes too, the later ones included (0 = its own code only)
-    dropout: float = 0.0       # in training, of each gated layer's horizontal gate output (0 = none)
-    label_dropout: float = 0.0  # in training, the share of grids whose class becomes "none" (the label
-                               # num_classes, one more row in the class tables): classifier-free guidance
+    """The prior's settings. train.py's --prior-* flags are the fields with help text, with these
+    defaults: PixelCNN(PriorConfig(codebook_size=K, num_classes=C)) is the prior `python train.py`
+    trains over one level's codes (docs/prior.md measures each choice). A default of None is set
+    by the other settings, as its help says."""
+    codebook_size: int = setting(256, low=1)                           # K: codes of the VQ-VAE, one logit each
+    channels: int = setting(64, "p: channels of each stack", low=1)
+    layers: int = setting(7, "L: gated layers (two levels: 8 each)", low=1)
+    kernel: int = setting(3, "k: odd; each layer reaches k // 2 codes further", low=1)
+    num_classes: int = setting(0, low=0)       # class-conditional when > 0: labels (N,) in [0, num_classes)
+    cond_channels: int = setting(0, low=0)     # spatially conditioned when > 0: cond (N, h, w, cond_channels)
+    dtype: str = setting("float32", choices=("float32", "float64"))
+    seed: int = setting(0, low=0)              # seeds the parameter initialisation
+    attention_every: int = setting(None, "causal self-attention after every so many gated layers of the "
+                                         "top-most prior; 0: none (default: one, after the last gated layer; "
+                                         "two levels: every 4)", low=0, absent=0)
+    heads: int = setting(4, "n: attention heads", low=1)
+    attention_dim: int = setting(0, low=0)     # d: width of queries, keys and values, n heads of d/n (0 = channels)
+    cond_codebook_size: int = setting(0, low=0)  # > 0: conditioned on codes (N, h/f, w/f), embedded in cond_channels
+    cond_upsample: int = setting(1, low=1)     # f: each conditioning code covers an f x f block of the grid
+    cond_blocks: int = setting(None, "two levels: residual blocks over the top codes before the bottom prior "
+                                     "reads them, so that each bottom code sees the top codes around it, the later "
+                                     "ones too; 0: only the one above it (default 2)", low=0, only=("levels", (2,)),
+                             absent=0)
+    dropout: float = setting(0.0, "in training, of each gated layer's horizontal gate output", low=0, below=1)
+    label_dropout: float = setting(None, "in training, the share of grids whose class becomes 'none', so that "
+                                         "the prior also learns them without it, for --guidance (default: 0.1 for "
+                                         "a class-conditional prior)", low=0, below=1, absent=0.0)
 
     def __post_init__(self):
-        check_fields(self)
-        for name in ("codebook_size", "channels", "layers", "kernel"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.attention_every is None:                              # one attention layer, after the last
+            self.attention_every = self.layers
+        if self.cond_blocks is None:                                  # VQ-VAE-2's conditioning stack
+            self.cond_blocks = 2 if self.cond_codebook_size else 0
+        if self.label_dropout is None:                                # classifier-free guidance's training
+            self.label_dropout = 0.1 if self.num_classes else 0.0
+        check(self)
         if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd (centred on the current column), got {self.kernel}")
-        for name in ("num_classes", "cond_channels", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        for name in ("attention_every", "attention_dim", "cond_codebook_size", "cond_blocks"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer (0 = none), got {getattr(self, name)!r}")
-        for name in ("heads", "cond_upsample"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            raise SettingError("kernel", f"kernel must be odd (centred on the current column), got {self.kernel}")
         if self.attention_every > self.layers:
-            raise ValueError(f"attention_every={self.attention_every} is more than layers={self.layers}: "
-                             f"no attention layer would be placed")
+            raise SettingError("attention_every", f"attention_every={self.attention_every} is more than "
+                                                  f"layers={self.layers}: no attention layer would be placed")
         if self.attention_every and (self.attention_dim or self.channels) % self.heads:
-            raise ValueError(f"the attention width (attention_dim, or channels when 0) = "
-                             f"{self.attention_dim or self.channels} must be divisible by heads={self.heads}")
+            raise SettingError("heads", f"the attention width (attention_dim, or channels when 0) = "
+                                        f"{self.attention_dim or self.channels} must be divisible by heads={self.heads}")
         if self.cond_codebook_size and not self.cond_channels:
-            raise ValueError("cond_codebook_size needs cond_channels > 0, the width of the conditioning code embedding")
-        for name in ("dropout", "label_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+            raise SettingError("cond_codebook_size", "cond_codebook_size needs cond_channels > 0, the width of the "
+                                                     "conditioning code embedding")
         if self.label_dropout and not self.num_classes:
-            raise ValueError(f"label_dropout={self.label_dropout} needs a class-conditional prior (num_classes > 0)")
-        if self.cond_upsample > 1 and not self.cond_codebook_size:
-            raise ValueError(f"cond_upsample={self.cond_upsample} applies to conditioning codes only: "
-                             f"set cond_codebook_size too")
-        if self.cond_blocks and not self.cond_codebook_size:
-            raise ValueError(f"cond_blocks={self.cond_blocks} applies to conditioning codes only: "
-                             f"set cond_codebook_size too")
+            raise SettingError("label_dropout", f"label_dropout={self.label_dropout} needs a class-conditional prior "
+                                                f"(num_classes > 0)")
+        for name, off in (("cond_upsample", 1), ("cond_blocks", 0)):
+            if getattr(self, name) != off and not self.cond_codebook_size:
+                raise SettingError(name, f"{name}={getattr(self, name)} applies to conditioning codes only: "
+                                         f"set cond_codebook_size too")
 
     @classmethod
     def from_dict(cls, d):
-        return config_from_dict(cls, d)
+        return from_dict(cls, d)
 
 
 class PixelCNN:

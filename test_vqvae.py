@@ -1,87 +1,25 @@
-"""Property tests for the VQ-VAE reference: layers, quantizers, model, optimiser, the PixelCNN
-prior, and train.py.
-
-Gradients are checked in float64 against central finite differences with a random upstream
-gradient. Hypothesis draws the structure (sizes, strides, paddings, channels) and a seed; the
-floats come from that seed. Profiles: VQVAE_HYPOTHESIS=ci (default, quick and deterministic)
-or VQVAE_HYPOTHESIS=thorough (many more examples).
+"""The maths, proven: every layer's and loss's gradient against central finite differences in
+float64, the quantizers' codes and loss terms, the whole model's gradients, Adam, the prior's
+gradients, causality and samplers, VQGAN's losses and adaptive weight; and the model's own checks
+of its input. Sections by module: vqvae.py, quantizers.py, vqvae2.py, vqgan.py, prior.py.
+Hypothesis's profiles and the gradient checks: conftest.py.
 """
 import json
 import math
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import prior as P
+import quantizers as Q
+import vqgan as G
 import vqvae as V
-
-settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=300, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("VQVAE_HYPOTHESIS", "ci"))
-
-seeds = st.integers(0, 2**32 - 1)
-
-
-# -----------------------------------------------------------------------------
-# helpers
-
-
-def f64_init(seed):
-    return V.uniform_init(np.random.default_rng(seed), np, "float64")
-
-
-def numerical_grad(f, a, eps=1e-6):
-    """Central differences of the scalar f() with respect to every entry of `a` (perturbed in place)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        fp = f()
-        a[i] = old - eps
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
-
-
-def rel_error(a, b, floor=1e-8):
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), floor)
-
-
-def check_layer_grads(layer, x, rng, tol=1e-6, floor=1e-3):
-    """Input and parameter gradients of `layer` against finite differences of <layer(x), dy>.
-    The floor keeps gradients that are tiny next to f's rounding noise (about 1e-16 |f| / eps)
-    from failing on that noise: below it the check is absolute, at tol * floor."""
-    y = layer.forward(x)
-    dy = rng.standard_normal(y.shape)                                  # random upstream gradient
-    dx = layer.backward(dy)
-    grads = {k: g.copy() for k, g in layer.grads.items()}
-    f = lambda: np.sum(layer.forward(x) * dy)
-    assert rel_error(dx, numerical_grad(f, x), floor) < tol
-    for k, p in layer.params.items():
-        assert grads[k].shape == p.shape
-        assert rel_error(grads[k], numerical_grad(f, p), floor) < tol, k
-
-
-def check_sampled_grads(f, grads, arrays, rng, n):
-    """grads[name] against central differences of the scalar f() at n random entries of each
-    array (perturbed in place). A handful per tensor keeps whole-model checks quick;
-    hypothesis varies which ones."""
-    for name, a in arrays.items():
-        for flat in rng.choice(a.size, min(a.size, n), replace=False):
-            i = np.unravel_index(flat, a.shape)
-            old = a[i]
-            a[i] = old + 1e-6
-            fp = f()
-            a[i] = old - 1e-6
-            fm = f()
-            a[i] = old
-            num = (fp - fm) / 2e-6
-            assert abs(grads[name][i] - num) <= 1e-5 * max(abs(num), 1e-3), (name, i, grads[name][i], num)
+import vqvae2 as V2
+from conftest import (seeds, f64_init, numerical_grad, rel_error, check_layer_grads, check_sampled_grads, tiny_config)
 
 
 def direct_conv(x, W, b, stride, padding):
@@ -115,7 +53,7 @@ def conv_shapes(draw):
 
 
 # -----------------------------------------------------------------------------
-# layers
+# vqvae.py: layers
 
 
 @given(conv_shapes(), seeds)
@@ -283,7 +221,7 @@ def test_layers_keep_float32():
     init = V.uniform_init(rng, np, "float32")
     x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
     for layer in (V.Conv2d(3, 4, 3, 1, 1, init), V.ConvTranspose2d(3, 4, 4, 2, 1, init),
-                  V.ReLU(), V.LeakyReLU(0.2), V.ResidualBlock(3, 2, init), V.PatchDiscriminator(3, 2, 1, init=init)):
+                  V.ReLU(), G.LeakyReLU(0.2), V.ResidualBlock(3, 2, init), G.PatchDiscriminator(3, 2, 1, init=init)):
         y = layer.forward(x)
         dx = layer.backward(np.ones_like(y))
         assert y.dtype == dx.dtype == np.float32
@@ -311,7 +249,7 @@ def test_cropped_fast_conv_adjoint_equals_the_cropped_col2im_definition(CO, s, b
 
 
 # -----------------------------------------------------------------------------
-# vector quantizer
+# vqvae.py: the quantizer
 
 
 @st.composite
@@ -415,7 +353,7 @@ def test_quantizer_distances_never_build_an_M_K_D_array(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# EMA quantizer
+# vqvae.py: the EMA quantizer
 
 
 def test_ema_update_equals_the_formulas_on_a_hand_made_case():
@@ -472,594 +410,7 @@ def test_ema_gradient_to_z_e_is_decoder_gradient_plus_commitment_only(case, beta
 
 
 # -----------------------------------------------------------------------------
-# codebook health: k-means initialisation, dead-code restarts
-
-
-@given(seed=seeds, K=st.integers(2, 9))
-def test_kmeans_centroids_are_the_means_of_their_points_and_beat_the_start(seed, K):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((K, 3)) * 5
-    z = centres[rng.integers(0, K, 200)] + rng.standard_normal((200, 3))
-    start = z[np.random.default_rng(seed).choice(200, K, replace=False)]   # what kmeans starts from
-    C = V.kmeans(z, K, np.random.default_rng(seed), iters=50)
-    codes = V.nearest(z, C)
-    for k in np.unique(codes):                                         # Lloyd's fixed point
-        np.testing.assert_allclose(C[k], z[codes == k].mean(0), atol=1e-9)
-    sse = lambda E: ((z - E[V.nearest(z, E)]) ** 2).sum()
-    assert sse(C) <= sse(start) + 1e-9
-
-
-@pytest.mark.parametrize("cls", [V.VectorQuantizer, V.VectorQuantizerEMA])
-def test_kmeans_init_sets_the_codebook_on_the_first_training_batch_only(cls):
-    rng = np.random.default_rng(0)
-    vq = cls(8, 3, kmeans_init=True, seed=(5, 0))
-    z_e = (rng.standard_normal((4, 4, 4, 3)) + 10).astype(np.float32)  # far from the initial (float32) codebook
-    expected = V.kmeans(z_e.reshape(-1, 3), 8, V.step_rng((5, 0), 0))
-    vq.forward(z_e, train=False)                                       # evaluation moves nothing
-    assert int(vq.buffers["step"]) == 0 and np.abs(vq.codebook).max() < 1
-    z_q, stats = vq.forward(z_e, train=True)
-    if cls is V.VectorQuantizer:
-        np.testing.assert_array_equal(vq.codebook, expected)
-    else:                                                              # then one EMA step from m_k = e_k, N_k = 1
-        assert np.abs(vq.codebook - expected).max() < 1
-    np.testing.assert_array_equal(z_q.reshape(-1, 3), expected[V.nearest(z_e.reshape(-1, 3), expected)])
-    assert int(vq.buffers["step"]) == 1
-    before = vq.codebook.copy()
-    vq.forward(z_e + 5, train=True)                                    # no second k-means
-    if cls is V.VectorQuantizer:
-        np.testing.assert_array_equal(vq.codebook, before)
-
-
-def far_codebook_usage(cls, restart_threshold, steps=60):
-    """Fraction of K=16 codes used on a held-out sample after training a quantizer alone on
-    N(0, I) data, its codebook initialised far away (+10): each code's loss only moves the
-    codes that win nearest-neighbour contests, so all but one stay where they started."""
-    rng = np.random.default_rng(0)
-    init = lambda shape, bound: 10 + rng.uniform(-0.1, 0.1, shape)
-    vq = cls(16, 4, init=init, restart_threshold=restart_threshold, seed=1)
-    opt = V.Adam(vq.params, lr=0.1)
-    for _ in range(steps):
-        vq.forward(rng.standard_normal((8, 8, 8, 4)), train=True)
-        vq.backward(np.zeros((8, 8, 8, 4)))
-        opt.step(vq.grads)
-    held_out = rng.standard_normal((16, 8, 8, 4))
-    return float(V.code_stats(vq.quantize(held_out), 16)["usage"])
-
-
-@pytest.mark.parametrize("cls", [V.VectorQuantizer, V.VectorQuantizerEMA])
-def test_far_initialised_codebook_collapses_without_restarts_and_not_with_them(cls):
-    assert far_codebook_usage(cls, 0.0) <= 2 / 16
-    assert far_codebook_usage(cls, 1.0) >= 0.9
-
-
-def test_restart_reseeds_dead_codes_from_the_batch_with_consistent_ema_statistics():
-    rng = np.random.default_rng(0)
-    vq = V.VectorQuantizerEMA(6, 2, restart_threshold=1.0, seed=3)
-    z_e = rng.standard_normal((2, 2, 2, 2)).astype(np.float32)       # as the (float32) codebook
-    vq.buffers["ema_count"][:] = [5, 0.5, 5, 0.2, 5, 5]                # codes 1 and 3 are dead
-    live = vq.codebook[[0, 2, 4, 5]].copy()
-    rows = z_e.reshape(-1, 2)[V.step_rng(3, 0).integers(0, 8, 6)]      # the draws of step 0
-    vq.health(z_e.reshape(-1, 2))
-    np.testing.assert_array_equal(vq.codebook[[1, 3]], rows[[1, 3]])   # re-seeded with batch vectors
-    np.testing.assert_array_equal(vq.codebook[[0, 2, 4, 5]], live)     # the others untouched
-    np.testing.assert_array_equal(vq.buffers["ema_count"], [5, 1, 5, 1, 5, 5])
-    N, m = vq.buffers["ema_count"], vq.buffers["ema_sum"]
-    np.testing.assert_allclose(m[[1, 3]], N[[1, 3], None] * vq.codebook[[1, 3]])  # e_k = m_k / N_k
-
-
-@pytest.mark.parametrize("quantizer", ["vq", "ema", "rvq"])
-def test_training_with_restarts_and_kmeans_resumes_exactly(quantizer):
-    cfg = tiny_config(quantizer=quantizer, kmeans_init=True, restart_threshold=2.0, rvq_stages=2)
-    rng = np.random.default_rng(0)
-    xs = [rng.standard_normal((2, 8, 8, 2)) for _ in range(4)]
-    a = V.VQVAE(cfg, device="cpu")
-    opt_a = V.Adam(a.params, lr=1e-2)
-    for x in xs[:2]:
-        a.train_step(x, opt_a)
-    b = V.VQVAE(cfg, device="cpu")
-    b.load_state_dict(a.state_dict())                                  # the step counters travel with the state
-    opt_b = V.Adam(b.params, lr=1e-2)
-    opt_b.load_state_dict(opt_a.state_dict())
-    for x in xs[2:]:
-        a.train_step(x, opt_a), b.train_step(x, opt_b)
-    for k, v in a.state_dict().items():
-        np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
-
-
-# -----------------------------------------------------------------------------
-# residual VQ
-
-
-def frozen_rvq_loss(rvq, z_e0):
-    """The residual VQ loss with every stop-gradient a constant taken at z_e0:
-    z_q = z_e + sg[sum_s q_s - z_e], vq = beta sum_s mean((r_s - sg[q_s])^2) with
-    r_s = z_e - sum_{j<s} sg[q_j]."""
-    codes = rvq.quantize(z_e0)
-    q = [stage.lookup(codes[:, s]) for s, stage in enumerate(rvq.stages.values())]
-    beta = next(iter(rvq.stages.values())).beta
-
-    def forward(z_e):
-        r, vq = z_e, 0.0
-        for q_s in q:
-            vq += beta * np.mean((r - q_s) ** 2)
-            r = r - q_s
-        return z_e + (sum(q) - z_e0), vq
-    return forward
-
-
-@given(seed=seeds, S=st.integers(1, 4))
-def test_rvq_gradient_matches_finite_differences_and_every_stage_commitment_reaches_the_encoder(seed, S):
-    rng = np.random.default_rng(seed)
-    rvq = V.ResidualVQ(S, 5, 3, init=lambda shape, bound: rng.standard_normal(shape))  # float64
-    z_e = rng.standard_normal((2, 3, 3, 3))
-    z_q, stats = rvq.forward(z_e, train=False)
-    g = rng.standard_normal(z_q.shape)
-    dz_e = rvq.backward(g)
-    surrogate = frozen_rvq_loss(rvq, z_e)
-    z_q0, vq0 = surrogate(z_e)
-    np.testing.assert_allclose(z_q0, z_q, atol=1e-12)                  # the surrogate has the forward's values
-    np.testing.assert_allclose(vq0, stats["vq"], rtol=1e-12)
-
-    a = z_e.copy()
-
-    def f():
-        z_q, vq = surrogate(a)
-        return (g * z_q).sum() + vq
-    num = numerical_grad(f, a)
-    assert rel_error(dz_e, num) < 1e-6
-    # the commitment part alone: every stage's residual, not only the first
-    dz_commit = rvq.backward(np.zeros_like(g))
-    codes = rvq.quantize(z_e)
-    r, expected = z_e, 0
-    for s, stage in enumerate(rvq.stages.values()):
-        q_s = stage.lookup(codes[:, s])
-        expected = expected + 0.25 * 2 * (r - q_s) / r.size
-        if s == 0:
-            first_only = expected
-        r = r - q_s
-    np.testing.assert_allclose(dz_commit, expected, atol=1e-12)
-    if S > 1:
-        assert not np.allclose(dz_commit, first_only)
-
-
-@given(seed=seeds, S=st.integers(1, 4))
-def test_rvq_codes_round_trip_and_residuals_shrink(seed, S):
-    rng = np.random.default_rng(seed)
-    z_e = rng.standard_normal((3, 2, 4, 4))
-    rvq = V.ResidualVQ(S, 16, 4, kmeans_init=True, seed=seed % 1000)
-    rvq.forward(z_e, train=True)                                       # k-means on the residuals of each stage
-    codes = rvq.quantize(z_e)
-    assert codes.shape == (3, S, 2, 4) and codes.min() >= 0 and codes.max() < 16
-    z_q, stats = rvq.forward(z_e, train=False)
-    np.testing.assert_array_equal(stats["codes"], codes)
-    np.testing.assert_allclose(rvq.lookup(codes), z_q)
-    np.testing.assert_array_equal(V.ResidualVQ.from_grid(V.ResidualVQ.to_grid(codes), S), codes)
-    assert V.ResidualVQ.to_grid(codes)[0, 0, :S].tolist() == codes[0, :, 0, 0].tolist()  # a position's stages side by side
-    errors = [np.mean((z_e - sum(st.lookup(codes[:, j]) for j, st in enumerate(rvq.stages.values())
-                                if j <= s)) ** 2) for s in range(S)]
-    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))   # each stage can only help: e_k vs 0 is its choice
-    assert errors[-1] < np.mean(z_e ** 2)
-
-
-def test_rvq_check_codes_names_the_problem():
-    rvq = V.ResidualVQ(3, 8, 2)
-    with pytest.raises(ValueError, match=r"expected integer codes of shape \(N, S, h, w\), got shape \(2, 4, 4\)"):
-        rvq.check_codes(np.zeros((2, 4, 4), int), np)
-    with pytest.raises(ValueError, match=r"expected codes of shape \(N, 3, h, w\) for 3 stages"):
-        rvq.check_codes(np.zeros((2, 2, 4, 4), int), np)
-    with pytest.raises(ValueError, match=r"codes must lie in \[0, 8\), got values in \[8, 8\]"):
-        rvq.check_codes(np.full((2, 3, 4, 4), 8), np)
-
-
-# -----------------------------------------------------------------------------
-# FSQ, LFQ, Gumbel: helpers
-
-
-def grid(draw, C):
-    """An (N, h, w, C) shape."""
-    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), C
-
-
-def make(kind, seed, dtype="float64", xp=np):
-    """A small quantizer of each kind, on xp, and a host input for it."""
-    init = V.uniform_init(np.random.default_rng(seed), xp, dtype)
-    q = {"fsq": lambda: V.FSQ([3, 4, 2], init=init),
-         "lfq": lambda: V.LFQ(4, init=init),
-         "gumbel": lambda: V.GumbelQuantizer(6, 3, init=init, seed=seed)}[kind]()
-    z_e = (2 * np.random.default_rng(seed).standard_normal((2, 3, 2, q.in_dim))).astype(dtype)
-    return q, z_e
-
-
-def vq_parts(kind, q, stats):
-    """What 'vq' should sum, from the reported parts."""
-    return {"fsq": lambda: 0.0,
-            "lfq": lambda: q.beta * stats["commitment"] + q.entropy_weight * stats["entropy"],
-            "gumbel": lambda: q.kl_weight * stats["kl"]}[kind]()
-
-
-# -----------------------------------------------------------------------------
-# FSQ, LFQ, Gumbel: the shared interface
-
-
-@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
-@given(seed=seeds)
-def test_interface_shapes_stats_and_eval_z_q_is_lookup_of_quantize(kind, seed):
-    q, z_e = make(kind, seed)
-    z_q, stats = q.forward(z_e, train=True)
-    assert z_q.shape == z_e.shape[:3] + (q.out_dim,)
-    assert all(np.ndim(v) == 0 for k, v in stats.items() if k != "codes")
-    codes = stats["codes"]
-    assert codes.shape == z_e.shape[:3] and np.issubdtype(codes.dtype, np.integer)
-    assert codes.min() >= 0 and codes.max() < q.K
-    np.testing.assert_array_equal(codes, q.quantize(z_e))             # train-mode codes are the deterministic ones
-    np.testing.assert_allclose(stats["vq"], vq_parts(kind, q, stats), rtol=1e-12, atol=0)
-    z_q_eval, _ = q.forward(z_e, train=False)
-    np.testing.assert_array_equal(q.lookup(q.quantize(z_e)), z_q_eval)
-    np.testing.assert_array_equal(q.lookup(q.check_codes(codes, np)), z_q_eval)
-    dz_e = q.backward(np.random.default_rng(seed).standard_normal(z_q.shape))
-    assert dz_e.shape == z_e.shape
-    assert set(q.grads) == set(q.params)
-
-
-@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
-def test_check_codes_names_the_problem(kind):
-    q, _ = make(kind, 0)
-    ok = np.zeros((1, 2, 2), np.int64)
-    assert q.check_codes(ok, np) is not None
-    with pytest.raises(ValueError, match="shape"):
-        q.check_codes(np.zeros((2, 2), np.int64), np)
-    with pytest.raises(ValueError, match="integer"):
-        q.check_codes(ok.astype(np.float32), np)
-    with pytest.raises(ValueError, match=rf"\[0, {q.K}\)"):
-        q.check_codes(ok + q.K, np)
-    with pytest.raises(ValueError, match=rf"\[0, {q.K}\)"):
-        q.check_codes(ok - 1, np)
-
-
-@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
-def test_float32_in_float32_out_and_gradients_stay_float32(kind):
-    q, z_e = make(kind, 3, "float32")
-    z_q, stats = q.forward(z_e, train=True)
-    dz_e = q.backward(np.random.default_rng(0).standard_normal(z_q.shape).astype(np.float32))
-    assert z_q.dtype == dz_e.dtype == np.float32
-    assert stats["vq"].dtype == np.float32
-    assert q.lookup(stats["codes"]).dtype == np.float32
-    for k, p in q.params.items():
-        assert q.grads[k].dtype == p.dtype == np.float32
-    assert np.all(np.isfinite(dz_e))
-
-
-# -----------------------------------------------------------------------------
-# FSQ
-
-
-def fsq_expected_levels(L):
-    return np.arange(-(L // 2), L - L // 2) if L % 2 == 0 else np.arange(-(L - 1) // 2, (L - 1) // 2 + 1)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_fsq_even_L_gives_L_values_from_minus_L_over_2_and_odd_L_symmetric_values(dtype):
-    levels = [2, 3, 4, 5, 6, 7, 8, 9, 16]
-    q = V.FSQ(levels, init=V.uniform_init(np.random.default_rng(0), np, dtype))
-    z = np.concatenate([np.linspace(-12, 12, 4001), [-1e4, 1e4, 0.0]]).astype(dtype)
-    z_e = np.repeat(z[:, None], len(levels), 1).reshape(1, 1, -1, len(levels))
-    z_q, _ = q.forward(z_e)
-    for i, L in enumerate(levels):
-        z_hat = z_q[..., i] * (L // 2)
-        np.testing.assert_array_equal(z_hat, np.round(z_hat))         # integers
-        np.testing.assert_array_equal(np.unique(z_hat), fsq_expected_levels(L), err_msg=f"L = {L}")
-        assert z_hat[0, 0, -1] == 0                                    # z = 0 -> the level 0
-
-
-@st.composite
-def fsq_levels(draw):
-    return draw(st.lists(st.integers(2, 8), min_size=1, max_size=4).filter(lambda ls: math.prod(ls) <= 600))
-
-
-@given(fsq_levels())
-def test_fsq_index_is_a_bijection_codes_to_z_q_to_codes(levels):
-    q = V.FSQ(levels, init=f64_init(0))
-    assert q.K == math.prod(levels) and q.in_dim == q.out_dim == len(levels)
-    codes = np.arange(q.K).reshape(1, 1, q.K)
-    z_q = q.lookup(codes)                                              # (1, 1, K, d)
-    assert len(np.unique(z_q.reshape(q.K, -1), axis=0)) == q.K        # K distinct grid points
-    for i, L in enumerate(levels):
-        assert set(np.unique(z_q[..., i] * (L // 2))) == set(fsq_expected_levels(L))
-    # an encoder output that lands on each grid point: bound^-1(z_hat) = atanh((z_hat + offset) / half_l) - shift
-    L = np.array(levels)
-    half_l, offset = (L - 1) * (1 + 1e-3) / 2, np.where(L % 2 == 0, 0.5, 0.0)
-    z_e = np.arctanh((z_q * (L // 2) + offset) / half_l) - np.arctanh(offset / half_l)
-    np.testing.assert_array_equal(q.quantize(z_e), codes)              # every index reachable, and recovered
-    np.testing.assert_array_equal(q.forward(z_e, train=False)[0], z_q)
-
-
-@given(fsq_levels(), seeds)
-def test_fsq_codes_are_the_mixed_radix_number_of_the_digits(levels, seed):
-    q = V.FSQ(levels, init=f64_init(seed))
-    z_e = 3 * np.random.default_rng(seed).standard_normal((2, 3, 3, len(levels)))
-    z_q, stats = q.forward(z_e)
-    code = np.zeros(z_e.shape[:3], np.int64)
-    for i in reversed(range(len(levels))):                             # Horner: ((d_{n-1}) L_{n-2} + d_{n-2}) ...
-        code = code * levels[i] + (np.round(z_q[..., i] * (levels[i] // 2)).astype(np.int64) + levels[i] // 2)
-    np.testing.assert_array_equal(stats["codes"], code)
-    assert stats["vq"] == 0 and q.params == {} and q.buffers == {}
-
-
-@given(fsq_levels(), seeds)
-def test_fsq_gradient_is_the_straight_through_estimator(levels, seed):
-    rng = np.random.default_rng(seed)
-    q = V.FSQ(levels, init=f64_init(seed))
-    z_e = 1.5 * rng.standard_normal((2, 2, 3, len(levels)))
-    z_q, _ = q.forward(z_e)
-    dz_q = rng.standard_normal(z_q.shape)                              # random upstream gradient
-    dz_e = q.backward(dz_q)
-    L = np.array(levels)
-    half_l, offset = (L - 1) * (1 + 1e-3) / 2, np.where(L % 2 == 0, 0.5, 0.0)
-    bound = lambda z: np.tanh(z + np.arctanh(offset / half_l)) * half_l - offset  # the paper's formula
-    frozen = np.round(bound(z_e)) - bound(z_e.copy())                  # sg[round(b) - b] at the base point
-    surrogate = lambda z: (bound(z) + frozen) / (L // 2)               # value z_q, gradient that of bound / (L // 2)
-    np.testing.assert_allclose(surrogate(z_e), z_q, atol=1e-12)
-    x = z_e.copy()
-    assert rel_error(dz_e, numerical_grad(lambda: np.sum(surrogate(x) * dz_q), x), 1e-3) < 1e-6
-
-
-def test_fsq_rejects_bad_levels():
-    with pytest.raises(ValueError, match="at least 2"):
-        V.FSQ([4, 1])
-    with pytest.raises(ValueError, match="at least"):
-        V.FSQ([])
-
-
-# -----------------------------------------------------------------------------
-# LFQ
-
-
-def lfq_penalty(z, T):
-    """E_m[H(p_m)] - H(E_m[p_m]) with p_m = softmax_c(-|z_m - c|^2 / T) over every +-1 vector c,
-    straight from the definition (distances, not the dot-product shortcut)."""
-    d = z.shape[1]
-    C = np.array([[1.0 if (k >> i) & 1 else -1.0 for i in range(d)] for k in range(2 ** d)])  # (K, d)
-    logits = -((z[:, None, :] - C[None]) ** 2).sum(-1) / T            # (M, K)
-    logits -= logits.max(1, keepdims=True)
-    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    H = lambda p: -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
-    return H(p).mean() - H(p.mean(0))
-
-
-@st.composite
-def lfq_case(draw):
-    bits = draw(st.integers(1, 5))
-    return bits, grid(draw, bits), draw(st.sampled_from([0.01, 0.3, 1.0, 3.0])), draw(seeds)
-
-
-@given(lfq_case())
-def test_lfq_index_is_the_bits_of_the_signs(case):
-    bits, shape, T, seed = case
-    q = V.LFQ(bits, temperature=T, init=f64_init(seed))
-    z_e = np.random.default_rng(seed).standard_normal(shape)
-    z_q, stats = q.forward(z_e)
-    np.testing.assert_array_equal(z_q, np.where(z_e > 0, 1.0, -1.0))
-    expected = sum((z_e[..., i] > 0).astype(np.int64) << i for i in range(bits))
-    np.testing.assert_array_equal(stats["codes"], expected)
-    C = np.array([[1.0 if (k >> i) & 1 else -1.0 for i in range(bits)] for k in range(2 ** bits)])
-    nearest = np.argmin(((z_e[..., None, :] - C) ** 2).sum(-1), -1)   # the nearest corner of the cube
-    np.testing.assert_array_equal(stats["codes"], nearest)
-    np.testing.assert_array_equal(q.lookup(np.arange(q.K)), C)        # row k of the implicit codebook is code k
-    all_codes = np.arange(q.K).reshape(1, 1, q.K)
-    np.testing.assert_array_equal(q.quantize(q.lookup(all_codes)), all_codes)  # round trip, every index
-
-
-@given(lfq_case(), st.sampled_from([0.0, 0.25]), st.sampled_from([0.1, 1.0]))
-def test_lfq_losses_equal_the_formula_and_the_penalty_lies_in_minus_log_K_to_0(case, beta, weight):
-    bits, shape, T, seed = case
-    q = V.LFQ(bits, beta, weight, T, init=f64_init(seed))
-    z_e = np.random.default_rng(seed).standard_normal(shape)
-    z_q, s = q.forward(z_e)
-    np.testing.assert_allclose(s["commitment"], np.mean((z_e - z_q) ** 2), rtol=1e-12)
-    np.testing.assert_allclose(s["entropy"], lfq_penalty(z_e.reshape(-1, bits), T), rtol=1e-7, atol=1e-10)
-    np.testing.assert_allclose(s["vq"], beta * s["commitment"] + weight * s["entropy"], rtol=1e-12)
-    assert -bits * math.log(2) - 1e-9 <= s["entropy"] <= 1e-9        # Jensen: H(mean p) >= mean H(p)
-
-
-@given(lfq_case(), st.sampled_from([0.0, 0.25]))
-def test_lfq_gradient_is_straight_through_plus_commitment_plus_entropy_penalty(case, beta):
-    bits, shape, T, seed = case
-    rng = np.random.default_rng(seed)
-    q = V.LFQ(bits, beta, 0.3, T, init=f64_init(seed))
-    z_e = (0.5 + 2 * T) * rng.standard_normal(shape)                   # on the scale of T: the penalty's gradient is alive
-    z_q, _ = q.forward(z_e)
-    dz_q = rng.standard_normal(z_q.shape)
-    dz_e = q.backward(dz_q)
-    q0 = z_q.copy()                                                    # sg[q]: the sign frozen at the base point
-
-    def loss():                                                        # <z + sg[q - z], dz_q> + beta |z - sg[q]|^2 + w penalty
-        return (np.sum((x + (q0 - z_e)) * dz_q) + beta * np.mean((x - q0) ** 2)
-                + 0.3 * lfq_penalty(x.reshape(-1, bits), T))
-
-    x = z_e.copy()
-    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-6
-
-
-def test_lfq_zero_is_the_minus_one_side_in_forward_quantize_and_lookup_alike():
-    q = V.LFQ(3, init=f64_init(0))
-    z_e = np.array([0.0, 0.5, -0.0, -2.0, 0.0, 1e-300]).reshape(1, 2, 1, 3)
-    z_q, stats = q.forward(z_e)
-    np.testing.assert_array_equal(z_q.ravel(), [-1, 1, -1, -1, -1, 1])
-    np.testing.assert_array_equal(stats["codes"].ravel(), [2, 4])
-    np.testing.assert_array_equal(q.quantize(z_e), stats["codes"])
-    np.testing.assert_array_equal(q.lookup(stats["codes"]), z_q)
-
-
-def test_lfq_penalty_is_lower_for_a_confident_even_batch_than_for_a_collapsed_or_unsure_one():
-    bits = 4
-    q = V.LFQ(bits, temperature=0.5, init=f64_init(0))
-    C = q.lookup(np.arange(q.K))                                       # (16, 4)
-    even = np.tile(3 * C, (2, 1)).reshape(2, 4, 4, bits)               # every code twice, far from the boundaries
-    collapsed = np.tile(3 * C[5], (32, 1)).reshape(2, 4, 4, bits)      # one code everywhere
-    unsure = np.full((2, 4, 4, bits), 1e-3)                            # every p_m near uniform
-    pen = {name: float(q.forward(z)[1]["entropy"]) for name, z in
-           [("even", even), ("collapsed", collapsed), ("unsure", unsure)]}
-    assert pen["even"] < pen["collapsed"] - 1 and pen["even"] < pen["unsure"] - 1
-    np.testing.assert_allclose(pen["even"], -bits * math.log(2), atol=1e-6)   # the minimum, -log K
-    np.testing.assert_allclose([pen["collapsed"], pen["unsure"]], [0, 0], atol=1e-4)
-
-
-def test_lfq_is_stable_at_the_default_temperature_with_large_inputs():
-    q = V.LFQ(10, init=V.uniform_init(np.random.default_rng(0), np, "float32"))
-    z_e = (100 * np.random.default_rng(0).standard_normal((2, 4, 4, 10))).astype(np.float32)
-    z_q, stats = q.forward(z_e)
-    dz_e = q.backward(np.ones_like(z_q))
-    assert np.isfinite(stats["vq"]) and np.all(np.isfinite(dz_e))
-    assert q.temperature == 0.01
-
-
-def test_lfq_rejects_too_many_bits_with_the_reason():
-    with pytest.raises(ValueError, match="2\\^bits"):
-        V.LFQ(17)
-    with pytest.raises(ValueError, match="bits"):
-        V.LFQ(0)
-
-
-# -----------------------------------------------------------------------------
-# Gumbel-softmax
-
-
-@st.composite
-def gumbel_case(draw):
-    K, D = draw(st.integers(2, 8)), draw(st.integers(1, 4))
-    return K, D, grid(draw, K), draw(seeds)
-
-
-@given(gumbel_case(), st.sampled_from([1.0, 0.5]), st.sampled_from([1, 7]))
-def test_gumbel_temperature_anneals_exponentially_between_its_endpoints(case, t0, anneal):
-    K, D, shape, seed = case
-    q = V.GumbelQuantizer(K, D, temperature=t0, temperature_min=1 / 16, anneal_steps=anneal, init=f64_init(seed))
-    z_e = np.random.default_rng(seed).standard_normal(shape)
-    taus = []
-    for t in range(anneal + 3):
-        assert int(q.buffers["step"]) == t                             # the counter moves once per training batch
-        taus.append(float(q.forward(z_e, train=True)[1]["temperature"]))
-    assert taus[0] == t0
-    np.testing.assert_allclose(taus[anneal:], 1 / 16, rtol=1e-12)      # at anneal_steps and after: the minimum
-    np.testing.assert_allclose(taus[:anneal + 1], t0 * (1 / 16 / t0) ** (np.arange(anneal + 1) / anneal), rtol=1e-12)
-    q.forward(z_e, train=False)
-    assert int(q.buffers["step"]) == anneal + 3                        # evaluation leaves it
-
-
-@given(gumbel_case())
-def test_gumbel_train_z_q_is_the_noisy_softmax_times_the_codebook_and_resumes_exactly(case):
-    K, D, shape, seed = case
-    q = V.GumbelQuantizer(K, D, temperature=2.0, temperature_min=0.5, anneal_steps=4, init=f64_init(seed), seed=seed)
-    rng = np.random.default_rng(seed)
-    z_e = rng.standard_normal(shape)
-    for t in range(3):
-        z_q, stats = q.forward(z_e, train=True)
-        u = np.random.default_rng([seed, t]).random((z_e[..., 0].size, K))
-        s = (z_e.reshape(-1, K) - np.log(-np.log(u))) / (2.0 * 0.25 ** (t / 4))
-        y = np.exp(s - s.max(1, keepdims=True))
-        y /= y.sum(1, keepdims=True)
-        np.testing.assert_allclose(z_q.reshape(-1, D), y @ q.codebook, rtol=1e-10, atol=1e-12)
-        np.testing.assert_array_equal(stats["codes"], z_e.argmax(-1))  # the noiseless argmax in training too
-    resumed = V.GumbelQuantizer(K, D, temperature=2.0, temperature_min=0.5, anneal_steps=4, init=f64_init(seed),
-                                seed=seed)
-    resumed.buffers["step"][...] = q.buffers["step"]                   # as a checkpoint restores it
-    np.testing.assert_array_equal(resumed.forward(z_e)[0], q.forward(z_e)[0])
-
-
-@given(gumbel_case())
-def test_gumbel_eval_is_the_hard_one_hot_of_the_argmax(case):
-    K, D, shape, seed = case
-    q = V.GumbelQuantizer(K, D, init=f64_init(seed), seed=seed)
-    z_e = np.random.default_rng(seed).standard_normal(shape)
-    z_q, stats = q.forward(z_e, train=False)
-    codes = z_e.argmax(-1)
-    np.testing.assert_array_equal(stats["codes"], codes)
-    np.testing.assert_array_equal(q.quantize(z_e), codes)
-    np.testing.assert_array_equal(z_q, q.codebook[codes])             # exactly a row
-    np.testing.assert_array_equal(z_q, q.lookup(codes))
-    onehot = np.eye(K)[codes]
-    np.testing.assert_allclose(z_q, onehot @ q.codebook, rtol=1e-15, atol=0)
-
-
-@given(gumbel_case(), st.booleans(), st.sampled_from([1e-3, 0.5]))
-def test_gumbel_gradients_match_finite_differences_with_the_noise_held(case, train, kl_weight):
-    K, D, shape, seed = case
-    rng = np.random.default_rng(seed)
-    q = V.GumbelQuantizer(K, D, kl_weight=kl_weight, temperature=1.0, temperature_min=0.25, anneal_steps=10,
-                          init=f64_init(seed), seed=seed)
-    q.buffers["step"][...] = 3                                         # tau between the endpoints
-    z_e = rng.standard_normal(shape)
-    z_q, _ = q.forward(z_e, train)
-    dz_q = rng.standard_normal(z_q.shape)                              # random upstream gradient
-    dz_e = q.backward(dz_q)
-    g_codebook = q.grads["codebook"].copy()
-    x = z_e.copy()
-
-    def loss():                                                        # <z_q, dz_q> + vq, with step 3's noise every time
-        q.buffers["step"][...] = 3
-        z_q, stats = q.forward(x, train)
-        return np.sum(z_q * dz_q) + stats["vq"]
-
-    # 1e-5: the thorough profile found round-off of ~1e-9 on logit gradients of ~5e-4 (rel. 1.4e-6)
-    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-5
-    assert rel_error(g_codebook, numerical_grad(loss, q.codebook), 1e-3) < 1e-5
-    if not train:                                                      # hard argmax: only the chosen rows move
-        unused = np.setdiff1d(np.arange(K), z_e.argmax(-1))
-        assert np.all(g_codebook[unused] == 0)
-
-
-@given(gumbel_case())
-def test_gumbel_kl_is_zero_for_uniform_logits_and_between_0_and_log_K_otherwise(case):
-    K, D, shape, seed = case
-    rng = np.random.default_rng(seed)
-    q = V.GumbelQuantizer(K, D, kl_weight=1.0, init=f64_init(seed))
-    flat = np.repeat(rng.standard_normal(shape[:3] + (1,)), K, -1)     # each position's logits all equal
-    _, stats = q.forward(flat, train=False)
-    assert abs(stats["kl"]) < 1e-12
-    assert np.max(np.abs(q.backward(np.zeros(shape[:3] + (D,))))) < 1e-15  # the minimum: no gradient
-    _, stats = q.forward(3 * rng.standard_normal(shape), train=False)
-    assert 0 < stats["kl"] < math.log(K)
-    _, stats = q.forward(1e4 * np.eye(K)[rng.integers(0, K, shape[:3])], train=False)
-    np.testing.assert_allclose(stats["kl"], math.log(K), rtol=1e-9)   # one-hot q: the maximum, log K
-
-
-def test_gumbel_rejects_a_bad_schedule():
-    with pytest.raises(ValueError, match="temperature_min"):
-        V.GumbelQuantizer(4, 2, temperature=0.5, temperature_min=1.0)
-    with pytest.raises(ValueError, match="anneal_steps"):
-        V.GumbelQuantizer(4, 2, anneal_steps=0)
-
-
-# -----------------------------------------------------------------------------
-# FSQ, LFQ, Gumbel: backends
-
-
-@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
-@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
-def test_fsq_lfq_gumbel_numpy_and_cupy_agree(kind):
-    import cupy
-    cpu, z_e = make(kind, 5)
-    gpu, _ = make(kind, 5, xp=cupy)
-    dz_q = np.random.default_rng(1).standard_normal(z_e.shape[:3] + (cpu.out_dim,))
-    for _ in range(2):                                                 # the Gumbel noise of steps 0 and 1
-        z_c, s_c = cpu.forward(z_e)
-        z_g, s_g = gpu.forward(cupy.asarray(z_e))
-        np.testing.assert_allclose(cupy.asnumpy(z_g), z_c, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(float(s_g["vq"]), float(s_c["vq"]), rtol=1e-10, atol=1e-12)
-        np.testing.assert_array_equal(cupy.asnumpy(s_g["codes"]), s_c["codes"])
-        np.testing.assert_allclose(cupy.asnumpy(gpu.backward(cupy.asarray(dz_q))), cpu.backward(dz_q), rtol=1e-10,
-                                   atol=1e-12)
-
-
-# -----------------------------------------------------------------------------
-# whole model
-
-
-def tiny_config(**kw):
-    base = dict(in_channels=2, hidden=4, res_hidden=3, res_blocks=1, codebook_size=6, code_dim=3,
-                dtype="float64")
-    base.update(kw)
-    return V.Config(**base)
+# vqvae.py and vqvae2.py: the whole model, one level and two
 
 
 def all_layers(model):
@@ -1101,17 +452,17 @@ def frozen(q, z_e0):
     they are not needed: the true gradient of this surrogate at z_e0 is what backward claims."""
     if isinstance(q, V.VectorQuantizer):
         return FrozenStopGradients(q, z_e0).forward
-    if isinstance(q, V.ResidualVQ):
+    if isinstance(q, Q.ResidualVQ):
         f = frozen_rvq_loss(q, z_e0)
         return lambda z_e, train=False: (lambda z_q, vq: (z_q, {"vq": vq}))(*f(z_e))
-    if isinstance(q, V.FSQ):                                           # z_q = (bound(z) + sg[round(b0) - b0]) / (L // 2)
+    if isinstance(q, Q.FSQ):                                           # z_q = (bound(z) + sg[round(b0) - b0]) / (L // 2)
         bound = lambda z: np.tanh(z + q.shift) * q.half_l - q.offset
         jump = np.round(bound(z_e0)) - bound(z_e0)
         return lambda z_e, train=False: ((bound(z_e) + jump) / q.half_width, {"vq": 0.0})
-    if isinstance(q, V.LFQ):                                           # z_q = z + sg[q0 - z0]; the losses are smooth
+    if isinstance(q, Q.LFQ):                                           # z_q = z + sg[q0 - z0]; the losses are smooth
         z_q0 = np.where(z_e0 > 0, 1.0, -1.0)
         return lambda z_e, train=False: (z_e + (z_q0 - z_e0), type(q).forward(q, z_e, False)[1])
-    assert isinstance(q, V.GumbelQuantizer)                            # relaxed: smooth given the noise of step 0
+    assert isinstance(q, Q.GumbelQuantizer)                            # relaxed: smooth given the noise of step 0
 
     def forward(z_e, train=False):
         q.buffers["step"][...] = 0
@@ -1121,7 +472,7 @@ def frozen(q, z_e0):
 
 def margin_from_discrete_choices(q, z_e):
     """How far z_e is from a discrete choice that frozen() evaluates live (LFQ's losses)."""
-    return np.min(np.abs(z_e)) if isinstance(q, V.LFQ) else np.inf
+    return np.min(np.abs(z_e)) if isinstance(q, Q.LFQ) else np.inf
 
 
 def freeze_stop_gradients(model, x):
@@ -1145,7 +496,7 @@ def freeze_stop_gradients(model, x):
 @pytest.mark.parametrize("quantizer", V.QUANTIZERS)
 @given(seed=seeds, H=st.sampled_from([8, 16]))
 def test_model_gradients_match_finite_differences_of_the_stop_gradient_loss(quantizer, levels, seed, H):
-    model = V.VQVAE(tiny_config(quantizer=quantizer, levels=levels, seed=seed % 1000, rvq_stages=2, fsq_levels=(3, 4),
+    model = V.make_model(tiny_config(quantizer=quantizer, levels=levels, seed=seed % 1000, rvq_stages=2, fsq_levels=(3, 4),
                                 codebook_size=8 if quantizer == "lfq" else 6), device="cpu")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, H, H, 2))
@@ -1171,7 +522,7 @@ def test_model_gradients_at_code_stride_8_and_with_top_only_decoding_match_finit
     """--code-stride 8 (a third stride-2 layer each side) and --top-only-rate (the bottom code
     vectors of the drawn images zeroed before the decoder): the drawn images are held fixed by
     setting the step counter back before each forward."""
-    model = V.VQVAE(tiny_config(quantizer="vq", levels=levels, code_stride=code_stride, top_only_rate=top_only_rate,
+    model = V.make_model(tiny_config(quantizer="vq", levels=levels, code_stride=code_stride, top_only_rate=top_only_rate,
                                 seed=seed % 1000), device="cpu")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((4 if top_only_rate else 2, 16, 16, 2))  # 16: the top grid of (2, 8) is 1 x 1
@@ -1194,22 +545,22 @@ def test_model_gradients_at_code_stride_8_and_with_top_only_decoding_match_finit
 
 def test_code_stride_8_gives_grids_of_an_eighth_and_two_levels_a_sixteenth():
     x = np.random.default_rng(0).random((2, 16, 32, 2)).astype(np.float32)
-    one = V.VQVAE(tiny_config(dtype="float32", code_stride=8), device="cpu")
+    one = V.make_model(tiny_config(dtype="float32", code_stride=8), device="cpu")
     codes = one.encode(x)
     assert one.downsample == 8 and codes.shape == (2, 2, 4)
     assert one.decode(codes).shape == x.shape
     np.testing.assert_array_equal(one.forward(x, train=False)["codes"], codes)
-    two = V.VQVAE(tiny_config(dtype="float32", code_stride=8, levels=2), device="cpu")
+    two = V.make_model(tiny_config(dtype="float32", code_stride=8, levels=2), device="cpu")
     top, bottom = two.encode(x)
     assert two.downsample == 16 and top.shape == (2, 1, 2) and bottom.shape == (2, 2, 4)
     assert two.decode(top, bottom).shape == two.decode(top).shape == x.shape
     with pytest.raises(ValueError, match="multiples of 8, got 12 x 16"):
         one.encode(np.zeros((1, 12, 16, 2), np.float32))
-    assert V.VQVAE(tiny_config(), device="cpu").downsample == 4  # the paper's, the default
+    assert V.make_model(tiny_config(), device="cpu").downsample == 4  # the paper's, the default
 
 
 def test_top_only_training_decodes_the_drawn_images_from_the_top_code_alone():
-    model = V.VQVAE(tiny_config(levels=2, top_only_rate=0.5, codebook_size=32), device="cpu")
+    model = V.make_model(tiny_config(levels=2, top_only_rate=0.5, codebook_size=32), device="cpu")
     x = np.random.default_rng(0).standard_normal((8, 8, 8, 2))
     model.forward(x, train=True)
     keep = model.keep[:, 0, 0, 0]
@@ -1218,7 +569,7 @@ def test_top_only_training_decodes_the_drawn_images_from_the_top_code_alone():
     top, bottom = model.encode(x)
     np.testing.assert_allclose(x_hat[keep == 0], model.decode(top)[keep == 0], rtol=1e-12)
     np.testing.assert_allclose(x_hat[keep == 1], model.decode(top, bottom)[keep == 1], rtol=1e-12)
-    again = V.VQVAE(tiny_config(levels=2, top_only_rate=0.5, codebook_size=32), device="cpu")
+    again = V.make_model(tiny_config(levels=2, top_only_rate=0.5, codebook_size=32), device="cpu")
     again.forward(x, train=True)
     np.testing.assert_array_equal(again.keep[:, 0, 0, 0], keep)        # a function of (seed, step) alone
     model.forward(x, train=False)                                      # evaluation decodes every image in full
@@ -1229,7 +580,7 @@ def test_top_only_training_decodes_the_drawn_images_from_the_top_code_alone():
 
 def test_model_encode_decode_shapes_and_consistency():
     cfg = tiny_config(dtype="float32")
-    model = V.VQVAE(cfg, device="cpu")
+    model = V.make_model(cfg, device="cpu")
     x = np.random.default_rng(0).random((3, 12, 8, 2)).astype(np.float32)
     codes = model.encode(x)
     assert codes.shape == (3, 3, 2) and np.issubdtype(codes.dtype, np.integer)
@@ -1242,7 +593,7 @@ def test_model_encode_decode_shapes_and_consistency():
 
 
 def test_two_level_encode_decode_shapes_and_consistency():
-    model = V.VQVAE(tiny_config(dtype="float32", levels=2), device="cpu")
+    model = V.make_model(tiny_config(dtype="float32", levels=2), device="cpu")
     x = np.random.default_rng(0).random((3, 16, 24, 2)).astype(np.float32)
     top, bottom = model.encode(x)
     assert top.shape == (3, 2, 3) and bottom.shape == (3, 4, 6)
@@ -1261,20 +612,31 @@ def test_two_level_encode_decode_shapes_and_consistency():
 
 def test_two_level_top_codebook_may_be_smaller_than_the_bottom_one():
     cfg = tiny_config(levels=2, codebook_size=16, top_codebook_size=4, kmeans_init=True, restart_threshold=1.0)
-    model = V.VQVAE(cfg, device="cpu")
-    assert cfg.level_num_codes == [4, 16] and V.Config(levels=2, codebook_size=16).level_num_codes == [16, 16]
+    model = V.make_model(cfg, device="cpu")
+    assert cfg.level_num_codes == [4, 16] and V.Config(levels=2, codebook_size=16, top_codebook_size=0).level_num_codes == [16, 16]
+    assert V.Config(levels=2, codebook_size=16).level_num_codes == [32, 16]  # two levels' default: 32 top codes
     assert model.top_quantizer.codebook.shape == (4, 3) and model.quantizer.codebook.shape == (16, 3)
     x = np.random.default_rng(0).standard_normal((6, 16, 16, 2))
     model.train_step(x, V.Adam(model.params, lr=1e-3))               # k-means and restarts at K_top = 4
     top, bottom = model.encode(x)
     assert 0 <= top.min() and top.max() < 4 and bottom.max() < 16 and len(np.unique(bottom)) > 4
-    priors = T.prior_configs(dict(channels=4, layers=2, kernel=3, heads=1, dropout=0.0, attention_every=1),
-                             cfg, num_classes=0, seed=0)
-    assert [p.codebook_size for p in priors] == [4, 16] and priors[1].cond_codebook_size == 4
+
+
+def test_two_levels_default_to_the_measured_setting_and_old_configs_keep_what_they_meant():
+    two = V.Config(levels=2)
+    assert (two.kmeans_init, two.restart_threshold, two.top_only_rate, two.top_codebook_size) == (True, 1.0, 0.25, 32)
+    one = V.Config()
+    assert (one.kmeans_init, one.restart_threshold, one.top_only_rate, one.top_codebook_size) == (False, 0.0, 0.0, 0)
+    fsq = V.Config(levels=2, quantizer="fsq")                          # no codebook to start or restart, no top K
+    assert (fsq.kmeans_init, fsq.restart_threshold, fsq.top_codebook_size) == (False, 0.0, 0)
+    saved = {k: v for k, v in asdict(two).items() if k not in ("kmeans_init", "restart_threshold", "top_only_rate",
+                                                                 "top_codebook_size")}   # a config.json from before them
+    old = V.Config.from_dict(saved)
+    assert (old.kmeans_init, old.restart_threshold, old.top_only_rate, old.top_codebook_size) == (False, 0.0, 0.0, 0)
 
 
 def test_two_level_bottom_code_depends_on_the_top_code():
-    model = V.VQVAE(tiny_config(levels=2, codebook_size=32), device="cpu")
+    model = V.make_model(tiny_config(levels=2, codebook_size=32), device="cpu")
     x = np.random.default_rng(1).standard_normal((2, 16, 16, 2))
     f = model.encoder.forward(x)
     top = model.encode(x)[0]
@@ -1292,21 +654,21 @@ def test_two_level_bottom_code_depends_on_the_top_code():
 
 
 def test_two_level_input_checks():
-    model = V.VQVAE(tiny_config(levels=2, dtype="float32"), device="cpu")
+    model = V.make_model(tiny_config(levels=2, dtype="float32"), device="cpu")
     with pytest.raises(ValueError, match="multiples of 8, got 12 x 16"):
         model.encode(np.zeros((1, 12, 16, 2)))
     with pytest.raises(ValueError, match=r"bottom codes must have shape \(1, 4, 4\) .* got \(1, 2, 2\)"):
         model.decode(np.zeros((1, 2, 2), int), np.zeros((1, 2, 2), int))
     with pytest.raises(ValueError, match="one level: decode\\(codes\\) takes no bottom codes"):
-        V.VQVAE(tiny_config(), device="cpu").decode(np.zeros((1, 2, 2), int), np.zeros((1, 4, 4), int))
-    with pytest.raises(ValueError, match="levels must be 1 or 2, got 3"):
+        V.make_model(tiny_config(), device="cpu").decode(np.zeros((1, 2, 2), int), np.zeros((1, 4, 4), int))
+    with pytest.raises(ValueError, match="levels must be one of 1, 2, got 3"):
         tiny_config(levels=3)
 
 
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
 def test_model_float32_end_to_end_without_dtype_drift(quantizer, levels):
-    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, codebook_size=16, code_dim=4, quantizer=quantizer, levels=levels))
+    model = V.make_model(V.Config(hidden=8, res_hidden=4, codebook_size=16, code_dim=4, quantizer=quantizer, levels=levels))
     x = np.random.default_rng(0).random((2, 8, 8, 3))                  # float64 input is cast once
     opt = V.Adam(model.params, lr=1e-3)
     stats = model.train_step(x, opt)
@@ -1314,13 +676,13 @@ def test_model_float32_end_to_end_without_dtype_drift(quantizer, levels):
         assert stats[k].dtype == np.float32, k
     for k, p in model.params.items():
         assert p.dtype == np.float32 and model.grads[k].dtype == np.float32, k
-    for k, b in model.buffers.items():
-        assert b.dtype == np.float32, k
+    for k, b in model.buffers.items():                                 # host step counters are integers
+        assert b.dtype == (np.int64 if k.endswith("step") else np.float32), k
     assert all(m.dtype == np.float32 for m in opt.m.values())
 
 
 def test_model_rejects_bad_input_with_errors_naming_the_problem():
-    model = V.VQVAE(tiny_config(dtype="float32"), device="cpu")
+    model = V.make_model(tiny_config(dtype="float32"), device="cpu")
     good = np.zeros((2, 8, 8, 2), np.float32)
     with pytest.raises(ValueError, match=r"shape \(N, H, W, 2\).*\(8, 8, 2\)"):
         model.forward(good[0])                                         # wrong rank
@@ -1343,7 +705,7 @@ def test_model_rejects_bad_input_with_errors_naming_the_problem():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="codebook_size must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="codebook_size must be >= 1, got 0"):
         V.Config(codebook_size=0)
     with pytest.raises(ValueError, match="quantizer must be one of vq, ema, rvq, fsq, lfq, gumbel, got 'kmeans'"):
         V.Config(quantizer="kmeans")
@@ -1359,13 +721,13 @@ def test_config_rejects_bad_values():
         V.Config(restart_threshold=-1)
     with pytest.raises(ValueError, match="kmeans_init and restart_threshold apply to .* vq, ema and rvq, not to fsq"):
         V.Config(quantizer="fsq", kmeans_init=True)
-    with pytest.raises(ValueError, match="code_stride must be 4 or 8, got 2"):
+    with pytest.raises(ValueError, match="code_stride must be one of 4, 8, got 2"):
         V.Config(code_stride=2)
     with pytest.raises(ValueError, match=r"top_only_rate must be in \[0, 1\), got 1"):
         V.Config(levels=2, top_only_rate=1)
     with pytest.raises(ValueError, match="top_only_rate 0.5 needs two levels"):
         V.Config(top_only_rate=0.5)
-    with pytest.raises(ValueError, match="top_codebook_size must be a non-negative integer, got -1"):
+    with pytest.raises(ValueError, match="top_codebook_size must be >= 0, got -1"):
         V.Config(levels=2, top_codebook_size=-1)
     with pytest.raises(ValueError, match="top_codebook_size sets the top codebook of two levels .* not of 1 level"):
         V.Config(top_codebook_size=8)
@@ -1385,7 +747,7 @@ def family_config(quantizer, **kw):
 @pytest.mark.parametrize("quantizer", V.QUANTIZERS)
 def test_every_quantizer_decodes_its_codes_to_the_forward_reconstruction(quantizer, levels):
     cfg = family_config(quantizer, dtype="float32", levels=levels)
-    model = V.VQVAE(cfg, device="cpu")
+    model = V.make_model(cfg, device="cpu")
     x = np.random.default_rng(0).random((3, 16, 8, 2)).astype(np.float32)
     model.train_step(x, V.Adam(model.params, lr=1e-3))                 # k-means and step counters have run
     codes = model.encode(x)
@@ -1410,13 +772,13 @@ def test_num_codes_is_what_the_quantizer_emits():
     assert V.Config(quantizer="ema", rvq_stages=3).codes_per_position == 1
     for quantizer in V.QUANTIZERS:
         cfg = family_config(quantizer)
-        assert V.VQVAE(cfg, device="cpu").quantizer.K == cfg.num_codes
+        assert V.make_model(cfg, device="cpu").quantizer.K == cfg.num_codes
 
 
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("quantizer", V.QUANTIZERS)
 def test_save_load_round_trip_without_pickle(tmp_path, quantizer, levels):
-    model = V.VQVAE(family_config(quantizer, dtype="float32", seed=3, levels=levels), device="cpu")
+    model = V.make_model(family_config(quantizer, dtype="float32", seed=3, levels=levels), device="cpu")
     x = np.random.default_rng(0).random((2, 8, 8, 2)).astype(np.float32)
     opt = V.Adam(model.params, lr=1e-2)
     for _ in range(3):
@@ -1432,7 +794,7 @@ def test_save_load_round_trip_without_pickle(tmp_path, quantizer, levels):
 
 
 def test_load_names_a_missing_or_misshapen_array(tmp_path):
-    model = V.VQVAE(tiny_config(dtype="float32"), device="cpu")
+    model = V.make_model(tiny_config(dtype="float32"), device="cpu")
     state = model.state_dict()
     missing = dict(state)
     del missing["decoder.0.W"]
@@ -1447,7 +809,7 @@ def test_load_names_a_missing_or_misshapen_array(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# optimiser
+# vqvae.py: Adam
 
 
 def test_adam_equals_its_formula():
@@ -1509,7 +871,7 @@ def test_adam_with_flat_moments_equals_the_formula_per_parameter():
 def test_training_cuts_reconstruction_error_tenfold(quantizer, levels):
     # k-means initialisation: without it, 2 to 4 of seeds 0-5 collapse to one code and stall
     # on this tiny problem (measured when it was added); with it all converge
-    model = V.VQVAE(V.Config(in_channels=1, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32,
+    model = V.make_model(V.Config(in_channels=1, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32,
                              code_dim=8, quantizer=quantizer, seed=0, levels=levels, kmeans_init=True), device="cpu")
     rng = np.random.default_rng(0)
     x = (rng.random((4, 8, 8, 1)) > 0.5).astype(np.float32) - 0.5       # a tiny fixed batch
@@ -1522,7 +884,7 @@ def test_training_cuts_reconstruction_error_tenfold(quantizer, levels):
 
 
 # -----------------------------------------------------------------------------
-# backends
+# vqvae.py: backends, and PyTorch's autograd on the same weights
 
 
 def test_backend_choice_and_errors(monkeypatch):
@@ -1545,7 +907,7 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
     torch.set_default_dtype(torch.float64)
     try:
         # res_hidden 2 <= hidden / 4: the residual blocks' 3x3 convolutions take the col2im form
-        model = V.VQVAE(V.Config(hidden=8, res_hidden=2, res_blocks=1, codebook_size=12, code_dim=3,
+        model = V.make_model(V.Config(hidden=8, res_hidden=2, res_blocks=1, codebook_size=12, code_dim=3,
                                  quantizer=quantizer, dtype="float64", seed=1), device="cpu")
         x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
         stats = model.forward(x, train=False)
@@ -1583,7 +945,7 @@ def test_prior_loss_and_gradients_equal_its_pytorch_mirror(attention_every):
     Its autograd also checks our hand-written backward of every part, attention included."""
     torch = pytest.importorskip("torch")
     import bench
-    cfg = P.PriorConfig(codebook_size=7, channels=8, layers=3, attention_every=attention_every, heads=2,
+    cfg = gated_prior_config(codebook_size=7, channels=8, layers=3, attention_every=attention_every, heads=2,
                         num_classes=3, label_dropout=0.1, dtype="float64", seed=3)
     prior = P.PixelCNN(cfg, device="cpu")
     rng = np.random.default_rng(0)
@@ -1614,7 +976,7 @@ def test_numpy_and_cupy_agree(quantizer, levels):
              "rvq": dict(rvq_stages=2, kmeans_init=True, restart_threshold=1.0)}[quantizer]
     cfg = V.Config(hidden=32, res_hidden=8, codebook_size=32, code_dim=8, quantizer=quantizer, dtype="float64",
                    levels=levels, **extra)  # res_hidden <= hidden / 4: NumPy takes the col2im form, CuPy im2col
-    cpu, gpu = V.VQVAE(cfg, device="cpu"), V.VQVAE(cfg, device="gpu")
+    cpu, gpu = V.make_model(cfg, device="cpu"), V.make_model(cfg, device="gpu")
     x = np.random.default_rng(0).random((4, 16, 16, 3))
     opt_c, opt_g = V.Adam(cpu.params, lr=1e-3), V.Adam(gpu.params, lr=1e-3)
     for _ in range(3):
@@ -1625,13 +987,892 @@ def test_numpy_and_cupy_agree(quantizer, levels):
 
 
 # -----------------------------------------------------------------------------
+# vqvae.py and prior.py: bad input to the Python API, tried as an adversary would
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: V.Config(codebook_size=True), "codebook_size must be an integer, got True"),
+    (lambda: V.Config(beta=float("nan")), "beta must be a finite number, got nan"),
+    (lambda: V.Config(beta=-0.5), "beta must be >= 0, got -0.5"),
+    (lambda: V.Config(ema_decay=float("inf")), "ema_decay must be a finite number, got inf"),
+    (lambda: V.Config(seed=-1), "seed must be >= 0, got -1"),
+    (lambda: V.Config(kmeans_init=1), "kmeans_init must be true or false, got 1"),
+    (lambda: V.Config(fsq_levels=(8, True)), r"fsq_levels must be integers >= 2, got \(8, True\)"),
+    (lambda: V.Config(quantizer=3), "quantizer must be a string, got 3"),
+    (lambda: gated_prior_config(channels=True), "channels must be an integer, got True"),
+    (lambda: gated_prior_config(seed=-2), "seed must be >= 0, got -2"),
+    (lambda: V.Adam({"w": np.zeros(3)}, lr=-1e-3), "lr must be a finite number > 0, got -0.001"),
+    (lambda: V.Adam({"w": np.zeros(3)}, lr=True), "lr must be a finite number > 0, got True"),
+    (lambda: V.Adam({"w": np.zeros(3)}, lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (lambda: V.Adam({"w": np.zeros(3)}, betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\)"),
+    (lambda: V.Adam({"w": np.zeros(3)}, eps=0), "eps must be a finite number > 0, got 0"),
+    (lambda: V.Adam([np.zeros(3)]), "Adam needs a dict of parameter arrays by name"),
+])
+def test_settings_are_refused_with_their_name_value_and_what_is_allowed(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_numpy_scalars_are_taken_as_settings_and_stored_as_python_numbers():
+    cfg = V.Config(codebook_size=np.int64(16), beta=np.float32(0.5), kmeans_init=np.bool_(True))
+    assert type(cfg.codebook_size) is int and type(cfg.beta) is float and cfg.kmeans_init is True
+    json.dumps(asdict(cfg))                                          # a run's config.json can hold it
+
+
+def test_an_adam_of_another_model_or_shape_is_refused_without_a_change():
+    model, other = V.make_model(tiny_config()), V.make_model(tiny_config(levels=2))
+    opt = V.Adam(other.params, lr=1e-3)
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2))
+    with pytest.raises(ValueError, match="do not match the parameters this Adam was built for"):
+        model.train_step(x, opt)
+    params = {k: v.copy() for k, v in other.params.items()}
+    grads = {k: np.zeros(1) for k in other.params}                      # would broadcast into every parameter
+    with pytest.raises(ValueError, match="has shape \\(1,\\), its parameter"):
+        opt.step(grads)
+    assert opt.t == 0 and all(np.array_equal(params[k], v) for k, v in other.params.items())
+    state = V.Adam(model.params).state_dict()
+    with pytest.raises(ValueError, match="another model's optimiser|has no array"):
+        opt.load_state_dict(state)
+
+
+def test_an_empty_batch_is_named_as_such():
+    model = V.make_model(tiny_config())
+    with pytest.raises(ValueError, match="expected at least one image, got an empty batch of shape \\(0, 8, 8, 2\\)"):
+        model.forward(np.zeros((0, 8, 8, 2)))
+    prior = P.PixelCNN(gated_prior_config(codebook_size=4, channels=4, layers=1, dtype="float64"))
+    with pytest.raises(ValueError, match="got shape \\(0, 3, 3\\) \\(empty\\)"):
+        prior.loss(np.zeros((0, 3, 3), np.int64))
+
+
+@pytest.mark.parametrize("quantizer, extra", [("vq", {}), ("ema", {}), ("ema", dict(levels=2, top_only_rate=0.5))])
+def test_a_step_on_a_batch_that_overflows_raises_and_changes_nothing(quantizer, extra):
+    """Images of 1e30 are finite, but the gradients they give are not: the step must leave the
+    parameters, the EMA averages, the restart usage, the step counters and Adam's moments as they were."""
+    cfg = tiny_config(quantizer=quantizer, dtype="float32", restart_threshold=1.0, **extra)
+    model = V.make_model(cfg)
+    opt = V.Adam(model.params, lr=1e-3)
+    rng = np.random.default_rng(0)
+    model.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt)  # moments and buffers not trivial
+    before = {k: v.copy() for k, v in {**model.params, **model.buffers}.items()}
+    opt_before = {k: v.copy() for k, v in opt.state_dict().items()}
+    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values: no parameter was changed"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        model.train_step(np.full((2, 8, 8, 2), 1e30, np.float32), opt)
+    after = {**model.params, **model.buffers}
+    assert all(np.array_equal(before[k], after[k]) for k in before), [k for k in before if not np.array_equal(before[k], after[k])]
+    assert all(np.array_equal(opt_before[k], v) for k, v in opt.state_dict().items())
+    model.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt)  # and it trains on afterwards
+    assert opt.t == 2
+
+
+def test_a_checkpoint_with_nan_parameters_is_refused_and_the_model_left_whole(tmp_path):
+    model = V.make_model(tiny_config())
+    model.save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    name = next(k for k in arrays if k.startswith("decoder") and k.endswith("W"))
+    arrays[name] = np.where(np.arange(arrays[name].size).reshape(arrays[name].shape) == 3, np.nan, arrays[name])
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=f"checkpoint array '{name}' holds NaN or infinite values"):
+        V.VQVAE.load(tmp_path / "bad.npz")
+    before = {k: v.copy() for k, v in model.params.items()}
+    with np.load(tmp_path / "bad.npz", allow_pickle=False) as f, pytest.raises(ValueError):
+        model.load_state_dict(f)
+    assert all(np.array_equal(before[k], v) for k, v in model.params.items())  # checked whole before any copy
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: codebook health, k-means initialisation and dead-code restarts
+
+
+@given(seed=seeds, K=st.integers(2, 9))
+def test_kmeans_centroids_are_the_means_of_their_points_and_beat_the_start(seed, K):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((K, 3)) * 5
+    z = centres[rng.integers(0, K, 200)] + rng.standard_normal((200, 3))
+    start = z[np.random.default_rng(seed).choice(200, K, replace=False)]   # what kmeans starts from
+    C = Q.kmeans(z, K, np.random.default_rng(seed), iters=50)
+    codes = V.nearest(z, C)
+    for k in np.unique(codes):                                         # Lloyd's fixed point
+        np.testing.assert_allclose(C[k], z[codes == k].mean(0), atol=1e-9)
+    sse = lambda E: ((z - E[V.nearest(z, E)]) ** 2).sum()
+    assert sse(C) <= sse(start) + 1e-9
+
+
+def healthy(cls, K, D, init=None, kmeans_init=False, restart_threshold=0.0, seed=0):
+    """A quantizer of class cls with codebook health (quantizers.with_health), as make_quantizer builds it."""
+    return Q.with_health(cls(K, D, init=init), kmeans_init, restart_threshold, 0.99, seed)
+
+
+@pytest.mark.parametrize("cls", [V.VectorQuantizer, V.VectorQuantizerEMA])
+def test_kmeans_init_sets_the_codebook_on_the_first_training_batch_only(cls):
+    rng = np.random.default_rng(0)
+    vq = healthy(cls, 8, 3, kmeans_init=True, seed=(5, 0))
+    z_e = (rng.standard_normal((4, 4, 4, 3)) + 10).astype(np.float32)  # far from the initial (float32) codebook
+    expected = Q.kmeans(z_e.reshape(-1, 3), 8, V.step_rng((5, 0), 0))
+    vq.forward(z_e, train=False)                                       # evaluation moves nothing
+    assert int(vq.buffers["step"]) == 0 and np.abs(vq.codebook).max() < 1
+    z_q, stats = vq.forward(z_e, train=True)
+    if cls is V.VectorQuantizer:
+        np.testing.assert_array_equal(vq.codebook, expected)
+    else:                                                              # then one EMA step from m_k = e_k, N_k = 1
+        assert np.abs(vq.codebook - expected).max() < 1
+    np.testing.assert_array_equal(z_q.reshape(-1, 3), expected[V.nearest(z_e.reshape(-1, 3), expected)])
+    assert int(vq.buffers["step"]) == 1
+    before = vq.codebook.copy()
+    vq.forward(z_e + 5, train=True)                                    # no second k-means
+    if cls is V.VectorQuantizer:
+        np.testing.assert_array_equal(vq.codebook, before)
+
+
+def far_codebook_usage(cls, restart_threshold, steps=60):
+    """Fraction of K=16 codes used on a held-out sample after training a quantizer alone on
+    N(0, I) data, its codebook initialised far away (+10): each code's loss only moves the
+    codes that win nearest-neighbour contests, so all but one stay where they started."""
+    rng = np.random.default_rng(0)
+    init = lambda shape, bound: 10 + rng.uniform(-0.1, 0.1, shape)
+    vq = healthy(cls, 16, 4, init=init, restart_threshold=restart_threshold, seed=1)
+    opt = V.Adam(vq.params, lr=0.1)
+    for _ in range(steps):
+        vq.forward(rng.standard_normal((8, 8, 8, 4)), train=True)
+        vq.backward(np.zeros((8, 8, 8, 4)))
+        opt.step(vq.grads)
+    held_out = rng.standard_normal((16, 8, 8, 4))
+    return float(V.code_stats(vq.quantize(held_out), 16)["usage"])
+
+
+@pytest.mark.parametrize("cls", [V.VectorQuantizer, V.VectorQuantizerEMA])
+def test_far_initialised_codebook_collapses_without_restarts_and_not_with_them(cls):
+    assert far_codebook_usage(cls, 0.0) <= 2 / 16
+    assert far_codebook_usage(cls, 1.0) >= 0.9
+
+
+def test_restart_reseeds_dead_codes_from_the_batch_with_consistent_ema_statistics():
+    rng = np.random.default_rng(0)
+    vq = healthy(V.VectorQuantizerEMA, 6, 2, restart_threshold=1.0, seed=3)
+    z_e = rng.standard_normal((2, 2, 2, 2)).astype(np.float32)       # as the (float32) codebook
+    vq.buffers["ema_count"][:] = [5, 0.5, 5, 0.2, 5, 5]                # codes 1 and 3 are dead
+    live = vq.codebook[[0, 2, 4, 5]].copy()
+    rows = z_e.reshape(-1, 2)[V.step_rng(3, 0).integers(0, 8, 6)]      # the draws of step 0
+    vq.health.before_batch(vq, z_e.reshape(-1, 2))
+    np.testing.assert_array_equal(vq.codebook[[1, 3]], rows[[1, 3]])   # re-seeded with batch vectors
+    np.testing.assert_array_equal(vq.codebook[[0, 2, 4, 5]], live)     # the others untouched
+    np.testing.assert_array_equal(vq.buffers["ema_count"], [5, 1, 5, 1, 5, 5])
+    N, m = vq.buffers["ema_count"], vq.buffers["ema_sum"]
+    np.testing.assert_allclose(m[[1, 3]], N[[1, 3], None] * vq.codebook[[1, 3]])  # e_k = m_k / N_k
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema", "rvq"])
+def test_training_with_restarts_and_kmeans_resumes_exactly(quantizer):
+    cfg = tiny_config(quantizer=quantizer, kmeans_init=True, restart_threshold=2.0, rvq_stages=2)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, 8, 8, 2)) for _ in range(4)]
+    a = V.make_model(cfg, device="cpu")
+    opt_a = V.Adam(a.params, lr=1e-2)
+    for x in xs[:2]:
+        a.train_step(x, opt_a)
+    b = V.make_model(cfg, device="cpu")
+    b.load_state_dict(a.state_dict())                                  # the step counters travel with the state
+    opt_b = V.Adam(b.params, lr=1e-2)
+    opt_b.load_state_dict(opt_a.state_dict())
+    for x in xs[2:]:
+        a.train_step(x, opt_a), b.train_step(x, opt_b)
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: residual VQ
+
+
+def frozen_rvq_loss(rvq, z_e0):
+    """The residual VQ loss with every stop-gradient a constant taken at z_e0:
+    z_q = z_e + sg[sum_s q_s - z_e], vq = beta sum_s mean((r_s - sg[q_s])^2) with
+    r_s = z_e - sum_{j<s} sg[q_j]."""
+    codes = rvq.quantize(z_e0)
+    q = [stage.lookup(codes[:, s]) for s, stage in enumerate(rvq.stages.values())]
+    beta = next(iter(rvq.stages.values())).beta
+
+    def forward(z_e):
+        r, vq = z_e, 0.0
+        for q_s in q:
+            vq += beta * np.mean((r - q_s) ** 2)
+            r = r - q_s
+        return z_e + (sum(q) - z_e0), vq
+    return forward
+
+
+@given(seed=seeds, S=st.integers(1, 4))
+def test_rvq_gradient_matches_finite_differences_and_every_stage_commitment_reaches_the_encoder(seed, S):
+    rng = np.random.default_rng(seed)
+    rvq = Q.ResidualVQ(S, 5, 3, init=lambda shape, bound: rng.standard_normal(shape))  # float64
+    z_e = rng.standard_normal((2, 3, 3, 3))
+    z_q, stats = rvq.forward(z_e, train=False)
+    g = rng.standard_normal(z_q.shape)
+    dz_e = rvq.backward(g)
+    surrogate = frozen_rvq_loss(rvq, z_e)
+    z_q0, vq0 = surrogate(z_e)
+    np.testing.assert_allclose(z_q0, z_q, atol=1e-12)                  # the surrogate has the forward's values
+    np.testing.assert_allclose(vq0, stats["vq"], rtol=1e-12)
+
+    a = z_e.copy()
+
+    def f():
+        z_q, vq = surrogate(a)
+        return (g * z_q).sum() + vq
+    num = numerical_grad(f, a)
+    assert rel_error(dz_e, num) < 1e-6
+    # the commitment part alone: every stage's residual, not only the first
+    dz_commit = rvq.backward(np.zeros_like(g))
+    codes = rvq.quantize(z_e)
+    r, expected = z_e, 0
+    for s, stage in enumerate(rvq.stages.values()):
+        q_s = stage.lookup(codes[:, s])
+        expected = expected + 0.25 * 2 * (r - q_s) / r.size
+        if s == 0:
+            first_only = expected
+        r = r - q_s
+    np.testing.assert_allclose(dz_commit, expected, atol=1e-12)
+    if S > 1:
+        assert not np.allclose(dz_commit, first_only)
+
+
+@given(seed=seeds, S=st.integers(1, 4))
+def test_rvq_codes_round_trip_and_residuals_shrink(seed, S):
+    rng = np.random.default_rng(seed)
+    z_e = rng.standard_normal((3, 2, 4, 4))
+    rvq = Q.ResidualVQ(S, 16, 4, kmeans_init=True, seed=seed % 1000)
+    rvq.forward(z_e, train=True)                                       # k-means on the residuals of each stage
+    codes = rvq.quantize(z_e)
+    assert codes.shape == (3, S, 2, 4) and codes.min() >= 0 and codes.max() < 16
+    z_q, stats = rvq.forward(z_e, train=False)
+    np.testing.assert_array_equal(stats["codes"], codes)
+    np.testing.assert_allclose(rvq.lookup(codes), z_q)
+    np.testing.assert_array_equal(Q.ResidualVQ.from_grid(Q.ResidualVQ.to_grid(codes), S), codes)
+    assert Q.ResidualVQ.to_grid(codes)[0, 0, :S].tolist() == codes[0, :, 0, 0].tolist()  # a position's stages side by side
+    errors = [np.mean((z_e - sum(st.lookup(codes[:, j]) for j, st in enumerate(rvq.stages.values())
+                                if j <= s)) ** 2) for s in range(S)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))   # each stage can only help: e_k vs 0 is its choice
+    assert errors[-1] < np.mean(z_e ** 2)
+
+
+def test_rvq_check_codes_names_the_problem():
+    rvq = Q.ResidualVQ(3, 8, 2)
+    with pytest.raises(ValueError, match=r"expected integer codes of shape \(N, S, h, w\), got shape \(2, 4, 4\)"):
+        rvq.check_codes(np.zeros((2, 4, 4), int), np)
+    with pytest.raises(ValueError, match=r"expected codes of shape \(N, 3, h, w\) for 3 stages"):
+        rvq.check_codes(np.zeros((2, 2, 4, 4), int), np)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 8\), got values in \[8, 8\]"):
+        rvq.check_codes(np.full((2, 3, 4, 4), 8), np)
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: FSQ, LFQ, Gumbel: helpers
+
+
+def grid(draw, C):
+    """An (N, h, w, C) shape."""
+    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), C
+
+
+def make(kind, seed, dtype="float64", xp=np):
+    """A small quantizer of each kind, on xp, and a host input for it."""
+    init = V.uniform_init(np.random.default_rng(seed), xp, dtype)
+    q = {"fsq": lambda: Q.FSQ([3, 4, 2], init=init),
+         "lfq": lambda: Q.LFQ(4, init=init),
+         "gumbel": lambda: Q.GumbelQuantizer(6, 3, init=init, seed=seed)}[kind]()
+    z_e = (2 * np.random.default_rng(seed).standard_normal((2, 3, 2, q.in_dim))).astype(dtype)
+    return q, z_e
+
+
+def vq_parts(kind, q, stats):
+    """What 'vq' should sum, from the reported parts."""
+    return {"fsq": lambda: 0.0,
+            "lfq": lambda: q.beta * stats["commitment"] + q.entropy_weight * stats["entropy"],
+            "gumbel": lambda: q.kl_weight * stats["kl"]}[kind]()
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: FSQ, LFQ, Gumbel: the shared interface
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+@given(seed=seeds)
+def test_interface_shapes_stats_and_eval_z_q_is_lookup_of_quantize(kind, seed):
+    q, z_e = make(kind, seed)
+    z_q, stats = q.forward(z_e, train=True)
+    assert z_q.shape == z_e.shape[:3] + (q.out_dim,)
+    assert all(np.ndim(v) == 0 for k, v in stats.items() if k != "codes")
+    codes = stats["codes"]
+    assert codes.shape == z_e.shape[:3] and np.issubdtype(codes.dtype, np.integer)
+    assert codes.min() >= 0 and codes.max() < q.K
+    np.testing.assert_array_equal(codes, q.quantize(z_e))             # train-mode codes are the deterministic ones
+    np.testing.assert_allclose(stats["vq"], vq_parts(kind, q, stats), rtol=1e-12, atol=0)
+    z_q_eval, _ = q.forward(z_e, train=False)
+    np.testing.assert_array_equal(q.lookup(q.quantize(z_e)), z_q_eval)
+    np.testing.assert_array_equal(q.lookup(q.check_codes(codes, np)), z_q_eval)
+    dz_e = q.backward(np.random.default_rng(seed).standard_normal(z_q.shape))
+    assert dz_e.shape == z_e.shape
+    assert set(q.grads) == set(q.params)
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+def test_check_codes_names_the_problem(kind):
+    q, _ = make(kind, 0)
+    ok = np.zeros((1, 2, 2), np.int64)
+    assert q.check_codes(ok, np) is not None
+    with pytest.raises(ValueError, match="shape"):
+        q.check_codes(np.zeros((2, 2), np.int64), np)
+    with pytest.raises(ValueError, match="integer"):
+        q.check_codes(ok.astype(np.float32), np)
+    with pytest.raises(ValueError, match=rf"\[0, {q.K}\)"):
+        q.check_codes(ok + q.K, np)
+    with pytest.raises(ValueError, match=rf"\[0, {q.K}\)"):
+        q.check_codes(ok - 1, np)
+
+
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+def test_float32_in_float32_out_and_gradients_stay_float32(kind):
+    q, z_e = make(kind, 3, "float32")
+    z_q, stats = q.forward(z_e, train=True)
+    dz_e = q.backward(np.random.default_rng(0).standard_normal(z_q.shape).astype(np.float32))
+    assert z_q.dtype == dz_e.dtype == np.float32
+    assert stats["vq"].dtype == np.float32
+    assert q.lookup(stats["codes"]).dtype == np.float32
+    for k, p in q.params.items():
+        assert q.grads[k].dtype == p.dtype == np.float32
+    assert np.all(np.isfinite(dz_e))
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: FSQ
+
+
+def fsq_expected_levels(L):
+    return np.arange(-(L // 2), L - L // 2) if L % 2 == 0 else np.arange(-(L - 1) // 2, (L - 1) // 2 + 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fsq_even_L_gives_L_values_from_minus_L_over_2_and_odd_L_symmetric_values(dtype):
+    levels = [2, 3, 4, 5, 6, 7, 8, 9, 16]
+    q = Q.FSQ(levels, init=V.uniform_init(np.random.default_rng(0), np, dtype))
+    z = np.concatenate([np.linspace(-12, 12, 4001), [-1e4, 1e4, 0.0]]).astype(dtype)
+    z_e = np.repeat(z[:, None], len(levels), 1).reshape(1, 1, -1, len(levels))
+    z_q, _ = q.forward(z_e)
+    for i, L in enumerate(levels):
+        z_hat = z_q[..., i] * (L // 2)
+        np.testing.assert_array_equal(z_hat, np.round(z_hat))         # integers
+        np.testing.assert_array_equal(np.unique(z_hat), fsq_expected_levels(L), err_msg=f"L = {L}")
+        assert z_hat[0, 0, -1] == 0                                    # z = 0 -> the level 0
+
+
+@st.composite
+def fsq_levels(draw):
+    return draw(st.lists(st.integers(2, 8), min_size=1, max_size=4).filter(lambda ls: math.prod(ls) <= 600))
+
+
+@given(fsq_levels())
+def test_fsq_index_is_a_bijection_codes_to_z_q_to_codes(levels):
+    q = Q.FSQ(levels, init=f64_init(0))
+    assert q.K == math.prod(levels) and q.in_dim == q.out_dim == len(levels)
+    codes = np.arange(q.K).reshape(1, 1, q.K)
+    z_q = q.lookup(codes)                                              # (1, 1, K, d)
+    assert len(np.unique(z_q.reshape(q.K, -1), axis=0)) == q.K        # K distinct grid points
+    for i, L in enumerate(levels):
+        assert set(np.unique(z_q[..., i] * (L // 2))) == set(fsq_expected_levels(L))
+    # an encoder output that lands on each grid point: bound^-1(z_hat) = atanh((z_hat + offset) / half_l) - shift
+    L = np.array(levels)
+    half_l, offset = (L - 1) * (1 + 1e-3) / 2, np.where(L % 2 == 0, 0.5, 0.0)
+    z_e = np.arctanh((z_q * (L // 2) + offset) / half_l) - np.arctanh(offset / half_l)
+    np.testing.assert_array_equal(q.quantize(z_e), codes)              # every index reachable, and recovered
+    np.testing.assert_array_equal(q.forward(z_e, train=False)[0], z_q)
+
+
+@given(fsq_levels(), seeds)
+def test_fsq_codes_are_the_mixed_radix_number_of_the_digits(levels, seed):
+    q = Q.FSQ(levels, init=f64_init(seed))
+    z_e = 3 * np.random.default_rng(seed).standard_normal((2, 3, 3, len(levels)))
+    z_q, stats = q.forward(z_e)
+    code = np.zeros(z_e.shape[:3], np.int64)
+    for i in reversed(range(len(levels))):                             # Horner: ((d_{n-1}) L_{n-2} + d_{n-2}) ...
+        code = code * levels[i] + (np.round(z_q[..., i] * (levels[i] // 2)).astype(np.int64) + levels[i] // 2)
+    np.testing.assert_array_equal(stats["codes"], code)
+    assert stats["vq"] == 0 and q.params == {} and q.buffers == {}
+
+
+@given(fsq_levels(), seeds)
+def test_fsq_gradient_is_the_straight_through_estimator(levels, seed):
+    rng = np.random.default_rng(seed)
+    q = Q.FSQ(levels, init=f64_init(seed))
+    z_e = 1.5 * rng.standard_normal((2, 2, 3, len(levels)))
+    z_q, _ = q.forward(z_e)
+    dz_q = rng.standard_normal(z_q.shape)                              # random upstream gradient
+    dz_e = q.backward(dz_q)
+    L = np.array(levels)
+    half_l, offset = (L - 1) * (1 + 1e-3) / 2, np.where(L % 2 == 0, 0.5, 0.0)
+    bound = lambda z: np.tanh(z + np.arctanh(offset / half_l)) * half_l - offset  # the paper's formula
+    frozen = np.round(bound(z_e)) - bound(z_e.copy())                  # sg[round(b) - b] at the base point
+    surrogate = lambda z: (bound(z) + frozen) / (L // 2)               # value z_q, gradient that of bound / (L // 2)
+    np.testing.assert_allclose(surrogate(z_e), z_q, atol=1e-12)
+    x = z_e.copy()
+    assert rel_error(dz_e, numerical_grad(lambda: np.sum(surrogate(x) * dz_q), x), 1e-3) < 1e-6
+
+
+def test_fsq_rejects_bad_levels():
+    with pytest.raises(ValueError, match="at least 2"):
+        Q.FSQ([4, 1])
+    with pytest.raises(ValueError, match="at least"):
+        Q.FSQ([])
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: LFQ
+
+
+def lfq_penalty(z, T):
+    """E_m[H(p_m)] - H(E_m[p_m]) with p_m = softmax_c(-|z_m - c|^2 / T) over every +-1 vector c,
+    straight from the definition (distances, not the dot-product shortcut)."""
+    d = z.shape[1]
+    C = np.array([[1.0 if (k >> i) & 1 else -1.0 for i in range(d)] for k in range(2 ** d)])  # (K, d)
+    logits = -((z[:, None, :] - C[None]) ** 2).sum(-1) / T            # (M, K)
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    H = lambda p: -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
+    return H(p).mean() - H(p.mean(0))
+
+
+@st.composite
+def lfq_case(draw):
+    bits = draw(st.integers(1, 5))
+    return bits, grid(draw, bits), draw(st.sampled_from([0.01, 0.3, 1.0, 3.0])), draw(seeds)
+
+
+@given(lfq_case())
+def test_lfq_index_is_the_bits_of_the_signs(case):
+    bits, shape, T, seed = case
+    q = Q.LFQ(bits, temperature=T, init=f64_init(seed))
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    z_q, stats = q.forward(z_e)
+    np.testing.assert_array_equal(z_q, np.where(z_e > 0, 1.0, -1.0))
+    expected = sum((z_e[..., i] > 0).astype(np.int64) << i for i in range(bits))
+    np.testing.assert_array_equal(stats["codes"], expected)
+    C = np.array([[1.0 if (k >> i) & 1 else -1.0 for i in range(bits)] for k in range(2 ** bits)])
+    nearest = np.argmin(((z_e[..., None, :] - C) ** 2).sum(-1), -1)   # the nearest corner of the cube
+    np.testing.assert_array_equal(stats["codes"], nearest)
+    np.testing.assert_array_equal(q.lookup(np.arange(q.K)), C)        # row k of the implicit codebook is code k
+    all_codes = np.arange(q.K).reshape(1, 1, q.K)
+    np.testing.assert_array_equal(q.quantize(q.lookup(all_codes)), all_codes)  # round trip, every index
+
+
+@given(lfq_case(), st.sampled_from([0.0, 0.25]), st.sampled_from([0.1, 1.0]))
+def test_lfq_losses_equal_the_formula_and_the_penalty_lies_in_minus_log_K_to_0(case, beta, weight):
+    bits, shape, T, seed = case
+    q = Q.LFQ(bits, beta, weight, T, init=f64_init(seed))
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    z_q, s = q.forward(z_e)
+    np.testing.assert_allclose(s["commitment"], np.mean((z_e - z_q) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(s["entropy"], lfq_penalty(z_e.reshape(-1, bits), T), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(s["vq"], beta * s["commitment"] + weight * s["entropy"], rtol=1e-12)
+    assert -bits * math.log(2) - 1e-9 <= s["entropy"] <= 1e-9        # Jensen: H(mean p) >= mean H(p)
+
+
+@given(lfq_case(), st.sampled_from([0.0, 0.25]))
+def test_lfq_gradient_is_straight_through_plus_commitment_plus_entropy_penalty(case, beta):
+    bits, shape, T, seed = case
+    rng = np.random.default_rng(seed)
+    q = Q.LFQ(bits, beta, 0.3, T, init=f64_init(seed))
+    z_e = (0.5 + 2 * T) * rng.standard_normal(shape)                   # on the scale of T: the penalty's gradient is alive
+    z_q, _ = q.forward(z_e)
+    dz_q = rng.standard_normal(z_q.shape)
+    dz_e = q.backward(dz_q)
+    q0 = z_q.copy()                                                    # sg[q]: the sign frozen at the base point
+
+    def loss():                                                        # <z + sg[q - z], dz_q> + beta |z - sg[q]|^2 + w penalty
+        return (np.sum((x + (q0 - z_e)) * dz_q) + beta * np.mean((x - q0) ** 2)
+                + 0.3 * lfq_penalty(x.reshape(-1, bits), T))
+
+    x = z_e.copy()
+    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-6
+
+
+def test_lfq_zero_is_the_minus_one_side_in_forward_quantize_and_lookup_alike():
+    q = Q.LFQ(3, init=f64_init(0))
+    z_e = np.array([0.0, 0.5, -0.0, -2.0, 0.0, 1e-300]).reshape(1, 2, 1, 3)
+    z_q, stats = q.forward(z_e)
+    np.testing.assert_array_equal(z_q.ravel(), [-1, 1, -1, -1, -1, 1])
+    np.testing.assert_array_equal(stats["codes"].ravel(), [2, 4])
+    np.testing.assert_array_equal(q.quantize(z_e), stats["codes"])
+    np.testing.assert_array_equal(q.lookup(stats["codes"]), z_q)
+
+
+def test_lfq_penalty_is_lower_for_a_confident_even_batch_than_for_a_collapsed_or_unsure_one():
+    bits = 4
+    q = Q.LFQ(bits, temperature=0.5, init=f64_init(0))
+    C = q.lookup(np.arange(q.K))                                       # (16, 4)
+    even = np.tile(3 * C, (2, 1)).reshape(2, 4, 4, bits)               # every code twice, far from the boundaries
+    collapsed = np.tile(3 * C[5], (32, 1)).reshape(2, 4, 4, bits)      # one code everywhere
+    unsure = np.full((2, 4, 4, bits), 1e-3)                            # every p_m near uniform
+    pen = {name: float(q.forward(z)[1]["entropy"]) for name, z in
+           [("even", even), ("collapsed", collapsed), ("unsure", unsure)]}
+    assert pen["even"] < pen["collapsed"] - 1 and pen["even"] < pen["unsure"] - 1
+    np.testing.assert_allclose(pen["even"], -bits * math.log(2), atol=1e-6)   # the minimum, -log K
+    np.testing.assert_allclose([pen["collapsed"], pen["unsure"]], [0, 0], atol=1e-4)
+
+
+def test_lfq_is_stable_at_the_default_temperature_with_large_inputs():
+    q = Q.LFQ(10, init=V.uniform_init(np.random.default_rng(0), np, "float32"))
+    z_e = (100 * np.random.default_rng(0).standard_normal((2, 4, 4, 10))).astype(np.float32)
+    z_q, stats = q.forward(z_e)
+    dz_e = q.backward(np.ones_like(z_q))
+    assert np.isfinite(stats["vq"]) and np.all(np.isfinite(dz_e))
+    assert q.temperature == 0.01
+
+
+def test_lfq_rejects_too_many_bits_with_the_reason():
+    with pytest.raises(ValueError, match="2\\^bits"):
+        Q.LFQ(17)
+    with pytest.raises(ValueError, match="bits"):
+        Q.LFQ(0)
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: Gumbel-softmax
+
+
+@st.composite
+def gumbel_case(draw):
+    K, D = draw(st.integers(2, 8)), draw(st.integers(1, 4))
+    return K, D, grid(draw, K), draw(seeds)
+
+
+@given(gumbel_case(), st.sampled_from([1.0, 0.5]), st.sampled_from([1, 7]))
+def test_gumbel_temperature_anneals_exponentially_between_its_endpoints(case, t0, anneal):
+    K, D, shape, seed = case
+    q = Q.GumbelQuantizer(K, D, temperature=t0, temperature_min=1 / 16, anneal_steps=anneal, init=f64_init(seed))
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    taus = []
+    for t in range(anneal + 3):
+        assert int(q.buffers["step"]) == t                             # the counter moves once per training batch
+        taus.append(float(q.forward(z_e, train=True)[1]["temperature"]))
+    assert taus[0] == t0
+    np.testing.assert_allclose(taus[anneal:], 1 / 16, rtol=1e-12)      # at anneal_steps and after: the minimum
+    np.testing.assert_allclose(taus[:anneal + 1], t0 * (1 / 16 / t0) ** (np.arange(anneal + 1) / anneal), rtol=1e-12)
+    q.forward(z_e, train=False)
+    assert int(q.buffers["step"]) == anneal + 3                        # evaluation leaves it
+
+
+@given(gumbel_case())
+def test_gumbel_train_z_q_is_the_noisy_softmax_times_the_codebook_and_resumes_exactly(case):
+    K, D, shape, seed = case
+    q = Q.GumbelQuantizer(K, D, temperature=2.0, temperature_min=0.5, anneal_steps=4, init=f64_init(seed), seed=seed)
+    rng = np.random.default_rng(seed)
+    z_e = rng.standard_normal(shape)
+    for t in range(3):
+        z_q, stats = q.forward(z_e, train=True)
+        u = np.random.default_rng([seed, t]).random((z_e[..., 0].size, K))
+        s = (z_e.reshape(-1, K) - np.log(-np.log(u))) / (2.0 * 0.25 ** (t / 4))
+        y = np.exp(s - s.max(1, keepdims=True))
+        y /= y.sum(1, keepdims=True)
+        np.testing.assert_allclose(z_q.reshape(-1, D), y @ q.codebook, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(stats["codes"], z_e.argmax(-1))  # the noiseless argmax in training too
+    resumed = Q.GumbelQuantizer(K, D, temperature=2.0, temperature_min=0.5, anneal_steps=4, init=f64_init(seed),
+                                seed=seed)
+    resumed.buffers["step"][...] = q.buffers["step"]                   # as a checkpoint restores it
+    np.testing.assert_array_equal(resumed.forward(z_e)[0], q.forward(z_e)[0])
+
+
+@given(gumbel_case())
+def test_gumbel_eval_is_the_hard_one_hot_of_the_argmax(case):
+    K, D, shape, seed = case
+    q = Q.GumbelQuantizer(K, D, init=f64_init(seed), seed=seed)
+    z_e = np.random.default_rng(seed).standard_normal(shape)
+    z_q, stats = q.forward(z_e, train=False)
+    codes = z_e.argmax(-1)
+    np.testing.assert_array_equal(stats["codes"], codes)
+    np.testing.assert_array_equal(q.quantize(z_e), codes)
+    np.testing.assert_array_equal(z_q, q.codebook[codes])             # exactly a row
+    np.testing.assert_array_equal(z_q, q.lookup(codes))
+    onehot = np.eye(K)[codes]
+    np.testing.assert_allclose(z_q, onehot @ q.codebook, rtol=1e-15, atol=0)
+
+
+@given(gumbel_case(), st.booleans(), st.sampled_from([1e-3, 0.5]))
+def test_gumbel_gradients_match_finite_differences_with_the_noise_held(case, train, kl_weight):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    q = Q.GumbelQuantizer(K, D, kl_weight=kl_weight, temperature=1.0, temperature_min=0.25, anneal_steps=10,
+                          init=f64_init(seed), seed=seed)
+    q.buffers["step"][...] = 3                                         # tau between the endpoints
+    z_e = rng.standard_normal(shape)
+    z_q, _ = q.forward(z_e, train)
+    dz_q = rng.standard_normal(z_q.shape)                              # random upstream gradient
+    dz_e = q.backward(dz_q)
+    g_codebook = q.grads["codebook"].copy()
+    x = z_e.copy()
+
+    def loss():                                                        # <z_q, dz_q> + vq, with step 3's noise every time
+        q.buffers["step"][...] = 3
+        z_q, stats = q.forward(x, train)
+        return np.sum(z_q * dz_q) + stats["vq"]
+
+    # 1e-5: the thorough profile found round-off of ~1e-9 on logit gradients of ~5e-4 (rel. 1.4e-6)
+    assert rel_error(dz_e, numerical_grad(loss, x), 1e-3) < 1e-5
+    assert rel_error(g_codebook, numerical_grad(loss, q.codebook), 1e-3) < 1e-5
+    if not train:                                                      # hard argmax: only the chosen rows move
+        unused = np.setdiff1d(np.arange(K), z_e.argmax(-1))
+        assert np.all(g_codebook[unused] == 0)
+
+
+@given(gumbel_case())
+def test_gumbel_kl_is_zero_for_uniform_logits_and_between_0_and_log_K_otherwise(case):
+    K, D, shape, seed = case
+    rng = np.random.default_rng(seed)
+    q = Q.GumbelQuantizer(K, D, kl_weight=1.0, init=f64_init(seed))
+    flat = np.repeat(rng.standard_normal(shape[:3] + (1,)), K, -1)     # each position's logits all equal
+    _, stats = q.forward(flat, train=False)
+    assert abs(stats["kl"]) < 1e-12
+    assert np.max(np.abs(q.backward(np.zeros(shape[:3] + (D,))))) < 1e-15  # the minimum: no gradient
+    _, stats = q.forward(3 * rng.standard_normal(shape), train=False)
+    assert 0 < stats["kl"] < math.log(K)
+    _, stats = q.forward(1e4 * np.eye(K)[rng.integers(0, K, shape[:3])], train=False)
+    np.testing.assert_allclose(stats["kl"], math.log(K), rtol=1e-9)   # one-hot q: the maximum, log K
+
+
+def test_gumbel_rejects_a_bad_schedule():
+    with pytest.raises(ValueError, match="temperature_min"):
+        Q.GumbelQuantizer(4, 2, temperature=0.5, temperature_min=1.0)
+    with pytest.raises(ValueError, match="anneal_steps"):
+        Q.GumbelQuantizer(4, 2, anneal_steps=0)
+
+
+# -----------------------------------------------------------------------------
+# quantizers.py: FSQ, LFQ, Gumbel: backends
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+@pytest.mark.parametrize("kind", ["fsq", "lfq", "gumbel"])
+def test_fsq_lfq_gumbel_numpy_and_cupy_agree(kind):
+    import cupy
+    cpu, z_e = make(kind, 5)
+    gpu, _ = make(kind, 5, xp=cupy)
+    dz_q = np.random.default_rng(1).standard_normal(z_e.shape[:3] + (cpu.out_dim,))
+    for _ in range(2):                                                 # the Gumbel noise of steps 0 and 1
+        z_c, s_c = cpu.forward(z_e)
+        z_g, s_g = gpu.forward(cupy.asarray(z_e))
+        np.testing.assert_allclose(cupy.asnumpy(z_g), z_c, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(float(s_g["vq"]), float(s_c["vq"]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(cupy.asnumpy(s_g["codes"]), s_c["codes"])
+        np.testing.assert_allclose(cupy.asnumpy(gpu.backward(cupy.asarray(dz_q))), cpu.backward(dz_q), rtol=1e-10,
+                                   atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# vqgan.py: LeakyReLU, the patch discriminator, its losses, the adaptive weight
+
+
+def tiny_disc(in_ch, width, layers, seed):
+    return G.PatchDiscriminator(in_ch, width, layers, init=f64_init(seed + 1))
+
+
+def leaky_inputs(disc):
+    """The inputs of D's LeakyReLUs in its latest forward, to keep finite differences off their kink."""
+    return [layer.cache for layer in disc.layers if isinstance(layer, G.LeakyReLU)]
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.floats(0.01, 0.5), seeds)
+def test_leaky_relu_gradient_is_one_or_the_slope(N, C, slope, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, 3, 3, C))
+    assume(np.min(np.abs(x)) > 1e-3)                                   # away from the kink at 0
+    layer = G.LeakyReLU(slope)
+    np.testing.assert_array_equal(layer.forward(x), np.where(x > 0, x, slope * x))
+    check_layer_grads(layer, x, rng)
+
+
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(3, 4), seeds)
+def test_patch_discriminator_gradients_match_finite_differences_for_its_weights_and_input(layers, width, C, size, seed):
+    disc = tiny_disc(C, width, layers, seed % 1000)
+    rng = np.random.default_rng(seed)
+    H = size * 2 ** layers                                             # leaves a logit map of size - 2 >= 1
+    x = rng.standard_normal((2, H, H + 2 ** layers, C))
+    y = disc.forward(x)
+    assert y.shape == (2, *disc.patches(H, H + 2 ** layers), 1) and min(y.shape[1:3]) >= 1
+    assume(min(np.min(np.abs(a)) for a in leaky_inputs(disc)) > 1e-4)  # +-eps flips no LeakyReLU
+    check_layer_grads(disc, x, rng, tol=1e-5)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), seeds)
+def test_hinge_and_generator_losses_equal_their_formulas_and_gradients(N, h, seed):
+    rng = np.random.default_rng(seed)
+    real, fake = rng.standard_normal((N, h, h, 1)) * 2, rng.standard_normal((N, h + 1, h, 1)) * 2
+    assume(np.min(np.abs(np.abs(real) - 1)) > 1e-3 and np.min(np.abs(np.abs(fake) - 1)) > 1e-3)  # off the hinges
+    loss, d_real, d_fake = G.hinge_d_loss(real, fake)
+    assert np.isclose(loss, 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake))))
+    assert rel_error(d_real, numerical_grad(lambda: G.hinge_d_loss(real, fake)[0], real)) < 1e-6
+    assert rel_error(d_fake, numerical_grad(lambda: G.hinge_d_loss(real, fake)[0], fake)) < 1e-6
+    assert np.all(d_real[real > 1] == 0) and np.all(d_fake[fake < -1] == 0)   # beyond the margin: no push
+    g, d_g = G.generator_loss(fake)
+    assert np.isclose(g, -fake.mean())
+    assert rel_error(d_g, numerical_grad(lambda: G.generator_loss(fake)[0], fake)) < 1e-6
+    r32, f32 = real.astype(np.float32), fake.astype(np.float32)
+    assert all(a.dtype == np.float32 for a in (*G.hinge_d_loss(r32, f32), *G.generator_loss(f32)))
+
+
+@given(conv_shapes(), seeds)
+def test_conv_transpose_weight_grad_equals_backwards_and_leaves_grads_alone(shape, seed):
+    N, C, O, k, s, pad, H, W = shape
+    assume((H - 1) * s + k[0] > sum(pad[0]) and (W - 1) * s + k[1] > sum(pad[1]))
+    rng = np.random.default_rng(seed)
+    convt = V.ConvTranspose2d(C, O, k, s, pad, init=f64_init(seed))
+    y = convt.forward(rng.standard_normal((N, H, W, C)))
+    dy, other = rng.standard_normal(y.shape), rng.standard_normal(y.shape)
+    convt.backward(dy)
+    dW = convt.grads["W"].copy()
+    np.testing.assert_allclose(G.weight_grad(convt, dy), dW, rtol=1e-10, atol=1e-12)
+    G.weight_grad(convt, other)
+    assert np.array_equal(convt.grads["W"], dW)                        # .grads untouched
+    np.testing.assert_allclose(G.weight_grad(convt, dy + 2 * other), dW + 2 * G.weight_grad(convt, other), rtol=1e-9, atol=1e-12)
+
+
+def tiny_vqgan(seed, weight=0.5, quantizer="vq", dtype="float64"):
+    model = V.make_model(tiny_config(quantizer=quantizer, seed=seed, dtype=dtype), device="cpu")
+    disc = G.PatchDiscriminator(2, 2, 1, init=V.uniform_init(np.random.default_rng(seed + 1), np, dtype))
+    return G.VQGAN(model, disc, weight, start=0)
+
+
+@given(seeds)
+def test_adaptive_weight_is_the_ratio_of_the_full_gradients_at_the_last_layer(seed):
+    """lambda from the last layer's weight_grad shortcut equals |g_rec| / (|g_gan| + delta) with
+    g_rec and g_gan the gradients of each loss at W_L by central differences through the whole
+    network (and, for g_rec, the full backward's)."""
+    gan = tiny_vqgan(seed % 1000, weight=0.7)
+    model, disc = gan.model, gan.disc
+    x = np.random.default_rng(seed).standard_normal((2, 8, 8, 2))
+    stats = gan.forward(x, train=False)
+    W_L = model.decoder.layers[-1].params["W"]
+    disc.forward(model.cache[1])
+    assume(min(np.min(np.abs(a)) for a in leaky_inputs(disc)) > 1e-4)  # +-eps flips no LeakyReLU
+    def gan_loss():
+        model.forward(x, train=False)
+        return -disc.forward(model.cache[1]).mean()                     # L_GAN = -mean D(x_hat)
+    g_rec = numerical_grad(lambda: model.forward(x, train=False)["recon"], W_L)
+    g_gan = numerical_grad(gan_loss, W_L)
+    model.forward(x, train=False)
+    model.backward()                                                   # the full backward of the recon term
+    assert rel_error(model.decoder.layers[-1].grads["W"], g_rec, 1e-3) < 1e-6
+    expected = np.linalg.norm(g_rec) / (np.linalg.norm(g_gan) + 1e-4)
+    assert abs(stats["gan_weight"] / 0.7 - expected) <= 1e-6 * expected
+    assert G.adaptive_weight(np.ones(3), np.zeros(3)) == 1e4           # clipped where L_GAN's gradient vanishes
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+@given(seed=seeds)
+def test_adversarial_step_gradients_are_those_of_recon_plus_lambda_gan_with_lambda_held(quantizer, seed):
+    """The VQ-VAE's gradients from VQGAN's one decoder backward equal central differences of
+    recon + vq + lambda (-mean D(x_hat)) with lambda a constant (the stop-gradient of eq. 7), and
+    D's gradients those of the hinge loss with x_hat a constant."""
+    gan = tiny_vqgan(seed % 1000, quantizer=quantizer)
+    model, disc = gan.model, gan.disc
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 8, 8, 2))
+    stats = gan.forward(x, train=False)
+    gan.backward()
+    grads, disc_grads = {k: g.copy() for k, g in model.grads.items()}, {k: g.copy() for k, g in disc.grads.items()}
+    lam, x_hat = float(stats["gan_weight"]), model.cache[1].copy()
+    assert lam > 0
+    logits = disc.forward(np.concatenate([x, x_hat]))
+    kinks = [layer.cache for layer in all_layers(model) if isinstance(layer, V.ReLU)] + leaky_inputs(disc)
+    assume(min(np.min(np.abs(a)) for a in kinks) > 1e-4 and np.min(np.abs(np.abs(logits) - 1)) > 1e-4)
+    assume(freeze_stop_gradients(model, x) > 1e-4)
+    def loss():
+        stats = model.forward(x, train=False)
+        return stats["loss"] + lam * -disc.forward(model.cache[1]).mean()
+    check_sampled_grads(loss, grads, model.params, rng, 3)
+    check_sampled_grads(lambda: G.hinge_d_loss(disc.forward(x), disc.forward(x_hat))[0], disc_grads, disc.params, rng, 4)
+
+
+def test_before_disc_start_the_step_is_the_vqvae_step_and_the_discriminator_sleeps():
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2)).astype(np.float32)
+    gan, plain = tiny_vqgan(3, quantizer="ema", dtype="float32"), V.make_model(tiny_config(quantizer="ema", seed=3, dtype="float32"))
+    gan.start = 2
+    opt, disc_opt, plain_opt = V.Adam(gan.model.params), V.Adam(gan.disc.params), V.Adam(plain.params)
+    disc_before = {k: v.copy() for k, v in gan.disc.params.items()}
+    for step in range(2):
+        stats = gan.train_step(x, opt, disc_opt, step)
+        assert "gan" not in stats and stats["loss"] == plain.train_step(x, plain_opt)["loss"]
+    assert all(np.array_equal(v, plain.params[k]) for k, v in gan.model.params.items())
+    assert disc_opt.t == 0 and all(np.array_equal(v, disc_before[k]) for k, v in gan.disc.params.items())
+    stats = gan.train_step(x, opt, disc_opt, 2)                        # from step 2 on: both networks move
+    assert disc_opt.t == 1 and opt.t == 3 and stats["gan_weight"].dtype == np.float32
+    assert stats["loss"] == stats["recon"] + stats["vq"] + stats["gan_weight"] * stats["gan"]
+    assert not all(np.array_equal(v, disc_before[k]) for k, v in gan.disc.params.items())
+
+
+@pytest.mark.parametrize("where", ["everywhere", "discriminator only"])
+def test_a_non_finite_adversarial_step_changes_neither_network_nor_either_adam(where, monkeypatch):
+    gan = tiny_vqgan(0, quantizer="ema", dtype="float32")
+    model, disc = gan.model, gan.disc
+    opt, disc_opt = V.Adam(model.params, lr=1e-3), V.Adam(disc.params, lr=1e-3, betas=(0.5, 0.9))
+    rng = np.random.default_rng(0)
+    gan.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt, disc_opt, 0)  # moments and EMA not trivial
+    state = lambda: {**{f"m.{k}": v for k, v in {**model.params, **model.buffers}.items()}, **opt.state_dict(),
+                     **{f"d.{k}": v for k, v in disc.params.items()}, **{f"do.{k}": v for k, v in disc_opt.state_dict().items()}}
+    before = {k: np.copy(v) for k, v in state().items()}
+    x = np.full((2, 8, 8, 2), 1e30, np.float32)
+    if where == "discriminator only":                                  # the VQ-VAE's gradients finite, D's not
+        x = rng.standard_normal((2, 8, 8, 2)).astype(np.float32)
+        real_hinge = G.hinge_d_loss
+        monkeypatch.setattr(G, "hinge_d_loss", lambda r, f: (lambda l, dr, df: (l, dr * np.nan, df))(*real_hinge(r, f)))
+    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values: no parameter was changed"), \
+            np.errstate(all="ignore"):
+        gan.train_step(x, opt, disc_opt, 1)
+    changed = [k for k, v in state().items() if not np.array_equal(before[k], v)]
+    assert changed == []
+    monkeypatch.undo()
+    gan.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt, disc_opt, 1)  # and it trains on
+    assert opt.t == disc_opt.t == 2
+
+
+@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
+def test_adversarial_steps_numpy_and_cupy_agree():
+    cfg = V.Config(hidden=32, res_hidden=8, codebook_size=32, code_dim=8, quantizer="ema", dtype="float64")
+    runs = []
+    for device, xp in (("cpu", np), ("gpu", V.cupy)):
+        disc = G.PatchDiscriminator(3, 4, 2, init=V.uniform_init(np.random.default_rng(1), xp, "float64"))
+        gan = G.VQGAN(V.make_model(cfg, device=device), disc, 0.8, start=1)
+        runs.append((gan, V.Adam(gan.model.params, lr=1e-3), V.Adam(disc.params, lr=1e-3, betas=(0.5, 0.9))))
+    x = np.random.default_rng(0).random((4, 16, 16, 3))
+    for step in range(3):                                              # step 0 without D, then with it
+        sc, sg = [gan.train_step(x, opt, disc_opt, step) for gan, opt, disc_opt in runs]
+        np.testing.assert_allclose(float(sc["loss"]), float(sg["loss"]), rtol=1e-9)
+    (cpu, _, _), (gpu, _, _) = runs
+    for k, v in {**cpu.model.state_dict(), **{f"disc.{k}": a for k, a in cpu.disc.params.items()}}.items():
+        other = gpu.model.state_dict()[k] if not k.startswith("disc.") else V.to_numpy(gpu.disc.params[k[5:]])
+        np.testing.assert_allclose(other, v, rtol=1e-7, atol=1e-9, err_msg=k)
+
+
+# -----------------------------------------------------------------------------
 # prior.py: helpers
+
+
+def gated_prior_config(**kw):
+    """A PriorConfig of the gated PixelCNN alone, as these tests were written for it: no attention,
+    no label dropout, no conditioning stack (PriorConfig's defaults add them: they are train.py's)."""
+    return P.PriorConfig(**{**dict(codebook_size=512, layers=8, attention_every=0, label_dropout=0.0, cond_blocks=0), **kw})
+
+
+def test_prior_config_defaults_are_the_prior_train_py_trains():
+    cfg = P.PriorConfig()
+    assert (cfg.layers, cfg.attention_every, cfg.label_dropout, cfg.cond_blocks) == (7, 7, 0.0, 0)
+    assert len(P.PixelCNN(cfg).attention) == 1 and 6 in P.PixelCNN(cfg).attention   # after the last gated layer
+    assert P.PriorConfig(num_classes=3).label_dropout == 0.1                       # guidance's training
+    assert P.PriorConfig(layers=5).attention_every == 5
+    assert P.PriorConfig(cond_codebook_size=4, cond_channels=4).cond_blocks == 2   # VQ-VAE-2's conditioning stack
 
 
 def tiny_prior(**kw):
     base = dict(codebook_size=5, channels=3, layers=2, kernel=3, dtype="float64")
     base.update(kw)
-    return P.PixelCNN(P.PriorConfig(**base), device="cpu")
+    return P.PixelCNN(gated_prior_config(**base), device="cpu")
 
 
 def conditioning(model, N, h, w, rng):
@@ -1899,11 +2140,14 @@ def test_prior_with_dropout_resumes_exactly_and_a_non_finite_step_changes_nothin
     opt = V.Adam(straight.params, lr=1e-2)
     for s in range(4):
         straight.train_step(codes, opt, labels)
-        if s == 1:
-            T.save_checkpoint(tmp_path / "prior.npz", straight, opt, 2, 0.0)
+        if s == 1:                                                     # the state a checkpoint holds
+            saved = {k: v.copy() for k, v in straight.state_dict().items()}
+            saved_opt = {k: v.copy() for k, v in opt.state_dict().items()}
     resumed = tiny_prior(channels=8, num_classes=3, dropout=0.3, dtype="float32")
     resumed_opt = V.Adam(resumed.params, lr=1e-2)
-    assert T.load_checkpoint(tmp_path / "prior.npz", resumed, resumed_opt)[0] == 2
+    resumed.load_state_dict(saved)
+    resumed_opt.load_state_dict(saved_opt)
+    assert int(resumed.buffers["dropout.step"]) == resumed_opt.t == 2
     for _ in range(2):
         resumed.train_step(codes, resumed_opt, labels)
     for k, v in straight.state_dict().items():
@@ -1954,7 +2198,7 @@ def test_tiny_prior_overfits_four_code_grids():
     # would keep it above (ln 4) / 16)
     rng = np.random.default_rng(0)
     codes, labels = rng.integers(0, 8, (4, 4, 4)), np.arange(4)
-    model = P.PixelCNN(P.PriorConfig(codebook_size=8, channels=16, layers=2, num_classes=4, seed=0), device="cpu")
+    model = P.PixelCNN(gated_prior_config(codebook_size=8, channels=16, layers=2, num_classes=4, seed=0), device="cpu")
     opt = V.Adam(model.params, lr=1e-2)
     first = float(model.loss(codes, labels)["loss"])
     for _ in range(300):
@@ -1964,7 +2208,7 @@ def test_tiny_prior_overfits_four_code_grids():
 
 
 def test_prior_float32_end_to_end_without_dtype_drift():
-    cfg = P.PriorConfig(codebook_size=6, channels=4, layers=2, num_classes=2, cond_channels=3)
+    cfg = gated_prior_config(codebook_size=6, channels=4, layers=2, num_classes=2, cond_channels=3)
     model = P.PixelCNN(cfg, device="cpu")
     rng = np.random.default_rng(0)
     codes, labels = rng.integers(0, 6, (2, 3, 3)), np.array([0, 1])
@@ -2049,13 +2293,13 @@ def test_prior_rejects_bad_input_with_errors_naming_the_problem():
 
 def test_prior_config_rejects_bad_values():
     with pytest.raises(ValueError, match="kernel must be odd .*, got 4"):
-        P.PriorConfig(kernel=4)
-    with pytest.raises(ValueError, match="channels must be a positive integer, got 0"):
-        P.PriorConfig(channels=0)
-    with pytest.raises(ValueError, match=r"num_classes must be a non-negative integer \(0 = none\), got -1"):
-        P.PriorConfig(num_classes=-1)
-    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64', got 'float16'"):
-        P.PriorConfig(dtype="float16")
+        gated_prior_config(kernel=4)
+    with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
+        gated_prior_config(channels=0)
+    with pytest.raises(ValueError, match="num_classes must be >= 0, got -1"):
+        gated_prior_config(num_classes=-1)
+    with pytest.raises(ValueError, match="dtype must be one of float32, float64, got 'float16'"):
+        gated_prior_config(dtype="float16")
     with pytest.raises(ValueError, match=r"unknown config keys \['chanels'\]"):
         P.PriorConfig.from_dict({"chanels": 3})
 
@@ -2167,7 +2411,7 @@ def test_same_seed_same_samples_other_seed_other_samples():
 
 @pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
 def test_prior_numpy_and_cupy_agree():
-    cfg = P.PriorConfig(codebook_size=7, channels=4, layers=2, num_classes=2, cond_channels=2, dtype="float64")
+    cfg = gated_prior_config(codebook_size=7, channels=4, layers=2, num_classes=2, cond_channels=2, dtype="float64")
     cpu, gpu = P.PixelCNN(cfg, device="cpu"), P.PixelCNN(cfg, device="gpu")
     rng = np.random.default_rng(0)
     codes, labels, cond = rng.integers(0, 7, (2, 4, 4)), np.array([0, 1]), rng.standard_normal((2, 4, 4, 2))
@@ -2473,7 +2717,7 @@ def test_attention_learns_to_copy_a_code_the_convolutions_cannot_see():
     bound = -np.sum(counts * np.log(np.where(counts > 0, p, 1))) / N   # H(last | prev), the data's
     nll = {}
     for every in (0, 1):
-        model = P.PixelCNN(P.PriorConfig(codebook_size=4, channels=16, layers=2, kernel=1, attention_every=every,
+        model = P.PixelCNN(gated_prior_config(codebook_size=4, channels=16, layers=2, kernel=1, attention_every=every,
                                          heads=2, seed=0), device="cpu")
         opt = V.Adam(model.params, lr=1e-2)
         for _ in range(200):
@@ -2691,9 +2935,9 @@ def test_label_dropout_drops_classes_in_training_only_from_seed_and_step():
 
 def test_label_dropout_and_guidance_reject_what_they_cannot_do():
     with pytest.raises(ValueError, match=r"label_dropout=0.1 needs a class-conditional prior \(num_classes > 0\)"):
-        P.PriorConfig(label_dropout=0.1)
+        gated_prior_config(label_dropout=0.1)
     with pytest.raises(ValueError, match=r"label_dropout must be in \[0, 1\), got 1.0"):
-        P.PriorConfig(num_classes=2, label_dropout=1.0)
+        gated_prior_config(num_classes=2, label_dropout=1.0)
     plain = tiny_prior(num_classes=3)
     guided = tiny_prior(num_classes=3, label_dropout=0.1)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 3\]"):
@@ -2739,7 +2983,7 @@ def test_zero_temperature_with_attention_is_greedy_decoding(case, dtype):
 
 
 def test_float32_end_to_end_with_attention_and_cond_codes_without_dtype_drift():
-    cfg = P.PriorConfig(codebook_size=6, channels=4, layers=2, cond_channels=3, attention_every=1, heads=2,
+    cfg = gated_prior_config(codebook_size=6, channels=4, layers=2, cond_channels=3, attention_every=1, heads=2,
                         cond_codebook_size=5, cond_upsample=2)
     model = P.PixelCNN(cfg, device="cpu")
     rng = np.random.default_rng(0)
@@ -2799,22 +3043,22 @@ def test_new_options_leave_the_other_parameters_as_they_were():
 
 def test_prior_config_rejects_bad_attention_and_cond_code_values():
     with pytest.raises(ValueError, match="attention width .* = 6 must be divisible by heads=4"):
-        P.PriorConfig(channels=6, attention_every=2)
+        gated_prior_config(channels=6, attention_every=2)
     with pytest.raises(ValueError, match="attention width .* = 3 must be divisible by heads=2"):
-        P.PriorConfig(attention_dim=3, heads=2, attention_every=1)
-    P.PriorConfig(channels=6)                                          # heads only matter with attention
+        gated_prior_config(attention_dim=3, heads=2, attention_every=1)
+    gated_prior_config(channels=6)                                          # heads only matter with attention
     with pytest.raises(ValueError, match="attention_every=9 is more than layers=8"):
-        P.PriorConfig(attention_every=9)
-    with pytest.raises(ValueError, match=r"attention_every must be a non-negative integer \(0 = none\), got -1"):
-        P.PriorConfig(attention_every=-1)
-    with pytest.raises(ValueError, match="heads must be a positive integer, got 0"):
-        P.PriorConfig(heads=0)
+        gated_prior_config(attention_every=9)
+    with pytest.raises(ValueError, match="attention_every must be >= 0, got -1"):
+        gated_prior_config(attention_every=-1)
+    with pytest.raises(ValueError, match="heads must be >= 1, got 0"):
+        gated_prior_config(heads=0)
     with pytest.raises(ValueError, match="cond_codebook_size needs cond_channels > 0"):
-        P.PriorConfig(cond_codebook_size=8)
-    with pytest.raises(ValueError, match="cond_upsample must be a positive integer, got 0"):
-        P.PriorConfig(cond_upsample=0, cond_codebook_size=8, cond_channels=4)
+        gated_prior_config(cond_codebook_size=8)
+    with pytest.raises(ValueError, match="cond_upsample must be >= 1, got 0"):
+        gated_prior_config(cond_upsample=0, cond_codebook_size=8, cond_channels=4)
     with pytest.raises(ValueError, match="cond_upsample=2 applies to conditioning codes only"):
-        P.PriorConfig(cond_upsample=2, cond_channels=4)
+        gated_prior_config(cond_upsample=2, cond_channels=4)
 
 
 def test_cond_codes_errors_name_the_problem():
@@ -2859,7 +3103,7 @@ def test_cond_codes_errors_name_the_problem():
 
 @pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
 def test_attention_and_cond_codes_numpy_and_cupy_agree():
-    cfg = P.PriorConfig(codebook_size=7, channels=4, layers=2, attention_every=1, heads=2, cond_channels=3,
+    cfg = gated_prior_config(codebook_size=7, channels=4, layers=2, attention_every=1, heads=2, cond_channels=3,
                         cond_codebook_size=5, cond_upsample=2, dtype="float64")
     cpu, gpu = P.PixelCNN(cfg, device="cpu"), P.PixelCNN(cfg, device="gpu")
     rng = np.random.default_rng(0)
@@ -2872,1523 +3116,3 @@ def test_attention_and_cond_codes_numpy_and_cupy_agree():
     fast = V.to_numpy(P.sample(gpu, 2, 4, 6, 0, 1.0, cond_codes=cond_codes))
     np.testing.assert_array_equal(fast, V.to_numpy(P.sample_naive(gpu, 2, 4, 6, 0, 1.0, cond_codes=cond_codes)))
     np.testing.assert_array_equal(fast, P.sample(cpu, 2, 4, 6, 0, 1.0, cond_codes=cond_codes))
-
-
-# -----------------------------------------------------------------------------
-# train.py: data loaders on small files written here, in each exact format
-
-import gzip
-import io
-import struct
-import subprocess
-import sys
-import tarfile
-import zipfile
-import zlib
-from pathlib import Path
-
-import train as T
-
-
-def idx_bytes(array):
-    """An IDX file of unsigned bytes: magic 0x0000080N, N big-endian dimensions, the data."""
-    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def write_mnist(folder, n_train=6, n_test=4, gz=True):
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        arrays[prefix] = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8))
-        for kind, a in zip(("images-idx3", "labels-idx1"), arrays[prefix]):
-            name = f"{prefix}-{kind}-ubyte"
-            data = idx_bytes(a)
-            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
-    return arrays
-
-
-@pytest.mark.parametrize("gz", [True, False])
-def test_mnist_idx_files_load_gzipped_or_not(tmp_path, gz):
-    arrays = write_mnist(tmp_path / "mnist", gz=gz)
-    data = T.load_dataset("mnist", tmp_path)
-    assert data["train"].shape == (6, 28, 28, 1) and data["train"].dtype == np.uint8
-    np.testing.assert_array_equal(data["train"][..., 0], arrays["train"][0])
-    np.testing.assert_array_equal(data["test"][..., 0], arrays["t10k"][0])
-    np.testing.assert_array_equal(data["test_labels"], arrays["t10k"][1])
-
-
-def test_idx_reader_rejects_bad_magic_truncation_and_damaged_gzip(tmp_path):
-    good = idx_bytes(np.zeros((3, 4, 4), np.uint8))
-    cases = {"magic.idx": (b"\x00\x00\x0d\x03" + good[4:], "bad magic number 00000d03"),
-             "short.idx": (good[:-5], "truncated or padded IDX file: 59 bytes, expected 64"),
-             "header.idx": (good[:9], "truncated IDX header"),
-             "empty.idx": (b"", r"bad magic number \(empty file\)"),
-             "cut.gz": (gzip.compress(good)[:-10], "damaged or truncated gzip")}
-    for name, (data, message) in cases.items():
-        (tmp_path / name).write_bytes(data)
-        with pytest.raises(T.UserError, match=message):
-            T.read_idx(tmp_path / name)
-
-
-def test_missing_dataset_file_downloads_and_checks_sha256(tmp_path, monkeypatch):
-    payload = gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8)))
-
-    class Response(io.BytesIO):
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    urls = []
-    monkeypatch.setattr(T.urllib.request, "urlopen", lambda url, timeout: urls.append(url) or Response(payload))
-    with pytest.raises(T.UserError, match="SHA-256 .* does not match"):
-        T.find_or_download("mnist", "t10k-images-idx3-ubyte.gz", tmp_path)
-    assert not (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").exists()      # nothing unverified is kept
-    files = dict(T.MNIST_FILES, **{"t10k-images-idx3-ubyte.gz": __import__("hashlib").sha256(payload).hexdigest()})
-    monkeypatch.setitem(T.DOWNLOADS, "mnist", (T.DOWNLOADS["mnist"][0], files))
-    path = T.find_or_download("mnist", "t10k-images-idx3-ubyte.gz", tmp_path)
-    assert path.read_bytes() == payload and urls[-1].startswith("https://")
-
-
-def test_offline_download_gives_a_clear_message(tmp_path, monkeypatch):
-    def offline(url, timeout):
-        raise T.urllib.error.URLError("no route to host")
-    monkeypatch.setattr(T.urllib.request, "urlopen", offline)
-    with pytest.raises(T.UserError, match="are you offline.*fashion-mnist"):
-        T.load_dataset("fashion-mnist", tmp_path)
-
-
-def cifar_records(labels, rng):
-    images = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
-    records = np.concatenate([np.array(labels, np.uint8)[:, None], images.reshape(len(labels), -1)], 1)
-    return records.tobytes(), images.transpose(0, 2, 3, 1)
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_cifar10_binary_records_from_folder_or_tarball(tmp_path, packed):
-    rng = np.random.default_rng(0)
-    blobs, expected = {}, {}
-    for i, name in enumerate([f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]):
-        blobs[name], expected[name] = cifar_records([i % 10, (i + 3) % 10], rng)
-    if packed:
-        (tmp_path / "cifar10").mkdir()
-        with tarfile.open(tmp_path / "cifar10" / "cifar-10-binary.tar.gz", "w:gz") as tar:
-            for name, data in blobs.items():
-                info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    else:
-        folder = tmp_path / "cifar-10-batches-bin"
-        folder.mkdir()
-        for name, data in blobs.items():
-            (folder / name).write_bytes(data)
-    data = T.load_dataset("cifar10", tmp_path)
-    assert data["train"].shape == (10, 32, 32, 3) and data["test"].shape == (2, 32, 32, 3)
-    np.testing.assert_array_equal(data["train"][:2], expected["data_batch_1.bin"])  # R, G, B planes -> HWC
-    np.testing.assert_array_equal(data["test"], expected["test_batch.bin"])
-    np.testing.assert_array_equal(data["test_labels"], [5, 8])
-
-
-def test_cifar10_record_channel_order_is_red_green_blue():
-    record = bytes([7]) + bytes([10]) * 1024 + bytes([20]) * 1024 + bytes([30]) * 1024
-    images, labels = T.parse_cifar_batch(record, "one.bin")
-    assert labels.tolist() == [7] and images[0, 5, 9].tolist() == [10, 20, 30]
-
-
-def test_cifar10_truncated_batch_is_rejected():
-    with pytest.raises(T.UserError, match="not a whole number of 3073-byte CIFAR-10 records"):
-        T.parse_cifar_batch(bytes(3073 * 2 - 100), "data_batch_1.bin")
-
-
-@pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW"])
-def test_npy_images_in_every_layout(tmp_path, layout):
-    rng = np.random.default_rng(0)
-    nhwc = rng.integers(0, 256, (20, 12, 8, 1 if layout == "NHW" else 3), dtype=np.uint8)
-    stored = {"NHW": nhwc[..., 0], "NHWC": nhwc, "NCHW": nhwc.transpose(0, 3, 1, 2)}[layout]
-    np.save(tmp_path / "x.npy", stored)
-    data = T.load_dataset(str(tmp_path / "x.npy"), tmp_path)
-    np.testing.assert_array_equal(np.concatenate([data["train"], data["test"]]), nhwc)
-    assert len(data["test"]) == 2                                      # the last 10 % held out
-
-
-def test_npz_with_train_and_test_arrays(tmp_path):
-    train, test = np.zeros((5, 8, 8), np.uint8), np.ones((3, 8, 8), np.uint8)
-    np.savez(tmp_path / "d.npz", train=train, test=test)
-    data = T.load_dataset(str(tmp_path / "d.npz"), tmp_path)
-    assert data["train"].shape == (5, 8, 8, 1) and data["test"].shape == (3, 8, 8, 1)
-
-
-def test_npz_with_labels_gives_classes(tmp_path):
-    images = np.zeros((8, 8, 8), np.uint8)
-    np.savez(tmp_path / "d.npz", train=images[:5], test=images[5:], train_labels=np.array([0, 2, 1, 2, 0], np.uint8),
-             test_labels=np.array([1, 0, 3], np.int32))
-    data = T.load_dataset(str(tmp_path / "d.npz"), tmp_path)
-    assert data["num_classes"] == 4 and data["train_labels"].dtype == data["test_labels"].dtype == np.int64
-    np.testing.assert_array_equal(data["train_labels"], [0, 2, 1, 2, 0])
-    np.testing.assert_array_equal(data["test_labels"], [1, 0, 3])
-
-
-def test_npz_with_bad_labels_is_rejected_clearly(tmp_path):
-    train, test = np.zeros((4, 8, 8), np.uint8), np.zeros((2, 8, 8), np.uint8)
-    cases = {"short": (dict(train_labels=np.array([0, 1, 1]), test_labels=np.array([0, 1])),
-                       r"d.npz\[train_labels\]: expected one label for each of the 4 images, shape \(4,\); got \(3,\)"),
-             "float": (dict(train_labels=np.array([0, 1, 1, 0]), test_labels=np.array([0.0, 1.0])),
-                       r"d.npz\[test_labels\]: expected integer class labels, got dtype float64"),
-             "negative": (dict(train_labels=np.array([0, -1, 1, 0]), test_labels=np.array([0, 1])),
-                          "label -1 is negative"),
-             "one class": (dict(train_labels=np.zeros(4, int), test_labels=np.zeros(2, int)),
-                           "labels 0 to 0 for 4 training images: number the classes 0, 1, ..., with at least two"),
-             "too many": (dict(train_labels=np.array([0, 1, 9, 0]), test_labels=np.array([0, 1])),
-                          "labels 0 to 9 for 4 training images"),
-             "one split": (dict(train_labels=np.array([0, 1, 1, 0])), "'test_labels' for classes \\(both or neither\\)"),
-             "unknown": (dict(labels=np.array([0, 1, 1, 0])), r"found \['train', 'test', 'labels'\]")}
-    for name, (arrays, message) in cases.items():
-        np.savez(tmp_path / "d.npz", train=train, test=test, **arrays)
-        with pytest.raises(T.UserError, match=message):
-            T.load_dataset(str(tmp_path / "d.npz"), tmp_path)
-
-
-def test_a_labelled_npz_trains_a_class_conditional_prior_and_the_judge_its_classes(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = np.arange(40) % 2
-    images = np.where(labels[:, None, None, None] == 1, 200, 40).astype(np.uint8) + rng.integers(0, 20, (40, 8, 8, 3),
-                                                                                                  dtype=np.uint8)
-    np.savez(tmp_path / "l.npz", train=images[:32], test=images[32:], train_labels=labels[:32], test_labels=labels[32:])
-    run = tmp_path / "run"
-    assert T.main(["--data", str(tmp_path / "l.npz"), "--out", str(run), "--steps", "2", "--eval-every", "2",
-                   "--evaluate", *TINY]) == 0
-    config = json.loads((run / "config.json").read_text())
-    assert config["priors"][0]["num_classes"] == 2 and config["priors"][0]["label_dropout"] == T.LABEL_DROPOUT
-    ev = json.loads((run / "evaluation.json").read_text())
-    assert ev["judge_task"] == "class" and 0 <= ev["accuracy_samples"] <= 1 and 0 <= ev["accuracy_recon"] <= 1
-
-
-def test_array_files_with_wrong_content_are_rejected_clearly(tmp_path):
-    np.save(tmp_path / "float.npy", np.zeros((4, 8, 8), np.float32))
-    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    np.save(tmp_path / "flat.npy", np.zeros((4, 64), np.uint8))
-    np.savez(tmp_path / "many.npz", a=np.zeros((2, 8, 8), np.uint8), b=np.zeros((2, 8, 8), np.uint8))
-    (tmp_path / "cut.npy").write_bytes((tmp_path / "flat.npy").read_bytes()[:100])
-    cases = {"float.npy": "expected uint8 images, got dtype float32",
-             "objects.npy": "without pickle",
-             "flat.npy": r"expected images of shape .* got \(4, 64\)",
-             "many.npz": r"expected arrays 'train' and 'test', or a single array; found \['a', 'b'\]",
-             "cut.npy": "damaged or truncated",
-             "absent.npy": "no such file"}
-    for name, message in cases.items():
-        with pytest.raises(T.UserError, match=message):
-            T.load_dataset(str(tmp_path / name), tmp_path)
-    with pytest.raises(T.UserError, match="unknown dataset 'imagenet'"):
-        T.load_dataset("imagenet", tmp_path)
-
-
-def test_shapes_data_is_deterministic_varied_and_labelled():
-    a, la = T.make_shapes(50, seed=3)
-    b, lb = T.make_shapes(50, seed=3)
-    np.testing.assert_array_equal(a, b)
-    assert a.shape == (50, 32, 32, 3) and a.dtype == np.uint8
-    assert set(la.tolist()) == {0, 1, 2}                               # circles, squares and triangles
-    assert np.all(a.reshape(50, -1).std(1) > 5)                        # no blank images
-    assert len({img.tobytes() for img in a}) == 50
-
-
-def test_shapes64_scenes_hold_two_to_four_shapes_at_64_by_64(monkeypatch):
-    monkeypatch.setattr(T, "make_shapes", lambda n, size, seed, count: ((size, count, seed), None))
-    assert T.load_dataset("shapes64", "data")["train"] == (64, (2, 4), 1)
-    assert T.load_dataset("shapes", "data")["test"] == (32, (1, 2), 2)
-    monkeypatch.undo()
-    x, labels = T.make_shapes(40, size=64, seed=0, count=(2, 4))
-    assert x.shape == (40, 64, 64, 3) and set(labels.tolist()) == {0, 1, 2}
-    colours = [len(np.unique(img.reshape(-1, 3), axis=0)) for img in x]
-    assert min(colours) >= 2 and np.mean(colours) > 3                 # a background and its shapes' colours
-
-
-def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
-    n, bs = 10, 3                                                      # 3 batches an epoch, 1 example left out
-    epoch0 = np.concatenate([T.batch_indices(7, s, n, bs) for s in range(3)])
-    assert len(set(epoch0.tolist())) == 9
-    np.testing.assert_array_equal(T.batch_indices(7, 4, n, bs), T.batch_indices(7, 4, n, bs))
-    assert not np.array_equal(T.batch_indices(7, 3, n, bs), T.batch_indices(7, 0, n, bs))
-
-
-def test_sizes_are_padded_and_metrics_use_only_the_real_pixels():
-    images = np.random.default_rng(0).integers(0, 256, (3, 6, 7, 1), dtype=np.uint8)
-    padded = T.pad_to_multiple(images, 4)
-    assert padded.shape == (3, 8, 8, 1)
-    np.testing.assert_array_equal(padded[:, :6, :7], images)
-
-    class ExactOnRealPixels:                                           # perfect inside, wrong in the padding
-        cfg = V.Config(in_channels=1, codebook_size=4)
-
-        def encode(self, x):
-            self.x = x
-            return np.zeros((len(x), 2, 2), np.int64)
-
-        def decode(self, codes):
-            x = self.x.copy()
-            x[:, 6:] = x[:, :, 7:] = 100.0
-            return x
-
-    ev = T.evaluate(ExactOnRealPixels(), padded, (6, 7), batch_size=2)
-    assert ev["val_mse"] == 0 and ev["codes_used"] == 0.25
-
-
-def test_two_level_evaluation_measures_the_reconstructions_from_the_top_codes_alone():
-    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, res_blocks=1, codebook_size=16, code_dim=4, levels=2), device="cpu")
-    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
-    ev = T.evaluate(model, images, (16, 16), batch_size=4)
-    top, bottom = T.encode_all(model, images)
-    top_only = T.to_uint8(model.decode(top)) / 255                     # the bottom code vectors zeroed
-    full = T.to_uint8(model.decode(top, bottom)) / 255
-    np.testing.assert_allclose(ev["top_only_mse"], np.mean((top_only - images / 255) ** 2), rtol=1e-12)
-    np.testing.assert_allclose(ev["val_mse"], np.mean((full - images / 255) ** 2), rtol=1e-12)
-    assert "top_only_mse" not in T.evaluate(V.VQVAE(V.Config(hidden=8, codebook_size=16, code_dim=4), device="cpu"),
-                                            images, (16, 16), batch_size=4)
-
-
-def read_png(path):
-    """A minimal PNG reader (8-bit grey or RGB, filter 0): checks every chunk's CRC."""
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
-        body, crc = data[pos + 8:pos + 8 + n], struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0]
-        assert zlib.crc32(tag + body) == crc, tag
-        chunks.append((tag, body))
-        pos += 12 + n
-    assert [c[0] for c in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    W, H, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
-    C = {0: 1, 2: 3}[colour]
-    rows = np.frombuffer(zlib.decompress(chunks[1][1]), np.uint8).reshape(H, 1 + W * C)
-    assert depth == 8 and np.all(rows[:, 0] == 0)
-    return rows[:, 1:].reshape(H, W, C)
-
-
-@pytest.mark.parametrize("C", [1, 3])
-def test_png_writer_round_trips_pixels(tmp_path, C):
-    img = np.random.default_rng(0).integers(0, 256, (5, 7, C), dtype=np.uint8)
-    T.write_png(tmp_path / "x.png", img)
-    np.testing.assert_array_equal(read_png(tmp_path / "x.png"), img)
-
-
-# -----------------------------------------------------------------------------
-# train.py: the run, checkpoints, resume, errors
-
-TINY = ["--hidden", "8", "--res-hidden", "4", "--res-blocks", "1", "-K", "16", "-D", "4", "--batch-size", "4",
-        "--prior-steps", "2", "--prior-channels", "4", "--prior-layers", "2", "--prior-batch-size", "4",
-        "--judge-steps", "2", "--eval-images", "8"]
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
-    np.save(tmp_path / "tiny.npy", images)
-    return str(tmp_path / "tiny.npy")
-
-
-def metric_lines(run, stage="vqvae"):
-    return [m for m in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if m["stage"] == stage]
-
-
-def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
-    run = tmp_path / "run"
-    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "6", "--eval-every", "3",
-                   "--log-every", "2", *TINY]) == 0
-    for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "recon_000003.png", "recon_000006.png",
-                 "recon.png", "prior.npz", "samples.png", "summary.json", "report.html", "evaluation.json",
-                 "judge_seed0.npz"):
-        assert (run / name).is_file(), name
-    summary = json.loads((run / "summary.json").read_text())
-    for key in ("val_mse", "val_psnr", "perplexity", "codes_used", "steps", "wall_time_s", "device",
-                "prior_val_bits_per_code", "sample_time_s"):
-        assert key in summary, key
-    assert summary["steps"] == 6 and summary["device"] == "cpu" and 0 < summary["codes_used"] <= 1
-    assert np.isclose(summary["val_psnr"], 10 * np.log10(1 / summary["val_mse"]))
-    assert 0 < summary["prior_val_bits_per_code"] < 10 and summary["sample_time_s"] > 0
-    grid = read_png(run / "recon.png")
-    assert grid.shape[2] == 3 and grid.shape[0] > 2 * 8                # originals over reconstructions
-    assert read_png(run / "samples.png").shape[0] > 4 * 8              # four rows of samples (no labels)
-    steps = [m["step"] for m in metric_lines(run) if "loss" in m]
-    assert steps == [2, 3, 4, 6]                                       # every 2 steps, and before each evaluation
-    assert [m["step"] for m in metric_lines(run, "prior") if "prior_val_bits_per_code" in m] == [2]
-    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        assert int(f["step"]) == 6 and "opt.m.encoder.0.W" in f.files
-    config = json.loads((run / "config.json").read_text())
-    assert config["model"]["codebook_size"] == 16 and config["train"]["steps"] == 6
-    assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
-
-
-# top_K 0: the top codebook has -K 16 codes too; blocks None: the default conditioning stack
-@pytest.mark.parametrize("top_K, factor, blocks", [(0, 1, None), (3, 2, 1)])
-def test_two_level_cli_run_writes_both_levels_and_their_priors(tmp_path, capsys, top_K, factor, blocks):
-    images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
-    np.save(tmp_path / "x.npy", images)
-    run = tmp_path / "run"
-    assert T.main(["--data", str(tmp_path / "x.npy"), "--out", str(run), "--steps", "3", "--eval-every", "3",
-                   "--levels", "2", "--prior-attention-every", "1", *TINY, "--top-codebook-size", str(top_K),
-                   "--top-prior-factor", str(factor), "--log-every", "1",
-                   *([] if blocks is None else ["--prior-cond-blocks", str(blocks)])]) == 0
-    for name in ("recon.png", "recon_top.png", "top_prior.npz", "prior.npz", "samples.png"):
-        assert (run / name).is_file(), name
-    summary = json.loads((run / "summary.json").read_text())
-    for key in ("codes_used", "top_codes_used", "perplexity", "top_perplexity", "prior_val_bits_per_code", "top_only_mse",
-                "top_prior_val_bits_per_code"):
-        assert key in summary, key
-    K = top_K or 16
-    assert round(summary["top_codes_used"] * K) == summary["top_codes_used"] * K  # used codes over K_top, not 16
-    assert summary["prior_steps"] == 2 and summary["top_prior_steps"] == 2 * factor   # TINY: --prior-steps 2
-    for name, steps in (("prior", 2), ("top_prior", 2 * factor)):
-        with np.load(run / f"{name}.npz", allow_pickle=False) as f:
-            assert int(f["step"]) == steps, name
-        assert len([m for m in metric_lines(run, name) if "loss" in m]) == steps, name
-    priors = json.loads((run / "config.json").read_text())["priors"]
-    assert priors[0]["attention_every"] == 1 and priors[0]["cond_codebook_size"] == 0
-    assert priors[0]["codebook_size"] == K and priors[1]["codebook_size"] == 16
-    assert priors[1]["cond_codebook_size"] == K and priors[1]["cond_upsample"] == 2
-    assert priors[0]["cond_blocks"] == 0 and priors[1]["cond_blocks"] == (T.COND_BLOCKS if blocks is None else blocks)
-    # the flag is the bottom prior's setting (not the top's 0): changing it on resume is refused
-    assert T.main(["--resume", str(run), "--prior-cond-blocks", str(priors[1]["cond_blocks"] + 1)]) == 1
-    assert "cannot change --prior-cond-blocks when resuming" in one_error_line(capsys)
-    assert read_png(run / "recon_top.png").shape[0] == (3 * (16 + 2) + 2) * 2  # originals, top only, both levels
-    assert "top_only_mse" in (run / "report.html").read_text()        # charted beside val_mse
-    out = tmp_path / "codes.npz"
-    assert T.main(["encode", "--run", str(run), "--data", str(tmp_path / "x.npy"), "--out", str(out)]) == 0
-    with np.load(out, allow_pickle=False) as f:
-        assert f["top"].shape == (4, 2, 2) and f["bottom"].shape == (4, 4, 4)
-        assert f["top"].max() < K and f["bottom"].max() < 16
-    codes_out = tmp_path / "s.npz"
-    assert T.main(["sample", "--run", str(run), "--codes-out", str(codes_out), "--rows", "1", "--per-row", "8"]) == 0
-    with np.load(codes_out, allow_pickle=False) as f:
-        assert f["top_codes"].shape == (8, 2, 2) and f["codes"].shape == (8, 4, 4)
-        assert f["top_codes"].max() < K
-
-
-ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--disc-width", "4", "--adam-beta1", "0.5",
-               "--adam-beta2", "0.9"]
-
-
-@pytest.mark.parametrize("quantizer, levels, extra", [("vq", 1, []), ("ema", 1, ["--restart-threshold", "2"]),
-                                                     ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, []),
-                                                     ("ema", 2, ["--top-only-rate", "0.5", "--code-stride", "8", "--top-codebook-size", "8",
-                                                                 "--top-prior-factor", "2"]),
-                                                     ("ema", 1, ADVERSARIAL)])
-def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
-    common = ["--data", str(tmp_path / "x.npy"), "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer,
-              "--levels", str(levels), "--prior-attention-every", str(levels - 1), *TINY, *extra,
-              "--prior-warmup", "2", "--prior-decay-steps", "4", "--prior-flip", "--prior-dropout", "0.2"]
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    assert T.main([*common, "--out", straight, "--steps", "8", "--prior-steps", "4"]) == 0
-    assert T.main([*common, "--out", split, "--steps", "4", "--stage", "vqvae"]) == 0
-    assert T.main(["--resume", split, "--steps", "8", "--prior-steps", "2"]) == 0   # VQ-VAE 4 -> 8, prior 0 -> 2
-    assert T.main(["--resume", split, "--stage", "prior", "--prior-steps", "4"]) == 0  # prior 2 -> 4
-    factor = 2 if "--top-prior-factor" in extra else 1
-    for stage in ("vqvae", "prior", "top_prior")[:levels + 1]:
-        a = [m["loss"] for m in metric_lines(straight, stage) if "loss" in m]
-        b = [m["loss"] for m in metric_lines(split, stage) if "loss" in m]
-        assert len(a) == len(b) == {"vqvae": 8, "prior": 4, "top_prior": 4 * factor}[stage]
-        assert a == b, stage                                           # bit for bit on CPU
-
-
-def test_prior_learning_rate_warms_up_linearly_then_decays_linearly_to_a_tenth():
-    cfg = T.TrainConfig(prior_lr=4e-3, prior_warmup=4, prior_decay_steps=12)
-    lrs = [T.prior_lr_at(cfg, s) for s in range(15)]
-    np.testing.assert_allclose(lrs[:4], [1e-3, 2e-3, 3e-3, 4e-3])    # (s + 1) / warmup of the peak
-    np.testing.assert_allclose(lrs[4:], [4e-4 + 3.6e-3 * (12 - s) / 8 for s in range(4, 12)] + [4e-4] * 3)
-    assert T.prior_lr_at(T.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_decay_steps=5), 0) == 1e-3
-    old = T.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_steps=10)  # a config.json from before: decay_steps 0
-    np.testing.assert_allclose(T.prior_lr_at(old, 5), 1e-3 * (0.1 + 0.9 * 5 / 10))
-    with pytest.raises(ValueError, match="--prior-warmup must be at least 0"):
-        T.TrainConfig(prior_warmup=-1)
-    stretched = [T.prior_lr_at(cfg, s, scale=3) for s in range(45)]    # a top prior of 3 times the steps
-    np.testing.assert_allclose(stretched[2:12:3], lrs[:4])             # warm-up: 12 steps, to the peak at step 11
-    np.testing.assert_allclose(stretched[12::3], lrs[4:])              # decay: to a tenth at step 36
-
-
-def test_prior_training_set_adds_the_codes_of_the_mirrored_images_with_their_labels():
-    model = V.VQVAE(V.Config(hidden=8, res_hidden=4, res_blocks=1, codebook_size=16, code_dim=4, levels=2), device="cpu")
-    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    labels = np.arange(5)
-    (top, bottom), both = T.prior_training_set(model, images, labels, mirror=True)
-    plain, no_labels = T.prior_training_set(model, images, labels, mirror=False)
-    assert top.shape == (10, 2, 2) and bottom.shape == (10, 4, 4)
-    np.testing.assert_array_equal(both, np.r_[labels, labels])
-    for level, codes in enumerate((top, bottom)):
-        np.testing.assert_array_equal(codes[:5], plain[level])
-        np.testing.assert_array_equal(codes[5:], T.encode_all(model, images[:, :, ::-1])[level])
-    np.testing.assert_array_equal(no_labels, labels)
-    assert T.prior_training_set(model, images, None, mirror=True)[1] is None
-
-
-def test_mirroring_is_on_by_default_for_data_a_mirror_keeps_in_its_class_only(tmp_path):
-    parser = T.build_parser()
-    for data, expected in [("shapes", True), ("cifar10", True), ("mnist", False), ("fashion-mnist", False),
-                           ("x.npy", False)]:
-        argv = ["--data", data, "--out", str(tmp_path / data)]
-        cfg = T.configs_from_args(parser, parser.parse_args(argv), argv)[0]
-        assert cfg.prior_flip is expected, data
-        assert cfg.prior_decay_steps == cfg.prior_steps                # fixed when the run starts
-    argv = ["--data", "mnist", "--prior-flip", "--prior-steps", "9", "--prior-decay-steps", "7"]
-    cfg = T.configs_from_args(parser, parser.parse_args(argv), argv)[0]
-    assert cfg.prior_flip and cfg.prior_decay_steps == 7
-
-
-def test_prior_layers_and_attention_defaults_depend_on_the_levels(tmp_path):
-    """One level: 7 gated layers and one attention layer after the last; two levels: 8 gated
-    layers, attention after every 4th in the top prior only. Explicit flags win."""
-    parser = T.build_parser()
-    for flags, expected in [([], [(7, 7)]), (["--levels", "2"], [(8, 4), (8, 0)]),
-                            (["--prior-attention-every", "0"], [(7, 0)]), (["--prior-layers", "5"], [(5, 5)]),
-                            (["--levels", "2", "--prior-layers", "4"], [(4, 4), (4, 0)])]:
-        argv = ["--out", str(tmp_path / "run"), *flags]
-        _, model_cfg, settings, _, _ = T.configs_from_args(parser, parser.parse_args(argv), argv)
-        priors = T.prior_configs(settings, model_cfg, num_classes=3, seed=0)
-        assert [(p.layers, p.attention_every) for p in priors] == expected, flags
-        assert len(P.PixelCNN(priors[0]).attention) == (priors[0].layers // priors[0].attention_every
-                                                        if priors[0].attention_every else 0)
-
-
-@pytest.mark.parametrize("quantizer, flags, K", [("rvq", ["--rvq-stages", "3", "--kmeans-init", "--restart-threshold", "1"], 16),
-                                                 ("fsq", ["--fsq-levels", "5,3"], 15), ("lfq", ["-K", "8"], 8),
-                                                 ("gumbel", ["--gumbel-anneal-steps", "2"], 16)])
-def test_cli_runs_encodes_and_samples_with_every_quantizer(tmp_path, tiny_data, quantizer, flags, K):
-    run = tmp_path / "run"
-    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "4", "--eval-every", "4",
-                   *TINY, "--quantizer", quantizer, *flags]) == 0
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["quantizer"] == quantizer and 0 < summary["codes_used"] <= 1
-    assert 1 <= summary["perplexity"] <= K and np.isfinite(summary["prior_val_bits_per_code"])
-    config = json.loads((run / "config.json").read_text())
-    assert config["priors"][0]["codebook_size"] == K                   # the prior models the codes the quantizer emits
-    S = 3 if quantizer == "rvq" else 1
-    out = tmp_path / "codes.npy"
-    assert T.main(["encode", "--run", str(run), "--data", tiny_data, "--out", str(out)]) == 0
-    codes = np.load(out, allow_pickle=False)
-    assert codes.shape[1:] == ((S, 2, 2) if S > 1 else (2, 2)) and 0 <= codes.min() and codes.max() < K
-    assert T.main(["sample", "--run", str(run), "--codes-out", str(tmp_path / "s.npz"), "--rows", "1",
-                   "--per-row", "3"]) == 0
-    with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
-        assert f["codes"].shape == ((3, S, 2, 2) if S > 1 else (3, 2, 2))
-
-
-def test_cli_names_bad_quantizer_options(tmp_path, tiny_data, capsys):
-    common = ["--data", tiny_data, "--out", str(tmp_path / "run"), *TINY]
-    assert T.main([*common, "--quantizer", "lfq", "-K", "12"]) == 1
-    assert "lfq needs a codebook_size that is a power of 2" in capsys.readouterr().err
-    assert T.main([*common, "--quantizer", "rvq", "--levels", "2"]) == 1
-    assert "the priors do not model two levels of residual codes" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        T.main([*common, "--fsq-levels", "8,x"])
-    assert "expected integers separated by commas, got '8,x'" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "checkpoint.npz").exists()
-
-
-def test_prior_stage_needs_a_finished_vqvae(tmp_path, tiny_data, capsys):
-    run = str(tmp_path / "run")
-    assert T.main(["--data", tiny_data, "--out", run, "--stage", "prior", *TINY]) == 1
-    assert "--stage prior trains a prior for an existing run" in capsys.readouterr().err
-    assert T.main(["--data", tiny_data, "--out", run, "--steps", "2", "--eval-every", "2", "--stage", "vqvae", *TINY]) == 0
-    assert T.main(["--resume", run, "--stage", "prior", "--steps", "4"]) == 1
-    assert "stopped at step 2 of 4: finish it first" in capsys.readouterr().err
-
-
-def test_sample_command_draws_new_images_from_a_run(tmp_path, tiny_data):
-    run = tmp_path / "run"
-    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "2", "--eval-every", "2", *TINY]) == 0
-    out, codes_out = tmp_path / "s.png", tmp_path / "s.npz"
-    assert T.main(["sample", "--run", str(run), "--out", str(out), "--codes-out", str(codes_out),
-                   "--rows", "2", "--per-row", "3", "--temperature", "0.5"]) == 0
-    codes = np.load(codes_out, allow_pickle=False)["codes"]
-    assert codes.shape == (6, 2, 2) and codes.min() >= 0 and codes.max() < 16
-    assert read_png(out).shape == ((2 * (8 + 2) + 2) * 2, (3 * (8 + 2) + 2) * 2, 3)
-    assert T.main(["sample", "--run", str(tmp_path)]) == 1
-
-
-def test_resume_refuses_to_change_the_model_and_fresh_runs_refuse_to_overwrite(tmp_path, tiny_data, capsys):
-    run = str(tmp_path / "run")
-    assert T.main(["--data", tiny_data, "--out", run, "--steps", "2", "--eval-every", "2", *TINY]) == 0
-    assert T.main(["--data", tiny_data, "--out", run, "--steps", "2", *TINY]) == 1
-    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
-    assert T.main(["--resume", run, "--lr", "0.5"]) == 1
-    assert "cannot change --lr when resuming" in capsys.readouterr().err
-    assert T.main(["--resume", str(tmp_path)]) == 1
-    assert "not a run folder" in capsys.readouterr().err
-
-
-def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
-    T.save_npz(tmp_path / "checkpoint.npz", {"step": np.array(3)})
-
-    def crash(fd):
-        raise OSError("disk full")
-    monkeypatch.setattr(T.os, "fsync", crash)
-    with pytest.raises(T.UserError, match="cannot write .*checkpoint.npz \\(disk full\\); the checkpoint.npz that was there is kept"):
-        T.save_npz(tmp_path / "checkpoint.npz", {"step": np.array(4)})
-    with np.load(tmp_path / "checkpoint.npz", allow_pickle=False) as f:
-        assert int(f["step"]) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]   # no .tmp left behind
-
-
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, tiny_data, monkeypatch, capsys):
-    real_step = V.VQVAE.train_step
-    calls = []
-
-    def step_that_breaks(self, x, opt):
-        stats = real_step(self, x, opt)
-        calls.append(1)
-        if len(calls) == 5:
-            stats["loss"] = stats["loss"] * np.nan
-        return stats
-    monkeypatch.setattr(V.VQVAE, "train_step", step_that_breaks)
-    run = tmp_path / "run"
-    code = T.main(["--data", tiny_data, "--out", str(run), "--steps", "9", "--eval-every", "2",
-                   "--log-every", "3", *TINY])
-    assert code == 1
-    assert "vqvae: the loss became nan at step 5" in capsys.readouterr().err
-    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        assert int(f["step"]) == 4 and all(np.all(np.isfinite(f[k])) for k in f.files if f[k].dtype.kind == "f")
-
-
-def test_user_errors_exit_nonzero_with_one_line_and_no_traceback(tmp_path, tiny_data):
-    (tmp_path / "bad.idx").write_bytes(b"junk")
-    (tmp_path / "mnist").mkdir()
-    (tmp_path / "mnist" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + bytes(10))
-    cases = [(["--data", str(tmp_path / "missing.npy")], "no such file"),
-             (["--data", "mnist", "--data-dir", str(tmp_path)], "truncated IDX"),
-             (["--data", "imagenet"], "unknown dataset 'imagenet'"),
-             (["--data", tiny_data, "-K", "0"], "codebook_size must be a positive integer, got 0"),
-             (["--data", tiny_data, "--batch-size", "100"], "--batch-size 100 is larger than the 36 training images"),
-             (["--data", tiny_data, "--prior-kernel", "2"], "kernel must be odd")]
-    for args, message in cases:
-        r = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "r")],
-                           capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
-        assert r.returncode == 1, args
-        assert "Traceback" not in r.stderr and message in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path, tiny_data):
-    import signal
-    import time
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", "--data", tiny_data, "--out", str(run), "--steps", "100000",
-                             "--log-every", "1", *TINY], cwd=Path(__file__).parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted at step" in err
-    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        assert 0 < int(f["step"]) < 100000
-    assert T.main(["--resume", str(run), "--steps", str(int(np.load(run / "checkpoint.npz")["step"]) + 2)]) == 0
-
-
-def test_encode_command_writes_the_codes_the_api_decodes(tmp_path, tiny_data):
-    run = tmp_path / "run"
-    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "2", "--eval-every", "2", *TINY]) == 0
-    out = tmp_path / "codes.npy"
-    assert T.main(["encode", "--run", str(run), "--data", tiny_data, "--split", "test", "--out", str(out)]) == 0
-    codes = np.load(out, allow_pickle=False)
-    model = V.VQVAE.load(run / "checkpoint.npz")
-    images = T.load_dataset(tiny_data, ".")["test"]
-    assert codes.shape == (4, 2, 2)
-    np.testing.assert_array_equal(codes, model.encode(T.to_model(images)))
-    assert model.decode(codes).shape == (4, 8, 8, 3)
-    assert T.main(["encode", "--run", str(tmp_path), "--data", tiny_data, "--out", str(out)]) == 1
-
-
-# -----------------------------------------------------------------------------
-# bad input, tried as an adversary would: the Python API's settings and batches
-
-@pytest.mark.parametrize("make, message", [
-    (lambda: V.Config(codebook_size=True), "codebook_size must be an integer, got True"),
-    (lambda: V.Config(beta=float("nan")), "beta must be a finite number, got nan"),
-    (lambda: V.Config(beta=-0.5), "beta must be >= 0, got -0.5"),
-    (lambda: V.Config(ema_decay=float("inf")), "ema_decay must be a finite number, got inf"),
-    (lambda: V.Config(seed=-1), "seed must be >= 0, got -1"),
-    (lambda: V.Config(kmeans_init=1), "kmeans_init must be true or false, got 1"),
-    (lambda: V.Config(fsq_levels=(8, True)), r"fsq_levels must be integers >= 2, got \(8, True\)"),
-    (lambda: V.Config(quantizer=3), "quantizer must be a string, got 3"),
-    (lambda: P.PriorConfig(channels=True), "channels must be an integer, got True"),
-    (lambda: P.PriorConfig(seed=-2), "seed must be a non-negative integer"),
-    (lambda: T.TrainConfig(lr=float("inf")), "lr must be a finite number, got inf"),
-    (lambda: T.TrainConfig(temperature=-1), "--temperature must be a finite number >= 0, got -1.0"),
-    (lambda: T.TrainConfig(steps=0), "--steps must be at least 1, got 0"),
-    (lambda: T.TrainConfig(stage="both"), "stage must be one of vqvae, prior, all, got 'both'"),
-    (lambda: V.Adam({"w": np.zeros(3)}, lr=-1e-3), "lr must be a finite number > 0, got -0.001"),
-    (lambda: V.Adam({"w": np.zeros(3)}, lr=True), "lr must be a finite number > 0, got True"),
-    (lambda: V.Adam({"w": np.zeros(3)}, lr=float("nan")), "lr must be a finite number > 0, got nan"),
-    (lambda: V.Adam({"w": np.zeros(3)}, betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\)"),
-    (lambda: V.Adam({"w": np.zeros(3)}, eps=0), "eps must be a finite number > 0, got 0"),
-    (lambda: V.Adam([np.zeros(3)]), "Adam needs a dict of parameter arrays by name"),
-])
-def test_settings_are_refused_with_their_name_value_and_what_is_allowed(make, message):
-    with pytest.raises(ValueError, match=message):
-        make()
-
-
-def test_numpy_scalars_are_taken_as_settings_and_stored_as_python_numbers():
-    cfg = V.Config(codebook_size=np.int64(16), beta=np.float32(0.5), kmeans_init=np.bool_(True))
-    assert type(cfg.codebook_size) is int and type(cfg.beta) is float and cfg.kmeans_init is True
-    json.dumps(T.asdict(cfg))                                          # a run's config.json can hold it
-
-
-def test_an_adam_of_another_model_or_shape_is_refused_without_a_change():
-    model, other = V.VQVAE(tiny_config()), V.VQVAE(tiny_config(levels=2))
-    opt = V.Adam(other.params, lr=1e-3)
-    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2))
-    with pytest.raises(ValueError, match="do not match the parameters this Adam was built for"):
-        model.train_step(x, opt)
-    params = {k: v.copy() for k, v in other.params.items()}
-    grads = {k: np.zeros(1) for k in other.params}                      # would broadcast into every parameter
-    with pytest.raises(ValueError, match="has shape \\(1,\\), its parameter"):
-        opt.step(grads)
-    assert opt.t == 0 and all(np.array_equal(params[k], v) for k, v in other.params.items())
-    state = V.Adam(model.params).state_dict()
-    with pytest.raises(ValueError, match="another model's optimiser|has no array"):
-        opt.load_state_dict(state)
-
-
-def test_an_empty_batch_is_named_as_such():
-    model = V.VQVAE(tiny_config())
-    with pytest.raises(ValueError, match="expected at least one image, got an empty batch of shape \\(0, 8, 8, 2\\)"):
-        model.forward(np.zeros((0, 8, 8, 2)))
-    prior = P.PixelCNN(P.PriorConfig(codebook_size=4, channels=4, layers=1, dtype="float64"))
-    with pytest.raises(ValueError, match="got shape \\(0, 3, 3\\) \\(empty\\)"):
-        prior.loss(np.zeros((0, 3, 3), np.int64))
-
-
-@pytest.mark.parametrize("quantizer, extra", [("vq", {}), ("ema", {}), ("ema", dict(levels=2, top_only_rate=0.5))])
-def test_a_step_on_a_batch_that_overflows_raises_and_changes_nothing(quantizer, extra):
-    """Images of 1e30 are finite, but the gradients they give are not: the step must leave the
-    parameters, the EMA averages, the restart usage, the step counters and Adam's moments as they were."""
-    cfg = tiny_config(quantizer=quantizer, dtype="float32", restart_threshold=1.0, **extra)
-    model = V.VQVAE(cfg)
-    opt = V.Adam(model.params, lr=1e-3)
-    rng = np.random.default_rng(0)
-    model.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt)  # moments and buffers not trivial
-    before = {k: v.copy() for k, v in {**model.params, **model.buffers}.items()}
-    opt_before = {k: v.copy() for k, v in opt.state_dict().items()}
-    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values: no parameter was changed"), \
-            np.errstate(over="ignore", invalid="ignore"):
-        model.train_step(np.full((2, 8, 8, 2), 1e30, np.float32), opt)
-    after = {**model.params, **model.buffers}
-    assert all(np.array_equal(before[k], after[k]) for k in before), [k for k in before if not np.array_equal(before[k], after[k])]
-    assert all(np.array_equal(opt_before[k], v) for k, v in opt.state_dict().items())
-    model.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt)  # and it trains on afterwards
-    assert opt.t == 2
-
-
-def test_a_checkpoint_with_nan_parameters_is_refused_and_the_model_left_whole(tmp_path):
-    model = V.VQVAE(tiny_config())
-    model.save(tmp_path / "good.npz")
-    with np.load(tmp_path / "good.npz", allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    name = next(k for k in arrays if k.startswith("decoder") and k.endswith("W"))
-    arrays[name] = np.where(np.arange(arrays[name].size).reshape(arrays[name].shape) == 3, np.nan, arrays[name])
-    np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(ValueError, match=f"checkpoint array '{name}' holds NaN or infinite values"):
-        V.VQVAE.load(tmp_path / "bad.npz")
-    before = {k: v.copy() for k, v in model.params.items()}
-    with np.load(tmp_path / "bad.npz", allow_pickle=False) as f, pytest.raises(ValueError):
-        model.load_state_dict(f)
-    assert all(np.array_equal(before[k], v) for k, v in model.params.items())  # checked whole before any copy
-
-
-# -----------------------------------------------------------------------------
-# bad input, tried as an adversary would: the command line and the run folder
-
-def tiny_run(tmp_path, data, name="run", steps=4, extra=()):
-    run = tmp_path / name
-    assert T.main(["--data", data, "--out", str(run), "--steps", str(steps), "--eval-every", "2", *TINY, *extra]) == 0
-    return run
-
-
-def one_error_line(capsys):
-    """The one line a user error prints (and that it is the only line from train.py)."""
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.startswith("train.py")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def test_a_prior_is_never_paired_with_the_codes_of_another_vqvae_state(tmp_path, tiny_data, capsys):
-    straight = tiny_run(tmp_path, tiny_data, "straight", steps=8)
-    run = tiny_run(tmp_path, tiny_data)                                # VQ-VAE 4 steps, then its prior
-    # the VQ-VAE trains on: the prior fitted to the old codes is trained anew, as in a run of 8 steps
-    assert T.main(["--resume", str(run), "--steps", "8"]) == 0
-    assert "prior.npz came from the codes of an earlier state of the VQ-VAE: trained anew" in capsys.readouterr().err
-    a = [m["loss"] for m in metric_lines(straight, "prior") if "loss" in m]
-    b = [m["loss"] for m in metric_lines(run, "prior") if "loss" in m]
-    assert b[-len(a):] == a                                            # the new prior's losses are the straight run's
-    sha = T.fingerprint(V.VQVAE.load(run / "checkpoint.npz"))
-    assert T.checkpoint_note(run / "prior.npz", "vqvae_sha256") == sha
-    # VQ-VAE only: the stale prior's figures leave the summary, and sampling from it is refused
-    assert T.main(["--resume", str(run), "--steps", "10", "--stage", "vqvae"]) == 0
-    summary = json.loads((run / "summary.json").read_text())
-    assert "prior_val_bits_per_code" not in summary and "sample_time_s" not in summary
-    assert f"--resume {run} --stage prior" in summary["stale_priors"]
-    capsys.readouterr()
-    assert T.main(["sample", "--run", str(run)]) == 1
-    assert "prior.npz was fitted to the codes of an earlier state of the VQ-VAE" in one_error_line(capsys)
-    assert T.main(["--resume", str(run), "--stage", "prior"]) == 0     # trained anew, then usable again
-    assert "stale_priors" not in json.loads((run / "summary.json").read_text())
-    assert T.main(["sample", "--run", str(run), "--rows", "1", "--per-row", "2"]) == 0
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "inf"], "lr must be a finite number, got inf"),
-    (["--lr", "nan"], "lr must be a finite number, got nan"),
-    (["--prior-lr", "0"], "--prior-lr must be a finite number > 0, got 0.0"),
-    (["--beta", "nan"], "beta must be a finite number, got nan"),
-    (["--beta", "-1"], "beta must be >= 0, got -1.0"),
-    (["--temperature", "inf"], "temperature must be a finite number, got inf"),
-    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
-    (["--ema-decay", "1"], "ema_decay must be in (0, 1), got 1.0"),
-    (["--gumbel-temperature", "inf", "--quantizer", "gumbel"], "gumbel_temperature must be a finite number, got inf"),
-    (["--steps", "0"], "--steps must be at least 1, got 0"),
-    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
-    (["--adversarial", "--disc-weight", "-1"], "--disc-weight must be a finite number >= 0, got -1.0"),
-    (["--adversarial", "--disc-start", "-5"], "--disc-start must be a step >= 0, got -5"),
-    (["--adversarial", "--disc-lr", "nan"], "disc_lr must be a finite number, got nan"),
-    (["--adversarial", "--disc-width", "0"], "--disc-width must be at least 1, got 0"),
-    (["--adversarial", "--disc-layers", "2"], "--disc-layers 2 leaves no patch of a 8 x 8 image to judge: give fewer"),
-    (["--top-prior-factor", "0"], "--top-prior-factor must be at least 1, got 0"),
-    (["--top-prior-factor", "2"], "--top-prior-factor 2 sets the top prior of two levels: add --levels 2"),
-    (["--prior-cond-blocks", "-1"], "--prior-cond-blocks must be at least 0, got -1"),
-    (["--prior-cond-blocks", "1"], "--prior-cond-blocks 1 sets the bottom prior of two levels: add --levels 2"),
-])
-def test_bad_settings_stop_the_run_before_anything_is_written(tmp_path, tiny_data, capsys, flags, message):
-    run = tmp_path / "run"
-    assert T.main(["--data", tiny_data, "--out", str(run), *TINY, *flags]) == 1
-    assert message in one_error_line(capsys)
-    assert not run.exists()
-
-
-def test_divergence_stops_saying_what_is_kept_and_never_saves_a_non_finite_state(tmp_path, tiny_data, capsys):
-    run = tmp_path / "run"
-    with np.errstate(all="ignore"):
-        code = T.main(["--data", tiny_data, "--out", str(run), "--lr", "1e9", "--steps", "20", *TINY])
-    assert code == 1
-    assert "No checkpoint of this stage was saved (the first comes at step 20)" in one_error_line(capsys)
-    assert not (run / "checkpoint.npz").exists()
-    with np.errstate(all="ignore"):
-        code = T.main(["--data", tiny_data, "--out", str(tmp_path / "run2"), "--lr", "1e9", "--steps", "20",
-                       "--eval-every", "1", *TINY])
-    assert code == 1
-    line = one_error_line(capsys)
-    with np.load(tmp_path / "run2" / "checkpoint.npz", allow_pickle=False) as f:
-        step = int(f["step"])
-        assert all(np.isfinite(f[k]).all() for k in f.files if f[k].dtype.kind == "f")
-    assert f"checkpoint.npz holds the last good state, step {step}" in line
-
-
-def test_a_state_that_is_not_finite_is_never_saved(tmp_path):
-    model = V.VQVAE(tiny_config())
-    opt = V.Adam(model.params)
-    model.params["decoder.0.W" if "decoder.0.W" in model.params else next(iter(model.params))][...] = np.inf
-    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values"):
-        T.save_checkpoint(tmp_path / "c.npz", model, opt, 1, 0.0)
-    assert not (tmp_path / "c.npz").exists()
-
-
-def test_resume_sees_flags_in_every_spelling_and_never_goes_back(tmp_path, tiny_data, capsys):
-    run = tiny_run(tmp_path, tiny_data)
-    config = (run / "config.json").read_bytes()
-    for flags, message in [(["-K64"], "cannot change --codebook-size when resuming"),
-                           (["--codebook-size=64"], "cannot change --codebook-size when resuming"),
-                           (["--kmeans-init"], "cannot change --kmeans-init when resuming"),
-                           (["--no-prior-labels", "--lr=0.1"], "cannot change --lr, --prior-labels when resuming"),
-                           (["--adversarial", "--disc-weight", "2"], "cannot change --adversarial, --disc-weight when resuming"),
-                           (["--steps", "2"], "is at step 4: --steps 2 would go back; give --steps 4 or more"),
-                           (["--prior-steps", "1"], "prior.npz is at step 2: --prior-steps 1 would go back")]:
-        assert T.main(["--resume", str(run), *flags]) == 1, flags
-        assert message in one_error_line(capsys), flags
-    for flags in (["--batch", "8"], ["--quant", "vq"]):                # abbreviations are not flags
-        with pytest.raises(SystemExit) as e:
-            T.main(["--resume", str(run), *flags])
-        assert e.value.code == 2 and "unrecognized arguments" in one_error_line(capsys)
-    assert (run / "config.json").read_bytes() == config               # nothing was rewritten
-
-
-def corrupt(tmp_path, run, name, content):
-    """A copy of `run` in which `name` is replaced by `content` (bytes, or None for a folder)."""
-    import shutil
-    copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(run, copy)
-    (copy / name).unlink()
-    (copy / name).mkdir() if content is None else (copy / name).write_bytes(content)
-    return copy
-
-
-def npy_header_only(shape):
-    """An .npy whose header claims `shape` of uint8, followed by 16 bytes."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
-    return buf.getvalue() + bytes(16)
-
-
-def test_every_damaged_or_misplaced_file_gives_one_line(tmp_path, tiny_data, capsys, monkeypatch):
-    run = tiny_run(tmp_path, tiny_data)
-    checkpoint = (run / "checkpoint.npz").read_bytes()
-    (tmp_path / "afile").write_bytes(b"x")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("train.npy", npy_header_only((10**9, 10**9, 1, 1)))
-        z.writestr("test.npy", npy_header_only((2, 2, 2)))
-    (tmp_path / "huge.npz").write_bytes(buf.getvalue())
-    (tmp_path / "huge.npy").write_bytes(npy_header_only((10**9, 10**9, 10, 3)))
-    np.savez(tmp_path / "channels.npz", train=np.zeros((4, 8, 8, 3), np.uint8), test=np.zeros((2, 8, 8, 1), np.uint8))
-    np.savez(tmp_path / "empty.npz", train=np.zeros((0, 8, 8, 3), np.uint8), test=np.zeros((2, 8, 8, 3), np.uint8))
-    mnist = tmp_path / "labels" / "mnist"
-    write_mnist(mnist, gz=False)
-    (mnist / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([1, 2, 10, 3], np.uint8)))
-    cases = [
-        (["--resume", str(corrupt(tmp_path, run, "checkpoint.npz", checkpoint[:len(checkpoint) // 2]))],
-         "cannot resume from this checkpoint (BadZipFile"),
-        (["sample", "--run", str(corrupt(tmp_path, run, "checkpoint.npz", checkpoint[:100]))], "cannot load the model"),
-        (["sample", "--run", str(corrupt(tmp_path, run, "prior.npz", b"PK\x03\x04 junk"))], "prior.npz: cannot load"),
-        (["--resume", str(corrupt(tmp_path, run, "prior.npz", checkpoint[:-30]))], "prior.npz: cannot resume"),
-        (["--data", str(tmp_path / "huge.npz"), *TINY], "huge.npz: an array's header asks for more memory"),
-        (["--data", str(tmp_path / "huge.npy"), *TINY], "huge.npy: damaged or truncated file"),
-        (["--data", str(tmp_path / "channels.npz"), *TINY], "train images are (8, 8, 3) (H, W, C), test images (8, 8, 1)"),
-        (["--data", str(tmp_path / "empty.npz"), *TINY], "empty.npz[train]: no images"),
-        (["--data", "mnist", "--data-dir", str(tmp_path / "labels"), *TINY], "label 10 out of range [0, 10)"),
-        (["--data", "mnist", "--data-dir", str(tmp_path / "afile"), *TINY], "--data-dir " + str(tmp_path / "afile") + ": not a folder"),
-        (["--data", tiny_data, "--out", str(tmp_path / "afile"), *TINY], "a file of that name is in the way"),
-        (["--resume", tiny_data], "not a run folder"),
-        (["--resume", str(corrupt(tmp_path, run, "config.json", b'{"train": {"steps": "9"}, "model": {}, "priors": [{}]}'))],
-         "unreadable run config (steps must be an integer, got '9')"),
-        (["--resume", str(corrupt(tmp_path, run, "config.json", b'{"train": {}, "model": {}, "priors": []}'))],
-         "0 prior configs for a model of 1 level(s)"),
-        (["--resume", str(corrupt(tmp_path, run, "config.json", b"[" * 100000))], "unreadable run config (RecursionError"),
-        (["--resume", str(corrupt(tmp_path, run, "config.json", b"\xff\xfe"))], "unreadable run config (UnicodeDecodeError"),
-        (["--resume", str(corrupt(tmp_path, run, "config.json", None))], "unreadable run config (IsADirectoryError"),
-        (["--resume", str(corrupt(tmp_path, run, "summary.json", b'{"vqvae_wall_time_s": "x"}')), "--steps", "6"],
-         "vqvae_wall_time_s is 'x', not a number of seconds"),
-        (["--resume", str(corrupt(tmp_path, run, "summary.json", None)), "--steps", "6"], "unreadable run summary"),
-        (["sample", "--run", str(corrupt(tmp_path, run, "summary.json", b'{"image_hw": [8, "8"]}'))],
-         "image_hw is [8, '8'], not a height and a width"),
-        (["sample", "--run", str(run), "--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
-        (["sample", "--run", str(tiny_run(tmp_path, tiny_data, "no_prior", extra=["--stage", "vqvae"]))],
-         "has no prior.npz yet: train it with python train.py --resume"),
-        (["sample", "--run", str(run), "--out", str(tmp_path / "no" / "s.png")], "the folder " + str(tmp_path / "no")),
-        (["encode", "--run", str(run), "--data", tiny_data, "--out", str(tmp_path)], "is a folder, not a file name"),
-        (["encode", "--run", str(run), "--data", tiny_data, "--out", str(tmp_path / "c.npz")],
-         "c.npz: this writes NPY data: give a name ending in .npy"),
-        (["sample", "--run", str(run), "--out", str(tmp_path / "s.jpg")], "s.jpg: this writes PNG data"),
-        (["sample", "--run", str(run), "--codes-out", str(tmp_path / "c.npy")], "give a name ending in .npz"),
-    ]
-    for args, message in cases:
-        capsys.readouterr()
-        assert T.main(args) == 1, args
-        line = one_error_line(capsys)
-        assert message in line, (args, line)
-    def read_only(fd):                                                 # root writes anywhere: the error is simulated
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(T.os, "fsync", read_only)
-    assert T.main(["--data", tiny_data, "--out", str(tmp_path / "ro"), *TINY]) == 1
-    assert "cannot write " + str(tmp_path / "ro" / "config.json") + " (Permission denied)" in one_error_line(capsys)
-    assert [p.name for p in (tmp_path / "ro").iterdir()] == []         # no .tmp, and no training happened
-
-
-def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_data, capsys, monkeypatch):
-    run = tiny_run(tmp_path, tiny_data, extra=["--stage", "vqvae"])
-    real_fsync, calls = T.os.fsync, []
-
-    def fill_up(fd):
-        calls.append(fd)
-        if len(calls) > 1:                                             # config.json goes through, the checkpoint not
-            raise OSError(28, "No space left on device")
-        real_fsync(fd)
-    monkeypatch.setattr(T.os, "fsync", fill_up)
-    assert T.main(["--resume", str(run), "--steps", "6", "--stage", "vqvae"]) == 1
-    line = one_error_line(capsys)
-    assert "(No space left on device)" in line and "checkpoint.npz holds the last good state, step 4" in line
-    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        assert int(f["step"]) == 4
-    assert not list(run.glob("*.tmp"))
-
-
-# -----------------------------------------------------------------------------
-# bad input, tried as an adversary would: damaged bytes in every file a run reads
-
-def mutate(data, kind, seed):
-    """A damaged copy of `data`: random bytes, cut short, a few bytes changed anywhere, or a
-    few changed in the first 128 bytes (where the headers are)."""
-    rng = np.random.default_rng(seed)
-    if kind == "random":
-        return rng.bytes(int(rng.integers(0, 2 * len(data) + 1)))
-    if kind == "truncated":
-        return data[:int(rng.integers(0, len(data)))]
-    b = bytearray(data)
-    span = len(b) if kind == "flipped" else min(len(b), 128)
-    for i in rng.integers(0, span, int(rng.integers(1, 9))):
-        b[i] = int(rng.integers(256))
-    return bytes(b)
-
-
-damage = st.sampled_from(["random", "truncated", "flipped", "header"])
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fuzz")
-    np.save(folder / "tiny.npy", np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
-    assert T.main(["--data", str(folder / "tiny.npy"), "--out", str(folder / "run"), "--steps", "2",
-                   "--eval-every", "2", *TINY]) == 0
-    return folder / "run"
-
-
-def valid_files():
-    images = np.random.default_rng(1).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
-    npy, npz = io.BytesIO(), io.BytesIO()
-    np.save(npy, images)
-    np.savez(npz, train=images[:4], test=images[4:])
-    return {".npy": npy.getvalue(), ".npz": npz.getvalue()}
-
-
-@given(suffix=st.sampled_from([".npy", ".npz"]), kind=damage, seed=seeds)
-def test_damaged_array_files_load_or_give_a_user_error(tmp_path_factory, suffix, kind, seed):
-    path = tmp_path_factory.mktemp("arrays") / f"data{suffix}"
-    path.write_bytes(mutate(valid_files()[suffix], kind, seed))
-    try:
-        data = T.array_file_dataset(path)
-    except T.UserError:
-        return
-    assert data["train"].dtype == np.uint8 and data["train"].ndim == 4 and len(data["train"]) >= 1
-    assert data["test"].shape[1:] == data["train"].shape[1:] and len(data["test"]) >= 1
-
-
-@given(gz=st.booleans(), kind=damage, seed=seeds)
-def test_damaged_idx_files_load_or_give_a_user_error(tmp_path_factory, gz, kind, seed):
-    raw = idx_bytes(np.random.default_rng(2).integers(0, 256, (3, 5, 5), dtype=np.uint8))
-    path = tmp_path_factory.mktemp("idx") / "x-idx3-ubyte"
-    path.write_bytes(mutate(gzip.compress(raw) if gz else raw, kind, seed))
-    try:
-        a = T.read_idx(path)
-    except T.UserError:
-        return
-    assert a.dtype == np.uint8 and 1 <= a.ndim <= 4
-
-
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                           max_leaves=8)
-
-
-@given(kind=st.sampled_from(["bytes", "json", "field"]), value=json_values, seed=seeds)
-def test_damaged_run_configs_load_or_give_a_user_error(finished_run, tmp_path_factory, kind, value, seed):
-    """config.json as damaged bytes, as any JSON, or as the real one with one setting replaced."""
-    run = tmp_path_factory.mktemp("cfg")
-    good = (finished_run / "config.json").read_bytes()
-    if kind == "bytes":
-        text = mutate(good, "flipped", seed)
-    elif kind == "json":
-        text = json.dumps(value).encode()
-    else:
-        config = json.loads(good)
-        section = ["train", "model"][seed % 2]
-        key = sorted(config[section])[seed % len(config[section])]
-        config[section][key] = value
-        text = json.dumps(config).encode()
-    (run / "config.json").write_bytes(text)
-    try:
-        cfg, model_cfg, priors = T.saved_configs(run)
-    except T.UserError:
-        return
-    assert isinstance(cfg, T.TrainConfig) and len(priors) == model_cfg.levels
-
-
-@given(kind=damage, seed=seeds, which=st.sampled_from(["checkpoint.npz", "prior.npz"]))
-def test_damaged_checkpoints_load_or_give_a_user_error(finished_run, tmp_path_factory, kind, seed, which):
-    path = tmp_path_factory.mktemp("ckpt") / which
-    path.write_bytes(mutate((finished_run / which).read_bytes(), kind, seed))
-    cfg, model_cfg, priors = T.saved_configs(finished_run)
-    model = V.VQVAE(model_cfg) if which == "checkpoint.npz" else P.PixelCNN(priors[0])
-    for load in (lambda: T.load_checkpoint(path, model, V.Adam(model.params)),
-                 lambda: T.load_model(path, type(model), "cpu")):
-        try:
-            load()
-        except T.UserError:
-            continue
-        assert all(np.isfinite(v).all() for v in model.params.values())
-
-
-def test_a_mistyped_command_line_is_one_line_with_exit_status_2(tmp_path):
-    for args, message in [(["--batch", "4"], "unrecognized arguments: --batch 4"),
-                          (["--levels", "3"], "argument --levels: invalid choice: 3"),
-                          (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
-                          (["sample", "--rows", "x"], "argument --rows: invalid int value: 'x'")]:
-        r = subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True,
-                           cwd=Path(__file__).parent, timeout=120)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
-        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, (args, r.stderr)
-
-
-# -----------------------------------------------------------------------------
-# the judge and the sample metrics (train.py evaluate)
-
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), seeds)
-def test_mean_pool_gradient_matches_finite_differences(N, H, C, seed):
-    rng = np.random.default_rng(seed)
-    check_layer_grads(V.MeanPool(), rng.standard_normal((N, H, H + 1, C)), rng)
-
-
-@given(st.integers(1, 6), st.integers(2, 5), seeds)
-def test_softmax_cross_entropy_gradient_matches_finite_differences(M, K, seed):
-    rng = np.random.default_rng(seed)
-    logits, labels = rng.standard_normal((M, K)) * 3, rng.integers(0, K, M)
-    loss, d = V.softmax_cross_entropy(logits, labels)
-    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    assert np.isclose(loss, -np.log(p[np.arange(M), labels]).mean())
-    assert rel_error(d, numerical_grad(lambda: V.softmax_cross_entropy(logits, labels)[0], logits)) < 1e-6
-
-
-@given(st.integers(2, 3), st.sampled_from([4, 8]), seeds)
-def test_judge_gradients_match_finite_differences(K, H, seed):
-    judge = T.Judge(T.JudgeConfig(in_channels=2, num_classes=K, width=2, dtype="float64", seed=seed % 1000))
-    rng = np.random.default_rng(seed)
-    x, labels = rng.standard_normal((3, H, H, 2)), rng.integers(0, K, 3)
-    judge.loss(x, labels)
-    judge.backward()
-    grads = {k: g.copy() for k, g in judge.grads.items()}
-    assert grads.keys() == judge.params.keys()
-    for k, p in judge.params.items():
-        assert grads[k].dtype == p.dtype
-        assert rel_error(grads[k], numerical_grad(lambda: float(judge.loss(x, labels)["loss"]), p), 1e-3) < 1e-5, k
-
-
-def two_classes(n, seed):
-    """Dark and bright noisy images, labelled 0 and 1: a set any working classifier separates."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, n)
-    images = np.clip(rng.normal(60 + 130 * labels[:, None, None, None], 30, (n, 8, 8, 3)), 0, 255).astype(np.uint8)
-    return images, labels
-
-
-def test_the_judge_learns_an_easily_separable_set_and_is_deterministic():
-    x, y = two_classes(200, 0)
-    x_test, y_test = two_classes(100, 1)
-    data = {"train": x, "train_labels": y, "test": x_test, "test_labels": y_test, "num_classes": 2}
-    a, b = T.train_judge(data, 3, 60, "cpu"), T.train_judge(data, 3, 60, "cpu")
-    assert all(np.array_equal(v, b.params[k]) for k, v in a.params.items())   # the same seed, the same judge
-    features, predicted = a.embed(x_test)
-    assert features.shape == (100, 4 * a.cfg.width) and (predicted == y_test).mean() >= 0.95
-
-
-def test_without_labels_the_judge_tells_the_rotation():
-    square = {"train": np.zeros((4, 8, 8, 1), np.uint8)}
-    assert T.judge_task(square) == (None, 4, True)
-    assert T.judge_task({"train": np.zeros((4, 8, 12, 1), np.uint8)}) == (None, 2, True)  # half turns keep the shape
-    img = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.uint8)
-    turned = T.rotate(img, np.array([0, 1]))
-    assert np.array_equal(turned[0], img[0]) and np.array_equal(turned[1], np.rot90(img[1], 1, axes=(0, 1)))
-
-
-@given(st.integers(20, 60), st.integers(1, 5), seeds)
-def test_frechet_distance_is_zero_to_itself_and_the_squared_shift_to_a_shifted_copy(n, F, seed):
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((n, F)) @ rng.standard_normal((F, F))      # correlated features
-    v = rng.standard_normal(F)
-    assert abs(T.frechet_distance(a, a)) < 1e-8 * max(1, (a.var(0) * n / (n - 1)).sum())
-    assert np.isclose(T.frechet_distance(a, a + v), (v ** 2).sum(), rtol=1e-6, atol=1e-8)
-    b = rng.standard_normal((n + 3, F)) * 2
-    assert np.isclose(T.frechet_distance(a, b), T.frechet_distance(rng.permutation(a), rng.permutation(b)))
-    assert np.isclose(T.frechet_distance(a, b), T.frechet_distance(b, a), rtol=1e-6)  # symmetric
-    assert T.frechet_distance(a, b) > 0
-
-
-@given(st.integers(8, 40), st.integers(1, 4), seeds)
-def test_precision_and_recall_are_one_against_itself_zero_far_away_and_order_free(n, F, seed):
-    rng = np.random.default_rng(seed)
-    a, b = rng.standard_normal((n, F)), rng.standard_normal((n + 5, F))
-    assert T.precision_recall(a, a) == (1.0, 1.0)
-    assert T.precision_recall(a, a + 1000) == (0.0, 0.0)
-    assert T.precision_recall(a, b) == T.precision_recall(rng.permutation(a), rng.permutation(b))
-    p, r = T.precision_recall(a, b)
-    assert 0 < p <= 1 and 0 < r <= 1
-
-
-def test_evaluate_writes_its_figures_and_keeps_its_judge(tmp_path, tiny_data, capsys):
-    run = tiny_run(tmp_path, tiny_data)                                # ends with the evaluation
-    summary = json.loads((run / "summary.json").read_text())
-    for key in ("fd_samples_recon", "fd_samples_real", "fd_recon_halves", "fd_recon_real", "fd_real_halves", "precision_samples",
-                "recall_samples", "evaluate_time_s"):
-        assert key in summary and np.isfinite(summary[key]), key
-    assert "accuracy_real" not in summary                              # no labels: a rotation judge, no classes
-    judge = run / "judge_seed0.npz"
-    stamp = judge.stat().st_mtime_ns
-    capsys.readouterr()
-    assert T.main(["evaluate", "--run", str(run), "--judge-steps", "2", "--images", "4"]) == 0
-    assert judge.stat().st_mtime_ns == stamp                           # loaded, not trained again
-    out = capsys.readouterr().out
-    assert "samples to reconstructions" in out and "judge seed 0" in out
-    ev = json.loads((run / "evaluation.json").read_text())
-    assert ev["images"] == 4 and ev["judge_task"] == "rotation" and ev["fd_recon_halves"] >= 0
-    assert T.main(["evaluate", "--run", str(run), "--judge-seed", "1", "--judge-steps", "2"]) == 0
-    assert (run / "judge_seed1.npz").is_file()
-    assert T.main(["evaluate", "--run", str(run), "--images", "1"]) == 1
-    assert "--images must be at least 2, got 1" in one_error_line(capsys)
-
-
-def test_evaluate_on_labelled_data_reports_the_judge_accuracy(tmp_path):
-    x, y = two_classes(60, 0)
-    data = {"train": x[:40], "train_labels": y[:40], "test": x[40:], "test_labels": y[40:], "num_classes": 2}
-    judge = T.train_judge(data, 0, 40, "cpu")
-    fig = T.sample_figures(judge, x[40:], x[40:], x[40:][::-1], y[40:], y[40:][::-1])
-    assert fig["accuracy_real"] == fig["accuracy_recon"] == fig["accuracy_samples"] >= 0.9
-    assert fig["fd_recon_real"] == fig["fd_real_halves"]               # the same images: the figure is its floor
-    assert abs(fig["fd_samples_real"]) < 1e-5 * fig["fd_real_halves"]  # samples[:10] are real[10:], reversed
-    assert (fig["precision_recon"], fig["recall_recon"]) == (fig["precision_real_halves"], fig["recall_real_halves"])
-
-
-# -----------------------------------------------------------------------------
-# the run report: report.html
-
-from html.parser import HTMLParser
-
-
-class PageChecker(HTMLParser):
-    """Well-formedness as a browser would need it: every opened element closed, in order; the
-    curves' data-points counts by series name."""
-    VOID = {"meta", "img", "br", "hr", "link", "input"}
-
-    def __init__(self):
-        super().__init__()
-        self.stack, self.errors, self.points = [], [], {}
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if "data-series" in attrs:
-            self.points.setdefault(attrs["data-series"], []).append(int(attrs["data-points"]))
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_startendtag(self, tag, attrs):
-        attrs = dict(attrs)
-        if "data-series" in attrs:
-            self.points.setdefault(attrs["data-series"], []).append(int(attrs["data-points"]))
-
-    def handle_endtag(self, tag):
-        if not self.stack or self.stack[-1] != tag:
-            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
-        else:
-            self.stack.pop()
-
-
-def check_page(path):
-    checker = PageChecker()
-    checker.feed(Path(path).read_text())
-    checker.close()
-    assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
-    return checker
-
-
-def test_every_run_writes_a_well_formed_report_with_a_point_per_metric_row(tmp_path, tiny_data):
-    run = tmp_path / "run"
-    assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "6", "--eval-every", "3", "--log-every", "2",
-                   *TINY]) == 0
-    page = check_page(run / "report.html")
-    rows = metric_lines(run)
-    train_rows, held_rows = [r for r in rows if "loss" in r], [r for r in rows if "loss" not in r]
-    for key in ("loss", "recon", "vq", "commitment"):
-        assert page.points[key] == [len(train_rows)], key              # one polyline, a point per row
-    assert page.points["val_mse"] == [len(held_rows)] == [2]
-    assert page.points["training"] == [len([r for r in metric_lines(run, "prior") if "loss" in r])]
-    text = (run / "report.html").read_text()
-    for name in ("recon.png", "samples.png", "samples to reconstructions", "codebook_size"):
-        assert name in text, name
-    assert "<script" not in text and "http" not in text                # stands alone, no JavaScript
-
-
-def test_the_report_survives_nan_a_missing_stage_and_a_damaged_last_line(tmp_path, capsys):
-    run = tmp_path / "old_run"                                         # as a run made before report.html existed
-    run.mkdir()
-    lines = [json.dumps({"stage": "vqvae", "step": s, "loss": v, "recon": v, "perplexity": 3.0, "usage": 0.5})
-             for s, v in ((1, 1.0), (2, float("nan")), (3, 0.5))]
-    lines.append(json.dumps({"stage": "vqvae", "step": 3, "val_mse": 0.01, "val_psnr": 20.0}))
-    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"stage": "vqvae", "step": 4, "lo')  # killed mid-write
-    assert T.main(["report", "--run", str(run)]) == 0
-    page = check_page(run / "report.html")
-    assert page.points["loss"] == [2] and page.points["val_mse"] == [1]  # the NaN left out, the damaged line skipped
-    assert "training" not in page.points                               # no prior stage: no prior curve
-    (run / "metrics.jsonl").write_text("")
-    (run / "config.json").write_text("{not json")
-    assert T.main(["report", "--run", str(run)]) == 0                  # nothing readable yet: still a page
-    check_page(run / "report.html")
-    assert "stages: none yet" in (run / "report.html").read_text()
-    capsys.readouterr()
-    assert T.main(["report", "--run", str(tmp_path)]) == 1
-    assert "not a run folder" in one_error_line(capsys)
-
-
-def test_chart_scales_and_ticks():
-    assert np.allclose(T.nice_ticks(0, 1), [0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ticks = T.nice_ticks(0.0031, 0.0074, 5)
-    assert all(0.0031 <= t <= 0.0074 for t in ticks) and len(ticks) >= 2
-    svg = T.svg_chart("x", [("a", [(1, 1.0), (2, -1.0), (3, float("inf"))], False)], log_y=True)
-    assert 'data-points="1"' in svg                                    # log scale: the value <= 0 and inf left out
-    assert "no finite values" in T.svg_chart("x", [("a", [(1, float("nan"))], False)])
-
-
-@given(values=st.lists(st.tuples(st.sampled_from(["vqvae", "prior", "top_prior"]), st.integers(-3, 50),
-                                 st.sampled_from(["loss", "recon", "val_mse", "perplexity", "bits_per_code",
-                                                  "prior_val_bits_per_code", "codes_used", "usage"]),
-                                 json_values), max_size=12),
-       summary=json_values)
-def test_any_metrics_and_summary_give_a_well_formed_page(tmp_path_factory, values, summary):
-    run = tmp_path_factory.mktemp("report")
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"stage": s, "step": t, k: v}) for s, t, k, v in values))
-    (run / "summary.json").write_text(json.dumps(summary))
-    T.write_report(run)
-    check_page(run / "report.html")
-
-
-def test_sample_command_truncates_with_top_k_and_top_p(tmp_path, tiny_data, capsys):
-    run = tiny_run(tmp_path, tiny_data)
-    def codes(*flags):
-        out = tmp_path / "s.npz"
-        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--rows", "2", "--per-row", "3", *flags]) == 0
-        return np.load(out, allow_pickle=False)["codes"]
-    np.testing.assert_array_equal(codes("--top-k", "1"), codes("--temperature", "0"))   # one code left: the argmax
-    np.testing.assert_array_equal(codes("--top-p", "1e-9"), codes("--temperature", "0"))
-    capsys.readouterr()
-    assert T.main(["sample", "--run", str(run), "--top-p", "0"]) == 1
-    assert "--top-p in (0, 1], got 0 and 0.0" in one_error_line(capsys)
-    assert T.main(["--resume", str(run), "--top-k", "-2"]) == 1
-    assert "--top-k must be at least 0" in one_error_line(capsys)
-
-
-def test_class_conditional_runs_train_with_label_dropout_and_sample_with_guidance(tmp_path, tiny_data, capsys):
-    write_mnist(tmp_path / "mnist", n_train=8)                         # labelled: a class-conditional prior
-    run = tiny_run(tmp_path, "mnist", steps=2, extra=("--data-dir", str(tmp_path)))
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["priors"][0]["label_dropout"] == T.LABEL_DROPOUT and saved["train"]["guidance"] is None
-    def codes(*flags):
-        out = tmp_path / "s.npz"
-        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--per-row", "3", *flags]) == 0
-        return np.load(out, allow_pickle=False)["codes"]
-    np.testing.assert_array_equal(codes(), codes("--guidance", str(T.GUIDANCE)))  # the default for such a prior
-    assert not np.array_equal(codes("--guidance", "1"), codes("--guidance", "4"))
-    capsys.readouterr()
-    assert T.main(["sample", "--run", str(run), "--guidance", "-1"]) == 1
-    assert "--guidance must be a finite number >= 0 (1: none), got -1.0" in one_error_line(capsys)
-    unconditional = tmp_path / "plain"
-    assert T.main(["--data", str(tiny_data), "--steps", "2", "--prior-steps", "2", "--out", str(unconditional),
-                   "--no-prior-labels", "--no-evaluate", "--log-every", "1"]) == 0
-    assert json.loads((unconditional / "config.json").read_text())["priors"][0]["label_dropout"] == 0
-    capsys.readouterr()
-    assert T.main(["sample", "--run", str(unconditional), "--guidance", "2"]) == 1
-    assert "--guidance 2.0 needs a class-conditional prior trained with --prior-label-dropout > 0" \
-        in one_error_line(capsys)
-    assert T.main(["--data", str(tiny_data), "--out", str(tmp_path / "x"), "--no-prior-labels",
-                   "--prior-label-dropout", "0.2"]) == 1
-    assert "--prior-label-dropout 0.2 drops the class of a class-conditional prior" in one_error_line(capsys)
-    assert not (tmp_path / "x").exists()                               # refused before anything was written
-
-
-# -----------------------------------------------------------------------------
-# adversarial training (VQGAN): LeakyReLU, the patch discriminator, its losses, the adaptive weight
-
-
-def tiny_disc(in_ch, width, layers, seed):
-    return V.PatchDiscriminator(in_ch, width, layers, init=f64_init(seed + 1))
-
-
-def leaky_inputs(disc):
-    """The inputs of D's LeakyReLUs in its latest forward, to keep finite differences off their kink."""
-    return [layer.cache for layer in disc.layers if isinstance(layer, V.LeakyReLU)]
-
-
-@given(st.integers(1, 3), st.integers(1, 4), st.floats(0.01, 0.5), seeds)
-def test_leaky_relu_gradient_is_one_or_the_slope(N, C, slope, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((N, 3, 3, C))
-    assume(np.min(np.abs(x)) > 1e-3)                                   # away from the kink at 0
-    layer = V.LeakyReLU(slope)
-    np.testing.assert_array_equal(layer.forward(x), np.where(x > 0, x, slope * x))
-    check_layer_grads(layer, x, rng)
-
-
-@given(st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(3, 4), seeds)
-def test_patch_discriminator_gradients_match_finite_differences_for_its_weights_and_input(layers, width, C, size, seed):
-    disc = tiny_disc(C, width, layers, seed % 1000)
-    rng = np.random.default_rng(seed)
-    H = size * 2 ** layers                                             # leaves a logit map of size - 2 >= 1
-    x = rng.standard_normal((2, H, H + 2 ** layers, C))
-    y = disc.forward(x)
-    assert y.shape == (2, *disc.patches(H, H + 2 ** layers), 1) and min(y.shape[1:3]) >= 1
-    assume(min(np.min(np.abs(a)) for a in leaky_inputs(disc)) > 1e-4)  # +-eps flips no LeakyReLU
-    check_layer_grads(disc, x, rng, tol=1e-5)
-
-
-@given(st.integers(1, 3), st.integers(1, 4), seeds)
-def test_hinge_and_generator_losses_equal_their_formulas_and_gradients(N, h, seed):
-    rng = np.random.default_rng(seed)
-    real, fake = rng.standard_normal((N, h, h, 1)) * 2, rng.standard_normal((N, h + 1, h, 1)) * 2
-    assume(np.min(np.abs(np.abs(real) - 1)) > 1e-3 and np.min(np.abs(np.abs(fake) - 1)) > 1e-3)  # off the hinges
-    loss, d_real, d_fake = V.hinge_d_loss(real, fake)
-    assert np.isclose(loss, 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake))))
-    assert rel_error(d_real, numerical_grad(lambda: V.hinge_d_loss(real, fake)[0], real)) < 1e-6
-    assert rel_error(d_fake, numerical_grad(lambda: V.hinge_d_loss(real, fake)[0], fake)) < 1e-6
-    assert np.all(d_real[real > 1] == 0) and np.all(d_fake[fake < -1] == 0)   # beyond the margin: no push
-    g, d_g = V.generator_loss(fake)
-    assert np.isclose(g, -fake.mean())
-    assert rel_error(d_g, numerical_grad(lambda: V.generator_loss(fake)[0], fake)) < 1e-6
-    r32, f32 = real.astype(np.float32), fake.astype(np.float32)
-    assert all(a.dtype == np.float32 for a in (*V.hinge_d_loss(r32, f32), *V.generator_loss(f32)))
-
-
-@given(conv_shapes(), seeds)
-def test_conv_transpose_weight_grad_equals_backwards_and_leaves_grads_alone(shape, seed):
-    N, C, O, k, s, pad, H, W = shape
-    assume((H - 1) * s + k[0] > sum(pad[0]) and (W - 1) * s + k[1] > sum(pad[1]))
-    rng = np.random.default_rng(seed)
-    convt = V.ConvTranspose2d(C, O, k, s, pad, init=f64_init(seed))
-    y = convt.forward(rng.standard_normal((N, H, W, C)))
-    dy, other = rng.standard_normal(y.shape), rng.standard_normal(y.shape)
-    convt.backward(dy)
-    dW = convt.grads["W"].copy()
-    np.testing.assert_allclose(convt.weight_grad(dy), dW, rtol=1e-10, atol=1e-12)
-    convt.weight_grad(other)
-    assert np.array_equal(convt.grads["W"], dW)                        # .grads untouched
-    np.testing.assert_allclose(convt.weight_grad(dy + 2 * other), dW + 2 * convt.weight_grad(other), rtol=1e-9, atol=1e-12)
-
-
-def tiny_vqgan(seed, weight=0.5, quantizer="vq", dtype="float64"):
-    model = V.VQVAE(tiny_config(quantizer=quantizer, seed=seed, dtype=dtype), device="cpu")
-    disc = V.PatchDiscriminator(2, 2, 1, init=V.uniform_init(np.random.default_rng(seed + 1), np, dtype))
-    return V.VQGAN(model, disc, weight, start=0)
-
-
-@given(seeds)
-def test_adaptive_weight_is_the_ratio_of_the_full_gradients_at_the_last_layer(seed):
-    """lambda from the last layer's weight_grad shortcut equals |g_rec| / (|g_gan| + delta) with
-    g_rec and g_gan the gradients of each loss at W_L by central differences through the whole
-    network (and, for g_rec, the full backward's)."""
-    gan = tiny_vqgan(seed % 1000, weight=0.7)
-    model, disc = gan.model, gan.disc
-    x = np.random.default_rng(seed).standard_normal((2, 8, 8, 2))
-    stats = gan.forward(x, train=False)
-    W_L = model.last_layer.params["W"]
-    disc.forward(model.cache[1])
-    assume(min(np.min(np.abs(a)) for a in leaky_inputs(disc)) > 1e-4)  # +-eps flips no LeakyReLU
-    def gan_loss():
-        model.forward(x, train=False)
-        return -disc.forward(model.cache[1]).mean()                     # L_GAN = -mean D(x_hat)
-    g_rec = numerical_grad(lambda: model.forward(x, train=False)["recon"], W_L)
-    g_gan = numerical_grad(gan_loss, W_L)
-    model.forward(x, train=False)
-    model.backward()                                                   # the full backward of the recon term
-    assert rel_error(model.last_layer.grads["W"], g_rec, 1e-3) < 1e-6
-    expected = np.linalg.norm(g_rec) / (np.linalg.norm(g_gan) + 1e-4)
-    assert abs(stats["gan_weight"] / 0.7 - expected) <= 1e-6 * expected
-    assert V.adaptive_weight(np.ones(3), np.zeros(3)) == 1e4           # clipped where L_GAN's gradient vanishes
-
-
-@pytest.mark.parametrize("quantizer", ["vq", "ema"])
-@given(seed=seeds)
-def test_adversarial_step_gradients_are_those_of_recon_plus_lambda_gan_with_lambda_held(quantizer, seed):
-    """The VQ-VAE's gradients from VQGAN's one decoder backward equal central differences of
-    recon + vq + lambda (-mean D(x_hat)) with lambda a constant (the stop-gradient of eq. 7), and
-    D's gradients those of the hinge loss with x_hat a constant."""
-    gan = tiny_vqgan(seed % 1000, quantizer=quantizer)
-    model, disc = gan.model, gan.disc
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, 8, 8, 2))
-    stats = gan.forward(x, train=False)
-    gan.backward()
-    grads, disc_grads = {k: g.copy() for k, g in model.grads.items()}, {k: g.copy() for k, g in disc.grads.items()}
-    lam, x_hat = float(stats["gan_weight"]), model.cache[1].copy()
-    assert lam > 0
-    logits = disc.forward(np.concatenate([x, x_hat]))
-    kinks = [layer.cache for layer in all_layers(model) if isinstance(layer, V.ReLU)] + leaky_inputs(disc)
-    assume(min(np.min(np.abs(a)) for a in kinks) > 1e-4 and np.min(np.abs(np.abs(logits) - 1)) > 1e-4)
-    assume(freeze_stop_gradients(model, x) > 1e-4)
-    def loss():
-        stats = model.forward(x, train=False)
-        return stats["loss"] + lam * -disc.forward(model.cache[1]).mean()
-    check_sampled_grads(loss, grads, model.params, rng, 3)
-    check_sampled_grads(lambda: V.hinge_d_loss(disc.forward(x), disc.forward(x_hat))[0], disc_grads, disc.params, rng, 4)
-
-
-def test_before_disc_start_the_step_is_the_vqvae_step_and_the_discriminator_sleeps():
-    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2)).astype(np.float32)
-    gan, plain = tiny_vqgan(3, quantizer="ema", dtype="float32"), V.VQVAE(tiny_config(quantizer="ema", seed=3, dtype="float32"))
-    gan.start = 2
-    opt, disc_opt, plain_opt = V.Adam(gan.model.params), V.Adam(gan.disc.params), V.Adam(plain.params)
-    disc_before = {k: v.copy() for k, v in gan.disc.params.items()}
-    for step in range(2):
-        stats = gan.train_step(x, opt, disc_opt, step)
-        assert "gan" not in stats and stats["loss"] == plain.train_step(x, plain_opt)["loss"]
-    assert all(np.array_equal(v, plain.params[k]) for k, v in gan.model.params.items())
-    assert disc_opt.t == 0 and all(np.array_equal(v, disc_before[k]) for k, v in gan.disc.params.items())
-    stats = gan.train_step(x, opt, disc_opt, 2)                        # from step 2 on: both networks move
-    assert disc_opt.t == 1 and opt.t == 3 and stats["gan_weight"].dtype == np.float32
-    assert stats["loss"] == stats["recon"] + stats["vq"] + stats["gan_weight"] * stats["gan"]
-    assert not all(np.array_equal(v, disc_before[k]) for k, v in gan.disc.params.items())
-
-
-@pytest.mark.parametrize("where", ["everywhere", "discriminator only"])
-def test_a_non_finite_adversarial_step_changes_neither_network_nor_either_adam(where, monkeypatch):
-    gan = tiny_vqgan(0, quantizer="ema", dtype="float32")
-    model, disc = gan.model, gan.disc
-    opt, disc_opt = V.Adam(model.params, lr=1e-3), V.Adam(disc.params, lr=1e-3, betas=(0.5, 0.9))
-    rng = np.random.default_rng(0)
-    gan.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt, disc_opt, 0)  # moments and EMA not trivial
-    state = lambda: {**{f"m.{k}": v for k, v in {**model.params, **model.buffers}.items()}, **opt.state_dict(),
-                     **{f"d.{k}": v for k, v in disc.params.items()}, **{f"do.{k}": v for k, v in disc_opt.state_dict().items()}}
-    before = {k: np.copy(v) for k, v in state().items()}
-    x = np.full((2, 8, 8, 2), 1e30, np.float32)
-    if where == "discriminator only":                                  # the VQ-VAE's gradients finite, D's not
-        x = rng.standard_normal((2, 8, 8, 2)).astype(np.float32)
-        real_hinge = V.hinge_d_loss
-        monkeypatch.setattr(V, "hinge_d_loss", lambda r, f: (lambda l, dr, df: (l, dr * np.nan, df))(*real_hinge(r, f)))
-    with pytest.raises(V.NonFiniteError, match="holds NaN or infinite values: no parameter was changed"), \
-            np.errstate(all="ignore"):
-        gan.train_step(x, opt, disc_opt, 1)
-    changed = [k for k, v in state().items() if not np.array_equal(before[k], v)]
-    assert changed == []
-    monkeypatch.undo()
-    gan.train_step(rng.standard_normal((2, 8, 8, 2)).astype(np.float32), opt, disc_opt, 1)  # and it trains on
-    assert opt.t == disc_opt.t == 2
-
-
-def test_an_adversarial_run_keeps_its_discriminator_in_the_checkpoint_and_refuses_a_damaged_one(tmp_path, tiny_data, capsys):
-    run = tiny_run(tmp_path, tiny_data, extra=[*ADVERSARIAL, "--stage", "vqvae", "--log-every", "1"])
-    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    assert int(arrays["disc_opt.t"]) == 2 and arrays["disc.0.W"].shape == (4, 3, 4, 4)  # D trained at steps 2 and 3
-    lines = [m for m in metric_lines(run) if "loss" in m]              # steps 1 to 4, the training lines
-    assert "gan" not in lines[1] and all(k in lines[2] for k in ("gan", "gan_weight", "disc_loss"))  # from step index 2
-    assert json.loads((run / "summary.json").read_text())["adversarial"] is True
-    del arrays["disc.2.W"]
-    np.savez(run / "checkpoint.npz", **arrays)
-    assert T.main(["--resume", str(run), "--steps", "6", "--stage", "vqvae"]) == 1
-    assert "cannot resume from this checkpoint (ValueError: checkpoint has no array 'disc.2.W')" in one_error_line(capsys)
-    assert T.main(["--resume", str(run), "--no-adversarial"]) == 1
-    assert "cannot change --adversarial when resuming" in one_error_line(capsys)
-
-
-@pytest.mark.skipif(V._gpu_problem() is not None, reason="CuPy with a usable GPU is needed")
-def test_adversarial_steps_numpy_and_cupy_agree():
-    cfg = V.Config(hidden=32, res_hidden=8, codebook_size=32, code_dim=8, quantizer="ema", dtype="float64")
-    runs = []
-    for device, xp in (("cpu", np), ("gpu", V.cupy)):
-        disc = V.PatchDiscriminator(3, 4, 2, init=V.uniform_init(np.random.default_rng(1), xp, "float64"))
-        gan = V.VQGAN(V.VQVAE(cfg, device=device), disc, 0.8, start=1)
-        runs.append((gan, V.Adam(gan.model.params, lr=1e-3), V.Adam(disc.params, lr=1e-3, betas=(0.5, 0.9))))
-    x = np.random.default_rng(0).random((4, 16, 16, 3))
-    for step in range(3):                                              # step 0 without D, then with it
-        sc, sg = [gan.train_step(x, opt, disc_opt, step) for gan, opt, disc_opt in runs]
-        np.testing.assert_allclose(float(sc["loss"]), float(sg["loss"]), rtol=1e-9)
-    (cpu, _, _), (gpu, _, _) = runs
-    for k, v in {**cpu.model.state_dict(), **{f"disc.{k}": a for k, a in cpu.disc.params.items()}}.items():
-        other = gpu.model.state_dict()[k] if not k.startswith("disc.") else V.to_numpy(gpu.disc.params[k[5:]])
-        np.testing.assert_allclose(other, v, rtol=1e-7, atol=1e-9, err_msg=k)
