@@ -763,6 +763,23 @@ def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, 
     return codes[:N]
 
 
+def _sampler_state(model, N, h, w):
+    """What the fast sampler computes once: the horizontal kernels (1, r+1) and the output 1x1
+    convolutions as matrices, and every attention layer's keys and values (a slot per position in
+    raster order, filled as the pixels are computed) and positional codes. The gate's sigmoid(a_g)
+    = (1 + tanh(a_g / 2)) / 2: the 1/2 (`half`) is folded into the a_g half of W_h and of the
+    row's base (a power of two: exact), so that the tanh of the a_g half gives tanh(a_g / 2)."""
+    xp, dtype, p = model.xp, model.cfg.dtype, model.cfg.channels
+    half = xp.asarray(np.repeat([1.0, 0.5], p).astype(dtype))         # (2p,)
+    W_h = [conv_matrix(layer.conv_h.params["W"]) * half for layer in model.layers]  # ((r+1) p, 2p): window -> h_pre
+    W_out = [conv_matrix(layer.out.params["W"]) for layer in model.layers]  # (p, p)
+    n, e = model.cfg.heads, (model.cfg.attention_dim or p) // model.cfg.heads
+    KV = {l: (xp.zeros((N, n, h * w, e), dtype), xp.zeros((N, n, h * w, e), dtype))  # (N, n, h*w, e) each
+          for l in model.attention}
+    pos = {l: positional_encoding(h, w, att.F, xp, dtype) for l, att in model.attention.items()}  # (h, w, P)
+    return half, W_h, W_out, KV, pos
+
+
 def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0,
            guidance=1.0):
     """The codes of sample_naive (same seed, same uniforms), computing each pixel of each layer once.
@@ -799,21 +816,8 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
         """Row a of the conditioning terms: (c_v, c_h), each 0.0, (N, 1, 1, 2p) or (N, 1, w, 2p)."""
         return layer.conditioning(labels, None if cond is None else cond[:, a:a + 1])
 
-    # the horizontal kernel (1, r+1) and the output 1x1 convolution as matrices, once. The gate
-    # sigmoid(a_g) = (1 + tanh(a_g / 2)) / 2: the 1/2 is folded into the a_g half of W_h and of
-    # base below (a power of two: exact), so that the tanh of the a_g half gives tanh(a_g / 2)
-    half = xp.asarray(np.repeat([1.0, 0.5], p).astype(dtype))         # (2p,)
-    W_h = [conv_matrix(layer.conv_h.params["W"]) * half for layer in layers]  # ((r+1) p, 2p): window -> h_pre
-    W_out = [conv_matrix(layer.out.params["W"]) for layer in layers]   # (p, p)
+    half, W_h, W_out, KV, pos = _sampler_state(model, N, h, w)
     gate_at, residual_at = pixel_kernels(xp, p)
-
-    # every attention layer's keys and values, a slot per position in raster order, filled as
-    # the pixels are computed; and the positions' codes
-    n, e = model.cfg.heads, (model.cfg.attention_dim or p) // model.cfg.heads
-    KV = {l: (xp.zeros((N, n, h * w, e), dtype), xp.zeros((N, n, h * w, e), dtype))  # (N, n, h*w, e) each
-          for l in model.attention}
-    pos = {l: positional_encoding(h, w, att.F, xp, dtype) for l, att in model.attention.items()}  # (h, w, P)
-
     # vertical inputs of every layer, padded as conv_v pads: r zero rows on top, r columns each side
     V = [xp.zeros((N, h + r, w + 2 * r, p), dtype) for _ in layers]    # (N, h + r, w + 2r, p)
     for i in range(h):
