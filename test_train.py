@@ -29,7 +29,7 @@ from conftest import (json_values, seeds, TINY, metric_lines, tiny_run, one_erro
 def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     run = tmp_path / "run"
     assert T.main(["--data", tiny_data, "--out", str(run), "--steps", "6", "--eval-every", "3",
-                   "--log-every", "2", *TINY]) == 0
+                   "--log-every", "2", "--seed", "3", *TINY]) == 0
     for name in ("config.json", "metrics.jsonl", "checkpoint.npz", "recon_000003.png", "recon_000006.png",
                  "recon.png", "prior.npz", "samples.png", "summary.json", "report.html", "evaluation.json",
                  "judge_seed0.npz"):
@@ -51,6 +51,7 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
         assert int(f["step"]) == 6 and "opt.m.encoder.0.W" in f.files
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["codebook_size"] == 16 and config["train"]["steps"] == 6
+    assert config["train"]["seed"] == config["model"]["seed"] == 3 and config["priors"][0]["seed"] == 3
     assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
 
 

@@ -525,8 +525,8 @@ def configs_from_args(args):
         return resumed_configs(Path(args.resume), given)
     if args.stage == "prior":
         raise UserError("--stage prior trains a prior for an existing run: add --resume RUN_DIR")
-    kw = {cls: {f.name: given[prefix + f.name] for f in fields(cls) if prefix + f.name in given}
-          for cls, prefix, _ in SECTIONS}
+    kw = {cls: {f.name: given[prefix + f.name] for f in fields(cls) if FLAGS.get(prefix + f.name, (None,))[0] is cls
+                and prefix + f.name in given} for cls, prefix, _ in SECTIONS}
     try:
         cfg = TrainConfig(**kw[TrainConfig])
         model_cfg = vqvae.Config(**kw[vqvae.Config], seed=cfg.seed)
