@@ -96,7 +96,7 @@ def check_sampled_grads(f, grads, arrays, rng, n):
 
 TINY = ["--hidden", "8", "--res-hidden", "4", "--res-blocks", "1", "-K", "16", "-D", "4", "--batch-size", "4",
         "--prior-steps", "2", "--prior-channels", "4", "--prior-layers", "2", "--prior-batch-size", "4",
-        "--judge-steps", "2", "--eval-images", "8"]
+        "--judge-steps", "2", "--two-sample-steps", "2", "--eval-images", "8"]
 
 
 @pytest.fixture

@@ -113,6 +113,7 @@ class JudgeConfig:
     num_classes: int = setting(3, low=2)       # the data's classes; without labels, the rotations it tells apart
     width: int = setting(16, low=1)            # w: channels of the first layer (then 2w, 2w, 4w)
     rotations: bool = setting(False)           # True: trained to tell by how much an image was rotated (no labels)
+    sharpness: bool = setting(False, absent=False)  # also trained to tell images from their blurred copies
     dtype: str = setting("float32", choices=("float32", "float64"))
     seed: int = setting(0, low=0)              # initialisation and the order of its training batches
 
@@ -127,7 +128,13 @@ class JudgeConfig:
 class Judge:
     """x (N, H, W, C) -> logits (N, K): a 3x3 conv, two 4x4 convs of stride 2, a 3x3 conv, with
     a ReLU after each, then the mean over positions and a linear layer (a 1x1 conv). The mean
-    vector, 4w numbers, is an image's feature, as FID uses Inception's pool features."""
+    vector, 4w numbers, is an image's feature, as FID uses Inception's pool features.
+
+    A classifier learns what its classes need and no more: blur keeps a triangle a triangle, so
+    a judge trained on the classes alone hardly sees it (reconstructions at its floor from the
+    real images). With cfg.sharpness a second linear layer on the same feature learns to tell
+    real images from blurred copies of them, so that the feature sees edges; the class layer
+    still learns from the real images only (docs/evaluation.md)."""
 
     def __init__(self, cfg, device=None):
         self.cfg, self.xp = cfg, vqvae.backend(device)
@@ -141,6 +148,8 @@ class Judge:
             MeanPool())                                                                 # (N, 1, 1, 4w)
         self.head = vqvae.Conv2d(4 * w, cfg.num_classes, 1, init=init)
         self.parts = {"features": self.features, "head": self.head}
+        if cfg.sharpness:                                              # real (0) or blurred (1), drawn last
+            self.sharp = self.parts["sharp"] = vqvae.Conv2d(4 * w, 2, 1, init=init)
 
     @property
     def params(self):
@@ -153,17 +162,35 @@ class Judge:
     def forward(self, x):
         return self.head.forward(self.features.forward(self.xp.asarray(x, dtype=self.cfg.dtype)))[:, 0, 0]  # (N, K)
 
-    def loss(self, x, labels):
-        logits = self.forward(x)
-        labels = self.xp.asarray(labels)
+    def loss(self, x, labels, blurred=None):
+        """Cross-entropy of the class (or rotation) of the images x; with `blurred` images (a
+        judge with sharpness), plus the cross-entropy of telling x (0) from them (1), on the same
+        features of both."""
+        xp, n = self.xp, len(x)
+        f = self.features.forward(xp.asarray(x if blurred is None else np.concatenate([x, blurred]), self.cfg.dtype))
+        logits = self.head.forward(f[:n])[:, 0, 0]                     # (n, K): the real images' classes
+        labels = xp.asarray(labels)
         loss, self.dlogits = softmax_cross_entropy(logits, labels)
-        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).mean()}
+        stats = {"accuracy": (logits.argmax(1) == labels).mean()}
+        self.dsharp = None
+        if blurred is not None:
+            sharp = self.sharp.forward(f)[:, 0, 0]                     # (n + m, 2)
+            blurry = xp.asarray(np.r_[np.zeros(n, np.int64), np.ones(len(blurred), np.int64)])
+            loss_sharp, self.dsharp = softmax_cross_entropy(sharp, blurry)
+            loss = loss + loss_sharp                                   # both tasks, one feature
+            stats["sharp_accuracy"] = (sharp.argmax(1) == blurry).mean()
+        return {"loss": loss, **stats}
 
     def backward(self):
-        self.features.backward(self.head.backward(self.dlogits[:, None, None, :]))  # logits = head(mean(features))
+        df = self.head.backward(self.dlogits[:, None, None, :])       # logits = head(mean(features)), real only
+        if self.dsharp is not None:
+            df_all = self.sharp.backward(self.dsharp[:, None, None, :])  # sharp = sharp(mean(features)), all
+            df_all[:len(df)] += df
+            df = df_all
+        self.features.backward(df)
 
-    def train_step(self, x, labels, opt):
-        stats = self.loss(x, labels)
+    def train_step(self, x, labels, opt, blurred=None):
+        stats = self.loss(x, labels, blurred)
         self.backward()
         opt.step(self.grads)
         return stats
@@ -189,6 +216,21 @@ class Judge:
         return vqvae.read_checkpoint(cls, JudgeConfig, path, device)
 
 
+def blur(images, sigma):
+    """uint8 images (N, H, W, C) blurred by a Gaussian of standard deviation sigma pixels (the
+    border repeated), rounded back to uint8: what the judge learns to see, and the tests' ruler."""
+    if sigma == 0:
+        return images
+    r = int(math.ceil(3 * sigma))
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()                                                       # (2r + 1,) taps, one axis at a time
+    x = images.astype(np.float32)
+    for axis in (1, 2):
+        padded = np.pad(x, [(r, r) if a == axis else (0, 0) for a in range(4)], mode="edge")
+        x = sum(k[i] * np.take(padded, range(i, i + x.shape[axis]), axis) for i in range(2 * r + 1))
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
 def rotate(images, k):
     """Each image i turned by k[i] quarter turns (k in 0..3; a non-square image takes 0 or 2)."""
     out = images.copy()
@@ -208,25 +250,64 @@ def judge_task(data):
     return None, 4 if H == W else 2, True
 
 
-def train_judge(data, seed, steps, device, batch_size=64, lr=2e-3, log=None):
-    """A judge trained on the real training split only (the held-out images are what it measures)."""
+BLUR = (0.3, 1.5)  # the blur the judge learns to tell apart: sigma uniform in this range, a draw per step
+
+
+def train_judge(data, seed, steps, device, batch_size=32, lr=2e-3, log=None, rotations=None, sharpness=True):
+    """A judge trained on the real training split only (the held-out images are what it measures):
+    a batch of images for its classes (rotations: their rotation, whatever the data), and with
+    sharpness the same images blurred, a sigma a step from BLUR, for its sharpness."""
     images = pad_to_multiple(data["train"], 4)                         # at least 4 x 4 for the two stride-2 layers
-    labels, K, rotations = judge_task(data)
-    judge = Judge(JudgeConfig(in_channels=images.shape[3], num_classes=K, rotations=rotations, seed=seed), device)
+    labels, K, by_data = judge_task(data)
+    if rotations and not by_data:
+        K = 4 if images.shape[1] == images.shape[2] else 2
+    rotations = by_data if rotations is None else rotations
+    judge = Judge(JudgeConfig(in_channels=images.shape[3], num_classes=K, rotations=rotations, sharpness=sharpness,
+                              seed=seed), device)
     opt = vqvae.Adam(judge.params, lr=lr)
     batch_size = min(batch_size, len(images))
     for s in range(steps):
         idx = batch_indices(seed, s, len(images), batch_size)
         x = images[idx]
+        rng = np.random.default_rng([seed, s])
         if rotations:                                                  # K = 4 quarter turns, or 2 half turns
-            y = np.random.default_rng([seed, s]).integers(0, K, len(idx))
+            y = rng.integers(0, K, len(idx))
             x = rotate(x, y * (4 // K))
         else:
             y = labels[idx]
-        stats = judge.train_step(to_model(x), y, opt)
+        stats = judge.train_step(to_model(x), y, opt, blurred=to_model(blur(x, rng.uniform(*BLUR))) if sharpness else None)
         if log and (s + 1) % 250 == 0:
-            log(f"judge {s + 1}/{steps} loss {float(stats['loss']):.4g} accuracy {float(stats['accuracy']):.3f}")
+            log(f"judge {s + 1}/{steps} loss {float(stats['loss']):.4g} accuracy {float(stats['accuracy']):.3f}"
+                + (f" sharp {float(stats['sharp_accuracy']):.3f}" if sharpness else ""))
     return judge
+
+
+def two_sample_test(A, B, seed, steps=600, crop=16, batch_size=32, lr=2e-3, device=None):
+    """Classifier two-sample test (Lopez-Paz & Oquab 2017): a fresh network of the judge's shape,
+    trained to tell the first halves of the uint8 image sets A (0) and B (1) apart, and its
+    accuracy on their second halves -> a number in about [0.5, 1]. 0.5: the sets cannot be told
+    apart; its floor is the same test on two halves of the real images (0.5 within about
+    1 / sqrt(n)). It trains on random crop x crop windows (a batch shares one), as many as a
+    quarter of a 32 x 32 image's pixels: a difference of texture or edges is local, and the crops
+    keep the test quick and the network from learning the training images by heart; it is
+    measured on the whole images (the mean over positions takes any size)."""
+    n = min(len(A), len(B))
+    h = n // 2
+    A, B = pad_to_multiple(A[:n], 4), pad_to_multiple(B[:n], 4)
+    net = Judge(JudgeConfig(in_channels=A.shape[3], num_classes=2, seed=seed), device)
+    opt = vqvae.Adam(net.params, lr=lr)
+    crop_h, crop_w = min(crop, A.shape[1]), min(crop, A.shape[2])
+    y = np.r_[np.zeros(batch_size, np.int64), np.ones(batch_size, np.int64)]
+    for s in range(steps):
+        rng = np.random.default_rng([seed, s])
+        i, j = rng.integers(0, A.shape[1] - crop_h + 1), rng.integers(0, A.shape[2] - crop_w + 1)
+        x = np.concatenate([A[rng.integers(0, h, batch_size)], B[rng.integers(0, h, batch_size)]])
+        net.train_step(to_model(x[:, i:i + crop_h, j:j + crop_w]), y, opt)
+    right = 0
+    for images, label in ((A[h:], 0), (B[h:], 1)):
+        for k in range(0, len(images), 250):
+            right += int((vqvae.to_numpy(net.forward(to_model(images[k:k + 250])).argmax(1)) == label).sum())
+    return right / (2 * (n - h))
 
 
 # -----------------------------------------------------------------------------
@@ -275,17 +356,26 @@ def precision_recall(real, fake, k=3):
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
-def sample_figures(judge, real, recon, samples, real_labels=None, sample_labels=None):
+def sample_figures(judge, real, recon, samples, real_labels=None, sample_labels=None, two_sample_steps=0, seed=0):
     """The evaluation's figures from uint8 image sets of the same size n: held-out real images,
     their reconstructions, and samples. Each Frechet distance compares disjoint halves (n/2
     against n/2), and so do precision and recall, so that every figure and its floor (or, for
-    precision, recall and accuracy, its ceiling) come from sets of the same size."""
+    precision, recall and accuracy, its ceiling) come from sets of the same size. With
+    two_sample_steps, the two-sample tests too: reconstructions against real images, samples
+    against reconstructions, and their floor, two halves of the real images."""
+    fig = {}
+    if two_sample_steps:
+        h = len(real) // 2
+        fig["c2st_real_halves"] = two_sample_test(real[:h], real[h:2 * h], seed, two_sample_steps)
+        fig["c2st_recon_real"] = two_sample_test(real, recon, seed, two_sample_steps)
+        if samples is not None:
+            fig["c2st_samples_recon"] = two_sample_test(recon, samples, seed, two_sample_steps)
     (f_real, p_real), (f_rec, p_rec) = judge.embed(real), judge.embed(recon)
     h = len(real) // 2
     A, B = slice(0, h), slice(h, 2 * h)
-    fig = {"fd_real_halves": frechet_distance(f_real[A], f_real[B]),   # the floor of fd_recon_real
-           "fd_recon_real": frechet_distance(f_rec[A], f_real[B]),
-           "fd_recon_halves": frechet_distance(f_rec[A], f_rec[B])}    # the floor of fd_samples_recon
+    fig.update(fd_real_halves=frechet_distance(f_real[A], f_real[B]),  # the floor of fd_recon_real
+               fd_recon_real=frechet_distance(f_rec[A], f_real[B]),
+               fd_recon_halves=frechet_distance(f_rec[A], f_rec[B]))   # the floor of fd_samples_recon
     fig["precision_real_halves"], fig["recall_real_halves"] = precision_recall(f_real[A], f_real[B])
     fig["precision_recon"], fig["recall_recon"] = precision_recall(f_real[A], f_rec[B])
     if samples is not None:
@@ -308,9 +398,9 @@ def judge_for(run, data, seed, steps, device):
     _, K, rotations = judge_task(data)
     if path.is_file():
         judge = load_model(path, Judge, device)
-        if (judge.cfg.in_channels, judge.cfg.num_classes, judge.cfg.rotations) == (data["train"].shape[3], K, rotations) \
-                and checkpoint_note(path, "steps") == str(steps):
-            return judge
+        if (judge.cfg.in_channels, judge.cfg.num_classes, judge.cfg.rotations, judge.cfg.sharpness) == \
+                (data["train"].shape[3], K, rotations, True) and checkpoint_note(path, "steps") == str(steps):
+            return judge                                               # (one from before sharpness: trained anew)
     t = time.time()
     judge = train_judge(data, seed, steps, device, log=lambda text: print(text, file=sys.stderr))
     save_npz(path, {**judge.state_dict(), "config": np.array(json.dumps(asdict(judge.cfg))), "steps": np.array(str(steps)),
@@ -318,9 +408,11 @@ def judge_for(run, data, seed, steps, device):
     return judge
 
 
-def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps, n, seed, rule, device):
+def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps, n, seed, rule, device,
+                     two_sample_steps=0):
     """Train or load the judge, then measure n held-out images, their reconstructions and n
-    samples (an equal number of each class, for a class-conditional prior) -> the figures."""
+    samples (an equal number of each class, for a class-conditional prior) -> the figures; the
+    two-sample tests' networks take the judge's seed."""
     t = time.time()
     judge = judge_for(run, data, judge_seed, judge_steps, device)
     n = min(n, len(data["test"]))
@@ -329,15 +421,21 @@ def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps,
     num_classes = priors[0].cfg.num_classes if priors else 0
     sample_labels = np.arange(n) % num_classes if num_classes else None
     samples = sample_images(model, priors, n, seed, rule, real_hw, sample_labels)[0] if priors else None
-    fig = sample_figures(judge, real, reconstruct_images(model, real), samples, real_labels, sample_labels)
+    fig = sample_figures(judge, real, reconstruct_images(model, real), samples, real_labels, sample_labels,
+                         two_sample_steps, judge_seed)
     return {"judge_seed": judge_seed, "judge_steps": judge_steps, "judge_task": "rotation" if judge.cfg.rotations
-            else "class", "images": n, "sample_seed": seed, **rule, **fig,
+            else "class", "two_sample_steps": two_sample_steps, "images": n, "sample_seed": seed, **rule, **fig,
             "evaluate_time_s": time.time() - t}
 
 
 def evaluation_table(ev):
     """The figures as a small table, each beside the floor it is read against."""
-    rows = [("Frechet distance in the judge's features", "", ""),
+    rows = []
+    if "c2st_recon_real" in ev:
+        rows += [("two-sample test: a classifier's accuracy (0.5: alike)", "", ""),
+                 ("  samples against reconstructions", ev.get("c2st_samples_recon"), ev["c2st_real_halves"]),
+                 ("  reconstructions against real images", ev["c2st_recon_real"], ev["c2st_real_halves"])]
+    rows += [("Frechet distance in the judge's features", "", ""),
             ("  samples to reconstructions", ev.get("fd_samples_recon"), ev["fd_recon_halves"]),
             ("  samples to real images", ev.get("fd_samples_real"), ev["fd_real_halves"]),
             ("  reconstructions to real images", ev["fd_recon_real"], ev["fd_real_halves"]),

@@ -69,18 +69,32 @@ def test_softmax_cross_entropy_gradient_matches_finite_differences(M, K, seed):
     assert rel_error(d, numerical_grad(lambda: E.softmax_cross_entropy(logits, labels)[0], logits)) < 1e-6
 
 
-@given(st.integers(2, 3), st.sampled_from([4, 8]), seeds)
-def test_judge_gradients_match_finite_differences(K, H, seed):
-    judge = E.Judge(E.JudgeConfig(in_channels=2, num_classes=K, width=2, dtype="float64", seed=seed % 1000))
+@given(st.integers(2, 3), st.sampled_from([4, 8]), st.booleans(), seeds)
+def test_judge_gradients_match_finite_differences(K, H, sharpness, seed):
+    """The class loss, and with sharpness the loss of telling the images from their blurred
+    copies too (the second layer on the same features), against central differences."""
+    judge = E.Judge(E.JudgeConfig(in_channels=2, num_classes=K, width=2, sharpness=sharpness, dtype="float64",
+                                  seed=seed % 1000))
     rng = np.random.default_rng(seed)
     x, labels = rng.standard_normal((3, H, H, 2)), rng.integers(0, K, 3)
-    judge.loss(x, labels)
+    blurred = rng.standard_normal((2, H, H, 2)) if sharpness else None
+    judge.loss(x, labels, blurred)
     judge.backward()
     grads = {k: g.copy() for k, g in judge.grads.items()}
-    assert grads.keys() == judge.params.keys()
+    assert grads.keys() == judge.params.keys() and ("sharp.W" in grads) == sharpness
     for k, p in judge.params.items():
         assert grads[k].dtype == p.dtype
-        assert rel_error(grads[k], numerical_grad(lambda: float(judge.loss(x, labels)["loss"]), p), 1e-3) < 1e-5, k
+        assert rel_error(grads[k], numerical_grad(lambda: float(judge.loss(x, labels, blurred)["loss"]), p), 1e-3) < 1e-5, k
+
+
+def test_blur_is_a_normalised_gaussian_that_keeps_flat_images_and_spreads_an_edge():
+    flat = np.full((1, 9, 9, 3), 77, np.uint8)
+    assert np.array_equal(E.blur(flat, 1.3), flat) and E.blur(flat, 0) is flat
+    edge = np.zeros((1, 1, 21, 1), np.uint8)
+    edge[..., 10:, :] = 200                                            # a step from 0 to 200
+    row = E.blur(edge, 1.5)[0, 0, :, 0].astype(int)
+    assert np.all(np.diff(row) >= 0) and row[0] == 0 and row[-1] == 200 and 0 < row[9] < 100 < row[10] < 200
+    assert abs(int(row[9]) + int(row[10]) - 200) <= 1                   # symmetric about the step
 
 
 def two_classes(n, seed):
@@ -165,3 +179,22 @@ def test_evaluate_on_labelled_data_reports_the_judge_accuracy(tmp_path):
     assert fig["fd_recon_real"] == fig["fd_real_halves"]               # the same images: the figure is its floor
     assert abs(fig["fd_samples_real"]) < 1e-5 * fig["fd_real_halves"]  # samples[:10] are real[10:], reversed
     assert (fig["precision_recon"], fig["recall_recon"]) == (fig["precision_real_halves"], fig["recall_real_halves"])
+
+
+def test_blur_moves_every_figure_the_way_it_should_monotonically():
+    """The instrument sees edges: real images blurred at two widths are further from the real
+    images by every figure, the wider the further (the Frechet distance and the two-sample test
+    up; precision, recall and the judge's accuracy down), and unblurred they are at the floor."""
+    train, train_labels = D.make_shapes(2000, 16, seed=1)
+    test, test_labels = D.make_shapes(400, 16, seed=2)
+    data = {"train": train, "test": test, "train_labels": train_labels, "test_labels": test_labels, "num_classes": 3}
+    judge = E.train_judge(data, 0, 400, "cpu")
+    figures = [E.sample_figures(judge, test, E.blur(test, sigma), None, test_labels, two_sample_steps=300)
+               for sigma in (0, 0.7, 1.4)]
+    up, down = ("c2st_recon_real", "fd_recon_real"), ("precision_recon", "recall_recon", "accuracy_recon")
+    for key in up + down:
+        values = [f[key] for f in figures]
+        assert values == sorted(values, reverse=key in down) and len(set(values)) == 3, (key, values)
+    sharp = figures[0]
+    assert sharp["fd_recon_real"] == sharp["fd_real_halves"] and abs(sharp["c2st_recon_real"] - 0.5) < 0.1
+    assert abs(sharp["c2st_real_halves"] - 0.5) < 0.1 and figures[2]["c2st_recon_real"] > 0.9

@@ -95,6 +95,8 @@ class TrainConfig:
     # the evaluation at the end (evaluation.py, docs/evaluation.md)
     evaluate: bool = setting(True, "measure the samples and reconstructions with a judge network", resumable=True)
     judge_steps: int = setting(1500, "training steps of the evaluation's judge", low=1, resumable=True)
+    two_sample_steps: int = setting(600, "training steps of each two-sample test's classifier (0: no test)", low=0,
+                                    resumable=True)
     eval_images: int = setting(1000, "held-out images measured, and as many samples", low=2, resumable=True)
 
     def __post_init__(self):
@@ -281,10 +283,10 @@ def train(cfg, model_cfg, prior_settings, run, resuming):
               f"{min(cfg.eval_images, len(data['test']))} held-out images, their reconstructions and as many "
               f"samples", file=sys.stderr)
         ev = evaluate_samples(run, model, priors, data, real_hw, 0, cfg.judge_steps, cfg.eval_images, cfg.seed + 1,
-                              rule, cfg.device)
+                              rule, cfg.device, cfg.two_sample_steps)
         save_json(run / "evaluation.json", ev)
         print(evaluation_table(ev), file=sys.stderr)
-        summary.update({k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_"))},
+        summary.update({k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_", "c2st_"))},
                        evaluate_time_s=ev["evaluate_time_s"])
         save_json(run / "summary.json", summary)
     write_report(run)
@@ -710,17 +712,19 @@ def evaluate_command(argv):
                                   "the real training images.",
                       ("--judge-seed", dict(type=int, default=0, help="seed of the judge (its initialisation, batches)")),
                       ("--judge-steps", dict(type=int, default=TrainConfig.judge_steps, help="the judge's training steps")),
+                      ("--two-sample-steps", dict(type=int, default=TrainConfig.two_sample_steps,
+                                                  help="training steps of each two-sample test (0: none)")),
                       ("--images", dict(type=int, default=TrainConfig.eval_images,
                                         help="held-out images measured, and as many samples")),
                       sampling=True).parse_args(argv)
-    at_least(args, judge_seed=0, judge_steps=1, images=2, seed=0)
+    at_least(args, judge_seed=0, judge_steps=1, two_sample_steps=0, images=2, seed=0)
     sampling_rule(args, [])                                            # the numbers, before anything is read
     run = Path(args.run)
     cfg, _, _ = saved_configs(run)
     model, priors, real_hw = load_trained(run, args.device, need_priors=False)
     ev = evaluate_samples(run, model, priors, load_dataset(cfg.data, cfg.data_dir), real_hw, args.judge_seed,
                           args.judge_steps, args.images, args.seed, sampling_rule(args, [p.cfg for p in priors or []]),
-                          args.device)
+                          args.device, args.two_sample_steps)
     save_json(run / "evaluation.json", ev)
     write_report(run)
     print(evaluation_table(ev))
