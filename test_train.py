@@ -109,7 +109,9 @@ ADVERSARIAL = ["--adversarial", "--disc-start", "2", "--disc-layers", "1", "--di
                                                      ("ema", 2, ["--kmeans-init"]), ("gumbel", 1, []),
                                                      ("ema", 2, ["--top-only-rate", "0.5", "--code-stride", "8", "--top-codebook-size", "8",
                                                                  "--bottom-prior-factor", "1.5"]),
-                                                     ("ema", 1, ADVERSARIAL)])
+                                                     ("ema", 1, ADVERSARIAL),
+                                                     ("ema", 1, ["--l1-weight", "0.5", "--perceptual-weight", "0.2",
+                                                                 "--perceptual-steps", "2"])])
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quantizer, levels, extra):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (40, 8 * levels, 8, 3), dtype=np.uint8))
     common = ["--data", str(tmp_path / "x.npy"), "--log-every", "1", "--eval-every", "4", "--quantizer", quantizer,

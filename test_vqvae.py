@@ -1790,6 +1790,58 @@ def test_adversarial_step_gradients_are_those_of_recon_plus_lambda_gan_with_lamb
     check_sampled_grads(lambda: G.hinge_d_loss(disc.forward(x), disc.forward(x_hat))[0], disc_grads, disc.params, rng, 4)
 
 
+def tiny_perceptual_net(seed):
+    """A small fixed network to measure the perceptual term in: two 3x3 convolutions with ReLUs,
+    the first keeping its input gradient."""
+    init = V.uniform_init(np.random.default_rng(seed), np, "float64")
+    return V.Sequential(V.Conv2d(2, 3, 3, padding=1, init=init), V.ReLU(), V.Conv2d(3, 2, 3, padding=1, init=init),
+                        V.ReLU())
+
+
+@given(seeds)
+def test_l1_and_perceptual_terms_equal_their_formulas_and_finite_differences(seed):
+    rng = np.random.default_rng(seed)
+    x, x_hat = rng.standard_normal((2, 5, 5, 2)), rng.standard_normal((2, 5, 5, 2))
+    assume(np.min(np.abs(x_hat - x)) > 1e-4)                             # off |.|'s kink
+    l1, dl1 = G.l1_loss(x, x_hat)
+    assert l1 == np.mean(np.abs(x_hat - x))
+    assert rel_error(dl1, numerical_grad(lambda: G.l1_loss(x, x_hat)[0], x_hat)) < 1e-7
+    net = tiny_perceptual_net(seed % 1000)
+    P_, dP = G.perceptual_loss(net, x, x_hat)
+    a1, b1 = np.maximum(net.layers[0].forward(x), 0), np.maximum(net.layers[0].forward(x_hat), 0)
+    a2, b2 = np.maximum(net.layers[2].forward(a1), 0), np.maximum(net.layers[2].forward(b1), 0)
+    expected = np.mean((b1 - a1) ** 2) / (np.mean(a1 ** 2) + 1e-8) + np.mean((b2 - a2) ** 2) / (np.mean(a2 ** 2) + 1e-8)
+    np.testing.assert_allclose(P_, expected, rtol=1e-12)
+    G.perceptual_loss(net, x, x_hat)                                   # x_hat's pass last: its ReLU inputs
+    assume(min(np.min(np.abs(layer.cache)) for layer in net.layers if isinstance(layer, V.ReLU)) > 1e-4)
+    assert rel_error(dP, numerical_grad(lambda: G.perceptual_loss(net, x, x_hat)[0], x_hat), 1e-3) < 1e-6
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+@given(seed=seeds)
+def test_a_step_with_l1_and_perceptual_terms_has_the_gradients_of_their_sum(quantizer, seed):
+    """Without a discriminator VQGAN's step adds a |x - x_hat|_1 + b P(x, x_hat) to eq. 3: the
+    VQ-VAE's gradients from its one decoder backward equal central differences of that sum."""
+    model = V.make_model(tiny_config(quantizer=quantizer, seed=seed % 1000), device="cpu")
+    gan = G.VQGAN(model, l1=0.3, perceptual=0.5, net=tiny_perceptual_net(seed % 997))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 8, 8, 2))
+    stats = gan.forward(x, train=False)
+    gan.backward()
+    grads = {k: g.copy() for k, g in model.grads.items()}
+    x_hat = model.cache[1]
+    np.testing.assert_allclose(stats["loss"], stats["recon"] + stats["vq"] + 0.3 * stats["l1"] + 0.5 * stats["perceptual"])
+    G.perceptual_loss(gan.net, x, x_hat)
+    kinks = [layer.cache for layer in [*all_layers(model), *gan.net.layers] if isinstance(layer, V.ReLU)]
+    assume(min(np.min(np.abs(a)) for a in kinks) > 1e-4 and np.min(np.abs(x_hat - x)) > 1e-4)
+    assume(freeze_stop_gradients(model, x) > 1e-4)
+    def loss():
+        stats = model.forward(x, train=False)
+        x_hat = model.cache[1]
+        return stats["loss"] + 0.3 * G.l1_loss(x, x_hat)[0] + 0.5 * G.perceptual_loss(gan.net, x, x_hat)[0]
+    check_sampled_grads(loss, grads, model.params, rng, 3)
+
+
 def test_before_disc_start_the_step_is_the_vqvae_step_and_the_discriminator_sleeps():
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 2)).astype(np.float32)
     gan, plain = tiny_vqgan(3, quantizer="ema", dtype="float32"), V.make_model(tiny_config(quantizer="ema", seed=3, dtype="float32"))

@@ -29,7 +29,7 @@ import vqvae
 import vqgan
 from codes import encode_all, level_names, prior_grid, prior_training_set
 from datasets import MIRROR_INVARIANT, batch_indices, load_dataset, pad_to_multiple, to_model
-from evaluation import evaluate, evaluate_prior, evaluate_samples, evaluation_table
+from evaluation import Judge, evaluate, evaluate_prior, evaluate_samples, evaluation_table, train_judge
 from report import draw_samples, recon_grid, write_png, write_recon_pictures, write_report
 from runs import (UserError, check_output, fingerprint, load_checkpoint, load_model, load_trained,
                   make_run_folder, read_json, read_summary, save_checkpoint, save_json, save_npy, save_npz)
@@ -67,7 +67,11 @@ class TrainConfig:
     lr: float = setting(1e-3, "the VQ-VAE's Adam learning rate", above=0)
     adam_beta1: float = setting(0.9, "the VQ-VAE's Adam beta1 (VQGAN: 0.5) ...", low=0, below=1)
     adam_beta2: float = setting(0.999, "... and beta2 (VQGAN: 0.9)", low=0, below=1)
-    # VQGAN's adversarial loss (vqgan.py, docs/adversarial.md)
+    # VQGAN's losses (vqgan.py, docs/adversarial.md, docs/decoder.md)
+    l1_weight: float = setting(0.0, "a: weight of an L1 term beside the squared error", low=0)
+    perceptual_weight: float = setting(0.0, "b: weight of a perceptual term, in the features of a network trained on "
+                                            "the training images to tell their rotation (not the judge)", low=0)
+    perceptual_steps: int = setting(1500, "training steps of that network", low=1)
     adversarial: bool = setting(False, "train the VQ-VAE against a patch discriminator as well (VQGAN)")
     disc_start: int = setting(500, "the VQ-VAE step at which the discriminator starts, trained and used", low=0)
     disc_weight: float = setting(0.8, "w: the adversarial term's weight, times the adaptive lambda", low=0)
@@ -249,8 +253,10 @@ def train(cfg, model_cfg, prior_settings, run, resuming):
     data, model_cfg, prior_cfgs = load_data(cfg, model_cfg, prior_settings, resuming)
     num_classes, real_hw = prior_cfgs[0].num_classes, data["train"].shape[1:3]
     rule = sampling_rule(cfg, prior_cfgs)                              # how the samples at the end are drawn
-    model, opt, gan = make_vqvae(cfg, model_cfg, data["train_padded"].shape[1:3])
+    model, opt, gan = make_vqvae(cfg, model_cfg, data)
     make_run_folder(run)
+    if cfg.perceptual_weight:                                          # the network the perceptual term reads
+        gan.net = perceptual_network(run, cfg, data)
     step, wall, summary_before = resume_vqvae(run, cfg, model, opt, gan) if resuming else (0, 0.0, {})
     vqvae_trains = cfg.stage in ("vqvae", "all") and step < cfg.steps
     levels, stale = read_priors(run, cfg, prior_cfgs, model, resuming, summary_before, vqvae_trains)
@@ -327,21 +333,38 @@ def load_data(cfg, model_cfg, prior_settings, resuming):
     return data, model_cfg, prior_cfgs
 
 
-def make_vqvae(cfg, model_cfg, image_hw):
-    """The VQ-VAE and its Adam, and for --adversarial the VQGAN that holds it with its
-    discriminator (gan.disc) and the discriminator's Adam (gan.disc_opt)."""
+def make_vqvae(cfg, model_cfg, data):
+    """The VQ-VAE and its Adam, and for VQGAN's losses the VQGAN that holds it: with --adversarial
+    its discriminator (gan.disc) and the discriminator's Adam (gan.disc_opt)."""
     model = vqvae.make_model(model_cfg, device=cfg.device)
     opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-    if not cfg.adversarial:
+    if not (cfg.adversarial or cfg.l1_weight or cfg.perceptual_weight):
         return model, opt, None
-    init = vqvae.uniform_init(np.random.default_rng([cfg.seed, 1]), model.xp, model_cfg.dtype)  # a stream of its own:
-    disc = vqgan.PatchDiscriminator(model_cfg.in_channels, cfg.disc_width, cfg.disc_layers, init=init)  # the VQ-VAE
-    if min(disc.patches(*image_hw)) < 1:                                                        # starts as without
-        raise UserError(f"--disc-layers {cfg.disc_layers} leaves no patch of a {image_hw[0]} x {image_hw[1]} image "
-                        f"to judge: give fewer")
-    gan = vqgan.VQGAN(model, disc, cfg.disc_weight, cfg.disc_start)
-    gan.disc_opt = vqvae.Adam(disc.params, lr=cfg.disc_lr, betas=DISC_BETAS)
+    disc = None
+    if cfg.adversarial:
+        init = vqvae.uniform_init(np.random.default_rng([cfg.seed, 1]), model.xp, model_cfg.dtype)  # a stream of its
+        disc = vqgan.PatchDiscriminator(model_cfg.in_channels, cfg.disc_width, cfg.disc_layers, init=init)  # own
+        H, W = data["train_padded"].shape[1:3]
+        if min(disc.patches(H, W)) < 1:
+            raise UserError(f"--disc-layers {cfg.disc_layers} leaves no patch of a {H} x {W} image to judge: give fewer")
+    gan = vqgan.VQGAN(model, disc, cfg.disc_weight, cfg.disc_start, cfg.l1_weight, cfg.perceptual_weight)
+    gan.disc_opt = vqvae.Adam(disc.params, lr=cfg.disc_lr, betas=DISC_BETAS) if disc is not None else None
     return model, opt, gan
+
+
+def perceptual_network(run, cfg, data):
+    """The features of a network trained on the run's training images to tell by how many quarter
+    turns an image was turned (RotNet): another task and seed than the judge that measures the
+    result. Read from RUN/perceptual.npz, or trained and saved there."""
+    path = run / "perceptual.npz"
+    if path.is_file():
+        net = load_model(path, Judge, cfg.device)
+    else:
+        print(f"training the network of the perceptual term ({cfg.perceptual_steps} steps)", file=sys.stderr)
+        net = train_judge(data, cfg.seed + 1000, cfg.perceptual_steps, cfg.device, rotations=True, sharpness=False)
+        save_npz(path, {**net.state_dict(), "config": np.array(json.dumps(asdict(net.cfg)))})
+    net.features.layers[0].input_grad = True                           # the term's gradient reaches the image
+    return net.features
 
 
 def resume_vqvae(run, cfg, model, opt, gan):
@@ -359,7 +382,7 @@ def resume_vqvae(run, cfg, model, opt, gan):
 
 def gan_parts(gan):
     """(discriminator, its Adam), saved in the VQ-VAE's checkpoint beside it; (None, None) without."""
-    return (gan.disc, gan.disc_opt) if gan is not None else (None, None)
+    return (gan.disc, gan.disc_opt) if gan is not None and gan.disc is not None else (None, None)
 
 
 def prior_steps(cfg, model, name):
@@ -425,7 +448,7 @@ def train_vqvae(run, cfg, data, model, opt, gan, step, wall, log, stop):
 
     def train_step(s):
         x = to_model(images[batch_indices(cfg.seed, s, len(images), cfg.batch_size)])
-        if gan is not None:                                            # VQGAN: the discriminator from disc_start
+        if gan is not None:                                            # VQGAN's losses, D from disc_start
             return gan.train_step(x, opt, gan.disc_opt, s)
         return model.train_step(x, opt)                                # forward, backward, Adam
 

@@ -1,4 +1,5 @@
-"""VQGAN's adversarial patch loss on top of the VQ-VAE, with hand-written backward passes.
+"""VQGAN's losses on top of the VQ-VAE, with hand-written backward passes: an adversarial patch
+loss, and an L1 and a perceptual term beside the squared error.
 
 Esser, Rombach, Ommer, "Taming Transformers for High-Resolution Image Synthesis", CVPR 2021,
 https://arxiv.org/abs/2012.09841, sec. 3.1. A decoder trained on the squared error alone puts
@@ -7,18 +8,21 @@ images from reconstructions; the VQ-VAE gets a second loss, which blur does not 
 
     L_D    = 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(sg[x_hat])))    hinge loss: moves D only
     L_GAN  = -mean D(x_hat)                                              moves the VQ-VAE only
-    L      = recon + vq (vqvae.py, eq. 3) + lambda L_GAN                 paper eq. 6, without LPIPS
-    lambda = w |grad_{G_L} recon| / (|grad_{G_L} L_GAN| + delta)         paper eq. 7, a constant sg[.]
+    L_rec  = |x - x_hat|^2 + a |x - x_hat|_1 + b P(x, x_hat)             VQGAN's: L1 and LPIPS
+    L      = L_rec + vq (vqvae.py, eq. 3) + lambda L_GAN                 paper eq. 6
+    lambda = w |grad_{G_L} L_rec| / (|grad_{G_L} L_GAN| + delta)         paper eq. 7, a constant sg[.]
 
-G_L is the decoder's last layer. VQGAN's code (taming-transformers, calculate_adaptive_weight)
-asks autograd twice for a gradient at G_L's weight, torch.autograd.grad(loss, last_layer,
-retain_graph=True), once per loss. Here the two gradients at x_hat are at hand (recon's is
-2 (x_hat - x) / n, L_GAN's comes back through D's backward), and G_L's weight gradient is linear
-in its upstream gradient: two calls of weight_grad, then ONE decoder backward
-with dx_hat = d recon + lambda d L_GAN. Below: LeakyReLU, PatchDiscriminator, the losses, and
-VQGAN's step.
+P is a perceptual distance: LPIPS compares an ImageNet network's features, which cannot be
+downloaded here, so P compares the features of a network trained on the run's own training
+images (perceptual_loss; train.py trains it on a task of its own, never the judge that
+measures the result). G_L is the decoder's last layer. VQGAN's code (taming-transformers,
+calculate_adaptive_weight) asks autograd twice for a gradient at G_L's weight,
+torch.autograd.grad(loss, last_layer, retain_graph=True), once per loss. Here the two gradients
+at x_hat are at hand (L_rec's from its terms, L_GAN's back through D), and G_L's weight gradient
+is linear in its upstream gradient: two calls of weight_grad, then ONE decoder backward with
+dx_hat = d L_rec + lambda d L_GAN. Below: LeakyReLU, PatchDiscriminator, the losses, and the step.
 """
-from vqvae import Conv2d, NonFiniteError, Sequential, array_module, conv_weight, pad_hw, windows
+from vqvae import Conv2d, NonFiniteError, ReLU, Sequential, array_module, conv_weight, pad_hw, windows
 
 
 class LeakyReLU:
@@ -69,6 +73,40 @@ def adaptive_weight(g_rec, g_gan, delta=1e-4, max_weight=1e4):
     return xp.clip(norm_rec / (norm_gan + delta), 0, max_weight)
 
 
+def l1_loss(x, x_hat):
+    """mean |x_hat - x| -> (loss, d loss / d x_hat): sign(x_hat - x) / n, 0 where they are equal."""
+    diff = x_hat - x
+    return array_module(diff).abs(diff).mean(), array_module(diff).sign(diff) / diff.size
+
+
+def perceptual_loss(net, x, x_hat):
+    """P = sum_l mean((phi_l(x_hat) - phi_l(x))^2) / mean(phi_l(x)^2) -> (P, dP / dx_hat), phi_l
+    the output of the l-th ReLU of the Sequential `net` (fixed: its parameters are not trained
+    here, and its first layer must keep its input gradient). Each layer's term is divided by the
+    real images' mean square there, a constant, so that every layer weighs alike; the layers
+    after the last ReLU (a pooling) are left out. net's caches hold x_hat's pass, for backward."""
+    layers = net.layers[:max(i for i, layer in enumerate(net.layers) if isinstance(layer, ReLU)) + 1]
+    feats = []
+    for images in (x, x_hat):                                          # the real images first: constants
+        h, taps = images, {}
+        for i, layer in enumerate(layers):
+            h = layer.forward(h)
+            if isinstance(layer, ReLU):
+                taps[i] = h
+        feats.append(taps)
+    real, fake = feats
+    loss, d = 0.0, None
+    for i in reversed(range(len(layers))):                             # back through the layers, each tap adding
+        if i in real:                                                  # its term's gradient on the way
+            scale = (real[i] ** 2).mean() + 1e-8                       # sg[]: a constant
+            diff = fake[i] - real[i]
+            loss = loss + (diff ** 2).mean() / scale
+            g = 2 * diff / (diff.size * scale)
+            d = g if d is None else d + g
+        d = layers[i].backward(d)
+    return loss, d
+
+
 def weight_grad(layer, dy):
     """The gradient at a ConvTranspose2d's weights of a loss whose gradient at the layer's output is
     dy, from the input its latest forward cached; its .grads are left as they are. dW is linear in
@@ -115,20 +153,39 @@ class PatchDiscriminator(Sequential):
 
 
 class VQGAN:
-    """A VQ-VAE trained with VQGAN's adversarial patch loss beside eq. 3 (the section's comment
-    gives the formulas). `weight` is w of eq. 7 (taming's discriminator_weight); before step
-    `start` the discriminator is neither trained nor used (taming's disc_factor 0), so that it
-    meets reconstructions that already look like the images."""
+    """A VQ-VAE trained with VQGAN's losses beside eq. 3 (the module's docstring gives the
+    formulas): `l1` is a and `perceptual` b of L_rec, `net` the network P is measured in; with a
+    discriminator, `weight` is w of eq. 7 (taming's discriminator_weight) and before step `start`
+    the discriminator is neither trained nor used (taming's disc_factor 0), so that it meets
+    reconstructions that already look like the images."""
 
-    def __init__(self, model, disc, weight=0.8, start=0):
+    def __init__(self, model, disc=None, weight=0.8, start=0, l1=0.0, perceptual=0.0, net=None):
         self.model, self.disc, self.weight, self.start = model, disc, float(weight), int(start)
+        self.l1, self.perceptual, self.net = float(l1), float(perceptual), net
+
+    def reconstruction(self, stats):
+        """L_rec's terms beyond the squared error, added to stats -> d L_rec / d x_hat."""
+        x, x_hat = self.model.cache                                    # (N, H, W, C) each
+        dx_rec = self.model.recon_grad()                               # d |x - x_hat|^2 / d x_hat
+        if self.l1:
+            stats["l1"], dx = l1_loss(x, x_hat)
+            stats["loss"] = stats["loss"] + self.l1 * stats["l1"]
+            dx_rec = dx_rec + self.l1 * dx
+        if self.perceptual:
+            stats["perceptual"], dx = perceptual_loss(self.net, x, x_hat)
+            stats["loss"] = stats["loss"] + self.perceptual * stats["perceptual"]
+            dx_rec = dx_rec + self.perceptual * dx
+        return dx_rec
 
     def forward(self, x, train=True, adversarial=True):
-        """The losses; with adversarial=False those of the VQ-VAE alone. The adaptive weight needs
-        L_GAN's gradient at G_L, so the generator's pass through D runs forward and back here."""
+        """The losses; with adversarial=False (or no discriminator) those of L_rec and the VQ terms
+        alone. The adaptive weight needs L_GAN's gradient at G_L, so the generator's pass through
+        D runs forward and back here."""
         stats = self.model.forward(x, train)                           # recon + vq, eq. 3
-        self.adversarial = adversarial
-        if not adversarial:
+        dx_rec = self.reconstruction(stats)
+        self.adversarial = adversarial and self.disc is not None
+        if not self.adversarial:
+            self.cache = (dx_rec, None)
             return stats
         xp = self.model.xp
         x, x_hat = self.model.cache                                    # (N, H, W, C) each
@@ -136,7 +193,6 @@ class VQGAN:
         gan, dlogits_fake = generator_loss(self.disc.forward(x_hat))   # L_GAN = -mean D(x_hat)
         dx_gan = self.disc.backward(dlogits_fake)                      # dL_GAN/dx_hat; the D gradients this pass
                                                                        # leaves in disc.grads are overwritten below
-        dx_rec = self.model.recon_grad()                               # d recon / d x_hat
         G_L = self.model.decoder.layers[-1]                           # the last layer, whose output is x_hat
         lam = self.weight * adaptive_weight(weight_grad(G_L, dx_rec), weight_grad(G_L, dx_gan))  # eq. 7, sg[]: a constant
         # the discriminator's term: real images and the reconstructions as plain data, sg[x_hat]
@@ -150,19 +206,18 @@ class VQGAN:
 
     def backward(self):
         """Fills model.grads with the gradient of L (lambda held) and disc.grads with L_D's."""
-        if not self.adversarial:
-            return self.model.backward()
         dx_hat, dlogits = self.cache
-        self.model.backward(dx_hat)                                    # eq. 6: d recon + lambda d L_GAN, one pass
-        self.disc.backward(dlogits)                                    # L_D: D only (x_hat was data to it)
+        self.model.backward(dx_hat)                                    # eq. 6: d L_rec + lambda d L_GAN, one pass
+        if self.adversarial:
+            self.disc.backward(dlogits)                                # L_D: D only (x_hat was data to it)
 
-    def train_step(self, x, opt, disc_opt, step):
+    def train_step(self, x, opt, disc_opt=None, step=0):
         """One step of both Adams at training step `step` (from 0). Both networks' gradients come
         from one forward (taming-transformers runs a second one for D's step, after the VQ-VAE's
         update: there D learns from reconstructions one step newer). Every gradient is checked
         before either optimiser changes anything: a step that is not finite raises NonFiniteError
         and leaves the VQ-VAE (EMA state included), D and both Adams as they were."""
-        adversarial = step >= self.start
+        adversarial = self.disc is not None and step >= self.start
         with self.model.kept_unless_finite():
             stats = self.forward(x, train=True, adversarial=adversarial)
             self.backward()
