@@ -252,6 +252,14 @@ def array_file_dataset(path):
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})")
+    magic = b"\x93NUMPY" if path.suffix == ".npy" else b"PK"          # .npz: a zip
+    if not head.startswith(magic):
+        raise UserError(f"{path}: not a NumPy {path.suffix} file (it starts with {head!r}, not {magic!r})")
+    try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
@@ -269,7 +277,11 @@ def array_file_dataset(path):
                         return {"train": train, "test": test, "num_classes": 0}
                     y_train = to_labels(loaded["train_labels"], len(train), f"{path}[train_labels]")
                     y_test = to_labels(loaded["test_labels"], len(test), f"{path}[test_labels]")
-                    num_classes = int(max(y_train.max(), y_test.max())) + 1
+                    unseen = sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
+                    if unseen:
+                        raise UserError(f"{path}: test_labels hold classes {unseen[:5]} that train_labels do not: "
+                                        f"the two splits must number the same classes")
+                    num_classes = int(y_train.max()) + 1
                     if not 2 <= num_classes <= len(train):
                         raise UserError(f"{path}: labels 0 to {num_classes - 1} for {len(train)} training images: "
                                         f"number the classes 0, 1, ..., with at least two")

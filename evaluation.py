@@ -192,7 +192,7 @@ class Judge:
     def train_step(self, x, labels, opt, blurred=None):
         stats = self.loss(x, labels, blurred)
         self.backward()
-        opt.step(self.grads)
+        opt.step(self.grads, self.params)
         return stats
 
     def embed(self, images, batch_size=250):
@@ -406,6 +406,21 @@ def judge_for(run, data, seed, steps, device):
     save_npz(path, {**judge.state_dict(), "config": np.array(json.dumps(asdict(judge.cfg))), "steps": np.array(str(steps)),
                     "train_time_s": np.array(time.time() - t)})
     return judge
+
+
+def perceptual_network(run, data, seed, steps, device):
+    """The features of a network trained on the run's training images to tell by how many quarter
+    turns an image was turned (RotNet), for vqgan's perceptual term: another task and seed than
+    the judge that measures the result. Read from RUN/perceptual.npz, or trained and saved there."""
+    path = run / "perceptual.npz"
+    if path.is_file():
+        net = load_model(path, Judge, device)
+    else:
+        print(f"training the network of the perceptual term ({steps} steps)", file=sys.stderr)
+        net = train_judge(data, seed, steps, device, rotations=True, sharpness=False)
+        save_npz(path, {**net.state_dict(), "config": np.array(json.dumps(asdict(net.cfg)))})
+    net.features.layers[0].input_grad = True                           # the term's gradient reaches the image
+    return net.features
 
 
 def evaluate_samples(run, model, priors, data, real_hw, judge_seed, judge_steps, n, seed, rule, device,

@@ -624,7 +624,7 @@ class PixelCNN:
         try:
             stats = self.loss(codes, labels, cond, cond_codes, train=True)
             self.backward()
-            opt.step(self.grads)
+            opt.step(self.grads, self.params)
         except NonFiniteError:
             for k, v in before.items():
                 self.buffers[k][...] = v
@@ -650,17 +650,22 @@ class PixelCNN:
 # -----------------------------------------------------------------------------
 # sampling: ancestral, in raster order, one uniform per code drawn up front
 
+TEMPERATURE_MIN, GUIDANCE_MAX = 1e-3, 100.0  # beyond these the logits of a float32 prior can overflow
 
-def pick(logits, u, temperature, top_k=0, top_p=1.0):
+
+def pick(logits, u, temperature, top_k=0, top_p=1.0, finite=None):
     """Codes for logits (N, K) and uniforms u (N,): the first k with cumsum(p)[k] > u (inverse CDF)
     for p = softmax(logits / T). Temperature 0 is the limit T -> 0: the argmax. Truncation, as
     users of language models expect it, sets the tail of p to 0 and renormalises what is left:
     top_k > 0 keeps the k most likely codes (Fan et al. 2018), top_p < 1 the fewest most likely
     codes whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020); a code tied
-    with the last one kept is kept too."""
-    if temperature == 0:
-        return logits.argmax(1)
+    with the last one kept is kept too. finite (N,) bools: cleared where p was not finite (on the
+    device, no sync: the samplers check it once, at the end)."""
     xp = array_module(logits)
+    if temperature == 0:
+        if finite is not None:
+            finite &= xp.isfinite(logits).all(1)
+        return logits.argmax(1)
     z = logits / temperature
     e = xp.exp(z - z.max(1, keepdims=True))
     p = e / e.sum(1, keepdims=True)                                    # (N, K)
@@ -676,6 +681,8 @@ def pick(logits, u, temperature, top_k=0, top_p=1.0):
         p = xp.where(p >= threshold, p, 0)
         p = p / p.sum(1, keepdims=True)
     cdf = xp.cumsum(p, axis=1)                                         # (N, K), nondecreasing
+    if finite is not None:
+        finite &= xp.isfinite(cdf[:, -1])                              # NaN anywhere in p makes the total NaN
     k = (cdf <= u[:, None]).sum(1)                                     # how many are still <= u
     return xp.minimum(k, logits.shape[1] - 1)                          # rounding may leave cdf[-1] < u
 
@@ -719,15 +726,18 @@ def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes,
     for name, n in (("N", N), ("h", h), ("w", w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+            and (temperature == 0 or temperature >= TEMPERATURE_MIN)):
+        raise ValueError(f"temperature must be 0 (the most likely code) or a finite number >= {TEMPERATURE_MIN} "
+                         f"(below it the logits overflow), got {temperature!r}")
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0: no truncation), got {top_k!r}")
     if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] (1: no truncation), got {top_p!r}")
     if not (isinstance(guidance, numbers.Real) and not isinstance(guidance, bool) and math.isfinite(guidance)
-            and guidance >= 0):
-        raise ValueError(f"guidance must be a finite number >= 0 (1: none), got {guidance!r}")
+            and 0 <= guidance <= GUIDANCE_MAX):
+        raise ValueError(f"guidance must be a number in [0, {GUIDANCE_MAX}] (1: none; beyond it the logits "
+                         f"overflow), got {guidance!r}")
     if guidance != 1 and not model.cfg.label_dropout:
         raise ValueError(f"guidance={guidance} needs a class-conditional prior trained with label_dropout > 0, "
                          f"which also knows the grids without a class")
@@ -739,7 +749,7 @@ def _sampling_setup(model, N, h, w, seed, temperature, labels, cond, cond_codes,
         labels = xp.concatenate([labels, xp.full_like(labels, model.cfg.num_classes)])  # 2N rows, one code each
         cond, cond_codes = (None if a is None else xp.concatenate([a, a]) for a in (cond, cond_codes))
     codes = xp.zeros((N if guidance == 1 else 2 * N, h, w), dtype=np.int64)
-    rule = (float(temperature), int(top_k), float(top_p))              # how pick() chooses a code
+    rule = (float(temperature), int(top_k), float(top_p), xp.ones(N, dtype=bool))  # how pick() chooses a code
     return rule, float(guidance), labels, cond, cond_codes, u, codes
 
 
@@ -747,6 +757,13 @@ def _pick_guided(logits, u, rule, guidance):
     """pick() on the guided logits; with guidance, the code goes to both halves of the batch."""
     code = pick(guide(logits, guidance), u, *rule)
     return code if guidance == 1 else array_module(code).concatenate([code, code])
+
+
+def _finite(codes, rule):
+    """The samplers' codes, unless a code was drawn from probabilities that were not finite."""
+    if not bool(rule[-1].all()):                                       # one sync, at the end
+        raise NonFiniteError("the sampling probabilities were not finite (the logits overflowed): no codes returned")
+    return codes
 
 
 def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_codes=None, top_k=0, top_p=1.0,
@@ -760,7 +777,7 @@ def sample_naive(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, 
         for j in range(w):
             logits = model.forward(codes, labels, cond, cond_codes)[:, i, j]  # (N or 2N, K); later codes are still 0
             codes[:, i, j] = _pick_guided(logits, u[:, i, j], rule, guidance)
-    return codes[:N]
+    return _finite(codes[:N], rule)
 
 
 def _sampler_state(model, N, h, w):
@@ -855,4 +872,4 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
             codes[:, i, j] = code = _pick_guided(logits, u[:, i, j], rule, guidance)
             H[0][:, j + r + 1] = table[code]                           # layer 0 sees it from (i, j+1) on
         V[0][:, i + r, r:r + w] = table[codes[:, i]]                   # the vertical stack, from row i+1 on
-    return codes[:samples]
+    return _finite(codes[:samples], rule)

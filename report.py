@@ -156,8 +156,21 @@ def svg_chart(title, series, log_y=False, width=460, height=230):
     return "".join(out) + "</svg>"
 
 
+def standing(records):
+    """A stage's records less those a later training superseded: where the steps go back (a prior
+    trained anew after its VQ-VAE trained on, a run resumed from an earlier checkpoint than its
+    last line), the rows from that step on are dropped, so that a chart shows the stage as it stands."""
+    kept = []
+    for r in records:
+        if kept and r["step"] < kept[-1]["step"]:
+            kept = [k for k in kept if k["step"] < r["step"]]
+        kept.append(r)
+    return kept
+
+
 def stage_charts(stage, records):
     """The charts of one stage from its metrics: training values as lines, held-out as dots."""
+    records = standing(records)
     train = [r for r in records if "loss" in r]
     held = [r for r in records if "loss" not in r]
 
@@ -241,14 +254,16 @@ def report_html(run):
     if summary:
         body.append("<h2>summary</h2>" + key_values(summary))
     if config:
+        priors = config["priors"] if isinstance(config.get("priors"), list) else []  # a hand-made file may be anything
         body.append("<h2>configuration</h2><div class='cols'>" + "".join(
             f"<div><h3>{html.escape(str(part))}</h3>{key_values(v if isinstance(v, dict) else {})}</div>"
             for part, v in [*((k, config[k]) for k in ("train", "model") if k in config),
-                            *((f"prior {i}", p) for i, p in enumerate(config.get("priors", [])))]) + "</div>")
+                            *((f"prior {i}", p) for i, p in enumerate(priors))]) + "</div>")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{REPORT_STYLE}</style></head>"
             f"<body>{''.join(body)}</body></html>\n")
 
 
 def write_report(run):
-    atomic_write(Path(run) / "report.html", report_html(run).encode())
+    """RUN/report.html; a path that is not UTF-8 (bytes the file system allows) shows as '?' there."""
+    atomic_write(Path(run) / "report.html", report_html(run).encode("utf-8", "replace"))

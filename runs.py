@@ -1,5 +1,5 @@
 """The run folder: its files written whole or not at all, checkpoints that load without pickle,
-and the errors a user can act on.
+one process at a time (RunLock), Ctrl-C that saves first, and the errors a user can act on.
 
     RUN/config.json      every setting (train, model, priors)     read_json, saved by train.py
     RUN/metrics.jsonl    a record a line                          read_metrics
@@ -10,11 +10,15 @@ and the errors a user can act on.
 Every file is written to a .tmp beside it and renamed into place (atomic_write): a crash or a
 full disk leaves the previous file whole. Reading a damaged file gives one UserError that names it.
 """
+import fcntl
+import fnmatch
 import hashlib
 import io
 import json
 import math
 import os
+import signal
+import socket
 import struct
 import tokenize
 import zipfile
@@ -30,6 +34,27 @@ import vqvae
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 1, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a stage after its checkpoint was saved."""
+
+
+class CtrlC:
+    """While active, the first Ctrl-C asks the loop to save and stop after the current step;
+    a second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 # what reading a damaged, truncated or hostile file can raise: a bad zip (an .npz is one), bad
@@ -94,10 +119,15 @@ def make_run_folder(run):
         raise UserError(f"cannot make the run folder {run} ({e.strerror or e})")
 
 
-def check_output(path, flag, suffix=None):
-    """A file to be written later: its folder must exist now, the name must not be a folder, and it
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "evaluation.json", "report.html", "checkpoint.npz",
+             "*prior.npz", "perceptual.npz", "judge_seed*.npz", "recon*.png", "samples.png", ".lock")  # a run's own
+
+
+def check_output(path, flag, suffix=None, force=False):
+    """A file a command will write: its folder must exist now, the name must not be a folder, it
     ends in the suffix of what will be written (a PNG named .jpg, or an .npz named .npy, would be
-    read back wrong)."""
+    read back wrong), it is not one of a run folder's own files (RUN_FILES, beside a config.json),
+    and a file already there is written over only with force (--force)."""
     if path is None:
         return
     path = Path(path)
@@ -107,13 +137,68 @@ def check_output(path, flag, suffix=None):
         raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
     if suffix and path.suffix.lower() != suffix:
         raise UserError(f"{flag} {path}: this writes {suffix[1:].upper()} data: give a name ending in {suffix}")
+    if (path.parent / "config.json").is_file() and any(fnmatch.fnmatch(path.name, f) for f in RUN_FILES):
+        raise UserError(f"{flag} {path}: a file of the run folder {path.parent}, which this command does not "
+                        f"write; give another name")
+    if path.exists() and not force:
+        raise UserError(f"{flag} {path}: the file exists; give --force to write over it, or another name")
+
+
+class RunLock:
+    """RUN/.lock, held while a command writes into a run folder: a second process is refused, with
+    the holder's host and process id. It is a POSIX record lock (fcntl.lockf, which NFS serves
+    too), so the kernel lets go of it when the holder exits, however it ends: a killed run leaves
+    no lock behind, only the file, which the next command takes over."""
+
+    def __init__(self, run):
+        self.path = Path(run) / ".lock"
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot open the run folder's lock {self.path} ({e.strerror or e})")
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UserError(f"{self.path.parent} is in use by another process ({holder}); wait for it to end, "
+                            f"or stop it")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"host {socket.gethostname()}, process {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()                                              # closing lets go of the lock
+
+
+def repair_metrics(path):
+    """Cut a partial last line (what a kill or a full disk leaves) off metrics.jsonl, so that the
+    next record does not glue onto it -> a note saying so, or None when the file is whole."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})")
+    if not data or data.endswith(b"\n"):
+        return None
+    whole = data.rfind(b"\n") + 1                                     # the lines that are whole
+    atomic_write(path, data[:whole])
+    return f"{path}: its last line was cut short ({len(data) - whole} bytes, a killed run?): removed"
 
 
 # -----------------------------------------------------------------------------
 # checkpoints: a model, its optimiser, its step, in one .npz
 
 
-CHECKPOINT_NOTES = ("vqvae_sha256",)  # a prior's: the VQ-VAE whose codes it was fitted to
+CHECKPOINT_NOTES = ("vqvae_sha256", "schedule_end")  # a prior's: the VQ-VAE whose codes it was fitted to, and
+                                                       # the step its learning rate decays to a tenth at
 
 
 def check_finite(arrays, what):
@@ -220,13 +305,15 @@ def read_summary(run):
             raise UserError(f"{path}: {key} is {summary[key]!r}, not a number of seconds")
     hw = summary.get("image_hw")
     if hw is not None and not (isinstance(hw, list) and len(hw) == 2
-                               and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)):
-        raise UserError(f"{path}: image_hw is {hw!r}, not a height and a width")
+                               and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**14 for v in hw)):
+        raise UserError(f"{path}: image_hw is {hw!r}, not a height and a width (each at most {2**14})")
     return summary
 
 
 def read_metrics(path):
-    """metrics.jsonl -> its records; a damaged line (the last one of a killed run) is skipped."""
+    """metrics.jsonl -> its records: dicts with a stage (a string), a step (an integer that fits
+    in 64 bits) and numbers (each a finite float, others left out). A line that is not one (the
+    damaged last line of a killed run, a number too large for a float, nesting too deep) is skipped."""
     records = []
     try:
         lines = Path(path).read_text(errors="replace").splitlines()
@@ -235,10 +322,20 @@ def read_metrics(path):
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and isinstance(record.get("stage"), str) and isinstance(record.get("step"), int):
-            records.append(record)
+        if not (isinstance(record, dict) and isinstance(record.get("stage"), str) and type(record.get("step")) is int
+                and 0 <= record["step"] < 2 ** 63):
+            continue
+        numbers = {}
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("stage", "step"):
+                try:
+                    if math.isfinite(float(v)):
+                        numbers[k] = float(v)
+                except OverflowError:                                  # an integer of 400 digits
+                    pass
+        records.append({"stage": record["stage"], "step": record["step"], **numbers})
     return records
 
 
@@ -256,16 +353,21 @@ def load_trained(run, device, need_priors=True):
     vqvae_sha256, priors = fingerprint(model), []
     for name in (["top_", ""] if model.cfg.levels == 2 else [""]):
         path = run / f"{name}prior.npz"
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path}: not a file (a folder?); remove it, then train the prior with "
+                            f"python train.py --resume {run} --stage prior")
         if not path.is_file():
             if not need_priors:
                 return model, None, tuple(summary["image_hw"])
             raise UserError(f"{run} has no {path.name} yet: train it with python train.py --resume {run} --stage prior")
         priors.append(load_model(path, prior.PixelCNN, device))
+        K, cfg = model.cfg.level_num_codes, priors[-1].cfg
+        if cfg.codebook_size != K[len(priors) - 1] or (len(priors) == 2 and cfg.cond_codebook_size != K[0]):
+            raise UserError(f"{path} models {cfg.codebook_size} codes, the VQ-VAE has {K[len(priors) - 1]} at that "
+                            f"level: it is not this run's prior; remove it, then train the priors with python train.py "
+                            f"--resume {run} --stage prior")
         fitted_to = checkpoint_note(path, "vqvae_sha256")
         if fitted_to not in (None, vqvae_sha256) or (fitted_to is None and "stale_priors" in summary):
             raise UserError(f"{path} was fitted to the codes of an earlier state of the VQ-VAE in {run}/checkpoint.npz; "
                             f"train it anew with: python train.py --resume {run} --stage prior")
-    K = model.cfg.level_num_codes
-    if [p.cfg.codebook_size for p in priors] != K or (len(priors) == 2 and priors[1].cfg.cond_codebook_size != K[0]):
-        raise UserError(f"{run}: the priors do not model the codes of this VQ-VAE ({' and '.join(map(str, K))} per level)")
     return model, priors, tuple(summary["image_hw"])

@@ -138,11 +138,11 @@ def test_npz_with_train_and_test_arrays(tmp_path):
 
 def test_npz_with_labels_gives_classes(tmp_path):
     images = np.zeros((8, 8, 8), np.uint8)
-    np.savez(tmp_path / "d.npz", train=images[:5], test=images[5:], train_labels=np.array([0, 2, 1, 2, 0], np.uint8),
+    np.savez(tmp_path / "d.npz", train=images[:5], test=images[5:], train_labels=np.array([0, 2, 1, 3, 0], np.uint8),
              test_labels=np.array([1, 0, 3], np.int32))
     data = D.load_dataset(str(tmp_path / "d.npz"), tmp_path)
     assert data["num_classes"] == 4 and data["train_labels"].dtype == data["test_labels"].dtype == np.int64
-    np.testing.assert_array_equal(data["train_labels"], [0, 2, 1, 2, 0])
+    np.testing.assert_array_equal(data["train_labels"], [0, 2, 1, 3, 0])
     np.testing.assert_array_equal(data["test_labels"], [1, 0, 3])
 
 
@@ -159,7 +159,10 @@ def test_npz_with_bad_labels_is_rejected_clearly(tmp_path):
              "too many": (dict(train_labels=np.array([0, 1, 9, 0]), test_labels=np.array([0, 1])),
                           "labels 0 to 9 for 4 training images"),
              "one split": (dict(train_labels=np.array([0, 1, 1, 0])), "'test_labels' for classes \\(both or neither\\)"),
-             "unknown": (dict(labels=np.array([0, 1, 1, 0])), r"found \['train', 'test', 'labels'\]")}
+             "unknown": (dict(labels=np.array([0, 1, 1, 0])), r"found \['train', 'test', 'labels'\]"),
+             "other classes": (dict(train_labels=np.array([0, 1, 2, 3]), test_labels=np.array([10, 13])),
+                               r"test_labels hold classes \[10, 13\] that train_labels do not: the two splits must "
+                               r"number the same classes")}
     for name, (arrays, message) in cases.items():
         np.savez(tmp_path / "d.npz", train=train, test=test, **arrays)
         with pytest.raises(R.UserError, match=message):

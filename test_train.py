@@ -167,7 +167,7 @@ def test_mirroring_is_on_by_default_for_data_a_mirror_keeps_in_its_class_only(tm
         argv = ["--data", data, "--out", str(tmp_path / data)]
         cfg = T.configs_from_args(parser.parse_args(argv))[0]
         assert cfg.prior_flip is expected, data
-        assert cfg.prior_decay_steps == cfg.prior_steps                # fixed when the run starts
+        assert cfg.prior_decay_steps == 0 and T.schedule_end(cfg) == cfg.prior_steps  # 0: at --prior-steps
     argv = ["--data", "mnist", "--prior-flip", "--prior-steps", "9", "--prior-decay-steps", "7"]
     cfg = T.configs_from_args(parser.parse_args(argv))[0]
     assert cfg.prior_flip and cfg.prior_decay_steps == 7
@@ -520,7 +520,7 @@ def test_every_damaged_or_misplaced_file_gives_one_line(tmp_path, tiny_data, cap
     monkeypatch.setattr(R.os, "fsync", read_only)
     assert T.main(["--data", tiny_data, "--out", str(tmp_path / "ro"), *TINY]) == 1
     assert "cannot write " + str(tmp_path / "ro" / "config.json") + " (Permission denied)" in one_error_line(capsys)
-    assert [p.name for p in (tmp_path / "ro").iterdir()] == []         # no .tmp, and no training happened
+    assert [p.name for p in (tmp_path / "ro").iterdir()] == [".lock"]  # no .tmp, and no training happened
 
 
 def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_data, capsys, monkeypatch):
@@ -603,7 +603,8 @@ def test_sample_command_truncates_with_top_k_and_top_p(tmp_path, tiny_data, caps
     run = tiny_run(tmp_path, tiny_data)
     def codes(*flags):
         out = tmp_path / "s.npz"
-        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--rows", "2", "--per-row", "3", *flags]) == 0
+        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--rows", "2", "--per-row", "3", "--force",
+                       *flags]) == 0
         return np.load(out, allow_pickle=False)["codes"]
     np.testing.assert_array_equal(codes("--top-k", "1"), codes("--temperature", "0"))   # one code left: the argmax
     np.testing.assert_array_equal(codes("--top-p", "1e-9"), codes("--temperature", "0"))
@@ -621,13 +622,13 @@ def test_class_conditional_runs_train_with_label_dropout_and_sample_with_guidanc
     assert saved["priors"][0]["label_dropout"] == P.PriorConfig(num_classes=10).label_dropout and saved["train"]["guidance"] is None
     def codes(*flags):
         out = tmp_path / "s.npz"
-        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--per-row", "3", *flags]) == 0
+        assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--per-row", "3", "--force", *flags]) == 0
         return np.load(out, allow_pickle=False)["codes"]
     np.testing.assert_array_equal(codes(), codes("--guidance", str(T.GUIDANCE)))  # the default for such a prior
     assert not np.array_equal(codes("--guidance", "1"), codes("--guidance", "4"))
     capsys.readouterr()
     assert T.main(["sample", "--run", str(run), "--guidance", "-1"]) == 1
-    assert "--guidance must be >= 0, got -1.0" in one_error_line(capsys)
+    assert "--guidance must be in [0, 100.0], got -1.0" in one_error_line(capsys)
     unconditional = tmp_path / "plain"
     assert T.main(["--data", str(tiny_data), "--steps", "2", "--prior-steps", "2", "--out", str(unconditional),
                    "--no-prior-labels", "--no-evaluate", "--log-every", "1"]) == 0
@@ -691,3 +692,190 @@ def test_a_config_from_before_the_bottom_prior_factor_trains_its_priors_as_it_di
         bottom_then = T.prior_lr_at(T.TrainConfig(**old), step, 1)
         assert T.prior_lr_at(cfg, step, 1) == top_then and T.prior_lr_at(cfg, step, 0.5) == bottom_then
     assert T.TrainConfig.from_dict({"top_prior_factor": 1}).bottom_prior_factor == 1.0
+
+
+# -----------------------------------------------------------------------------
+# reliability, second pass: the command line in a process of its own, as a user runs it
+
+HERE = Path(__file__).parent
+
+
+def cli(*args, env=None, cwd=HERE):
+    """python train.py ARGS in a process of its own -> (exit status, stderr), with no traceback."""
+    r = subprocess.run([sys.executable, str(HERE / "train.py"), *map(os.fsdecode, args)], capture_output=True,
+                       cwd=cwd, timeout=300, env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})})
+    err = r.stderr.decode(errors="replace")
+    assert "Traceback" not in err, err
+    return r.returncode, err
+
+
+def error_line(err):
+    lines = [l for l in err.splitlines() if l.startswith("train.py")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_second_process_is_refused_a_run_folder_and_a_killed_ones_lock_is_taken_over(tmp_path, tiny_data):
+    import signal
+    import time
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    flags = ["--data", tiny_data, "--eval-every", "20", "--log-every", "10", "--stage", "vqvae", *TINY]
+    first = subprocess.Popen([sys.executable, str(HERE / "train.py"), *flags, "--steps", "100000", "--out", str(run)], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoint.npz").is_file() and time.time() < deadline:   # it has saved once
+            time.sleep(0.05)
+        for args in ([*flags, "--out", str(run)], ["--resume", str(run)], ["sample", "--run", str(run)]):
+            code, err = cli(*args)
+            assert code == 1, (args, err)
+            line = error_line(err)
+            assert ("in use by another process (host" in line and f"process {first.pid}" in line) or \
+                "already holds a run" in line, line
+        first.send_signal(signal.SIGKILL)                              # killed: no lock is left behind
+    finally:
+        first.wait(timeout=60)
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:     # its files are whole
+        step = int(f["step"])
+    assert (run / ".lock").is_file() and step % 20 == 0 and step < 100000
+    code, err = cli("--resume", str(run), "--steps", str(step + 40))   # the lock is taken over, the run resumes
+    assert code == 0, err
+    assert T.main([*flags, "--steps", str(step + 40), "--out", str(straight)]) == 0
+    a = [m["loss"] for m in metric_lines(straight) if "loss" in m]
+    b = [m["loss"] for m in metric_lines(run) if "loss" in m]           # the killed run's last lines, then the resumed
+    assert len(a) >= 4 and b[-4:] == a[-4:]                            # its 40 steps, logged every 10: exact
+
+
+def test_no_command_writes_over_a_run_folders_files_and_outputs_need_force(tmp_path, tiny_data):
+    run = tiny_run(tmp_path, tiny_data)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for args, message in [(["sample", "--run", run, "--codes-out", run / "checkpoint.npz"], "checkpoint.npz: a file of the run folder"),
+                          (["sample", "--run", run, "--codes-out", run / "prior.npz"], "prior.npz: a file of the run folder"),
+                          (["sample", "--run", run, "--out", run / "samples.png", "--force"], "samples.png: a file of the run folder"),
+                          (["encode", "--run", run, "--data", tiny_data, "--out", run / "x.npy"], None)]:
+        code, err = cli(*args)
+        if message is None:                                            # a new file beside them: written
+            assert code == 0, err
+            continue
+        assert code == 1 and message in error_line(err), (args, err)
+    assert all((run / name).read_bytes() == data for name, data in before.items())
+    code, err = cli("encode", "--run", run, "--data", tiny_data, "--out", run / "x.npy")
+    assert code == 1 and "x.npy: the file exists; give --force to write over it" in error_line(err)
+    assert cli("encode", "--run", run, "--data", tiny_data, "--out", run / "x.npy", "--force")[0] == 0
+    assert cli("sample", "--run", run, "--seed", "1")[0] == 0          # RUN/samples_seed1.png, its own default
+    code, err = cli("sample", "--run", run, "--seed", "1")
+    assert code == 1 and "samples_seed1.png: the file exists" in error_line(err)
+
+
+def test_a_cut_last_line_of_metrics_is_repaired_on_resume(tmp_path, tiny_data):
+    run = tiny_run(tmp_path, tiny_data, extra=["--stage", "vqvae", "--log-every", "1"])
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"stage": "vqvae", "st')                            # what a kill mid-write leaves
+    code, err = cli("--resume", run, "--steps", "6", "--stage", "vqvae")
+    assert code == 0 and "metrics.jsonl: its last line was cut short (22 bytes, a killed run?): removed" in err
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(isinstance(json.loads(l), dict) for l in lines)         # every line whole: none glued to another
+    assert [m["step"] for m in metric_lines(run) if "loss" in m][-2:] == [5, 6]
+
+
+def test_a_full_disk_names_the_file_and_what_is_kept(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")                   # every write: No space left on device
+    code, err = cli("--data", tiny_data, "--out", run, *TINY)
+    line = error_line(err)
+    assert code == 1 and f"cannot write {run / 'metrics.jsonl'} (No space left on device)" in line
+    assert "No checkpoint of this stage was saved" in line
+
+
+def test_sampling_settings_that_overflow_are_refused_and_no_codes_come_from_non_finite_probabilities(tmp_path, tiny_data):
+    run = tiny_run(tmp_path, tiny_data)
+    for flags, message in [(["--guidance", "1e308"], "--guidance must be in [0, 100.0], got 1e+308"),
+                           (["--temperature", "1e-320"], "overflows the logits: give 0 (the most likely code)")]:
+        code, err = cli("sample", "--run", run, *flags)
+        assert code == 1 and message in error_line(err), err
+        code, err = cli("evaluate", "--run", run, *flags)
+        assert code == 1 and message in error_line(err), err
+    assert not (run / "samples_seed0.png").exists()
+    prior = P.PixelCNN(P.PriorConfig(codebook_size=4, channels=4, layers=1, attention_every=0))
+    prior.head.layers[-1].params["b"][0] = np.inf                      # logits that are not finite
+    for sampler in (P.sample, P.sample_naive):
+        with pytest.raises(V.NonFiniteError, match="sampling probabilities were not finite"), np.errstate(all="ignore"):
+            sampler(prior, 2, 2, 2, seed=0)
+    with pytest.raises(ValueError, match=r"guidance must be a number in \[0, 100.0\]"):
+        P.sample(prior, 2, 2, 2, seed=0, guidance=1e3)
+
+
+def test_more_prior_steps_on_resume_follow_the_schedule_or_are_refused(tmp_path, tiny_data):
+    common = ["--data", tiny_data, "--steps", "2", "--eval-every", "2", *TINY, "--prior-warmup", "1", "--no-evaluate"]
+    run = tmp_path / "run"
+    assert T.main([*common, "--out", str(run), "--prior-steps", "4"]) == 0
+    code, err = cli("--resume", run, "--stage", "prior", "--prior-steps", "6")
+    assert code == 1 and "trained 4 steps of a learning rate that decays to a tenth at step 4" in error_line(err)
+    fixed, straight = tmp_path / "fixed", tmp_path / "straight"           # an end given: the schedule is the same
+    assert T.main([*common, "--out", str(fixed), "--prior-steps", "4", "--prior-decay-steps", "6"]) == 0
+    assert T.main(["--resume", str(fixed), "--stage", "prior", "--prior-steps", "6"]) == 0
+    assert T.main([*common, "--out", str(straight), "--prior-steps", "6", "--prior-decay-steps", "6"]) == 0
+    assert [m["loss"] for m in metric_lines(fixed, "prior") if "loss" in m] == \
+        [m["loss"] for m in metric_lines(straight, "prior") if "loss" in m]
+
+
+def test_the_report_charts_the_prior_that_stands_after_it_was_trained_anew(tmp_path, tiny_data):
+    from test_report import check_page
+    run = tiny_run(tmp_path, tiny_data, extra=["--log-every", "1"])    # a prior of 2 steps
+    assert T.main(["--resume", str(run), "--steps", "6", "--prior-steps", "3"]) == 0  # the VQ-VAE on: a prior anew
+    rows = [m for m in metric_lines(run, "prior") if "loss" in m]
+    assert [m["step"] for m in rows] == [1, 2, 1, 2, 3]                # both in the file
+    points = check_page(run / "report.html").points
+    assert points["training"] == [3] and points["held out"][-1] == 2  # the chart: the new prior's alone (steps 2, 3)
+
+
+def test_the_device_variable_is_honoured_and_checked(tmp_path, tiny_data):
+    code, err = cli("--data", tiny_data, "--out", tmp_path / "run", *TINY, env={"VQVAE_DEVICE": "bogus"})
+    assert code == 1 and "VQVAE_DEVICE must be one of auto, cpu, gpu, got 'bogus'" in error_line(err)
+    if V._gpu_problem() is not None:                                   # no GPU here: asked for, refused
+        code, err = cli("--data", tiny_data, "--out", tmp_path / "run", *TINY, env={"VQVAE_DEVICE": "gpu"})
+        assert code == 1 and "device 'gpu' was asked for, but" in error_line(err)
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_paths_that_are_not_utf8_and_outsized_numbers_in_a_run_folder_break_nothing(tmp_path, tiny_data):
+    run = Path(os.fsdecode(bytes(tmp_path) + b"/run-\xff"))           # bytes a file system allows, not UTF-8
+    code, err = cli("--data", tiny_data, "--out", run, *TINY, "--steps", "4", "--eval-every", "2")
+    assert code == 0, err
+    assert "run-?" in (run / "report.html").read_text(errors="replace")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "vqvae", "step": 5, "loss": 1' + "0" * 400 + '}\n')
+        f.write('{"stage": "vqvae", "step": 1' + "0" * 400 + ', "loss": 1}\n')
+        f.write("[" * 100000 + "\n")
+    (run / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()), "priors": 3}))
+    assert cli("report", "--run", run)[0] == 0
+    good = tiny_run(tmp_path, tiny_data, "good")
+    with open(good / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "vqvae", "step": 1' + "0" * 400 + ', "loss": 1}\n' + "[" * 100000 + "\n")
+    assert cli("evaluate", "--run", good)[0] == 0
+    assert cli("--resume", good, "--steps", "6")[0] == 0
+
+
+def test_misleading_lines_now_say_what_is_wrong(tmp_path, tiny_data):
+    (tmp_path / "text.npy").write_text("not numbers\n")
+    code, err = cli("--data", tmp_path / "text.npy", "--out", tmp_path / "r")
+    assert code == 1 and "text.npy: not a NumPy .npy file (it starts with b'not nu'" in error_line(err)
+    run = tiny_run(tmp_path, tiny_data)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "image_hw": [10**9, 8]}))
+    code, err = cli("sample", "--run", run)
+    assert code == 1 and "image_hw is [1000000000, 8], not a height and a width" in error_line(err)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "prior.npz").unlink()
+    (run / "prior.npz").mkdir()
+    code, err = cli("sample", "--run", run)
+    assert code == 1 and "prior.npz: not a file (a folder?); remove it, then train the prior" in error_line(err)
+    (run / "prior.npz").rmdir()
+    other = tiny_run(tmp_path, tiny_data, "other", extra=["-K", "8"])
+    (run / "prior.npz").write_bytes((other / "prior.npz").read_bytes())
+    code, err = cli("sample", "--run", run)
+    assert code == 1 and "prior.npz models 8 codes, the VQ-VAE has 16 at that level: it is not this run's" in error_line(err)
+    (run / "prior.npz").unlink()                                       # as the line says: then --stage prior works
+    assert cli("--resume", run, "--stage", "prior")[0] == 0

@@ -15,7 +15,7 @@ command line is built from them, so `python train.py --help` lists every field t
 """
 import json
 import math
-import signal
+import os
 import sys
 import time
 from collections import namedtuple
@@ -29,10 +29,11 @@ import vqvae
 import vqgan
 from codes import encode_all, level_names, prior_grid, prior_training_set
 from datasets import MIRROR_INVARIANT, batch_indices, load_dataset, pad_to_multiple, to_model
-from evaluation import Judge, evaluate, evaluate_prior, evaluate_samples, evaluation_table, train_judge
+from evaluation import evaluate, evaluate_prior, evaluate_samples, evaluation_table, perceptual_network
 from report import draw_samples, recon_grid, write_png, write_recon_pictures, write_report
-from runs import (UserError, check_output, fingerprint, load_checkpoint, load_model, load_trained,
-                  make_run_folder, read_json, read_summary, save_checkpoint, save_json, save_npy, save_npz)
+from runs import (CtrlC, Interrupted, RunLock, UserError, check_output, fingerprint, load_checkpoint, load_model, load_trained,
+                  make_run_folder, read_json, read_summary, repair_metrics, save_checkpoint, save_json, save_npy,
+                  save_npz)
 from settings import ArgumentParser, SettingError, add_flags, check, check_value, flag, flag_message, from_dict, setting
 
 STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
@@ -90,12 +91,14 @@ class TrainConfig:
     prior_flip: bool = setting(None, "also train the prior on the codes of horizontally mirrored training images "
                                      f"(default: on for {', '.join(MIRROR_INVARIANT)}, whose classes a mirror keeps)")
     # the samples drawn at the end (and by `sample` and `evaluate`)
-    temperature: float = setting(1.0, "below 1: safer samples; 0: the most likely code", low=0, resumable=True)
+    temperature: float = setting(1.0, f"below 1: safer samples; 0: the most likely code (else at least "
+                                      f"{P.TEMPERATURE_MIN})", low=0, resumable=True)
     top_k: int = setting(0, "sample from the k most likely codes only (0: all)", low=0, resumable=True)
     top_p: float = setting(1.0, "sample from the fewest most likely codes whose probability reaches p (nucleus; "
                                 "1: all)", above=0, high=1, resumable=True)
     guidance: float = setting(None, "classifier-free guidance s of a prior trained with label dropout (1: none; "
-                                    f"default: {GUIDANCE} for such a prior, else 1)", low=0, resumable=True)
+                                    f"default: {GUIDANCE} for such a prior, else 1)", low=0, high=P.GUIDANCE_MAX,
+                              resumable=True)
     # the evaluation at the end (evaluation.py, docs/evaluation.md)
     evaluate: bool = setting(True, "measure the samples and reconstructions with a judge network", resumable=True)
     judge_steps: int = setting(1500, "training steps of the evaluation's judge", low=1, resumable=True)
@@ -107,8 +110,6 @@ class TrainConfig:
         if self.prior_flip is None:
             self.prior_flip = self.data in MIRROR_INVARIANT
         check(self)
-        if self.prior_decay_steps == 0:                                # fixed now: a resumed run keeps its schedule
-            self.prior_decay_steps = self.prior_steps
 
     @classmethod
     def from_dict(cls, d):
@@ -125,27 +126,6 @@ class TrainConfig:
 
 # -----------------------------------------------------------------------------
 # the training loop both stages share
-
-
-class Interrupted(Exception):
-    """Ctrl-C stopped a stage after its checkpoint was saved."""
-
-
-class CtrlC:
-    """While active, the first Ctrl-C asks the loop to save and stop after the current step;
-    a second one interrupts at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
 
 
 # what the loop needs of a stage: its name, a step's batch size, what training, evaluating and
@@ -171,6 +151,12 @@ def fit(stage, start, steps, cfg, xp, log, stop):
     def diverged(what):
         return UserError(f"{stage.name}: {what}; stopping. {kept()}. A lower learning rate may help")
 
+    def logged(record, text, final):
+        try:
+            log(record, text, final)
+        except UserError as e:                                         # a full disk, say
+            raise UserError(f"{e}. {kept()}")
+
     def flush():
         nonlocal window, t_log, step_log
         if not window:
@@ -183,7 +169,7 @@ def fit(stage, start, steps, cfg, xp, log, stop):
         mean = {k: float(np.mean(vqvae.to_numpy(xp.stack([s[k] for s in window])))) for k in keys}
         now = time.time()
         rate = len(window) * stage.batch_size / max(now - t_log, 1e-9)
-        log({"stage": stage.name, "step": step, **mean, "items_per_s": rate},
+        logged({"stage": stage.name, "step": step, **mean, "items_per_s": rate},
             f"{stage.name} {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in mean.items())
             + f" | {rate:.0f}/s ETA {(steps - step) * stage.batch_size / rate:.0f}s", final=False)
         window, t_log, step_log = [], now, step
@@ -216,13 +202,19 @@ def fit(stage, start, steps, cfg, xp, log, stop):
             except UserError as e:                                     # a full disk, say
                 raise UserError(f"{e}. {kept()}")
             save(step)
-            log({"stage": stage.name, "step": step, **ev}, f"{stage.name} {step}/{steps} held out: "
+            logged({"stage": stage.name, "step": step, **ev}, f"{stage.name} {step}/{steps} held out: "
                 + " ".join(f"{k} {v:.4g}" for k, v in ev.items()), final=True)
     if stop.requested:
         path = save(step)
         raise Interrupted(f"{stage.name} stage interrupted at step {step}, saved in {path}. "
                           f"Continue with: python train.py --resume {path.parent}")
     return stage.evaluate(step) if ev is None else ev                 # nothing left to train: just evaluate
+
+
+def schedule_end(cfg, scale=1):
+    """The step at which the prior's learning rate has decayed to a tenth: --prior-decay-steps, or
+    (0) --prior-steps, times the prior's scale (the bottom prior of two levels: --bottom-prior-factor)."""
+    return (cfg.prior_decay_steps or cfg.prior_steps) * scale
 
 
 def prior_lr_at(cfg, step, scale=1):
@@ -233,7 +225,7 @@ def prior_lr_at(cfg, step, scale=1):
     warm-up keeps them small. The decay ends training at a low rate, where the last steps
     average out the batch-to-batch noise instead of following it. A prior that trains `scale`
     times the steps (two levels' bottom one, --bottom-prior-factor) has both stretched alike."""
-    peak, warmup, end = cfg.prior_lr, cfg.prior_warmup * scale, cfg.prior_decay_steps * scale
+    peak, warmup, end = cfg.prior_lr, cfg.prior_warmup * scale, schedule_end(cfg, scale)
     if step < warmup:
         return peak * (step + 1) / warmup
     left = max(0.0, (end - step) / max(1, end - warmup))               # 1 at the peak, 0 from `end` on
@@ -245,31 +237,54 @@ def prior_lr_at(cfg, step, scale=1):
 
 
 def train(cfg, model_cfg, prior_settings, run, resuming):
-    """Both stages, as cfg.stage asks, into the folder `run`. Everything a run reads is checked
-    before its first step: the settings, the data, and when resuming, every file of the folder."""
+    """Both stages, as cfg.stage asks, into the folder `run`, then the evaluation. Everything a run
+    reads is checked before its first step: the settings, the data, and when resuming, every file
+    of the folder; one process at a time trains into a folder (runs.RunLock)."""
     if model_cfg.quantizer == "rvq" and model_cfg.levels == 2 and cfg.stage != "vqvae":
         raise UserError("the priors do not model two levels of residual codes (the bottom prior's conditioning "
                         "assumes one code per position): use --levels 1 with --quantizer rvq, or --stage vqvae")
     data, model_cfg, prior_cfgs = load_data(cfg, model_cfg, prior_settings, resuming)
-    num_classes, real_hw = prior_cfgs[0].num_classes, data["train"].shape[1:3]
     rule = sampling_rule(cfg, prior_cfgs)                              # how the samples at the end are drawn
     model, opt, gan = make_vqvae(cfg, model_cfg, data)
     make_run_folder(run)
+    with RunLock(run):
+        if resuming and (note := repair_metrics(run / "metrics.jsonl")):
+            print(note, file=sys.stderr)
+        summary, priors = train_stages(run, cfg, model_cfg, prior_cfgs, data, model, opt, gan, rule, resuming)
+        if cfg.evaluate and cfg.stage != "vqvae":                      # a judge trained on the real images
+            print(f"evaluating: a judge network trained on the {len(data['train'])} training images measures "
+                  f"{min(cfg.eval_images, len(data['test']))} held-out images, their reconstructions and as many "
+                  f"samples", file=sys.stderr)
+            ev = evaluate_samples(run, model, priors, data, data["train"].shape[1:3], 0, cfg.judge_steps,
+                                  cfg.eval_images, cfg.seed + 1, rule, cfg.device, cfg.two_sample_steps)
+            save_json(run / "evaluation.json", ev)
+            print(evaluation_table(ev), file=sys.stderr)
+            save_json(run / "summary.json", {**summary, "evaluate_time_s": ev["evaluate_time_s"], **{
+                k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_", "c2st_"))}})
+        write_report(run)
+    print(f"done: {run}/report.html, summary.json, recon.png" + (", samples.png" if priors else "")
+          + (", evaluation.json" if cfg.evaluate and cfg.stage != "vqvae" else ""), file=sys.stderr)
+    return 0
+
+
+def train_stages(run, cfg, model_cfg, prior_cfgs, data, model, opt, gan, rule, resuming):
+    """The VQ-VAE's stage and the priors' (and the samples), as cfg.stage asks -> (the summary,
+    written to summary.json, and the priors or None)."""
     if cfg.perceptual_weight:                                          # the network the perceptual term reads
-        gan.net = perceptual_network(run, cfg, data)
+        gan.net = perceptual_network(run, data, cfg.seed + 1000, cfg.perceptual_steps, cfg.device)
     step, wall, summary_before = resume_vqvae(run, cfg, model, opt, gan) if resuming else (0, 0.0, {})
     vqvae_trains = cfg.stage in ("vqvae", "all") and step < cfg.steps
     levels, stale = read_priors(run, cfg, prior_cfgs, model, resuming, summary_before, vqvae_trains)
     save_json(run / "config.json", {"train": asdict(cfg), "model": asdict(model_cfg),
                                     "priors": [asdict(c) for c in prior_cfgs]})
-    device = "gpu" if model.xp is not np else "cpu"
+    device, num_classes, real_hw = "gpu" if model.xp is not np else "cpu", prior_cfgs[0].num_classes, data["train"].shape[1:3]
     print(f"{run}: {cfg.data} {data['train_padded'].shape[1:]} ({len(data['train'])} train, {len(data['test'])} "
           f"held out), VQ-VAE with {sum(p.size for p in model.params.values()):,} parameters, device {device}"
           + (f", resuming at step {step}" if resuming else ""), file=sys.stderr)
-
     summary, priors = {"data": cfg.data, "image_hw": list(real_hw), "device": device, "levels": model_cfg.levels,
                        "quantizer": model_cfg.quantizer, "adversarial": cfg.adversarial}, None
-    with open(run / "metrics.jsonl", "a") as metrics, CtrlC() as stop:
+    with open(run / "metrics.jsonl", "ab", buffering=0) as metrics, CtrlC() as stop:  # unbuffered: a failed write
+                                                                                       # leaves nothing to flush
         log = metrics_log(run, metrics)
         if cfg.stage in ("vqvae", "all"):                              # stage 1: the VQ-VAE
             summary.update(train_vqvae(run, cfg, data, model, opt, gan, step, wall, log, stop))
@@ -284,21 +299,7 @@ def train(cfg, model_cfg, prior_settings, run, resuming):
             summary.update(figures, sample_time_s=seconds, samples=(num_classes or 4) * 8)
     summary = merge_summary(summary_before, summary, cfg.stage, stale)
     save_json(run / "summary.json", summary)
-    if cfg.evaluate and cfg.stage != "vqvae":                          # a judge trained on the real images
-        print(f"evaluating: a judge network trained on the {len(data['train'])} training images measures "
-              f"{min(cfg.eval_images, len(data['test']))} held-out images, their reconstructions and as many "
-              f"samples", file=sys.stderr)
-        ev = evaluate_samples(run, model, priors, data, real_hw, 0, cfg.judge_steps, cfg.eval_images, cfg.seed + 1,
-                              rule, cfg.device, cfg.two_sample_steps)
-        save_json(run / "evaluation.json", ev)
-        print(evaluation_table(ev), file=sys.stderr)
-        summary.update({k: v for k, v in ev.items() if k.startswith(("fd_", "accuracy_", "precision_", "recall_", "c2st_"))},
-                       evaluate_time_s=ev["evaluate_time_s"])
-        save_json(run / "summary.json", summary)
-    write_report(run)
-    print(f"done: {run}/report.html, summary.json, recon.png" + (", samples.png" if priors else "")
-          + (", evaluation.json" if cfg.evaluate and cfg.stage != "vqvae" else ""), file=sys.stderr)
-    return 0
+    return summary, priors
 
 
 def load_data(cfg, model_cfg, prior_settings, resuming):
@@ -352,21 +353,6 @@ def make_vqvae(cfg, model_cfg, data):
     return model, opt, gan
 
 
-def perceptual_network(run, cfg, data):
-    """The features of a network trained on the run's training images to tell by how many quarter
-    turns an image was turned (RotNet): another task and seed than the judge that measures the
-    result. Read from RUN/perceptual.npz, or trained and saved there."""
-    path = run / "perceptual.npz"
-    if path.is_file():
-        net = load_model(path, Judge, cfg.device)
-    else:
-        print(f"training the network of the perceptual term ({cfg.perceptual_steps} steps)", file=sys.stderr)
-        net = train_judge(data, cfg.seed + 1000, cfg.perceptual_steps, cfg.device, rotations=True, sharpness=False)
-        save_npz(path, {**net.state_dict(), "config": np.array(json.dumps(asdict(net.cfg)))})
-    net.features.layers[0].input_grad = True                           # the term's gradient reaches the image
-    return net.features
-
-
 def resume_vqvae(run, cfg, model, opt, gan):
     """The VQ-VAE (and its Adam, and --adversarial's discriminator) from RUN/checkpoint.npz
     -> (its step, seconds so far, the summary of the run so far)."""
@@ -407,6 +393,7 @@ def read_priors(run, cfg, prior_cfgs, model, resuming, summary_before, vqvae_tra
             start, seconds, notes = load_checkpoint(run / f"{name}.npz", prior, prior_opt)
             fitted_to = notes.get("vqvae_sha256")                      # absent in priors saved before it was kept
             steps, scale = prior_steps(cfg, model, name)
+            trained_to = float(notes.get("schedule_end", schedule_end(cfg, scale)))  # the end of its schedule so far
             if vqvae_trains or fitted_to not in (None, current) or (fitted_to is None and "stale_priors" in summary_before):
                 stale.append(f"{name}.npz")
                 prior = P.PixelCNN(prior_cfg, device=cfg.device)
@@ -414,6 +401,12 @@ def read_priors(run, cfg, prior_cfgs, model, resuming, summary_before, vqvae_tra
             elif start > steps:
                 raise UserError(f"{run / name}.npz is at step {start}: --prior-steps {cfg.prior_steps} would go "
                                 f"back; give --prior-steps {math.ceil(start / scale)} or more")
+            elif trained_to != schedule_end(cfg, scale) and start > cfg.prior_warmup * scale:
+                raise UserError(f"{run / name}.npz trained {start} steps of a learning rate that decays to a tenth "
+                                f"at step {trained_to:g}; --prior-steps {cfg.prior_steps} moves that end to "
+                                f"{schedule_end(cfg, scale):g}, which the steps already trained did not follow, so the "
+                                f"prior would not be what a run of that length trains. Give the --prior-steps it was "
+                                f"started with, or train it anew: remove {run / name}.npz and resume with --stage prior")
         levels.append((name, prior, prior_opt, start, seconds))
     if not stale:
         return levels, None
@@ -432,8 +425,10 @@ def metrics_log(run, metrics):
     live = sys.stderr.isatty()                                         # one live line on a terminal, else lines
 
     def log(record, text, final):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        try:
+            metrics.write((json.dumps(record) + "\n").encode())
+        except OSError as e:                                           # a full disk, say
+            raise UserError(f"cannot write {run / 'metrics.jsonl'} ({e.strerror or e})")
         sys.stderr.write(("\r\033[K" + text + ("\n" if final else "")) if live else text + "\n")
         sys.stderr.flush()
         if final:
@@ -492,7 +487,7 @@ def train_priors(run, cfg, data, model, levels, num_classes, log, stop):
 
         def save(s):
             return save_checkpoint(run / f"{name}.npz", prior, opt, s, seconds + time.time() - t_start,
-                                   vqvae_sha256=vqvae_sha256)
+                                   vqvae_sha256=vqvae_sha256, schedule_end=str(schedule_end(cfg, scale)))
 
         stage = Stage(name, cfg.prior_batch_size, train_step, held_out, save, run / f"{name}.npz")
         figures.update(fit(stage, start, steps, cfg, model.xp, log, stop), **{f"{name}_steps": steps})
@@ -643,6 +638,9 @@ def sampling_rule(settings, prior_cfgs):
                 rule[f.name] = f.default if v is None else check_value(f, v)
             except SettingError as e:
                 raise UserError(flag_message(e))
+    if 0 < rule["temperature"] < P.TEMPERATURE_MIN:
+        raise UserError(f"--temperature {rule['temperature']:g} overflows the logits: give 0 (the most likely code) "
+                        f"or at least {P.TEMPERATURE_MIN}")
     guided = bool(prior_cfgs) and all(c.label_dropout > 0 for c in prior_cfgs)
     if rule["guidance"] is None:
         rule["guidance"] = GUIDANCE if guided else 1.0
@@ -686,10 +684,10 @@ def encode(argv):
                       ("--data-dir", dict(default="data", help="as for training")),
                       ("--split", dict(default="test", choices=["train", "test"], help="which split to encode")),
                       ("--out", dict(required=True, help="output .npy of codes (N, h, w), residual VQ's (N, S, h, w); "
-                                                         "for two levels an .npz with arrays 'top' and 'bottom'"))
-                      ).parse_args(argv)
+                                                         "for two levels an .npz with arrays 'top' and 'bottom'")),
+                      ("--force", dict(action="store_true", help="write over --out if it exists"))).parse_args(argv)
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
-    check_output(args.out, "--out", ".npy" if model.cfg.levels == 1 else ".npz")   # before the data is read
+    check_output(args.out, "--out", ".npy" if model.cfg.levels == 1 else ".npz", args.force)  # before the data is read
     images = load_dataset(args.data, args.data_dir)[args.split]
     if images.shape[3] != model.cfg.in_channels:
         raise UserError(f"{args.data} has {images.shape[3]} channels, the model expects {model.cfg.in_channels}")
@@ -711,19 +709,21 @@ def sample(argv):
                       ("--codes-out", dict(help="also write the sampled codes to this .npz (one array a level)")),
                       ("--per-row", dict(type=int, default=8, help="samples per row (a row per class if conditional)")),
                       ("--rows", dict(type=int, default=4, help="rows, for an unconditional prior")),
+                      ("--force", dict(action="store_true", help="write over the output files if they exist")),
                       sampling=True).parse_args(argv)
     at_least(args, per_row=1, rows=1, seed=0)
     sampling_rule(args, [])                                            # the numbers, before anything is read
-    for name, path, suffix in (("--out", args.out, ".png"), ("--codes-out", args.codes_out, ".npz")):
-        check_output(path, name, suffix)
     run = Path(args.run)
-    model, priors, real_hw = load_trained(run, args.device)
-    grid, codes, seconds = draw_samples(model, priors, priors[0].cfg.num_classes or args.rows, args.per_row,
-                                        args.seed, sampling_rule(args, [p.cfg for p in priors]), real_hw)
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
-    write_png(out, grid)
-    if args.codes_out:
-        save_npz(args.codes_out, {f"{name}codes": c for name, c in zip(level_names(model), codes)})
+    for name, path, suffix in (("--out", out, ".png"), ("--codes-out", args.codes_out, ".npz")):
+        check_output(path, name, suffix, args.force)
+    with RunLock(run):
+        model, priors, real_hw = load_trained(run, args.device)
+        grid, codes, seconds = draw_samples(model, priors, priors[0].cfg.num_classes or args.rows, args.per_row,
+                                            args.seed, sampling_rule(args, [p.cfg for p in priors]), real_hw)
+        write_png(out, grid)
+        if args.codes_out:
+            save_npz(args.codes_out, {f"{name}codes": c for name, c in zip(level_names(model), codes)})
     print(f"wrote {out}: {len(codes[0])} samples, codes sampled in {seconds:.2f}s", file=sys.stderr)
     return 0
 
@@ -744,12 +744,13 @@ def evaluate_command(argv):
     sampling_rule(args, [])                                            # the numbers, before anything is read
     run = Path(args.run)
     cfg, _, _ = saved_configs(run)
-    model, priors, real_hw = load_trained(run, args.device, need_priors=False)
-    ev = evaluate_samples(run, model, priors, load_dataset(cfg.data, cfg.data_dir), real_hw, args.judge_seed,
-                          args.judge_steps, args.images, args.seed, sampling_rule(args, [p.cfg for p in priors or []]),
-                          args.device, args.two_sample_steps)
-    save_json(run / "evaluation.json", ev)
-    write_report(run)
+    with RunLock(run):
+        model, priors, real_hw = load_trained(run, args.device, need_priors=False)
+        ev = evaluate_samples(run, model, priors, load_dataset(cfg.data, cfg.data_dir), real_hw, args.judge_seed,
+                              args.judge_steps, args.images, args.seed, sampling_rule(args, [p.cfg for p in priors or []]),
+                              args.device, args.two_sample_steps)
+        save_json(run / "evaluation.json", ev)
+        write_report(run)
     print(evaluation_table(ev))
     print(f"wrote {run / 'evaluation.json'} and report.html", file=sys.stderr)
     return 0
@@ -769,6 +770,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"encode": encode, "sample": sample, "evaluate": evaluate_command, "report": report_command}
     try:
+        if os.environ.get("VQVAE_DEVICE", "auto").strip().lower() not in DEVICES:
+            raise UserError(f"VQVAE_DEVICE must be one of {', '.join(DEVICES)}, got {os.environ['VQVAE_DEVICE']!r}")
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
         return train(*configs_from_args(build_parser().parse_args(argv)))

@@ -223,7 +223,7 @@ class VQGAN:
             self.backward()
             if adversarial:
                 check_finite_grads(self.disc.grads)                    # before opt.step, which checks the VQ-VAE's
-            opt.step(self.model.grads)
+            opt.step(self.model.grads, self.model.params)
             if adversarial:
-                disc_opt.step(self.disc.grads)
+                disc_opt.step(self.disc.grads, self.disc.params)
         return stats

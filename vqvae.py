@@ -61,13 +61,13 @@ class DeviceError(RuntimeError):
 
 
 class NonFiniteError(ValueError):
-    """A training step met NaN or infinite values and changed nothing; the message says where."""
+    """A step met NaN or infinite values and changed nothing; the message says where."""
 
 
 def backend(device=None):
     """The array module for `device`: 'cpu' (NumPy), 'gpu' (CuPy) or 'auto' (CuPy when a GPU
-    is usable). The default comes from $VQVAE_DEVICE, else 'auto'."""
-    device = (device or os.environ.get("VQVAE_DEVICE") or "auto").strip().lower()
+    is usable); for None or 'auto', $VQVAE_DEVICE decides first, where it is set."""
+    device = (os.environ.get("VQVAE_DEVICE") or "auto" if device in (None, "auto") else device).strip().lower()
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
     if device == "cpu":
@@ -91,8 +91,8 @@ def to_numpy(a):
 
 
 def uniform_init(rng, xp=np, dtype="float32"):
-    """Parameter factory: U(-bound, bound) drawn by a NumPy generator, cast, then moved to the
-    device, so that CPU and GPU runs start from identical weights."""
+    """Parameter factory: U(-bound, bound) drawn by a NumPy generator, cast, then moved to the device
+    (CPU and GPU runs start from identical weights)."""
     def init(shape, bound):
         return xp.asarray(rng.uniform(-bound, bound, size=shape).astype(dtype))
     return init
@@ -166,8 +166,7 @@ def inside(offset, stride, n, lo, hi):
 
 
 def column_sums(a):
-    """a.sum(0) of a tall (M, C) matrix, as the matvec ones(M) @ a: NumPy's column sums of a
-    narrow matrix run ~10-25x slower than BLAS's (a bias gradient of 3 channels: 0.47 -> 0.02 ms)."""
+    """a.sum(0) of a tall (M, C) matrix, as the matvec ones(M) @ a: 10-25x faster than NumPy's sum."""
     return array_module(a).ones(a.shape[0], dtype=a.dtype) @ a
 
 
@@ -377,8 +376,7 @@ def one_hot(codes, K, dtype):
 
 
 class VectorQuantizer:
-    """Nearest-neighbour lookup in a K x D codebook, learned through its loss term (eq. 1-3).
-
+    """Nearest-neighbour lookup in a K x D codebook, learned through its loss term (eq. 1-3):
     forward(z_e (N, h, w, D)) -> z_q (N, h, w, D), stats with the codes and the loss parts.
     `health`, when set (quantizers.with_health: k-means start, Jukebox's restarts), may move
     codebook rows to the data before a training batch is assigned; the paper has neither.
@@ -459,8 +457,7 @@ class VectorQuantizerEMA(VectorQuantizer):
     A code that is never used then decays as gamma^t in both m_k and N_k and stays where it
     was (until gamma^t nears eps). Starting N_k at 0 with m_k = e_k, as several public versions
     do, divides an unused code by ~eps and sends it far away on the first update; sonnet's
-    zero-debiased averages instead move an unused code to the origin.
-    """
+    zero-debiased averages instead move an unused code to the origin."""
 
     def __init__(self, K, D, beta=0.25, decay=0.99, eps=1e-5, init=None):
         super().__init__(K, D, beta, init)
@@ -707,10 +704,13 @@ class VQVAE:
         if shape[1] % self.downsample or shape[2] % self.downsample or shape[1] < 1 or shape[2] < 1:
             raise ValueError(f"image height and width must be positive multiples of {self.downsample}, "
                              f"got {shape[1]} x {shape[2]} (pad or crop the images)")
-        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-            raise ValueError(f"expected real-valued images, got dtype {x.dtype}")
-        if not bool(array_module(x).isfinite(x).all()):                # checked where x lives: no device sync for host data
-            raise ValueError("images contain NaN or infinite values")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"expected float images on the model's scale, (pixels / 255 - 0.5) / 0.25 as "
+                             f"datasets.to_model gives them, got dtype {x.dtype}")
+        peak = float(array_module(x).abs(x).max())                     # where x lives: no device sync for host data
+        if not peak <= 8:                                              # the scale gives at most 2; NaN fails too
+            raise ValueError("images contain NaN or infinite values" if not math.isfinite(peak) else f"images must be "
+                             f"on the model's scale, within [-2, 2] as datasets.to_model gives them; got up to {peak:.4g}")
         return self.xp.asarray(x, dtype=self.cfg.dtype)
 
     # --- training: forward caches, backward fills .grads
@@ -744,14 +744,13 @@ class VQVAE:
         with self.kept_unless_finite():
             stats = self.forward(x, train=True)
             self.backward()
-            opt.step(self.grads)
+            opt.step(self.grads, self.params)
         return stats
 
     @contextlib.contextmanager
     def kept_unless_finite(self):
-        """A training step inside this block that raises NonFiniteError leaves the quantizers as
-        they were: what forward(train=True) moved in them and in the step counters is put back (the
-        optimisers must check every gradient before they change anything)."""
+        """A training step inside this block that raises NonFiniteError leaves the quantizers as they
+        were (the optimisers check every gradient before they change anything)."""
         quantizers = {name: part for name, part in self.parts.items() if name.endswith("quantizer")}
         moved = {**gather(quantizers, "params"), **self.buffers}      # what forward(train=True) moves
         before = {k: v.copy() for k, v in moved.items()}               # a few K x D arrays: cheap
@@ -871,7 +870,12 @@ class Adam:
         return {k: flat[a:b].reshape(p.shape)
                 for (k, p), a, b in zip(self.params.items(), self.offsets[:-1], self.offsets[1:])}
 
-    def step(self, grads):
+    def step(self, grads, params=None):
+        """One update; params (a model's .params) must be the very arrays this Adam was made for."""
+        if params is not None and (params.keys() != self.params.keys() or any(params[k] is not p for k, p in
+                                                                                  self.params.items())):
+            raise ValueError("this Adam was built for another model's parameters; make one for this model: "
+                             "vqvae.Adam(model.params)")
         if not self.params:
             return
         b1, b2 = self.betas
@@ -921,10 +925,8 @@ class Adam:
 
 
 # -----------------------------------------------------------------------------
-# speed paths: faster twins of the plain definitions above, each proven equal by a test
-#
-# The matmuls run near the CPU's peak; what is left is im2col's copies and NumPy's elementwise
-# work, which runs on one core. These paths cut both. docs/speed.md has the measurements.
+# speed paths: faster twins of the plain definitions above, each proven equal by a test. The matmuls
+# run near the CPU's peak; these cut im2col's copies and NumPy's one-core elementwise work (docs/speed.md).
 
 
 def rot180(W):
@@ -934,11 +936,10 @@ def rot180(W):
 
 
 def col2im_is_cheaper(c_in, c_out):
-    """Which of two ways to compute a convolution-like product costs less. im2col copies kh*kw*c_in
-    numbers per output pixel before one matmul; the col2im form multiplies each input pixel by all
-    kh*kw taps at once and adds kh*kw*c_out numbers per pixel back in strided slices. Measured
-    here, a strided add costs about four copied numbers: col2im pays where 4 c_out <= c_in
-    (a residual block's 3x3 from 128 to 32 channels: 1.26 -> 0.84 ms, batch 32 of 7x7)."""
+    """Which way of a convolution-like product costs less: im2col copies kh*kw*c_in numbers per output
+    pixel before one matmul; col2im multiplies each input pixel by all taps at once and adds kh*kw*c_out
+    numbers per pixel back in strided slices, each costing about four copies (measured: a 3x3 from 128
+    to 32 channels, 1.26 -> 0.84 ms for batch 32 of 7x7)."""
     return 4 * c_out <= c_in
 
 
@@ -976,10 +977,9 @@ def conv_adjoint(dy, W, stride, x_pad_shape, crop=((0, 0), (0, 0))):
 
 
 def conv_by_col2im(x, W, padding):
-    """conv(pad_hw(x, padding), W, 1) in the col2im form, for few output channels (see
-    col2im_is_cheaper). A stride-1 convolution is the adjoint of the convolution with the kernel
-    rotated by 180 degrees (in/out swapped) on the 'full' output, the one every tap of every pixel
-    reaches; the padding is what of that output is kept: a crop of kernel - 1 - padding."""
+    """conv(pad_hw(x, padding), W, 1) in the col2im form, for few output channels: the adjoint of the
+    convolution with the kernel rotated (in/out swapped) on the 'full' output that every tap reaches,
+    cropped by kernel - 1 - padding. Proved by test_conv2d_with_few_outputs_equals_the_direct_loop."""
     O, C, kh, kw = W.shape
     N, H, Wd, _ = x.shape
     (t, b), (l, r) = padding
@@ -990,9 +990,9 @@ def conv_by_col2im(x, W, padding):
 def conv_grads_by_adjoint(dy, x, W, padding):
     """(dx, dW) of a stride-1 Conv2d whose padding is under its kernel, from one im2col: dx is the
     convolution of the padded dy with the rotated kernel (see conv_adjoint), and the patches of dy
-    it cuts, one row per input pixel, also give dW[o, c, u, v] = sum_p x[p, c] dy[p + (t - u, l - v), o].
-    The forward's patches, cold in memory by now, are not read again.
-    Proved equal to Conv2d's plain backward by test_conv2d_weight_gradient_from_the_adjoints_patches_equals_cols_transpose_dy."""
+    it cuts, one row per input pixel, also give dW[o, c, u, v] = sum_p x[p, c] dy[p + (t - u, l - v), o]
+    (the forward's patches, cold in memory by now, are not read again). Proved equal to the plain
+    backward by test_conv2d_weight_gradient_from_the_adjoints_patches_equals_cols_transpose_dy."""
     O, C, kh, kw = W.shape
     (t, b), (l, r) = padding
     dx, dcols = conv(pad_hw(dy, ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r))), rot180(W), 1)
