@@ -543,7 +543,7 @@ def test_model_gradients_at_code_stride_8_and_with_top_only_decoding_match_finit
     check_sampled_grads(loss, grads, model.params, rng, 3)
 
 
-def test_code_stride_8_gives_grids_of_an_eighth_and_two_levels_a_sixteenth():
+def test_code_strides_8_and_2_give_grids_of_an_eighth_and_a_half_and_two_levels_half_again():
     x = np.random.default_rng(0).random((2, 16, 32, 2)).astype(np.float32)
     one = V.make_model(tiny_config(dtype="float32", code_stride=8), device="cpu")
     codes = one.encode(x)
@@ -557,6 +557,8 @@ def test_code_stride_8_gives_grids_of_an_eighth_and_two_levels_a_sixteenth():
     with pytest.raises(ValueError, match="multiples of 8, got 12 x 16"):
         one.encode(np.zeros((1, 12, 16, 2), np.float32))
     assert V.make_model(tiny_config(), device="cpu").downsample == 4  # the paper's, the default
+    fine = V.make_model(tiny_config(dtype="float32", code_stride=2), device="cpu")  # a code a 2 x 2 block
+    assert fine.downsample == 2 and fine.encode(x).shape == (2, 8, 16) and fine.reconstruct(x).shape == x.shape
 
 
 def test_top_only_training_decodes_the_drawn_images_from_the_top_code_alone():
@@ -725,8 +727,8 @@ def test_config_rejects_bad_values():
         V.Config(restart_threshold=-1)
     with pytest.raises(ValueError, match="kmeans_init and restart_threshold apply to .* vq, ema and rvq, not to fsq"):
         V.Config(quantizer="fsq", kmeans_init=True)
-    with pytest.raises(ValueError, match="code_stride must be one of 4, 8, got 2"):
-        V.Config(code_stride=2)
+    with pytest.raises(ValueError, match="code_stride must be one of 2, 4, 8, got 3"):
+        V.Config(code_stride=3)
     with pytest.raises(ValueError, match=r"top_only_rate must be in \[0, 1\), got 1"):
         V.Config(levels=2, top_only_rate=1)
     with pytest.raises(ValueError, match="top_only_rate 0.5 needs two levels"):

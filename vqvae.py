@@ -548,7 +548,7 @@ class Config:
     res_hidden: int = setting(32, "RH: hidden channels of a residual block", low=1)
     res_blocks: int = setting(2, "R: residual blocks in the encoder and in the decoder", low=0)
     levels: int = setting(1, "1: VQ-VAE; 2: VQ-VAE-2 (vqvae2.py), a top code and a bottom code given it", choices=(1, 2))
-    code_stride: int = setting(4, "image size over the (bottom) code grid's size", choices=(4, 8))
+    code_stride: int = setting(4, "image size over the (bottom) code grid's size", choices=(2, 4, 8))
     codebook_size: int = setting(256, "K: codes in a codebook (fsq: the product of --fsq-levels)", low=1, short="-K")
     code_dim: int = setting(32, "D: dimension of a code vector", low=1, short="-D")
     beta: float = setting(0.25, "commitment cost", low=0)
