@@ -1,30 +1,35 @@
-"""The data: uint8 images (N, H, W, C), a training split and a held-out one, and their classes.
+"""The data: uint8 images (N, H, W, C), or speech, a training split and a held-out one, and their classes.
 
     shapes, shapes64     built-in scenes of circles, squares and triangles, generated from a seed
     mnist, fashion-mnist IDX files, gzipped or not, downloaded with their SHA-256 checked
     cifar10              the binary version, a folder of .bin files or its .tar.gz
     PATH.npy, PATH.npz   uint8 images in any common layout, optionally with labels
+    fsdd                 spoken digits: 8 kHz mono 16-bit WAV files, downloaded with each one's SHA-256 checked
 
-load_dataset(name, data_dir) -> {"train", "test", "num_classes"[, "train_labels", "test_labels"]}.
+load_dataset(name, data_dir) -> {"train", "test", "num_classes"[, "train_labels", "test_labels"]}; for
+speech (AUDIO) "train" and "test" are lists of float32 waveforms in [-1, 1) (see fsdd_dataset).
 The model sees to_model(images) = (images / 255 - 0.5) / PIXEL_STD. Every damaged or wrong file
 gives one runs.UserError that names it.
 """
 import functools
 import gzip
 import hashlib
+import io
 import math
 import os
+import re
 import struct
 import sys
 import tarfile
 import urllib.request
+import wave
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 import vqvae
-from runs import READ_ERRORS, UserError, unreadable
+from runs import READ_ERRORS, UserError, atomic_write, unreadable
 
 
 # -----------------------------------------------------------------------------
@@ -305,20 +310,179 @@ def array_file_dataset(path):
 SHAPES = {"shapes": 32, "shapes64": 64}  # the built-in data, by name: their image size
 MIRROR_INVARIANT = ("shapes", "shapes64", "cifar10")  # the data a horizontal mirror keeps in its class (a triangle
                                                       # stays apex up); not digits, nor clothes (a shoe points left)
+AUDIO = ("fsdd",)  # the data that are speech: lists of waveforms, not arrays of images
 
 
 def load_dataset(name, data_dir):
     if name in SHAPES:
         return shapes_dataset(SHAPES[name])
-    if name in ("mnist", "fashion-mnist", "cifar10") and Path(data_dir).exists() and not Path(data_dir).is_dir():
+    if name in ("mnist", "fashion-mnist", "cifar10", "fsdd") and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir}: not a folder")
     if name in ("mnist", "fashion-mnist"):
         return mnist_dataset(name, data_dir)
     if name == "cifar10":
         return cifar10_dataset(data_dir)
+    if name == "fsdd":
+        return fsdd_dataset(data_dir)
     if name.endswith((".npy", ".npz")):
         return array_file_dataset(name)
-    raise UserError(f"unknown dataset {name!r}: use shapes, shapes64, mnist, fashion-mnist, cifar10, or a .npy/.npz file")
+    raise UserError(f"unknown dataset {name!r}: use shapes, shapes64, mnist, fashion-mnist, cifar10, fsdd, "
+                    f"or a .npy/.npz file")
+
+
+# -----------------------------------------------------------------------------
+# speech: the Free Spoken Digit Dataset's WAV recordings
+
+
+def read_wav(path, rate=8000):
+    """A mono 16-bit PCM WAV file of `rate` samples a second -> int16 (T,). Any other file (stereo,
+    8-bit, another rate, no samples, cut short, not a WAV) is one UserError that names it and says
+    what is wrong: the codec's frame rate and its scale both assume this one format."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            channels, width, file_rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            frames = w.readframes(n)
+    except (wave.Error, *READ_ERRORS) as e:
+        raise unreadable(path, "not a readable WAV file", e)
+    if channels != 1:
+        raise UserError(f"{path}: {channels} channels; expected mono (1 channel)")
+    if width != 2:
+        raise UserError(f"{path}: {8 * width}-bit samples; expected 16-bit PCM")
+    if file_rate != rate:
+        raise UserError(f"{path}: sampled at {file_rate} Hz; expected {rate} Hz")
+    if n == 0:
+        raise UserError(f"{path}: no samples (an empty recording)")
+    if len(frames) != n * channels * width:
+        raise UserError(f"{path}: truncated: {len(frames)} bytes of samples where the header promises {n * width}")
+    return np.frombuffer(frames, "<i2").astype(np.int16)             # WAV is little-endian
+
+
+def write_wav(path, samples, rate=8000):
+    """int16 samples, or floats in [-1, 1] (clipped, then scaled by the 32768 that fsdd_dataset
+    divides by, so a waveform read and written again is the same file) -> a mono 16-bit PCM WAV,
+    written whole or not at all (runs.atomic_write)."""
+    samples = np.asarray(samples)
+    if samples.ndim != 1:
+        raise ValueError(f"write_wav: expected mono samples of shape (T,), got {samples.shape}")
+    if samples.dtype != np.int16:
+        samples = np.clip(np.round(samples.astype(np.float64) * 32768), -32768, 32767).astype(np.int16)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())
+    atomic_write(path, buf.getvalue())
+
+
+FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset/archive/refs/tags/v1.0.10.tar.gz"
+FSDD_CHECKSUMS = Path(__file__).parent / "checksums" / "fsdd-v1.0.10.sha256"  # the release's 3,000 recordings
+FSDD_NAME = re.compile(r"([0-9])_([^_]+)_([0-9]+)\.wav")             # {digit}_{speaker}_{index}.wav
+FSDD_TEST = 5                                                          # the dataset's own split: index 0-4 is test
+FSDD_RATE = 8000
+
+
+def fsdd_recordings(folder):
+    """The recordings in `folder` as (name, digit, speaker, index), sorted by digit, speaker and
+    index so that every machine sees one order. Other files (a README, .DS_Store) are ignored."""
+    try:
+        names = os.listdir(folder) if Path(folder).is_dir() else []
+    except OSError as e:
+        raise UserError(f"{folder}: cannot list the folder ({e.strerror or e})")
+    found = []
+    for name in names:
+        m = FSDD_NAME.fullmatch(name)
+        if m:
+            found.append((name, int(m[1]), m[2], int(m[3])))
+    return sorted(found, key=lambda r: r[1:])
+
+
+def fsdd_checksums():
+    """name -> SHA-256 of each recording of the release, from checksums/ in sha256sum's format:
+    kept with the code, so a download is checked against the files this code was written for."""
+    try:
+        lines = FSDD_CHECKSUMS.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read the list of SHA-256 digests {FSDD_CHECKSUMS} ({e.strerror or e})")
+    return {name: digest for digest, name in (line.split() for line in lines if line.strip())}
+
+
+def download_fsdd(folder):
+    """Fetch the release archive and write its recordings/*.wav into `folder`, each by its base name
+    only (no member can write elsewhere), after checking every one's SHA-256 and that none is missing."""
+    print(f"downloading {FSDD_URL}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(FSDD_URL, timeout=60) as r:
+            archive = r.read()
+    except OSError as e:
+        raise UserError(f"could not download {FSDD_URL} ({e}); are you offline? Put the recordings "
+                        f"({{digit}}_{{speaker}}_{{index}}.wav) into {folder} yourself, or give --data-dir "
+                        f"the folder that holds them")
+    recordings = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            for member in tar:
+                path = PurePosixPath(member.name)
+                if member.isfile() and path.parent.name == "recordings" and FSDD_NAME.fullmatch(path.name):
+                    recordings[path.name] = tar.extractfile(member).read()
+    except (tarfile.TarError, *READ_ERRORS) as e:
+        raise unreadable(FSDD_URL, "not a readable .tar.gz archive", e)
+    expected = fsdd_checksums()
+    for name, data in recordings.items():
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected.get(name):
+            raise UserError(f"{FSDD_URL}: {name} has SHA-256 {digest}, but {FSDD_CHECKSUMS.name} lists "
+                            f"{expected.get(name, 'no file of that name')}")
+    missing = sorted(expected.keys() - recordings.keys())
+    if missing:
+        raise UserError(f"{FSDD_URL}: the archive lacks {len(missing)} of the {len(expected)} recordings "
+                        f"that {FSDD_CHECKSUMS.name} lists, e.g. {missing[0]}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in recordings.items():
+            (folder / f"{name}.part").write_bytes(data)
+            os.replace(folder / f"{name}.part", folder / name)
+    except OSError as e:                                               # a full disk: take back every file, so
+        for name in recordings:                                        # that no partial dataset is found later
+            (folder / name).unlink(missing_ok=True)
+            (folder / f"{name}.part").unlink(missing_ok=True)
+        raise UserError(f"cannot write the recordings into {folder} ({e.strerror or e})")
+
+
+def fsdd_dataset(data_dir):
+    """The Free Spoken Digit Dataset, split as its authors split it (index 0-4 of each digit and
+    speaker held out): {"train", "test": lists of float32 waveforms in [-1, 1), sorted by digit,
+    speaker and index; "train_labels", "test_labels": the digits, int64; "train_speakers",
+    "test_speakers": indices into "speakers", int64; "speakers": the names, sorted; "names_train",
+    "names_test": the files' names; "num_classes": 10; "sample_rate": 8000}.
+
+    The recordings are looked for in data_dir/fsdd/recordings, data_dir/recordings (a clone of the
+    dataset's repository), data_dir/fsdd and data_dir; when none holds any, they are downloaded
+    into the first. Files found on disk are read, not checked against the digests: a user's own
+    recordings named this way are welcome."""
+    data_dir = Path(data_dir)
+    folders = [data_dir / "fsdd" / "recordings", data_dir / "recordings", data_dir / "fsdd", data_dir]
+    folder = next((f for f in folders if fsdd_recordings(f)), None)
+    if folder is None:
+        folder = folders[0]
+        download_fsdd(folder)
+    recordings = fsdd_recordings(folder)
+    speakers = sorted({speaker for _, _, speaker, _ in recordings})
+    data = {key: [] for key in ("train", "test", "train_labels", "test_labels", "train_speakers", "test_speakers",
+                                "names_train", "names_test")}
+    for name, digit, speaker, index in recordings:
+        split = "test" if index < FSDD_TEST else "train"
+        data[split].append(read_wav(folder / name, FSDD_RATE).astype(np.float32) / 32768)   # int16 -> [-1, 1)
+        data[f"{split}_labels"].append(digit)
+        data[f"{split}_speakers"].append(speakers.index(speaker))
+        data[f"names_{split}"].append(name)
+    if not data["train"] or not data["test"]:
+        raise UserError(f"{folder}: of {len(recordings)} recordings, {len(data['train'])} are for training (index "
+                        f"{FSDD_TEST} and up) and {len(data['test'])} for testing (index 0 to {FSDD_TEST - 1}): "
+                        f"need at least one of each")
+    for key in ("train_labels", "test_labels", "train_speakers", "test_speakers"):
+        data[key] = np.array(data[key], np.int64)
+    return dict(data, speakers=speakers, num_classes=10, sample_rate=FSDD_RATE)
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """datasets.py: every loader on small files written here, in each exact format, and on damaged
 bytes; the built-in scenes; the batches."""
 import gzip
+import hashlib
 import io
 import json
 import struct
 import tarfile
+import wave
 import zipfile
 import zlib
 from pathlib import Path
@@ -262,3 +264,203 @@ def test_damaged_idx_files_load_or_give_a_user_error(tmp_path_factory, gz, kind,
     except R.UserError:
         return
     assert a.dtype == np.uint8 and 1 <= a.ndim <= 4
+
+
+# -----------------------------------------------------------------------------
+# speech: WAV files and the spoken digits
+
+def raw_wav(path, samples, channels=1, width=2, rate=8000):
+    """A WAV file written with the standard library alone, in any format read_wav may meet."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(samples)
+
+
+def test_wav_round_trip_is_exact_for_int16_and_clips_and_rounds_floats(tmp_path):
+    pcm = np.array([-32768, -1, 0, 1, 12345, 32767], np.int16)
+    D.write_wav(tmp_path / "a.wav", pcm)
+    read = D.read_wav(tmp_path / "a.wav")
+    assert read.dtype == np.int16 and read.tolist() == pcm.tolist()
+    D.write_wav(tmp_path / "b.wav", read.astype(np.float32) / 32768)  # what fsdd_dataset gives: the same file
+    assert (tmp_path / "b.wav").read_bytes() == (tmp_path / "a.wav").read_bytes()
+    D.write_wav(tmp_path / "c.wav", np.array([-2.0, -1.0, 0.5, 1.4 / 32768, 1.6 / 32768, 1.0, 3.0]))
+    assert D.read_wav(tmp_path / "c.wav").tolist() == [-32768, -32768, 16384, 1, 2, 32767, 32767]
+    assert not list(tmp_path.glob("*.tmp"))                            # written through a .tmp, renamed
+
+
+def test_bad_wav_files_give_one_user_error_naming_the_file_and_the_problem(tmp_path):
+    pcm = np.arange(100, dtype="<i2").tobytes()
+    (tmp_path / "noise.wav").write_bytes(np.random.default_rng(0).bytes(300))
+    raw_wav(tmp_path / "stereo.wav", pcm, channels=2)
+    raw_wav(tmp_path / "16k.wav", pcm, rate=16000)
+    raw_wav(tmp_path / "8bit.wav", pcm, width=1)
+    raw_wav(tmp_path / "empty.wav", b"")
+    raw_wav(tmp_path / "cut.wav", pcm)
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "cut.wav").read_bytes()[:-51])
+    cases = {"noise.wav": r"not a readable WAV file \(Error: file does not start with RIFF id\)",
+             "stereo.wav": "2 channels; expected mono",
+             "16k.wav": "sampled at 16000 Hz; expected 8000 Hz",
+             "8bit.wav": "8-bit samples; expected 16-bit PCM",
+             "empty.wav": r"no samples \(an empty recording\)",
+             "cut.wav": "truncated: 149 bytes of samples where the header promises 200",
+             "absent.wav": r"not a readable WAV file \(FileNotFoundError"}
+    for name, message in cases.items():
+        with pytest.raises(R.UserError, match=f"^{tmp_path / name}: {message}"):
+            D.read_wav(tmp_path / name)
+    assert D.read_wav(tmp_path / "16k.wav", rate=16000).tolist() == list(range(100))
+
+
+def fake_fsdd(folder, digits=(3, 7), speakers=("zoe", "adam"), indices=range(7)):
+    """Small recordings named {digit}_{speaker}_{index}.wav whose samples encode their name, so
+    that each loaded waveform can be traced back to its file. -> {name: int16 samples}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clips = {}
+    for d in digits:
+        for s, speaker in enumerate(speakers):
+            for i in indices:
+                name = f"{d}_{speaker}_{i}.wav"
+                clips[name] = np.array([d, s, i, -1000 * (i + 1)], np.int16)
+                D.write_wav(folder / name, clips[name])
+    return clips
+
+
+def test_fsdd_split_labels_speakers_and_order_come_from_the_file_names(tmp_path):
+    clips = fake_fsdd(tmp_path, indices=[0, 4, 5, 6, 10, 2])
+    (tmp_path / "README.md").write_text("not a recording")
+    (tmp_path / "notes_on_it.wav").write_bytes(b"also not one")     # a name outside the pattern: ignored
+    data = D.fsdd_dataset(tmp_path)
+    assert data["speakers"] == ["adam", "zoe"] and data["num_classes"] == 10 and data["sample_rate"] == 8000
+    assert data["names_test"] == ["3_adam_0.wav", "3_adam_2.wav", "3_adam_4.wav", "3_zoe_0.wav", "3_zoe_2.wav",
+                                  "3_zoe_4.wav", "7_adam_0.wav", "7_adam_2.wav", "7_adam_4.wav", "7_zoe_0.wav",
+                                  "7_zoe_2.wav", "7_zoe_4.wav"]            # digit, speaker, then index as a number
+    train_names = [f"{d}_{s}_{i}.wav" for d in (3, 7) for s in ("adam", "zoe") for i in (5, 6, 10)]
+    for split, names in (("train", train_names), ("test", data["names_test"])):
+        assert len(data[split]) == len(names) and all(x.dtype == np.float32 for x in data[split])
+        for x, name in zip(data[split], names):
+            np.testing.assert_array_equal(x * 32768, clips[name])
+        assert data[f"{split}_labels"].dtype == data[f"{split}_speakers"].dtype == np.int64
+        assert data[f"{split}_labels"].tolist() == [int(n[0]) for n in names]
+        assert [data["speakers"][s] for s in data[f"{split}_speakers"]] == [n.split("_")[1] for n in names]
+
+
+@pytest.mark.parametrize("layout", ["fsdd/recordings", "recordings", "fsdd", "."])
+def test_fsdd_recordings_are_found_in_each_folder_layout(tmp_path, layout, monkeypatch):
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: pytest.fail("downloaded"))
+    fake_fsdd(tmp_path / layout, digits=(1,), speakers=("ann",))
+    (tmp_path / "fsdd").mkdir(exist_ok=True)                           # an empty folder earlier in the search
+    data = D.load_dataset("fsdd", tmp_path)
+    assert len(data["train"]) == 2 and len(data["test"]) == 5 and data["speakers"] == ["ann"]
+
+
+def test_fsdd_without_a_test_or_training_recording_is_rejected(tmp_path):
+    fake_fsdd(tmp_path, digits=(2,), speakers=("ann",), indices=range(5, 9))
+    with pytest.raises(R.UserError, match="of 4 recordings, 4 are for training .* and 0 for testing"):
+        D.fsdd_dataset(tmp_path)
+
+
+def fsdd_archive(clips, extra=()):
+    """An in-memory .tar.gz laid out as the dataset's release: its recordings, and other members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        members = [(f"free-spoken-digit-dataset-1.0.10/recordings/{n}", b) for n, b in clips.items()]
+        for name, data in members + list(extra):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class Response(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def fsdd_download_from(monkeypatch, archive, digests):
+    """urlopen answers with `archive`; the recordings' digests are `digests`. -> the URLs asked for."""
+    urls = []
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: urls.append(url) or Response(archive))
+    monkeypatch.setattr(D, "fsdd_checksums", lambda: digests)
+    return urls
+
+
+def fsdd_clip_files(tmp_path):
+    fake_fsdd(tmp_path / "made", digits=(4,), speakers=("ann", "bo"))
+    return {p.name: p.read_bytes() for p in sorted((tmp_path / "made").iterdir())}
+
+
+def test_fsdd_download_extracts_only_the_recordings_and_checks_each_sha256(tmp_path, monkeypatch):
+    files = fsdd_clip_files(tmp_path)
+    clip = files["4_ann_0.wav"]
+    archive = fsdd_archive(files, extra=[("free-spoken-digit-dataset-1.0.10/README.md", b"# FSDD"),
+                                         ("free-spoken-digit-dataset-1.0.10/recordings/../../1_evil_0.wav", clip),
+                                         ("../../../../recordings/4_ann_9.wav", clip)])  # kept, by its base name
+    digests = {n: hashlib.sha256(b).hexdigest() for n, b in dict(files, **{"4_ann_9.wav": clip}).items()}
+    urls = fsdd_download_from(monkeypatch, archive, digests)
+    data_dir = tmp_path / "data"
+    data = D.load_dataset("fsdd", data_dir)
+    assert urls == [D.FSDD_URL] and D.FSDD_URL.startswith("https://")
+    folder = data_dir / "fsdd" / "recordings"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(digests)  # no README, no .part
+    assert [p.parent for p in tmp_path.parent.rglob("4_ann_9.wav")] == [folder]  # nothing escaped
+    assert not list(tmp_path.parent.rglob("1_evil_0.wav"))
+    assert len(data["train"]) == 5 and len(data["test"]) == 10 and data["speakers"] == ["ann", "bo"]
+    assert D.load_dataset("fsdd", data_dir)["names_test"] == data["names_test"] and len(urls) == 1  # found next time
+
+
+def test_fsdd_download_with_a_wrong_digest_names_the_file_and_keeps_nothing(tmp_path, monkeypatch):
+    files = fsdd_clip_files(tmp_path)
+    digests = {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}
+    right = digests["4_bo_3.wav"]
+    digests["4_bo_3.wav"] = "0" * 64
+    fsdd_download_from(monkeypatch, fsdd_archive(files), digests)
+    with pytest.raises(R.UserError, match=f"4_bo_3.wav has SHA-256 {right}, but fsdd-v1.0.10.sha256 lists 0{{64}}"):
+        D.fsdd_dataset(tmp_path / "data")
+    assert not list((tmp_path / "data").rglob("*.wav*"))               # no recording, whole or part, is kept
+    del digests["4_bo_3.wav"]
+    with pytest.raises(R.UserError, match="4_bo_3.wav has SHA-256 .* lists no file of that name"):
+        D.fsdd_dataset(tmp_path / "data")
+    digests["4_bo_3.wav"], digests["4_cy_0.wav"] = right, right
+    with pytest.raises(R.UserError, match="the archive lacks 1 of the 15 recordings .* e.g. 4_cy_0.wav"):
+        D.fsdd_dataset(tmp_path / "data")
+    assert not list((tmp_path / "data").rglob("*.wav*"))
+
+
+def test_fsdd_download_that_cannot_be_written_whole_leaves_no_recording(tmp_path, monkeypatch):
+    files = fsdd_clip_files(tmp_path)
+    fsdd_download_from(monkeypatch, fsdd_archive(files), {n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+    replace, calls = D.os.replace, []
+
+    def disk_full_at_the_fifth(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+    monkeypatch.setattr(D.os, "replace", disk_full_at_the_fifth)
+    with pytest.raises(R.UserError, match="cannot write the recordings into .*recordings \\(No space left on device\\)"):
+        D.fsdd_dataset(tmp_path / "data")
+    assert len(calls) == 5 and not list((tmp_path / "data").rglob("*.wav*"))  # not a partial dataset for next time
+
+
+def test_fsdd_offline_or_damaged_download_gives_a_clear_message(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise D.urllib.error.URLError("no route to host")
+    monkeypatch.setattr(D.urllib.request, "urlopen", offline)
+    folder = tmp_path / "fsdd" / "recordings"
+    with pytest.raises(R.UserError, match=f"could not download .*v1.0.10.tar.gz .*no route to host.*are you offline\\? "
+                                          f"Put the recordings .* into {folder} yourself, or give --data-dir"):
+        D.load_dataset("fsdd", tmp_path)
+    fsdd_download_from(monkeypatch, fsdd_archive(fsdd_clip_files(tmp_path))[:-100], {})
+    with pytest.raises(R.UserError, match="v1.0.10.tar.gz: not a readable .tar.gz archive"):
+        D.load_dataset("fsdd", tmp_path)
+
+
+def test_fsdd_checksum_list_holds_the_releases_3000_recordings():
+    digests = D.fsdd_checksums()
+    assert len(digests) == 3000 and all(D.FSDD_NAME.fullmatch(n) for n in digests)
+    assert all(len(d) == 64 and set(d) <= set("0123456789abcdef") for d in digests.values())
+    assert {n.split("_")[1] for n in digests} == {"george", "jackson", "lucas", "nicolas", "theo", "yweweler"}
