@@ -139,40 +139,52 @@ class ResidualVQ:
                                                 restart_threshold, decay, (*np.ravel(seed), s)) for s in range(S)}
         self.params, self.grads, self.buffers = {}, {}, gather(self.stages, "buffers")
 
-    def forward(self, z_e, train=True):
+    def forward(self, z_e, train=True, n_q=None):
+        """z_e through the first n_q stages (default all): quantizer dropout (SoundStream) trains
+        each batch with a random n_q, so that one model serves every bitrate."""
+        self.used = list(self.stages.values())[:self.check_stages(n_q)]  # backward goes through these
         r, z_q, parts = z_e, 0, []
-        for q in self.stages.values():
+        for q in self.used:
             q_s, stats = q.forward(r, train)                           # the code nearest to the residual r_s
             z_q = z_q + q_s                                            # z_q = sum_s q_s
             r = r - q_s                                                # r_{s+1} = r_s - sg[q_s]
             parts.append(stats)
-        stats = {"codes": array_module(z_e).stack([p["codes"] for p in parts], 1)}  # (N, S, h, w)
+        stats = {"codes": array_module(z_e).stack([p["codes"] for p in parts], 1)}  # (N, n_q, h, w)
         for k in ("perplexity", "usage"):
-            stats[k] = sum(p[k] for p in parts) / self.S               # the stages' mean
+            stats[k] = sum(p[k] for p in parts) / len(parts)           # the stages' mean
         stats["commitment"] = sum(p["commitment"] for p in parts)      # sum_s |r_s - sg[q_s]|^2
         stats["vq"] = sum(p["vq"] for p in parts)
         return z_q, stats
 
     def backward(self, dz_q):
         d = dz_q                                                       # straight-through: decoder's gradient copied to the encoder
-        for q in reversed(list(self.stages.values())):
+        for q in reversed(self.used):
             d = q.backward(d)                                          # + stage s's commitment; dr_{s+1}/dr_s = I passes the rest on
         return d
 
-    def quantize(self, z_e):
+    def check_stages(self, n_q):
+        """n_q, the stages a forward or quantize uses: 1 to S, or None for all S."""
+        if n_q is None:
+            return self.S
+        if isinstance(n_q, bool) or not isinstance(n_q, numbers.Integral) or not 1 <= n_q <= self.S:
+            raise ValueError(f"n_q must be a number of stages from 1 to {self.S}, got {n_q!r}")
+        return int(n_q)
+
+    def quantize(self, z_e, n_q=None):
         r, codes = z_e, []
-        for q in self.stages.values():
+        for q in list(self.stages.values())[:self.check_stages(n_q)]:
             codes.append(q.quantize(r))
             r = r - q.lookup(codes[-1])
-        return array_module(z_e).stack(codes, 1)                       # (N, S, h, w)
+        return array_module(z_e).stack(codes, 1)                       # (N, n_q, h, w)
 
     def lookup(self, codes):
-        """Codes (N, S, h, w) -> sum over stages of their codebook rows (N, h, w, D)."""
-        return sum(q.lookup(codes[:, s]) for s, q in enumerate(self.stages.values()))
+        """Codes (N, n, h, w) of the first n stages -> the sum of their codebook rows (N, h, w, D)."""
+        return sum(q.lookup(codes[:, s]) for s, q in zip(range(codes.shape[1]), self.stages.values()))
 
-    def check_codes(self, codes, xp):
+    def check_codes(self, codes, xp, any_stages=False):
+        """Codes (N, S, h, w); any_stages: the first n of the S stages, 1 <= n <= S, will do."""
         codes = check_codes(codes, self.K, xp, "(N, S, h, w)")
-        if codes.shape[1] != self.S:
+        if codes.shape[1] != self.S and not (any_stages and codes.shape[1] <= self.S):
             raise ValueError(f"expected codes of shape (N, {self.S}, h, w) for {self.S} stages, got {codes.shape}")
         return codes
 

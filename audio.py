@@ -1,0 +1,571 @@
+"""Audio: VQ-VAE over raw waveforms, as the 2017 paper's section 4.3 did for speech, in the form
+its best-known descendants gave it: SoundStream (Zeghidour et al. 2021) and EnCodec (Defossez
+et al. 2022), a convolutional codec with residual vector quantization.
+
+    x (N, T) --encoder--> z_e (N, T/M, D) --residual VQ, first n_q of N_q stages--> z_q --decoder--> x_hat
+
+    loss = w_wave |x - x_hat|^2 + w_spec L_spec(x_hat, x) + sum_s beta |r_s - sg[q_s]|^2
+
+The encoder is strided 1-D convolutions (the downsampling factor M is the product of the
+strides), each after three residual units of dilated convolutions (dilations 1, 3, 9:
+SoundStream's); the decoder mirrors it with transposed convolutions. Quantizer dropout
+(SoundStream): each training batch uses only the first n_q of the N_q stages, n_q uniform in
+[1, N_q], so that one model serves every bitrate, n_q * log2(K) bits per frame. L_spec is the
+multi-scale spectral loss: STFT magnitudes at several window sizes, L1 on the magnitudes plus
+L2 on their logs, whose hand-written backward needs the adjoint of numpy.fft.rfft.
+
+Sections: 1-D layers; the spectral loss and the measures of audio (log-mel, SI-SNR); the codec.
+Conventions as in vqvae.py: activations channels-last, (N, T, C); weights stored as PyTorch
+stores them, Conv1d (out, in, k) and ConvTranspose1d (in, out, k); forward(x) -> y,
+backward(dy) -> dx, dicts `params` / `grads` with the same keys.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from quantizers import ResidualVQ
+from settings import SettingError, check, from_dict, setting
+from vqvae import (VQVAE, Sequential, array_module, backend, column_sums, gather, read_checkpoint, step_rng,
+                   uniform_init)
+
+
+# -----------------------------------------------------------------------------
+# 1-D layers: convolutions over time, with dilation
+
+
+def windows1d(x, k, stride, dilation):
+    """All windows of k taps, `dilation` apart, of an (N, T, C) array, as a strided view
+    (N, To, k, C): window t starts at sample t * stride. No copy."""
+    N, T, C = x.shape
+    To = (T - dilation * (k - 1) - 1) // stride + 1
+    sN, sT, sC = x.strides
+    return array_module(x).lib.stride_tricks.as_strided(
+        x, shape=(N, To, k, C), strides=(sN, sT * stride, sT * dilation, sC))
+
+
+def col2im1d(cols, T, stride, dilation):
+    """Adjoint of windows1d: add every window back onto the samples it was cut from,
+    cols (N, To, k, C) -> (N, T, C), one strided-slice add per tap."""
+    N, To, k, C = cols.shape
+    x = array_module(cols).zeros((N, T, C), dtype=cols.dtype)
+    for j in range(k):                                                 # tap j of window t reads sample j d + t s
+        x[:, j * dilation:j * dilation + stride * (To - 1) + 1:stride] += cols[:, :, j]
+    return x
+
+
+def pad_t(x, left, right):
+    """Zero-pad the time axis of (N, T, C)."""
+    if left == right == 0:
+        return x
+    N, T, C = x.shape
+    out = array_module(x).zeros((N, left + T + right, C), dtype=x.dtype)
+    out[:, left:left + T] = x
+    return out
+
+
+class Conv1d:
+    """y[n, t, o] = b[o] + sum_{c, j} W[o, c, j] x_pad[n, t s + j d, c], weights (out, in, k) as
+    torch.nn.Conv1d. padding: int or (left, right); "same" keeps T for stride 1."""
+
+    def __init__(self, in_ch, out_ch, k, stride=1, dilation=1, padding=0, init=None):
+        init = init or uniform_init(np.random.default_rng(0))
+        if padding == "same":                                          # T outputs for T inputs: stride 1 only
+            if stride != 1:
+                raise ValueError(f"padding 'same' keeps the length at stride 1 only, got stride {stride}")
+            padding = (dilation * (k - 1) // 2, dilation * (k - 1) - dilation * (k - 1) // 2)
+        self.k, self.stride, self.dilation = k, stride, dilation
+        self.padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        bound = 1 / math.sqrt(in_ch * k)                               # PyTorch's default init
+        self.params = {"W": init((out_ch, in_ch, k), bound), "b": init((out_ch,), bound)}
+        self.grads = {}
+
+    def forward(self, x):
+        W = self.params["W"]
+        x_pad = pad_t(x, *self.padding)
+        cols = windows1d(x_pad, self.k, self.stride, self.dilation)    # (N, To, k, C) view
+        N, To = cols.shape[:2]
+        W_mat = W.transpose(2, 1, 0).reshape(-1, W.shape[0])           # (k C, O): rows match a window
+        y = cols.reshape(N * To, -1) @ W_mat                           # (N To, O)
+        y += self.params["b"]
+        self.cache = x_pad
+        return y.reshape(N, To, -1)                                    # (N, To, O)
+
+    def backward(self, dy):
+        W, x_pad = self.params["W"], self.cache
+        O, C, k = W.shape
+        N, To, _ = dy.shape
+        dy_mat = dy.reshape(-1, O)                                     # (N To, O)
+        self.grads["b"] = column_sums(dy_mat)                          # y = ... + b
+        left, right = self.padding
+        if self.stride == 1 and max(left, right) <= self.dilation * (k - 1):   # speed path: one im2col, of dy
+            dx, self.grads["W"] = conv1d_grads_by_adjoint(dy, x_pad[:, left:x_pad.shape[1] - right], W,
+                                                          self.padding, self.dilation)
+            return dx
+        cols = windows1d(x_pad, k, self.stride, self.dilation).reshape(N * To, -1)  # as in forward
+        self.grads["W"] = (cols.T @ dy_mat).reshape(k, C, O).transpose(2, 1, 0)     # y = cols @ W_mat
+        W_mat = W.transpose(2, 1, 0).reshape(-1, O)
+        dcols = (dy_mat @ W_mat.T).reshape(N, To, k, C)
+        dx_pad = col2im1d(dcols, x_pad.shape[1], self.stride, self.dilation)  # cols = windows(x_pad)
+        return dx_pad[:, left:x_pad.shape[1] - right]                  # the padding's gradient is dropped
+
+
+class ConvTranspose1d:
+    """The adjoint of Conv1d plus a bias: input sample t scatters W[c] x[n, t, c] onto k outputs
+    from t s on, then padding (left, right) is cropped. Weights (in, out, k) as
+    torch.nn.ConvTranspose1d; output length (T - 1) s + k - left - right."""
+
+    def __init__(self, in_ch, out_ch, k, stride=1, padding=0, init=None):
+        init = init or uniform_init(np.random.default_rng(0))
+        self.k, self.stride = k, stride
+        self.padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        bound = 1 / math.sqrt(out_ch * k)                              # PyTorch's default init
+        self.params = {"W": init((in_ch, out_ch, k), bound), "b": init((out_ch,), bound)}
+        self.grads = {}
+
+    def forward(self, x):
+        W = self.params["W"]
+        Ci, Co, k = W.shape
+        N, T, _ = x.shape
+        W_mat = W.transpose(0, 2, 1).reshape(Ci, k * Co)               # (Ci, k Co)
+        cols = (x.reshape(N * T, Ci) @ W_mat).reshape(N, T, k, Co)     # each input's k outputs
+        left, right = self.padding
+        y = col2im1d(cols, (T - 1) * self.stride + k, self.stride, 1)  # (N, (T-1) s + k, Co)
+        y = y[:, left:y.shape[1] - right]
+        y += self.params["b"]
+        self.cache = x
+        return y
+
+    def backward(self, dy):
+        x, W = self.cache, self.params["W"]
+        Ci, Co, k = W.shape
+        N, T, _ = x.shape
+        self.grads["b"] = column_sums(dy.reshape(-1, Co))              # y = ... + b
+        dy_pad = pad_t(dy, *self.padding)                              # the cropped outputs had zero gradient
+        dcols = windows1d(dy_pad, k, self.stride, 1).reshape(N * T, k * Co)  # the adjoint's adjoint
+        W_mat = W.transpose(0, 2, 1).reshape(Ci, k * Co)
+        self.grads["W"] = (x.reshape(N * T, Ci).T @ dcols).reshape(Ci, k, Co).transpose(0, 2, 1)
+        return (dcols @ W_mat.T).reshape(N, T, Ci)                     # cols = x @ W_mat
+
+
+class ELU:
+    """y = x for x > 0, exp(x) - 1 otherwise (SoundStream's and EnCodec's activation)."""
+
+    def __init__(self):
+        self.params, self.grads = {}, {}
+
+    def forward(self, x):
+        xp = array_module(x)
+        y = xp.where(x > 0, x, xp.expm1(xp.minimum(x, 0)))            # expm1 of x <= 0 only: no overflow
+        self.cache = (x, y)
+        return y
+
+    def backward(self, dy):
+        x, y = self.cache
+        return dy * array_module(x).where(x > 0, 1, y + 1)             # d(exp(x) - 1)/dx = exp(x) = y + 1
+
+
+class ResidualUnit(Sequential):
+    """x + conv1x1(elu(conv_k,dilated(elu(x)))): SoundStream's residual unit; three of them,
+    dilations 1, 3 and 9, see 1 + 6 (1 + 3 + 9) = 79 samples around each."""
+
+    def __init__(self, ch, dilation, k=7, init=None):
+        super().__init__(ELU(), Conv1d(ch, ch, k, dilation=dilation, padding="same", init=init),
+                         ELU(), Conv1d(ch, ch, 1, init=init))
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+    def backward(self, dy):
+        return dy + super().backward(dy)                               # the skip adds dy unchanged
+
+
+# --- speed path: Conv1d's backward at stride 1 (most of the codec's time), proved equal to the
+# plain backward above by test_conv1d_speed_path_equals_the_plain_backward
+
+
+def conv1d_grads_by_adjoint(dy, x, W, padding, dilation):
+    """(dx, dW) of a stride-1 Conv1d from one im2col, of dy instead of x (vqvae.conv_grads_by_adjoint's
+    1-D twin): y[t] = sum_j W_j x[t + j d - left], so dx[u] = sum_j W_j^T dy[u + left - j d], a
+    convolution of dy, zero-padded by (P - left, P - right) with P = d (k - 1), with the kernel
+    flipped in time; the windows it cuts, one row per input sample, also give
+    dW[o, c, j] = sum_u x[u, c] dy[u + left - j d, o]. No col2im: its k strided adds run on one
+    core, the matmuls on all (measured: 2x faster at 16 channels)."""
+    O, C, k = W.shape
+    N, T, _ = x.shape
+    left, right = padding
+    P = dilation * (k - 1)
+    dcols = windows1d(pad_t(dy, P - left, P - right), k, 1, dilation).reshape(N * T, k * O)  # row u: dy[u + m d - P + left]
+    W_flip = W[:, :, ::-1].transpose(2, 0, 1).reshape(k * O, C)       # row (m, o): W[o, :, k - 1 - m]
+    dx = (dcols @ W_flip).reshape(N, T, C)
+    dW_flip = dcols.T @ x.reshape(N * T, C)                            # (k O, C), as W_flip
+    return dx, dW_flip.reshape(k, O, C)[::-1].transpose(1, 2, 0)       # dW (O, C, k)
+
+
+def down_block(c_in, c_out, stride, init):
+    """Three residual units, then a convolution of window 2s and stride s: T -> T / s."""
+    return [ResidualUnit(c_in, d, init=init) for d in (1, 3, 9)] + [
+        ELU(), Conv1d(c_in, c_out, 2 * stride, stride=stride, padding=(stride - stride // 2, stride // 2), init=init)]
+
+
+def up_block(c_in, c_out, stride, init):
+    """A transposed convolution of window 2s and stride s, T -> T s, then three residual units."""
+    return [ELU(), ConvTranspose1d(c_in, c_out, 2 * stride, stride=stride,
+                                   padding=(stride - stride // 2, stride // 2), init=init)] + [
+        ResidualUnit(c_out, d, init=init) for d in (1, 3, 9)]
+
+
+# -----------------------------------------------------------------------------
+# the multi-scale spectral loss: framing, the power spectrum, and their backward
+
+
+def hann(w, xp=np, dtype="float64"):
+    """The periodic Hann window 0.5 - 0.5 cos(2 pi n / w), n = 0..w-1 (np.hanning(w + 1)[:-1]):
+    its copies w/4 apart sum to the constant 2, so every sample of the waveform weighs alike.
+    Made in float64 by NumPy, cast, then moved: the same window on every backend."""
+    n = np.arange(w)
+    return xp.asarray((0.5 - 0.5 * np.cos(2 * np.pi * n / w)).astype(dtype))
+
+
+def frames(x, w, hop):
+    """The frames of each waveform, as a strided view: x (N, T) -> (N, F, w), frame f is
+    x[:, f hop : f hop + w], F = 1 + (T - w) // hop. No copy and no padding: the last < hop
+    samples that no full frame reaches are left out."""
+    N, T = x.shape
+    if T < w:
+        raise ValueError(f"a waveform of T={T} samples is shorter than the window w={w}")
+    F = 1 + (T - w) // hop
+    sN, sT = x.strides
+    return array_module(x).lib.stride_tricks.as_strided(x, shape=(N, F, w), strides=(sN, sT * hop, sT))
+
+
+def overlap_add(dframes, T, hop):
+    """Adjoint of frames(): add every frame back onto the samples it was cut from,
+    dframes (N, F, w) -> (N, T). With w = r hop, frame f covers the hop-sized chunks f..f+r-1,
+    so it is r strided-slice adds of an (N, F, hop) block (no loop over frames, no scatter)."""
+    N, F, w = dframes.shape
+    if w % hop:
+        raise ValueError(f"overlap_add needs the window w={w} to be a multiple of the hop {hop}")
+    r = w // hop
+    C = F + r - 1                                                      # chunks the frames reach: C hop <= T
+    chunks = array_module(dframes).zeros((N, C, hop), dtype=dframes.dtype)
+    d = dframes.reshape(N, F, r, hop)                                  # (N, F, r, hop): frame f's r chunks
+    for j in range(r):
+        chunks[:, j:j + F] += d[:, :, j]                               # chunk j of frame f is chunk f + j
+    dx = array_module(dframes).zeros((N, T), dtype=dframes.dtype)
+    dx[:, :C * hop] = chunks.reshape(N, C * hop)                       # samples past the last frame: no gradient
+    return dx
+
+
+def rfft_backward(G, w):
+    """Adjoint of X = rfft(u), u real of length w (the last axis): G = dL/dRe X + i dL/dIm X,
+    (..., w//2 + 1) complex -> dL/du (..., w) real."""
+    # X_k = sum_n u_n e^{-2 pi i k n/w}, k = 0..w//2, so dL/du_n = sum_k dRe_k cos(2 pi k n/w) - dIm_k sin(2 pi k n/w)
+    #     = Re sum_k G_k e^{+2 pi i k n/w}: each bin of the half spectrum once.
+    # irfft(Y)_n = (1/w) [Re Y_0 + 2 Re sum_{0<k<w/2} Y_k e^{+2 pi i k n/w} + Re Y_{w/2} (-1)^n (even w)]: every bin
+    #     but DC and Nyquist counted twice, itself and its conjugate mirror. So dL/du = w irfft(G'), G' = G with those
+    #     bins halved. Im X_0 and Im X_{w/2} are 0 whatever u is, so their gradients drop: NumPy's irfft ignores
+    #     them, cuFFT's C2R assumes a Hermitian input, so they are zeroed here.
+    xp = array_module(G)
+    scale = np.full(G.shape[-1], 0.5 * w)                              # w/2 on the bins irfft counts twice
+    scale[0] = w                                                       # DC: once
+    if w % 2 == 0:
+        scale[-1] = w                                                  # Nyquist (even w only): once
+    Gs = G * xp.asarray(scale.astype(G.real.dtype))
+    Gs[..., 0] = Gs[..., 0].real                                       # Im X_0 == 0: no gradient
+    if w % 2 == 0:
+        Gs[..., -1] = Gs[..., -1].real                                 # Im X_{w/2} == 0: no gradient
+    return xp.fft.irfft(Gs, n=w, axis=-1)
+
+
+def stft_power(x, w, hop):
+    """P = |rfft(frames(x) * hann)|^2: x (N, T) -> (P (N, F, w//2 + 1), cache), in x's dtype."""
+    xp = array_module(x)
+    win = hann(w, xp, x.dtype)
+    X = xp.fft.rfft(frames(x, w, hop) * win, axis=-1)                  # (N, F, K) complex, K = w//2 + 1
+    P = X.real ** 2 + X.imag ** 2                                      # (N, F, K)
+    return P, (X, win, x.shape[1], hop)
+
+
+def stft_power_backward(dP, cache):
+    """dL/dP (N, F, K) -> dL/dx (N, T), the three forward lines in reverse."""
+    X, win, T, hop = cache
+    G = 2 * X * dP                                                     # P = Re^2 + Im^2: dRe = 2 Re dP, dIm = 2 Im dP
+    du = rfft_backward(G, win.size)                                    # X = rfft(u): (N, F, w)
+    return overlap_add(du * win, T, hop)                               # u = frames(x) * win
+
+
+def spectral_loss(x_hat, x, windows=(64, 128, 256, 512), alpha=1.0, eps=1e-5):
+    """L_spec = mean over the windows w of  mean|S_hat - S| + alpha mean((log S_hat - log S)^2)
+    -> (L_spec, dL_spec / dx_hat), S = sqrt(max(P, eps)) the Hann-windowed STFT magnitude at
+    window w and hop w/4 of x_hat (S_hat) and of the target x (S, a constant: no gradient).
+    The L1 term follows the loud bins, the log term the quiet ones; eps floors the magnitude at
+    sqrt(eps), and no gradient passes where the clamp holds (P < eps: silence stays silence).
+    Windows longer than the waveform are skipped. The loss is a 0-d array (no host sync); it and
+    the gradient keep x_hat's dtype (x is cast to it)."""
+    xp = array_module(x_hat)
+    if x_hat.ndim != 2 or x_hat.shape != x.shape:
+        raise ValueError(f"spectral_loss needs x_hat and x of the same shape (N, T), got {x_hat.shape} and {x.shape}")
+    T = x_hat.shape[1]
+    for w in windows:
+        if w < 4 or w % (w // 4):
+            raise ValueError(f"a window must be at least 4 samples and a multiple of its hop w//4, got {w}")
+    used = [w for w in windows if w <= T]
+    if not used:
+        raise ValueError(f"every window of {tuple(windows)} is longer than the waveform's T={T} samples")
+    x = x.astype(x_hat.dtype, copy=False)
+    alpha, eps = float(alpha), float(eps)                              # Python floats keep float32 float32
+    loss, dx_hat = 0, xp.zeros_like(x_hat)
+    for w in used:
+        P_hat, cache = stft_power(x_hat, w, w // 4)                    # (N, F, K)
+        P, _ = stft_power(x, w, w // 4)                                # the target: a constant
+        n = P.size
+        P_hat_c, P_c = xp.maximum(P_hat, eps), xp.maximum(P, eps)     # the clamp: a floor of sqrt(eps) on S
+        S_hat, S = xp.sqrt(P_hat_c), xp.sqrt(P_c)
+        log_ratio = 0.5 * (xp.log(P_hat_c) - xp.log(P_c))              # log S_hat - log S
+        loss_w = xp.abs(S_hat - S).mean() + alpha * (log_ratio ** 2).mean()
+        loss = loss + loss_w / len(used)                               # mean over the windows
+        # backward, from loss_w / len(used) to x_hat
+        dS_hat = xp.sign(S_hat - S) / n                                # d mean|S_hat - S| / d S_hat = sign(S_hat - S) / n
+        dS_hat += alpha * 2 * log_ratio / (n * S_hat)                  # d alpha mean(log S_hat - log S)^2 / d S_hat
+        dP_hat = dS_hat / (2 * S_hat) * (P_hat > eps)                  # S_hat = sqrt(P_hat_c): 0 where the clamp holds
+        dx_hat += stft_power_backward(dP_hat / len(used), cache)       # through |rfft(frames * hann)|^2
+    return xp.asarray(loss), dx_hat
+
+
+# -----------------------------------------------------------------------------
+# the measures of audio: log-mel distance, SI-SNR (no gradient)
+
+
+def hz_to_mel(f):
+    """HTK's mel scale: mel = 2595 log10(1 + f / 700) (1000 Hz is about 1000 mel)."""
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype="float64") / 700.0)
+
+
+def mel_to_hz(m):
+    """The inverse of hz_to_mel: f = 700 (10^(mel / 2595) - 1)."""
+    return 700.0 * (10.0 ** (np.asarray(m, dtype="float64") / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_mels, w, rate, fmin=0.0, fmax=None, xp=np, dtype="float64"):
+    """Triangular filters evenly spaced on the mel scale (HTK's formula), as a matrix
+    (w//2 + 1, n_mels) that maps a power spectrum's bins (bin k at k rate / w Hz) to mel bands.
+    Filter m rises linearly from centre m-1 to 1 at its own centre and falls to 0 at centre m+1;
+    the n_mels + 2 edges and centres are evenly spaced in mel from fmin to fmax (rate / 2 by
+    default). Each filter peaks at 1 at its centre frequency (sampled at the bins, its largest
+    weight is at most 1); between the first and the last centre the filters sum to 1. Not area
+    normalised (Slaney's). Made in float64 by NumPy, cast, then moved."""
+    fmax = rate / 2 if fmax is None else fmax
+    if not 0 <= fmin < fmax <= rate / 2:
+        raise ValueError(f"mel_filterbank needs 0 <= fmin < fmax <= rate / 2, got fmin={fmin}, fmax={fmax}, rate={rate}")
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))   # (n_mels + 2,) Hz
+    f = np.arange(w // 2 + 1) * rate / w                               # (K,) each bin's frequency
+    lo, centre, hi = edges[:-2], edges[1:-1], edges[2:]                # (n_mels,) each
+    rise = (f[:, None] - lo) / (centre - lo)                           # (K, n_mels): 0 at lo, 1 at the centre
+    fall = (hi - f[:, None]) / (hi - centre)                           # (K, n_mels): 1 at the centre, 0 at hi
+    return xp.asarray(np.maximum(0.0, np.minimum(rise, fall)).astype(dtype))
+
+
+def log_mel(x, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5):
+    """log(max(P @ mel_filterbank, eps)): x (N, T) -> (N, F, n_mels), P the Hann-windowed power
+    spectrum (stft_power), eps the floor of a silent band. For evaluation: no gradient."""
+    P, _ = stft_power(x, w, hop)                                       # (N, F, K)
+    fb = mel_filterbank(n_mels, w, rate, xp=array_module(x), dtype=x.dtype)   # (K, n_mels)
+    return array_module(x).log(array_module(x).maximum(P @ fb, float(eps)))
+
+
+def log_mel_distance(x_hat, x, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5):
+    """mean over frames and bands of |log_mel(x_hat) - log_mel(x)|, per example -> (N,): the mean
+    log-ratio of the two mel spectrograms (1.0: the bands differ by a factor of e on average).
+    Floor 0, for identical signals, and for any two with the same power spectrogram (x and -x):
+    it is blind to phase within a frame."""
+    if x_hat.shape != x.shape:
+        raise ValueError(f"log_mel_distance needs x_hat and x of the same shape, got {x_hat.shape} and {x.shape}")
+    d = log_mel(x_hat, w, hop, n_mels, rate, eps) - log_mel(x, w, hop, n_mels, rate, eps)   # (N, F, n_mels)
+    return array_module(d).abs(d).mean(axis=(1, 2))
+
+
+def si_snr(x_hat, x, max_db=100.0):
+    """Scale-invariant signal-to-noise ratio in dB, per example (Le Roux et al., "SDR - half-baked
+    or well done?", ICASSP 2019) -> (N,):
+
+        x, x_hat with their means removed;  s = (<x_hat, x> / |x|^2) x;  e = x_hat - s
+        SI-SNR = 10 log10(|s|^2 / |e|^2)
+
+    s is the part of x_hat along the target, e the rest; scaling x_hat by any c != 0 scales both,
+    so the measure ignores loudness (and polarity: -x scores like x). 0 dB: the residual is as
+    loud as the target's part. A perfect copy is +inf in principle; energies are floored at the
+    dtype's smallest normal number and the result clipped to +-max_db. Two unrelated signals of
+    T samples score about -10 log10(T) (a chance correlation). A silent x_hat (s = e = 0) scores
+    0 dB, as torchmetrics' does: pair this measure with one that sees loudness (log_mel_distance)."""
+    if x_hat.shape != x.shape or x.ndim != 2:
+        raise ValueError(f"si_snr needs x_hat and x of the same shape (N, T), got {x_hat.shape} and {x.shape}")
+    xp = array_module(x)
+    tiny = float(xp.finfo(x.dtype).tiny)
+    x = x - x.mean(axis=1, keepdims=True)
+    x_hat = x_hat - x_hat.mean(axis=1, keepdims=True)
+    s = (x_hat * x).sum(axis=1, keepdims=True) / xp.maximum((x * x).sum(axis=1, keepdims=True), tiny) * x   # (N, T)
+    e = x_hat - s
+    snr = 10.0 * (xp.log10(xp.maximum((s * s).sum(axis=1), tiny)) - xp.log10(xp.maximum((e * e).sum(axis=1), tiny)))
+    return xp.clip(snr, -float(max_db), float(max_db))                 # (N,)
+
+
+# -----------------------------------------------------------------------------
+# the codec
+
+
+WAVE_STD = 0.1  # about the standard deviation of speech samples in [-1, 1]: the model sees x / WAVE_STD
+
+
+@dataclass
+class CodecConfig:
+    """The audio codec's settings (train.py's --codec-* flags with --data fsdd) and its defaults:
+    Codec(CodecConfig()) is the codec `python train.py --data fsdd` trains (docs/audio.md)."""
+    channels: int = setting(16, "C: channels of the first convolution, doubled at each downsampling", low=1)
+    strides: tuple = setting((2, 4, 8), "the encoder's strides; their product M is the samples a code frame covers")
+    code_dim: int = setting(64, "D: dimension of a code vector", low=1)
+    stages: int = setting(8, "N_q: residual VQ stages (bits per frame: n_q log2 K for the first n_q)", low=1)
+    codebook_size: int = setting(256, "K: codes in each stage's codebook", low=2)
+    quantizer_dropout: bool = setting(True, "train each batch with the first n_q stages, n_q uniform in [1, N_q]")
+    beta: float = setting(0.25, "commitment cost of each stage", low=0)
+    ema_decay: float = setting(0.99, "gamma of the EMA codebooks", above=0, below=1)
+    kmeans_init: bool = setting(True, "each stage's codebook starts as k-means of its first batch's residuals")
+    restart_threshold: float = setting(1.0, "re-seed a code whose moving-average uses per batch fall below this", low=0)
+    wave_weight: float = setting(1.0, "weight of the squared error on the waveform", low=0)
+    spectral_weight: float = setting(1.0, "weight of the multi-scale spectral loss", low=0)
+    spectral_windows: tuple = setting((64, 128, 256, 512), "its STFT window sizes (hop: a quarter)")
+    sample_rate: int = setting(8000, low=1)                            # from the data
+    dtype: str = setting("float32", choices=("float32", "float64"))
+    seed: int = setting(0, low=0)                                      # the parameters' initialisation
+
+    def __post_init__(self):
+        check(self)
+        for name in ("strides", "spectral_windows"):
+            v = getattr(self, name)
+            if not (isinstance(v, (tuple, list)) and v and all(
+                    isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) and s >= 1 for s in v)):
+                raise SettingError(name, f"{name} must be positive integers, got {v!r}")
+            setattr(self, name, tuple(int(s) for s in v))
+        if any(w % 4 for w in self.spectral_windows):
+            raise SettingError("spectral_windows", f"spectral_windows must be multiples of 4 (hop: a quarter), "
+                                                   f"got {self.spectral_windows}")
+
+    @property
+    def hop(self):
+        """M: waveform samples per code frame."""
+        return math.prod(self.strides)
+
+    def bitrate(self, n_q):
+        """Bits per second of the first n_q stages' codes: frames per second times n_q log2 K."""
+        return self.sample_rate / self.hop * n_q * math.log2(self.codebook_size)
+
+    @classmethod
+    def from_dict(cls, d):
+        return from_dict(cls, d)
+
+
+class Codec:
+    """Waveforms (N, T) on the model's scale (x / WAVE_STD), T a multiple of cfg.hop ->
+    encoder -> (N, T/M, D) -> residual VQ -> decoder -> (N, T). The widths double at each
+    downsampling, C, 2C, 4C, ..., as in SoundStream."""
+
+    def __init__(self, cfg=None, device=None):
+        self.cfg = cfg = cfg or CodecConfig()
+        self.xp = backend(device)
+        init = uniform_init(np.random.default_rng(cfg.seed), self.xp, cfg.dtype)
+        widths = [cfg.channels * 2 ** i for i in range(len(cfg.strides) + 1)]  # C, 2C, 4C, ...
+        down = [Conv1d(1, widths[0], 7, padding="same", init=init)]
+        for c_in, c_out, s in zip(widths, widths[1:], cfg.strides):
+            down += down_block(c_in, c_out, s, init)
+        self.encoder = Sequential(*down, ELU(), Conv1d(widths[-1], cfg.code_dim, 3, padding="same", init=init))
+        self.quantizer = ResidualVQ(cfg.stages, cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.ema_decay, init=init,
+                                    kmeans_init=cfg.kmeans_init, restart_threshold=cfg.restart_threshold,
+                                    seed=(cfg.seed, 0))
+        up = [Conv1d(cfg.code_dim, widths[-1], 7, padding="same", init=init)]
+        for c_in, c_out, s in zip(widths[::-1], widths[-2::-1], cfg.strides[::-1]):
+            up += up_block(c_in, c_out, s, init)
+        self.decoder = Sequential(*up, ELU(), Conv1d(widths[0], 1, 7, padding="same", init=init))
+        self.parts = {"encoder": self.encoder, "quantizer": self.quantizer, "decoder": self.decoder}
+
+    @property
+    def params(self):
+        return gather(self.parts, "params")
+
+    @property
+    def grads(self):
+        return gather(self.parts, "grads")
+
+    @property
+    def buffers(self):
+        return gather(self.parts, "buffers")
+
+    def check_waves(self, x):
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 2 or shape[0] < 1 or shape[1] < 1 or shape[1] % self.cfg.hop:
+            raise ValueError(f"expected waveforms of shape (N, T), T a positive multiple of {self.cfg.hop}, "
+                             f"got shape {shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"expected float waveforms on the model's scale (samples / {WAVE_STD}), got {x.dtype}")
+        return self.xp.asarray(x, dtype=self.cfg.dtype)
+
+    # --- training
+    def dropout_stages(self, seed, step):
+        """Quantizer dropout: the n_q of a training step, uniform in [1, N_q], a function of (seed, step)."""
+        if not self.cfg.quantizer_dropout:
+            return self.cfg.stages
+        return int(step_rng((seed, 7), step).integers(1, self.cfg.stages + 1))
+
+    def forward(self, x, train=True, n_q=None):
+        x = self.check_waves(x)
+        z_e = self.encoder.forward(x[:, :, None])                      # (N, T/M, D)
+        z_q, vq = self.quantizer.forward(z_e[:, None], train, n_q)     # ResidualVQ takes (N, h, w, D): h = 1
+        x_hat = self.decoder.forward(z_q[:, 0])[:, :, 0]               # (N, T)
+        wave = ((x_hat - x) ** 2).mean()                               # |x - x_hat|^2
+        spec, dspec = spectral_loss(x_hat, x, self.cfg.spectral_windows) if self.cfg.spectral_weight else (0.0, 0.0)
+        self.cache = (x, x_hat, dspec)                                 # the spectral loss's gradient comes with it
+        loss = self.cfg.wave_weight * wave + self.cfg.spectral_weight * spec + vq["vq"]
+        vq["codes"] = vq["codes"][:, :, 0]                             # (N, n_q, T/M), as encode gives them
+        return {"loss": loss, "wave": wave, "spectral": spec, **vq}
+
+    def backward(self):
+        x, x_hat, dspec = self.cache
+        dx_hat = self.cfg.wave_weight * 2 * (x_hat - x) / x.size + self.cfg.spectral_weight * dspec
+        dz_q = self.decoder.backward(dx_hat[:, :, None])
+        dz_e = self.quantizer.backward(dz_q[:, None])                  # straight-through + each stage's commitment
+        self.encoder.backward(dz_e[:, 0])
+
+    def train_step(self, x, opt, n_q=None):
+        """One step of Adam on the waveforms x with the first n_q stages; as vqvae.VQVAE.train_step,
+        a step with non-finite gradients raises NonFiniteError and changes nothing."""
+        with self.kept_unless_finite():
+            stats = self.forward(x, train=True, n_q=n_q)
+            self.backward()
+            opt.step(self.grads, self.params)
+        return stats
+
+    # --- the tokenizer
+    def encode(self, x, n_q=None):
+        """Waveforms (N, T) -> codes (N, n_q, T/M) of the first n_q stages (default all)."""
+        z_e = self.encoder.forward(self.check_waves(x)[:, :, None])
+        return self.quantizer.quantize(z_e[:, None], n_q)[:, :, 0]
+
+    def decode(self, codes):
+        """Codes (N, n, T/M) of the first n stages -> waveforms (N, T)."""
+        shape = getattr(codes, "shape", None)
+        if shape is None or len(shape) != 3 or not 1 <= shape[1] <= self.cfg.stages:
+            raise ValueError(f"expected integer codes of shape (N, n, frames) for the first n of the "
+                             f"{self.cfg.stages} stages, got shape {shape}")
+        codes = self.quantizer.check_codes(self.xp.asarray(codes)[:, :, None], self.xp, any_stages=True)
+        return self.decoder.forward(self.quantizer.lookup(codes)[:, 0])[:, :, 0]      # (N, 1, T/M, D) -> (N, T)
+
+    def reconstruct(self, x, n_q=None):
+        return self.decode(self.encode(x, n_q))
+
+    # --- checkpoints, and the quantizers' state kept on a failed step: as vqvae.VQVAE's
+    state_dict, load_state_dict, save, kept_unless_finite = (VQVAE.state_dict, VQVAE.load_state_dict, VQVAE.save,
+                                                             VQVAE.kept_unless_finite)
+
+    @classmethod
+    def load(cls, path, device=None):
+        return read_checkpoint(Codec, CodecConfig, path, device)
+
