@@ -195,6 +195,13 @@ def stage_charts(stage, records):
             charts.append(svg_chart("adversarial: D's hinge loss, L_GAN, lambda, mean logits", [
                 (k, pts(train, k), False) for k in ("disc_loss", "gan", "gan_weight", "logits_real", "logits_fake")]))
         return charts
+    if stage == "codec":                                               # speech: the audio codec
+        return [svg_chart("codec loss and its parts", [(k, pts(train, k), False) for k in
+                                                      ("loss", "wave", "spectral", "vq", "commitment")], log_y=True),
+                svg_chart("held-out SI-SNR (dB), all stages", [("val_si_snr_db", pts(held, "val_si_snr_db"), True)]),
+                svg_chart("held-out log-mel distance, all stages", [
+                    ("val_log_mel_distance", pts(held, "val_log_mel_distance"), True)], log_y=True),
+                svg_chart("codes: the stages' mean share used in a batch", [("usage", pts(train, "usage"), False)])]
     return [svg_chart(f"{stage}: bits per code", [("training", pts(train, "bits_per_code"), False),
                                                   ("held out", pts(held, f"{stage}_val_bits_per_code"), True)])]
 
@@ -209,7 +216,7 @@ def read_optional_json(path):
 
 def key_values(d):
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
-                   for k, v in d.items() if not isinstance(v, (dict, list)) or k == "image_hw")
+                   for k, v in d.items() if not isinstance(v, (dict, list)) or k in ("image_hw", "codes_used_per_stage"))
     return f"<table>{rows}</table>"
 
 
@@ -240,11 +247,30 @@ def report_html(run):
                     + "".join(stage_charts(stage, [r for r in records if r["stage"] == stage])) + "</div>")
     pictures = [(name, title) for name, title in (("recon.png", "held-out images over their reconstructions"),
                                                   ("recon_top.png", "originals, top code only, both levels"),
-                                                  ("samples.png", "samples (a row per class)")) if (run / name).is_file()]
+                                                  ("samples.png", "samples (a row per class)"),
+                                                  ("spectrograms.png", "held-out clips over their reconstructions from "
+                                                                       "all stages, then a quarter of them"))
+                if (run / name).is_file()]
     if pictures:
         body.append("<h2>pictures</h2><div class='cols'>" + "".join(
             f"<figure><img src='{name}' alt='{title}'><figcaption>{name}: {title}</figcaption></figure>"
             for name, title in pictures) + "</div>")
+    clips = sorted((run / "audio").glob("*_original.wav")) if (run / "audio").is_dir() else []
+    if clips:                                                          # speech: each clip, then its reconstructions
+        body.append("<h2>listen</h2><table>" + "".join(
+            f"<tr><th>{html.escape(c.name.removesuffix('_original.wav'))}</th>" + "".join(
+                f"<td>{html.escape(w.stem.rsplit('_', 1)[1])}<br><audio controls preload='none' "
+                f"src='audio/{html.escape(w.name)}'></audio></td>"
+                for w in [c] + sorted(run.glob(f"audio/{c.name.removesuffix('original.wav')}stages*.wav"),
+                                      key=lambda p: int(p.stem.rsplit("stages", 1)[1])))
+            + "</tr>" for c in clips) + "</table>")
+    if isinstance(summary.get("per_stages"), list) and summary["per_stages"]:
+        rows = [r for r in summary["per_stages"] if isinstance(r, dict)]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        body.append("<h2>per number of stages</h2><table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+                    + "</tr>" + "".join("<tr>" + "".join(
+                        f"<td>{html.escape(f'{r.get(k):.4g}' if isinstance(r.get(k), float) else str(r.get(k, '')))}</td>"
+                        for k in keys) + "</tr>" for r in rows) + "</table>")
     if evaluation:
         try:
             table = evaluation_table(evaluation)
@@ -257,7 +283,7 @@ def report_html(run):
         priors = config["priors"] if isinstance(config.get("priors"), list) else []  # a hand-made file may be anything
         body.append("<h2>configuration</h2><div class='cols'>" + "".join(
             f"<div><h3>{html.escape(str(part))}</h3>{key_values(v if isinstance(v, dict) else {})}</div>"
-            for part, v in [*((k, config[k]) for k in ("train", "model") if k in config),
+            for part, v in [*((k, config[k]) for k in ("train", "model", "codec") if k in config),
                             *((f"prior {i}", p) for i, p in enumerate(priors))]) + "</div>")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{REPORT_STYLE}</style></head>"

@@ -3,14 +3,16 @@
     python train.py                                 # built-in shapes data, both stages and the evaluation
     python train.py --levels 2 --data shapes64      # VQ-VAE-2 on 64 x 64 scenes (docs/vqvae2.md)
     python train.py --data mnist --steps 5000       # IDX files from --data-dir, downloaded if absent
+    python train.py --data fsdd                     # spoken digits: the audio codec (audio.py, docs/audio.md)
     python train.py --resume runs/RUN               # continue a run exactly where it stopped
     python train.py encode --run runs/RUN --data mnist --out codes.npy   # the tokenizer
     python train.py sample --run runs/RUN --temperature 0.8
     python train.py evaluate --run runs/RUN --judge-seed 1   # the sample figures, with another judge
     python train.py report --run runs/RUN           # rebuild report.html
 
-The settings are the fields of three dataclasses, each declared once with its help text:
-TrainConfig below (the run), vqvae.Config (the model) and prior.PriorConfig (--prior-*). The
+The settings are the fields of four dataclasses, each declared once with its help text:
+TrainConfig below (the run), vqvae.Config (the model), prior.PriorConfig (--prior-*) and, for
+speech, audio.CodecConfig (--codec-*). The
 command line is built from them, so `python train.py --help` lists every field that is a flag.
 """
 import json
@@ -24,21 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
+import audio
 import prior as P
+import speech
 import vqvae
 import vqgan
 from codes import encode_all, level_names, prior_grid, prior_training_set
-from datasets import MIRROR_INVARIANT, batch_indices, load_dataset, pad_to_multiple, to_model
+from datasets import AUDIO, MIRROR_INVARIANT, batch_indices, load_dataset, pad_to_multiple, to_model, write_wav
 from evaluation import evaluate, evaluate_prior, evaluate_samples, evaluation_table, perceptual_network
 from report import draw_samples, recon_grid, write_png, write_recon_pictures, write_report
-from runs import (CtrlC, Interrupted, RunLock, UserError, check_output, fingerprint, load_checkpoint, load_model, load_trained,
+from runs import (READ_ERRORS, CtrlC, Interrupted, RunLock, UserError, check_output, fingerprint, load_checkpoint, load_model, load_trained,
                   make_run_folder, read_json, read_summary, repair_metrics, save_checkpoint, save_json, save_npy,
-                  save_npz)
+                  save_npz, unreadable)
 from settings import ArgumentParser, SettingError, add_flags, check, check_value, flag, flag_message, from_dict, setting
 
 STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
 GUIDANCE = 1.5            # the guidance of a prior trained with label dropout, unless --guidance (docs/prior.md)
 DISC_BETAS = (0.5, 0.9)   # the discriminator's Adam: VQGAN's (for both its networks), the usual beta1 of GANs
+STEPS = {"images": 3000, "adversarial": 6000,  # training steps of the VQ-VAE (docs/decoder.md) ...
+         "audio": 2000}                          # ... and of the audio codec (docs/audio.md)
+BATCH = {"images": 32, "audio": 16}     # a step's images, or clips of --crop-samples
+BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam: Kingma & Ba's; VQGAN's
 VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top prior, attention after every 4th ...
                  {"layers": 8, "attention_every": 0})    # ... and the bottom prior, given the top codes (docs/vqvae2.md)
 
@@ -51,9 +59,9 @@ VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top p
 class TrainConfig:
     """The run's settings. resumable: may be given again with --resume (the step counts upwards only)."""
     # the run
-    data: str = setting("shapes", "shapes (32 x 32 scenes), shapes64 (64 x 64), mnist, fashion-mnist, cifar10, or "
+    data: str = setting("shapes", "shapes (32 x 32 scenes), shapes64 (64 x 64), mnist, fashion-mnist, cifar10, "
                                   "PATH.npy|PATH.npz (uint8 images; an .npz with train, test and optionally "
-                                  "train_labels, test_labels)")
+                                  "train_labels, test_labels), or fsdd (spoken digits: the audio codec)")
     data_dir: str = setting("data", "where dataset files are found or downloaded to")
     stage: str = setting("all", "vqvae, prior (needs --resume) or all: the VQ-VAE, then the prior over its codes",
                          choices=STAGES, resumable=True)
@@ -63,17 +71,23 @@ class TrainConfig:
     eval_every: int = setting(500, "steps between held-out evaluations, pictures and checkpoints", low=1,
                               resumable=True)
     # the VQ-VAE's training
-    steps: int = setting(3000, "VQ-VAE training steps", low=1, resumable=True)
-    batch_size: int = setting(32, "images per VQ-VAE step", low=1)
+    steps: int = setting(None, f"VQ-VAE training steps (default {STEPS['images']}, with --adversarial "
+                               f"{STEPS['adversarial']}; the audio codec's: {STEPS['audio']})", low=1, resumable=True)
+    batch_size: int = setting(None, f"images per VQ-VAE step (default {BATCH['images']}), or the codec's clips "
+                                    f"(default {BATCH['audio']})", low=1)
+    crop_samples: int = setting(2048, "speech: samples of each training clip, cut at a random place", low=1)
     lr: float = setting(1e-3, "the VQ-VAE's Adam learning rate", above=0)
-    adam_beta1: float = setting(0.9, "the VQ-VAE's Adam beta1 (VQGAN: 0.5) ...", low=0, below=1)
-    adam_beta2: float = setting(0.999, "... and beta2 (VQGAN: 0.9)", low=0, below=1)
+    adam_beta1: float = setting(None, f"the VQ-VAE's Adam beta1 (default {BETAS['plain'][0]}; with --adversarial "
+                                      f"VQGAN's {BETAS['adversarial'][0]}) ...", low=0, below=1)
+    adam_beta2: float = setting(None, f"... and beta2 ({BETAS['plain'][1]}; VQGAN's {BETAS['adversarial'][1]})",
+                                low=0, below=1)
     # VQGAN's losses (vqgan.py, docs/adversarial.md, docs/decoder.md)
     l1_weight: float = setting(0.0, "a: weight of an L1 term beside the squared error", low=0)
     perceptual_weight: float = setting(0.0, "b: weight of a perceptual term, in the features of a network trained on "
                                             "the training images to tell their rotation (not the judge)", low=0)
     perceptual_steps: int = setting(1500, "training steps of that network", low=1)
-    adversarial: bool = setting(False, "train the VQ-VAE against a patch discriminator as well (VQGAN)")
+    adversarial: bool = setting(False, "train the VQ-VAE against a patch discriminator as well (VQGAN), with VQGAN's "
+                                       "Adam betas and twice the steps by default: the sharp decoder (docs/decoder.md)")
     disc_start: int = setting(500, "the VQ-VAE step at which the discriminator starts, trained and used", low=0)
     disc_weight: float = setting(0.8, "w: the adversarial term's weight, times the adaptive lambda", low=0)
     disc_layers: int = setting(2, "stride-2 convolutions of the discriminator", low=1)
@@ -107,6 +121,12 @@ class TrainConfig:
     eval_images: int = setting(1000, "held-out images measured, and as many samples", low=2, resumable=True)
 
     def __post_init__(self):
+        kind = "audio" if self.data in AUDIO else "adversarial" if self.adversarial else "images"
+        self.steps = STEPS[kind] if self.steps is None else self.steps
+        betas = BETAS["adversarial" if self.adversarial else "plain"]
+        self.adam_beta1 = betas[0] if self.adam_beta1 is None else self.adam_beta1
+        self.adam_beta2 = betas[1] if self.adam_beta2 is None else self.adam_beta2
+        self.batch_size = BATCH[kind] if self.batch_size is None else self.batch_size
         if self.prior_flip is None:
             self.prior_flip = self.data in MIRROR_INVARIANT
         check(self)
@@ -240,6 +260,8 @@ def train(cfg, model_cfg, prior_settings, run, resuming):
     """Both stages, as cfg.stage asks, into the folder `run`, then the evaluation. Everything a run
     reads is checked before its first step: the settings, the data, and when resuming, every file
     of the folder; one process at a time trains into a folder (runs.RunLock)."""
+    if isinstance(model_cfg, audio.CodecConfig):                       # speech: the audio codec's run
+        return train_codec(cfg, model_cfg, run, resuming)
     if model_cfg.quantizer == "rvq" and model_cfg.levels == 2 and cfg.stage != "vqvae":
         raise UserError("the priors do not model two levels of residual codes (the bottom prior's conditioning "
                         "assumes one code per position): use --levels 1 with --quantizer rvq, or --stage vqvae")
@@ -496,6 +518,77 @@ def train_priors(run, cfg, data, model, levels, num_classes, log, stop):
     return priors, {**figures, "prior_wall_time_s": seconds_all}
 
 
+def train_codec(cfg, codec_cfg, run, resuming):
+    """Speech: the audio codec (audio.py) on clips cut from the training recordings, then measured
+    at every number of stages on the held-out recordings, and what a run leaves (speech.py)."""
+    data = load_dataset(cfg.data, cfg.data_dir)
+    if codec_cfg.sample_rate != data["sample_rate"]:
+        raise UserError(f"{cfg.data} is sampled at {data['sample_rate']} Hz, the codec at {codec_cfg.sample_rate} Hz")
+    if cfg.crop_samples % codec_cfg.hop or cfg.crop_samples < max(codec_cfg.spectral_windows):
+        raise UserError(f"--crop-samples {cfg.crop_samples} must be a multiple of the codec's {codec_cfg.hop} samples "
+                        f"a frame and at least its longest spectral window, {max(codec_cfg.spectral_windows)}")
+    if cfg.batch_size > len(data["train"]):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data['train'])} training clips")
+    model = audio.Codec(codec_cfg, device=cfg.device)
+    opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    make_run_folder(run)
+    with RunLock(run):
+        step, wall = 0, 0.0
+        if resuming:
+            if note := repair_metrics(run / "metrics.jsonl"):
+                print(note, file=sys.stderr)
+            step, wall, _ = load_checkpoint(run / "checkpoint.npz", model, opt)
+            if cfg.steps < step:
+                raise UserError(f"the codec of {run} is at step {step}: --steps {cfg.steps} would go back")
+        save_json(run / "config.json", {"train": asdict(cfg), "codec": asdict(codec_cfg)})
+        print(f"{run}: {cfg.data} ({len(data['train'])} train, {len(data['test'])} held-out clips at "
+              f"{data['sample_rate']} Hz), codec with {sum(p.size for p in model.params.values()):,} parameters, "
+              f"{codec_cfg.hop} samples a frame, {codec_cfg.stages} stages of {codec_cfg.codebook_size} codes: "
+              f"{codec_cfg.bitrate(1):g} to {codec_cfg.bitrate(codec_cfg.stages):g} bits/s"
+              + (f", resuming at step {step}" if resuming else ""), file=sys.stderr)
+        held = data["test"][::5]                                       # every fifth held-out clip, while training
+        t_start = time.time()
+
+        def train_step(s):
+            x = speech.crops(data["train"], cfg.seed, s, cfg.batch_size, cfg.crop_samples)
+            return model.train_step(x, opt, model.dropout_stages(cfg.seed, s))  # quantizer dropout: n_q of this step
+
+        def held_out(s):
+            recons, codes = speech.reconstruct_clips(model, held, [codec_cfg.stages])
+            rows, _ = speech.codec_figures(codec_cfg, held, recons, codes)
+            return {"val_si_snr_db": rows[0]["si_snr_db"], "val_log_mel_distance": rows[0]["log_mel_distance"]}
+
+        def save(s):
+            return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
+
+        with open(run / "metrics.jsonl", "ab", buffering=0) as metrics, CtrlC() as stop:
+            stage = Stage("codec", cfg.batch_size, train_step, held_out, save, run / "checkpoint.npz")
+            fit(stage, step, cfg.steps, cfg, model.xp, metrics_log(run, metrics), stop)
+        summary = {"data": cfg.data, "device": "gpu" if model.xp is not np else "cpu", "steps": cfg.steps,
+                   "wall_time_s": wall + time.time() - t_start}
+        print(f"measuring the {len(data['test'])} held-out clips at each of {codec_cfg.stages} numbers of stages",
+              file=sys.stderr)
+        t = time.time()
+        recons, codes = speech.reconstruct_clips(model, data["test"], range(1, codec_cfg.stages + 1))
+        summary["per_stages"], summary["codes_used_per_stage"] = speech.codec_figures(codec_cfg, data["test"], recons,
+                                                                                       codes)
+        speech.write_audio(run, data, recons)
+        if cfg.evaluate:
+            judges = {task: speech.audio_judge_for(run, data, task, 0, cfg.judge_steps, cfg.device)
+                      for task in ("digit", "speaker")}
+            fig = speech.judge_figures(judges, data, recons)
+            for row in summary["per_stages"]:
+                row.update({k.removesuffix(f"_stages{row['stages']}"): v for k, v in fig.items()
+                            if k.endswith(f"_stages{row['stages']}")})
+            summary.update({k: v for k, v in fig.items() if k.endswith("_real")})
+        summary["evaluate_time_s"] = time.time() - t
+        save_json(run / "summary.json", summary)
+        print(speech.codec_table(summary), file=sys.stderr)
+        write_report(run)
+    print(f"done: {run}/report.html, summary.json, spectrograms.png, audio/", file=sys.stderr)
+    return 0
+
+
 def merge_summary(before, summary, stage, stale):
     """summary.json: a later stage adds to an earlier one's figures; figures of priors that no
     longer fit the VQ-VAE leave it, with a note; wall_time_s is both stages' training."""
@@ -515,14 +608,17 @@ def merge_summary(before, summary, stage, stale):
 
 SECTIONS = ((TrainConfig, "", "the run, training, sampling and evaluation (train.TrainConfig)"),
             (vqvae.Config, "", "the model (vqvae.Config; the descendants' quantizers: quantizers.py)"),
-            (P.PriorConfig, "prior_", "the prior (prior.PriorConfig)"))
+            (P.PriorConfig, "prior_", "the prior (prior.PriorConfig)"),
+            (audio.CodecConfig, "codec_", "speech, --data fsdd: the audio codec (audio.CodecConfig)"))
 FLAGS = {prefix + f.name: (cls, f) for cls, prefix, _ in SECTIONS for f in fields(cls) if f.metadata.get("help")}
+SPEECH_FLAGS = ("data", "data_dir", "stage", "seed", "device", "log_every", "eval_every", "steps", "batch_size",
+                "crop_samples", "lr", "adam_beta1", "adam_beta2", "evaluate", "judge_steps")  # TrainConfig's for speech
 
 
 def build_parser():
     p = ArgumentParser(prog="train.py", description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN "
                                                     "prior over its codes, and sample and measure new images.",
-                       epilog="Subcommands: encode, sample, evaluate, report ('python train.py sample --help').")
+                       epilog="Subcommands: encode, decode, sample, evaluate, report ('python train.py sample --help').")
     run = p.add_argument_group("run folder")
     run.add_argument("--out", default=None, help="the run folder (default: runs/<data>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
@@ -549,9 +645,19 @@ def configs_from_args(args):
                 and prefix + f.name in given} for cls, prefix, _ in SECTIONS}
     try:
         cfg = TrainConfig(**kw[TrainConfig])
-        model_cfg = vqvae.Config(**kw[vqvae.Config], seed=cfg.seed)
     except SettingError as e:
         raise UserError(flag_message(e))
+    speech_run = cfg.data in AUDIO
+    for dest in given:                                                 # images' flags with speech, or the reverse
+        speech_only = FLAGS[dest][0] is audio.CodecConfig or dest == "crop_samples"
+        if (speech_only and not speech_run) or (speech_run and not (speech_only or dest in SPEECH_FLAGS)):
+            raise UserError(f"{flag(dest)} applies to {'images' if speech_run else 'speech (--data fsdd)'}, "
+                            f"not to --data {cfg.data}")
+    model_cls, prefix = (audio.CodecConfig, "codec_") if speech_run else (vqvae.Config, "")
+    try:
+        model_cfg = model_cls(**kw[model_cls], seed=cfg.seed)
+    except SettingError as e:
+        raise UserError(flag_message(e, prefix))
     for dest in given:                                                 # a setting that applies elsewhere only
         only = FLAGS[dest][1].metadata.get("only")
         if only and getattr(model_cfg, only[0]) not in only[1]:
@@ -567,8 +673,11 @@ def resumed_configs(run, given):
     """A run folder's saved configs, with the resumable flags given again; any other flag that
     differs from the saved setting is refused."""
     cfg, model_cfg, priors = saved_configs(run)
-    saved = {**asdict(cfg), **asdict(model_cfg), **{f"prior_{k}": v for k, v in asdict(priors[0]).items()},
-             "prior_cond_blocks": priors[-1].cond_blocks}              # the bottom prior's setting
+    prefix = "codec_" if isinstance(model_cfg, audio.CodecConfig) else ""
+    saved = {**asdict(cfg), **{prefix + k: v for k, v in asdict(model_cfg).items()}}
+    if priors:
+        saved.update({f"prior_{k}": v for k, v in asdict(priors[0]).items()},
+                     prior_cond_blocks=priors[-1].cond_blocks)         # the bottom prior's setting
     resumable = {dest for dest, (cls, f) in FLAGS.items() if f.metadata.get("resumable")}
     changed = sorted(dest for dest in set(given) - resumable if given[dest] != saved.get(dest))
     if changed:
@@ -591,6 +700,8 @@ def saved_configs(run):
     except FileNotFoundError:
         raise UserError(f"{run}: not a run folder (no config.json)")
     try:
+        if isinstance(saved.get("train"), dict) and isinstance(saved.get("codec"), dict):  # a run of the audio codec
+            return TrainConfig.from_dict(saved["train"]), audio.CodecConfig.from_dict(saved["codec"]), []
         if not (isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict)
                 and isinstance(saved.get("priors"), list) and all(isinstance(p, dict) for p in saved["priors"])):
             raise ValueError("expected objects 'train' and 'model' and a list of objects 'priors'")
@@ -684,8 +795,12 @@ def encode(argv):
                       ("--data-dir", dict(default="data", help="as for training")),
                       ("--split", dict(default="test", choices=["train", "test"], help="which split to encode")),
                       ("--out", dict(required=True, help="output .npy of codes (N, h, w), residual VQ's (N, S, h, w); "
-                                                         "for two levels an .npz with arrays 'top' and 'bottom'")),
+                                                         "for two levels an .npz with arrays 'top' and 'bottom'; for "
+                                                         "speech an .npz: 'codes' (N, S, frames), padded with -1 after "
+                                                         "each clip's 'frames', and 'names'")),
                       ("--force", dict(action="store_true", help="write over --out if it exists"))).parse_args(argv)
+    if is_speech_run(Path(args.run)):
+        return encode_clips(args)
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
     check_output(args.out, "--out", ".npy" if model.cfg.levels == 1 else ".npz", args.force)  # before the data is read
     images = load_dataset(args.data, args.data_dir)[args.split]
@@ -702,6 +817,68 @@ def encode(argv):
     return 0
 
 
+def is_speech_run(run):
+    """Whether the run folder holds the audio codec (its config.json has a 'codec' part)."""
+    return isinstance(saved_configs(run)[1], audio.CodecConfig)
+
+
+def encode_clips(args):
+    """`encode` for speech: every clip of the split -> its codes from all stages, in one .npz."""
+    model = load_model(Path(args.run) / "checkpoint.npz", audio.Codec, args.device)
+    check_output(args.out, "--out", ".npz", args.force)                # before the data is read
+    data = load_dataset(args.data, args.data_dir)
+    if data.get("sample_rate") != model.cfg.sample_rate:
+        raise UserError(f"{args.data} is not speech at the codec's {model.cfg.sample_rate} Hz")
+    _, codes = speech.reconstruct_clips(model, data[args.split], [])
+    frames = np.array([c.shape[1] for c in codes])
+    padded = np.full((len(codes), model.cfg.stages, frames.max()), -1, np.int16)
+    for i, c in enumerate(codes):
+        padded[i, :, :c.shape[1]] = c
+    save_npz(args.out, {"codes": padded, "frames": frames, "names": np.array(data[f"names_{args.split}"])})
+    print(f"wrote {args.out}: codes {padded.shape} in [0, {model.cfg.codebook_size}) of {len(codes)} clips",
+          file=sys.stderr)
+    return 0
+
+
+def decode_command(argv):
+    """Speech: codes written by `encode` (or a prior) -> a WAV file per clip."""
+    args = subcommand("decode", "Decode a speech run's codes to WAV files.",
+                      ("--codes", dict(required=True, help="an .npz from `train.py encode`")),
+                      ("--stages", dict(type=int, default=0, help="decode from the first n stages only (0: all)")),
+                      ("--out", dict(required=True, help="the folder to write <name>.wav into (made if absent)")),
+                      ("--force", dict(action="store_true", help="write over WAV files there"))).parse_args(argv)
+    run, out = Path(args.run), Path(args.out)
+    if not is_speech_run(run):
+        raise UserError(f"{run}: decode turns a speech run's codes into WAV files; this run is of images")
+    model = load_model(run / "checkpoint.npz", audio.Codec, args.device)
+    at_least(args, stages=0)
+    if args.stages > model.cfg.stages:
+        raise UserError(f"--stages {args.stages}: the codec has {model.cfg.stages}")
+    try:
+        with np.load(args.codes, allow_pickle=False) as f:
+            codes, frames, names = f["codes"], f["frames"], [str(n) for n in f["names"]]
+    except READ_ERRORS as e:
+        raise unreadable(args.codes, "not codes written by train.py encode (arrays codes, frames, names)", e)
+    if codes.ndim != 3 or len(frames) != len(codes) or len(names) != len(codes) or frames.max() > codes.shape[2]:
+        raise UserError(f"{args.codes}: codes {codes.shape}, frames {frames.shape} and names of {len(names)} "
+                        f"clips do not fit together")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / (Path(n).stem + ".wav") for n in names]
+    if not args.force and (taken := [p for p in paths if p.exists()]):
+        raise UserError(f"--out {out}: {taken[0].name} exists; give --force to write over it, or another folder")
+    n = args.stages or codes.shape[1]
+    for path, c, f in zip(paths, codes, frames):
+        try:
+            wave = vqvae.to_numpy(model.decode(c[None, :n, :f]))[0] * audio.WAVE_STD
+        except ValueError as e:
+            raise UserError(f"{args.codes}: {path.stem}: {e}")
+        write_wav(path, wave, model.cfg.sample_rate)
+    print(f"wrote {len(paths)} WAV files to {out}, decoded from {n} stages", file=sys.stderr)
+    return 0
+
+
 def sample(argv):
     """Draw new images from a finished run: codes from the priors, decoded by the VQ-VAE."""
     args = subcommand("sample", "Sample new images from a trained run.",
@@ -714,6 +891,9 @@ def sample(argv):
     at_least(args, per_row=1, rows=1, seed=0)
     sampling_rule(args, [])                                            # the numbers, before anything is read
     run = Path(args.run)
+    if is_speech_run(run):
+        raise UserError(f"{run} holds the audio codec, with no prior to sample from; its codes turn into WAV files "
+                        f"with: python train.py decode")
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
     for name, path, suffix in (("--out", out, ".png"), ("--codes-out", args.codes_out, ".npz")):
         check_output(path, name, suffix, args.force)
@@ -743,7 +923,10 @@ def evaluate_command(argv):
     at_least(args, judge_seed=0, judge_steps=1, two_sample_steps=0, images=2, seed=0)
     sampling_rule(args, [])                                            # the numbers, before anything is read
     run = Path(args.run)
-    cfg, _, _ = saved_configs(run)
+    cfg, model_cfg, _ = saved_configs(run)
+    if isinstance(model_cfg, audio.CodecConfig):
+        raise UserError(f"{run} holds the audio codec: its run measured it at the end (summary.json, per number of "
+                        f"stages); this command measures a run of images")
     with RunLock(run):
         model, priors, real_hw = load_trained(run, args.device, need_priors=False)
         ev = evaluate_samples(run, model, priors, load_dataset(cfg.data, cfg.data_dir), real_hw, args.judge_seed,
@@ -768,7 +951,8 @@ def report_command(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"encode": encode, "sample": sample, "evaluate": evaluate_command, "report": report_command}
+    commands = {"encode": encode, "decode": decode_command, "sample": sample, "evaluate": evaluate_command,
+                "report": report_command}
     try:
         if os.environ.get("VQVAE_DEVICE", "auto").strip().lower() not in DEVICES:
             raise UserError(f"VQVAE_DEVICE must be one of {', '.join(DEVICES)}, got {os.environ['VQVAE_DEVICE']!r}")

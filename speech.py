@@ -1,0 +1,262 @@
+"""Speech: what a run of the audio codec (audio.py) needs beside the codec, as datasets.py,
+evaluation.py and report.py are for images.
+
+    crops(waves, seed, step, B, T)      a training batch: B windows of T samples, a function of the step
+    reconstruct_clips(model, waves)     held-out clips through the codec with the first n of its stages
+    codec_figures(...)                  per number of stages: bits per second, SI-SNR, log-mel distance,
+                                        the codes each stage uses
+    AudioJudge                          evaluation.Judge on log-mel spectrograms, trained on the training
+                                        clips to tell the digit (or the speaker)
+    write_audio(run, ...)               WAVs of held-out clips and of their reconstructions at each
+                                        bitrate; spectrograms.png, originals over reconstructions
+"""
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+import audio
+import vqvae
+from datasets import batch_indices, write_wav
+from evaluation import Judge, JudgeConfig
+from report import image_grid, write_png
+from runs import checkpoint_note, load_model, save_npz
+
+
+# -----------------------------------------------------------------------------
+# batches and held-out reconstructions
+
+
+def crops(waves, seed, step, batch_size, length):
+    """The training batch of a step: batch_size clips (each epoch a shuffle, as for images), from
+    each a window of `length` samples at a random place; a shorter clip lies at a random place in
+    silence -> (B, length) float32 on the model's scale (samples / audio.WAVE_STD)."""
+    idx = batch_indices(seed, step, len(waves), batch_size)
+    rng = vqvae.step_rng((seed, 3), step)
+    x = np.zeros((len(idx), length), np.float32)
+    for row, i in enumerate(idx):
+        w = waves[i]
+        if len(w) >= length:
+            start = rng.integers(0, len(w) - length + 1)
+            x[row] = w[start:start + length]
+        else:
+            start = rng.integers(0, length - len(w) + 1)
+            x[row, start:start + len(w)] = w
+    return x / audio.WAVE_STD
+
+
+def padded_batches(waves, multiple, batch_size):
+    """The clips in batches of equal length once zero-padded up to a multiple of the codec's hop
+    -> (indices, (B, T) float32 on the model's scale) pairs. Only clips of one padded length share
+    a batch, so that a clip's codes and reconstruction are a function of the clip alone (the
+    padding of a longer neighbour would reach into it through the convolutions)."""
+    padded = [len(w) + -len(w) % multiple for w in waves]
+    for T in sorted(set(padded)):
+        same = [j for j, t in enumerate(padded) if t == T]
+        for i in range(0, len(same), batch_size):
+            idx = same[i:i + batch_size]
+            x = np.zeros((len(idx), T), np.float32)
+            for row, j in enumerate(idx):
+                x[row, :len(waves[j])] = waves[j]
+            yield idx, x / audio.WAVE_STD
+
+
+def reconstruct_clips(model, waves, stages, batch_size=16):
+    """Each clip encoded once with all its stages, then decoded from the first n of them for each n
+    in `stages` -> ({n: [reconstructed clips, in [-1, 1] scale]}, [each clip's codes (S, frames)])."""
+    out, codes = {n: [None] * len(waves) for n in stages}, [None] * len(waves)
+    for idx, x in padded_batches(waves, model.cfg.hop, batch_size):
+        c = vqvae.to_numpy(model.encode(x))                            # (B, S, T / M)
+        for n in stages:
+            y = vqvae.to_numpy(model.decode(c[:, :n])) * audio.WAVE_STD
+            for row, j in enumerate(idx):
+                out[n][j] = y[row, :len(waves[j])]
+        for row, j in enumerate(idx):
+            codes[j] = c[row, :, :math.ceil(len(waves[j]) / model.cfg.hop)]  # the frames the clip covers
+    return out, codes
+
+
+def at_least(T, *waves):
+    """Clips of one length as rows (N, max(T, length)), silence after them (a clip shorter than
+    the log-mel distance's window)."""
+    x = np.zeros((len(waves), max(T, len(waves[0]))), np.float32)
+    for row, w in zip(x, waves):
+        row[:len(w)] = w
+    return x
+
+
+def codec_figures(cfg, waves, recons, codes):
+    """Per number of stages n: the bitrate, and the held-out clips' mean SI-SNR and log-mel distance
+    to the originals (audio.py's measures), and the share of each stage's K codes in use over them."""
+    counts = np.zeros((cfg.stages, cfg.codebook_size), np.int64)
+    for c in codes:
+        for s in range(cfg.stages):
+            counts[s] += np.bincount(c[s], minlength=cfg.codebook_size)
+    rows = []
+    for n, rec in recons.items():
+        si = [float(audio.si_snr(r[None], w[None])[0]) for r, w in zip(rec, waves)]
+        lm = [float(audio.log_mel_distance(*at_least(256, r, w)[:, None])[0]) for r, w in zip(rec, waves)]
+        rows.append({"stages": n, "bits_per_s": cfg.bitrate(n), "si_snr_db": float(np.mean(si)),
+                     "log_mel_distance": float(np.mean(lm))})
+    return rows, [float((c > 0).mean()) for c in counts]
+
+
+# -----------------------------------------------------------------------------
+# a judge of spoken digits: evaluation.Judge, its images log-mel spectrograms
+
+
+JUDGE_SAMPLES = 12288  # the first 1.5 s of a clip (every clip of the five speakers is shorter), silence after it
+MEL = dict(w=512, hop=128, n_mels=40)  # 64 ms windows every 16 ms, 40 mel bands: (N, 93, 40) for 1.5 s
+
+
+def judge_images(waves, rate, offsets=None):
+    """Clips -> log-mel spectrograms as one-channel images (N, frames, mels, 1): each clip placed at
+    its offset (default 0) in JUDGE_SAMPLES of silence, cut there if longer."""
+    x = np.zeros((len(waves), JUDGE_SAMPLES), np.float32)
+    for i, w in enumerate(waves):
+        o = 0 if offsets is None else int(offsets[i])
+        w = w[:JUDGE_SAMPLES - o]
+        x[i, o:o + len(w)] = w
+    return audio.log_mel(x, rate=rate, **MEL)[..., None]
+
+
+def with_frequency(images):
+    """A second channel that holds each mel band's place, -1 (lowest) to 1 (highest): the judge
+    averages its features over all positions, and without it could not tell a formant at 500 Hz
+    from one at 2 kHz (CoordConv, Liu et al. 2018)."""
+    N, F, M, _ = images.shape
+    ramp = np.broadcast_to(np.linspace(-1, 1, M, dtype=np.float32)[None, None, :, None], (N, F, M, 1))
+    return np.concatenate([images, ramp], 3)                           # (N, F, M, 2)
+
+
+class AudioJudge:
+    """A judge of clips: log-mel spectrograms, standardised by the training clips' mean and standard
+    deviation (two numbers), into evaluation.Judge, a classifier of images."""
+
+    def __init__(self, judge, mean, std, rate):
+        self.judge, self.mean, self.std, self.rate = judge, mean, std, rate
+
+    def predict(self, waves, batch_size=250):
+        preds = []
+        for i in range(0, len(waves), batch_size):
+            x = with_frequency((judge_images(waves[i:i + batch_size], self.rate) - self.mean) / self.std)
+            preds.append(vqvae.to_numpy(self.judge.forward(x).argmax(1)))
+        return np.concatenate(preds)
+
+
+def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32, lr=2e-3, log=None):
+    """An AudioJudge trained on the training clips to tell their labels (K classes), each batch's
+    clips placed at random offsets in the 1.5 s window so that it learns the word, not its place."""
+    ref = judge_images(waves[:256], rate)
+    mean, std = float(ref.mean()), float(ref.std())
+    judge = Judge(JudgeConfig(in_channels=2, num_classes=K, seed=seed), device)
+    opt = vqvae.Adam(judge.params, lr=lr)
+    batch_size = min(batch_size, len(waves))
+    for s in range(steps):
+        idx = batch_indices(seed, s, len(waves), batch_size)
+        rng = np.random.default_rng([seed, s])
+        offsets = [rng.integers(0, max(1, JUDGE_SAMPLES - len(waves[i]) + 1)) for i in idx]
+        x = with_frequency((judge_images([waves[i] for i in idx], rate, offsets) - mean) / std)
+        stats = judge.train_step(x, labels[idx], opt)
+        if log and (s + 1) % 250 == 0:
+            log(f"judge {s + 1}/{steps} loss {float(stats['loss']):.4g} accuracy {float(stats['accuracy']):.3f}")
+    return AudioJudge(judge, mean, std, rate)
+
+
+def audio_judge_for(run, data, task, seed, steps, device):
+    """The run's judge of `task` (digit or speaker): RUN/judge_<task>_seed<seed>.npz, or trained and saved there."""
+    path = run / f"judge_{task}_seed{seed}.npz"
+    labels = data["train_labels"] if task == "digit" else data["train_speakers"]
+    K = data["num_classes"] if task == "digit" else len(data["speakers"])
+    if path.is_file() and checkpoint_note(path, "steps") == str(steps):
+        judge = load_model(path, Judge, device)
+        if judge.cfg.num_classes == K:
+            return AudioJudge(judge, float(checkpoint_note(path, "mean")), float(checkpoint_note(path, "std")),
+                              data["sample_rate"])
+    print(f"training a judge of the {task} on the {len(labels)} training clips ({steps} steps)", file=sys.stderr)
+    t = time.time()
+    j = train_audio_judge(data["train"], labels, K, data["sample_rate"], seed, steps, device,
+                          log=lambda text: print(text, file=sys.stderr))
+    save_npz(path, {**j.judge.state_dict(), "config": np.array(json.dumps(asdict(j.judge.cfg))),
+                    "steps": np.array(str(steps)), "mean": np.array(str(j.mean)), "std": np.array(str(j.std)),
+                    "train_time_s": np.array(time.time() - t)})
+    return j
+
+
+def judge_figures(judges, data, recons):
+    """Each judge's accuracy on the held-out real clips and on their reconstructions from n stages."""
+    fig = {}
+    for task, judge in judges.items():
+        truth = data["test_labels"] if task == "digit" else data["test_speakers"]
+        fig[f"accuracy_{task}_real"] = float((judge.predict(data["test"]) == truth).mean())
+        for n, rec in recons.items():
+            fig[f"accuracy_{task}_stages{n}"] = float((judge.predict(rec) == truth).mean())
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# what the run leaves to listen to and look at
+
+
+# a perceptually ordered ramp (black, purple, red, orange, pale yellow) for spectrograms
+RAMP = np.array([[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]], np.float64)
+
+
+def colour(v):
+    """Values in [0, 1] -> uint8 RGB along RAMP."""
+    pos = np.clip(v, 0, 1) * (len(RAMP) - 1)
+    i = np.minimum(pos.astype(int), len(RAMP) - 2)
+    t = (pos - i)[..., None]
+    return np.round(RAMP[i] * (1 - t) + RAMP[i + 1] * t).astype(np.uint8)
+
+
+def spectrogram_image(w, rate, floor_db=-80.0, length=None):
+    """A clip's log-magnitude spectrogram (256-sample windows, hop 64) as an RGB image, low
+    frequencies at the bottom, 0 dB the loudest bin of the clip down to floor_db; `length` pads
+    the clip with silence so that images of clips of different lengths line up."""
+    x = np.zeros(max(length or 0, len(w), 256), np.float32)
+    x[:len(w)] = w
+    P = audio.stft_power(x[None], 256, 64)[0][0]                       # (frames, 129)
+    db = 10 * np.log10(np.maximum(P, 1e-10))
+    return colour((db - db.max() - floor_db) / -floor_db).transpose(1, 0, 2)[::-1]  # (129, frames, 3)
+
+
+def write_audio(run, data, recons, n_clips=8):
+    """RUN/audio/: n_clips held-out clips (one digit each, the speakers in turn) as WAVs, each with
+    its reconstructions from every number of stages; RUN/spectrograms.png: their spectrograms,
+    the originals over the reconstructions from all stages, then from a quarter of them."""
+    rate, names = data["sample_rate"], data["names_test"]
+    labels, speakers = data["test_labels"], data["test_speakers"]
+    picks = []
+    for d in range(n_clips):
+        hits = np.flatnonzero((labels == d % data["num_classes"]) & (speakers == d % len(data["speakers"])))
+        picks.append(int(hits[0]) if len(hits) else d % len(names))
+    folder = run / "audio"
+    folder.mkdir(exist_ok=True)
+    stages = sorted(recons)
+    for i in picks:
+        stem = names[i].removesuffix(".wav")
+        write_wav(folder / f"{stem}_original.wav", data["test"][i], rate)
+        for n in stages:
+            write_wav(folder / f"{stem}_stages{n}.wav", recons[n][i], rate)
+    length = max(len(data["test"][i]) for i in picks)
+    rows = [data["test"], recons[stages[-1]]] + ([recons[max(1, stages[-1] // 4)]] if stages[-1] >= 4 else [])
+    grid = [np.stack([spectrogram_image(row[i], rate, length=length) for i in picks]) for row in rows]
+    write_png(run / "spectrograms.png", image_grid(grid, scale=1))
+    return picks
+
+
+def codec_table(summary):
+    """summary.json's figures per number of stages as a small table."""
+    judged = [k for k in ("accuracy_digit", "accuracy_speaker") if k in summary["per_stages"][0]]
+    lines = [f"{'stages':>6} {'bits/s':>7} {'SI-SNR dB':>9} {'log-mel':>8}" + "".join(f" {k[9:] + ' acc':>12}" for k in judged)]
+    for row in summary["per_stages"]:
+        lines.append(f"{row['stages']:>6} {row['bits_per_s']:>7.0f} {row['si_snr_db']:>9.2f} {row['log_mel_distance']:>8.3f}"
+                     + "".join(f" {row[k]:>12.3f}" for k in judged))
+    if judged:
+        lines.append("real held-out clips: " + ", ".join(f"{k[9:]} acc {summary[k + '_real']:.3f}" for k in judged))
+    lines.append("codes used per stage: " + " ".join(f"{u:.2f}" for u in summary["codes_used_per_stage"]))
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""speech.py and train.py's run of the audio codec: batches, held-out reconstructions and their
+figures, the judge of spoken digits, what a run leaves, and the command line, on small WAV
+folders written here (never the real recordings)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import audio as A
+import datasets as D
+import speech as S
+import train as T
+from conftest import one_error_line, read_png
+
+RATE = 8000
+TINY_CODEC = ["--codec-channels", "2", "--codec-strides", "2,2", "--codec-code-dim", "3", "--codec-stages", "3",
+              "--codec-codebook-size", "8", "--codec-spectral-windows", "16,32", "--crop-samples", "64",
+              "--batch-size", "4", "--judge-steps", "2"]
+
+
+def tone(freq, n, seed):
+    """A tone of n samples at freq Hz with a little noise, in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / RATE
+    return (0.3 * np.sin(2 * np.pi * freq * t + rng.uniform(0, 6)) + 0.01 * rng.standard_normal(n)).astype(np.float32)
+
+
+@pytest.fixture
+def fsdd_dir(tmp_path):
+    """A folder of {digit}_{speaker}_{index}.wav: digits 0-2 as tones of 300, 900 and 2000 Hz, two
+    speakers, indices 0-6 (0-4 held out), 300 to 900 samples each."""
+    folder = tmp_path / "fsdd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for digit, freq in enumerate((300, 900, 2000)):
+        for speaker in ("ann", "bob"):
+            for index in range(7):
+                D.write_wav(folder / f"{digit}_{speaker}_{index}.wav", tone(freq, int(rng.integers(300, 900)), index), RATE)
+    return folder
+
+
+def tiny_codec(**kw):
+    base = dict(channels=2, strides=(2, 2), code_dim=3, stages=3, codebook_size=8, spectral_windows=(16, 32))
+    return A.Codec(A.CodecConfig(**{**base, **kw}))
+
+
+def speech_run(tmp_path, fsdd_dir, name="run", steps=4, extra=()):
+    run = tmp_path / name
+    assert T.main(["--data", "fsdd", "--data-dir", str(fsdd_dir), "--out", str(run), "--steps", str(steps),
+                   "--eval-every", "2", *TINY_CODEC, *extra]) == 0
+    return run
+
+
+# -----------------------------------------------------------------------------
+# batches and held-out reconstructions
+
+
+def test_crops_are_windows_of_their_clips_and_a_function_of_the_step():
+    waves = [tone(300, n, i) for i, n in enumerate((50, 200, 64, 500))]
+    x = S.crops(waves, 3, 7, 4, 64)
+    assert x.shape == (4, 64) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, S.crops(waves, 3, 7, 4, 64))      # the step's batch, recomputed
+    assert not np.array_equal(x, S.crops(waves, 3, 8, 4, 64))
+    idx = D.batch_indices(3, 7, len(waves), 4)
+    for row, i in zip(x * A.WAVE_STD, idx):
+        w = waves[i]
+        if len(w) >= 64:                                               # a window of the clip
+            assert any(np.allclose(row, w[o:o + 64]) for o in range(len(w) - 63))
+        else:                                                          # the clip, in silence
+            start = int(np.flatnonzero(row)[0])
+            np.testing.assert_allclose(row[start:start + len(w)], w)
+            assert np.count_nonzero(row) == np.count_nonzero(w)
+
+
+def test_padded_batches_hold_every_clip_once_zero_padded_to_the_hop():
+    waves = [tone(300, n, i) for i, n in enumerate((10, 70, 33, 64, 5))]
+    seen = []
+    for idx, x in S.padded_batches(waves, 8, 2):
+        assert x.shape[1] % 8 == 0 and x.shape[1] >= max(len(waves[j]) for j in idx)
+        for row, j in zip(x * A.WAVE_STD, idx):
+            np.testing.assert_allclose(row[:len(waves[j])], waves[j], rtol=1e-6)
+            assert not row[len(waves[j]):].any()
+        seen += list(idx)
+    assert sorted(seen) == list(range(len(waves)))
+
+
+def test_reconstructions_keep_each_clips_length_and_codes_cover_its_frames():
+    model = tiny_codec()
+    waves = [tone(300, n, i) for i, n in enumerate((9, 40, 17))]
+    recons, codes = S.reconstruct_clips(model, waves, [1, 3], batch_size=2)
+    for n in (1, 3):
+        assert [len(r) for r in recons[n]] == [9, 40, 17]
+    assert [c.shape for c in codes] == [(3, 3), (3, 10), (3, 5)]       # ceil(T / 4) frames of 3 stages
+    x = np.zeros((1, 12), np.float32)
+    x[0, :9] = waves[0] / A.WAVE_STD                                   # the first clip alone, padded
+    np.testing.assert_allclose(recons[3][0], (model.reconstruct(x)[0] * A.WAVE_STD)[:9], rtol=1e-5, atol=1e-6)
+
+
+def test_codec_figures_give_the_bitrate_the_measures_and_the_codes_each_stage_uses():
+    cfg = A.CodecConfig(stages=2, codebook_size=4, strides=(2, 2))
+    waves = [tone(300, 300, 0), tone(900, 300, 1)]
+    recons = {1: [w * 0.5 for w in waves], 2: waves}
+    codes = [np.array([[0, 1, 1], [2, 2, 2]]), np.array([[1, 0, 0], [2, 2, 2]])]
+    rows, used = S.codec_figures(cfg, waves, recons, codes)
+    assert [r["bits_per_s"] for r in rows] == [8000 / 4 * 2, 8000 / 4 * 4]
+    assert rows[1]["si_snr_db"] == 100 and rows[1]["log_mel_distance"] == 0   # a perfect copy
+    assert rows[0]["si_snr_db"] == pytest.approx(100, abs=1)           # scale-invariant ...
+    assert rows[0]["log_mel_distance"] == pytest.approx(np.log(4), rel=1e-3)   # ... but not the log-mel distance
+    assert used == [0.5, 0.25]
+
+
+# -----------------------------------------------------------------------------
+# the judge of spoken digits, and what a run leaves
+
+
+def test_a_judge_trained_on_tones_tells_them_apart_and_by_their_pitch(fsdd_dir):
+    data = D.load_dataset("fsdd", fsdd_dir)
+    judge = S.train_audio_judge(data["train"], data["train_labels"], 3, RATE, 0, 150, "cpu")
+    assert (judge.predict(data["test"]) == data["test_labels"]).mean() >= 0.9
+    assert S.judge_images(data["test"][:2], RATE).shape == (2, 93, 40, 1)
+
+
+def test_spectrogram_images_put_low_frequencies_at_the_bottom():
+    low, high = S.spectrogram_image(tone(300, 2000, 0), RATE), S.spectrogram_image(tone(3500, 2000, 0), RATE)
+    assert low.shape == high.shape == (129, 28, 3) and low.dtype == np.uint8
+    brightest = lambda img: int(np.argmax(img.astype(int).sum((1, 2))))   # the row of most energy
+    for img, freq in ((low, 300), (high, 3500)):                       # bin f w / rate, counted up from the bottom row
+        assert abs(brightest(img) - (128 - freq * 256 / RATE)) <= 1, freq
+    assert S.spectrogram_image(tone(300, 100, 0), RATE, length=2000).shape == low.shape  # padded to line up
+
+
+def test_a_speech_run_leaves_figures_per_stage_wavs_spectrograms_and_a_report(tmp_path, fsdd_dir):
+    run = speech_run(tmp_path, fsdd_dir)
+    summary = json.loads((run / "summary.json").read_text())
+    rows = summary["per_stages"]
+    assert [r["stages"] for r in rows] == [1, 2, 3]
+    assert [r["bits_per_s"] for r in rows] == [RATE / 4 * 3 * n for n in (1, 2, 3)]
+    for key in ("si_snr_db", "log_mel_distance", "accuracy_digit", "accuracy_speaker"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert len(summary["codes_used_per_stage"]) == 3 and 0 < summary["accuracy_digit_real"] <= 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["codec"]["channels"] == 2 and config["train"]["data"] == "fsdd" and "model" not in config
+    wavs = sorted(p.name for p in (run / "audio").iterdir())
+    assert "0_ann_0_original.wav" in wavs and "0_ann_0_stages3.wav" in wavs and len(wavs) == 8 * 4
+    assert D.read_wav(run / "audio" / "0_ann_0_stages1.wav").shape == D.read_wav(fsdd_dir / "0_ann_0.wav").shape
+    assert read_png(run / "spectrograms.png").shape[2] == 3
+    page = (run / "report.html").read_text()
+    assert "<audio" in page and "spectrograms.png" in page and "held-out SI-SNR" in page
+    stages = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in stages} == {"codec"} and any("val_si_snr_db" in r for r in stages)
+
+
+def test_a_speech_run_resumes_where_it_stopped_and_refuses_a_changed_codec(tmp_path, fsdd_dir, capsys):
+    run = speech_run(tmp_path, fsdd_dir, steps=2)
+    assert T.main(["--resume", str(run), "--steps", "4"]) == 0
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert T.main(["--resume", str(run), "--steps", "6", "--codec-channels", "4"]) == 1
+    assert "cannot change --codec-channels when resuming" in one_error_line(capsys)
+
+
+def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path, fsdd_dir, capsys):
+    run = speech_run(tmp_path, fsdd_dir)
+    out = tmp_path / "codes.npz"
+    assert T.main(["encode", "--run", str(run), "--data", "fsdd", "--data-dir", str(fsdd_dir), "--out", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        codes, frames, names = f["codes"], f["frames"], list(f["names"])
+    assert codes.shape[:2] == (30, 3) and names[0] == "0_ann_0.wav" and len(frames) == 30
+    assert codes.min() == -1 and all((c[:, :n] >= 0).all() and (c[:, n:] == -1).all() for c, n in zip(codes, frames))
+    wavs = tmp_path / "wavs"
+    assert T.main(["decode", "--run", str(run), "--codes", str(out), "--out", str(wavs), "--stages", "2"]) == 0
+    assert len(list(wavs.glob("*.wav"))) == 30
+    assert len(D.read_wav(wavs / "0_ann_0.wav")) == 4 * frames[0]      # the clip's frames, a hop each
+    assert T.main(["decode", "--run", str(run), "--codes", str(out), "--out", str(wavs)]) == 1
+    assert "0_ann_0.wav exists; give --force" in one_error_line(capsys)
+    assert T.main(["decode", "--run", str(run), "--codes", str(out), "--out", str(wavs), "--stages", "4"]) == 1
+    assert "--stages 4: the codec has 3" in one_error_line(capsys)
+    (tmp_path / "bad.npz").write_bytes(b"PK not a zip")
+    assert T.main(["decode", "--run", str(run), "--codes", str(tmp_path / "bad.npz"), "--out", str(wavs)]) == 1
+    assert "bad.npz" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "fsdd", "--adversarial"], "--adversarial applies to images, not to --data fsdd"),
+    (["--data", "fsdd", "--hidden", "8"], "--hidden applies to images, not to --data fsdd"),
+    (["--data", "fsdd", "--prior-steps", "8"], "--prior-steps applies to images"),
+    (["--codec-stages", "4"], "--codec-stages applies to speech (--data fsdd), not to --data shapes"),
+    (["--crop-samples", "512"], "--crop-samples applies to speech"),
+    (["--data", "fsdd", "--codec-strides", "2,0"], "--codec-strides must be positive integers"),
+    (["--data", "fsdd", "--crop-samples", "100"], "--crop-samples 100 must be a multiple of the codec's 64"),
+])
+def test_flags_of_the_other_kind_of_data_and_bad_codec_settings_are_refused(tmp_path, fsdd_dir, capsys, argv, message):
+    assert T.main([*argv, "--data-dir", str(fsdd_dir), "--out", str(tmp_path / "run")]) == 1
+    assert message in one_error_line(capsys)
+
+
+def test_image_commands_on_a_speech_run_and_decode_on_an_image_run_say_what_to_do(tmp_path, fsdd_dir, capsys):
+    run = speech_run(tmp_path, fsdd_dir, steps=2)
+    assert T.main(["sample", "--run", str(run)]) == 1
+    assert "holds the audio codec" in one_error_line(capsys)
+    assert T.main(["evaluate", "--run", str(run)]) == 1
+    assert "holds the audio codec" in one_error_line(capsys)
+    image_run = tmp_path / "images"
+    image_run.mkdir()
+    (image_run / "config.json").write_text(json.dumps({"train": {}, "model": {}, "priors": [{}]}))
+    assert T.main(["decode", "--run", str(image_run), "--codes", "x.npz", "--out", str(tmp_path / "w")]) == 1
+    assert "this run is of images" in one_error_line(capsys)
