@@ -121,8 +121,9 @@ class TrainConfig:
     eval_images: int = setting(1000, "held-out images measured, and as many samples", low=2, resumable=True)
 
     def __post_init__(self):
-        kind = "audio" if self.data in AUDIO else "adversarial" if self.adversarial else "images"
-        self.steps = STEPS[kind] if self.steps is None else self.steps
+        kind = "audio" if self.data in AUDIO else "images"
+        self.steps = STEPS["adversarial" if self.adversarial and kind == "images" else kind] if self.steps is None \
+            else self.steps
         betas = BETAS["adversarial" if self.adversarial else "plain"]
         self.adam_beta1 = betas[0] if self.adam_beta1 is None else self.adam_beta1
         self.adam_beta2 = betas[1] if self.adam_beta2 is None else self.adam_beta2
