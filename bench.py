@@ -4,12 +4,16 @@
     python bench.py --json          # the same figures as JSON
     python bench.py --quick         # fewer repetitions, for a smoke test
     python bench.py --only prior    # the prior alone (its training step, its samplers)
+    python bench.py --only adversarial   # --adversarial's VQ-VAE step against the plain one
+    python bench.py --only audio    # Conv1d against Conv2d at height 1, and the codec's step
     OPENBLAS_NUM_THREADS=1 python bench.py   # one thread on both sides (a machine shared with other jobs)
 
 Measured: the VQ-VAE training step (forward, backward, Adam) for three configurations, with
 FLOPs counted from the layer shapes and the achieved rate as a fraction of this machine's
 float32 matmul peak; the quantizer's nearest-neighbour search (time and peak extra memory);
-a training step of the prior that `python train.py` trains; fast against naive sampling. When
+a training step of the prior that `python train.py` trains; fast against naive sampling; the
+VQ-VAE step of `--adversarial` against the plain one (docs/decoder.md); the audio codec's 1-D
+convolution against the 2-D one at height 1, and its training step (docs/audio.md). When
 PyTorch happens to be installed (never a requirement) the same architecture (the VQ-VAE's and
 the prior's), with the same weights, threads, dtype and batch, is timed step for step beside
 ours, alternating, and the loss before the first step is compared.
@@ -24,8 +28,10 @@ import tracemalloc
 
 import numpy as np
 
+import audio
 import datasets
 import prior as P
+import speech
 import train
 import vqvae
 
@@ -444,6 +450,54 @@ def bench_prior(device, repeat):
     return result
 
 
+def bench_adversarial(repeat):
+    """The default run's VQ-VAE step against the step `--adversarial` takes once its discriminator
+    has started (the discriminator's step, the decoder's extra backward for the adaptive weight),
+    built as train.py builds them, timed alternating -> ms each and their ratio."""
+    steps = {}
+    for name, argv in (("plain", []), ("adversarial", ["--adversarial", "--disc-start", "0"])):
+        cfg, model_cfg, settings, _, _ = train.configs_from_args(train.build_parser().parse_args(argv))
+        data, model_cfg, _ = train.load_data(cfg, model_cfg, settings, False)
+        model, opt, gan = train.make_vqvae(cfg, model_cfg, data)
+        x = datasets.to_model(data["train_padded"][:cfg.batch_size])
+        if gan is not None:                                            # a step after disc_start: D trained and used
+            steps[name] = lambda gan=gan, opt=opt, x=x: gan.train_step(x, opt, gan.disc_opt, step=1)
+        else:
+            steps[name] = lambda model=model, opt=opt, x=x: model.train_step(x, opt)
+    xp = vqvae.backend("auto")
+    times = interleaved(list(steps.values()), [lambda: sync(xp)] * 2, repeat=repeat)
+    return {"plain": times[0], "adversarial": times[1],
+            "ratio_adversarial_over_plain": times[1]["median_s"] / times[0]["median_s"]}
+
+
+def bench_audio(device, repeat, batch=16):
+    """The codec's layers and step: a stride-1 convolution of kernel 7 over time (a residual unit's,
+    forward and backward) as audio.Conv1d and as vqvae.Conv2d with a 1 x 7 kernel on images of
+    height 1, at the codec's three widths (NumPy layers); then a training step of the default codec on `batch`
+    crops of train.py's length."""
+    rows, rng = [], np.random.default_rng(0)
+    for C, T in ((16, 2048), (32, 1024), (64, 256)):
+        c1 = audio.Conv1d(C, C, 7, padding="same")
+        c2 = vqvae.Conv2d(C, C, (1, 7), padding=((0, 0), (3, 3)))
+        c2.params["W"][...] = c1.params["W"][:, :, None, :]
+        c2.params["b"][...] = c1.params["b"]
+        x, dy = (rng.standard_normal((batch, T, C)).astype(np.float32) for _ in range(2))
+        t1, t2 = interleaved([lambda: c1.backward(dy) if c1.forward(x) is not None else None,
+                              lambda: c2.backward(dy[:, None]) if c2.forward(x[:, None]) is not None else None],
+                             [lambda: None] * 2, repeat=repeat)
+        rows.append({"channels": C, "T": T, "batch": batch, "conv1d": t1, "conv2d_height_1": t2,
+                     "ratio_1d_over_2d": t1["median_s"] / t2["median_s"]})
+    cfg, crop = audio.CodecConfig(), train.TrainConfig(data="fsdd").crop_samples
+    codec = audio.Codec(cfg, device=device)
+    opt = vqvae.Adam(codec.params, lr=1e-3)
+    waves = [rng.standard_normal(crop * 2).astype(np.float32) * 0.1 for _ in range(batch)]
+    x = codec.xp.asarray(speech.crops(waves, 0, 0, batch, crop))
+    step = timings(lambda: codec.train_step(x, opt), codec.xp, repeat=max(3, repeat // 4))
+    return {"layers": rows, "codec_step": {"config": f"C={cfg.channels} strides {cfg.strides} D={cfg.code_dim} "
+                                                     f"{cfg.stages}x{cfg.codebook_size} codes, {batch} crops of {crop}",
+                                           **step, "clips_per_s": batch / step["median_s"]}}
+
+
 def bench_sampling(device, N, size):
     cfg = P.PriorConfig(codebook_size=512, channels=64, layers=8, kernel=3, attention_every=0)  # gated layers only
     prior = P.PixelCNN(cfg, device=device)
@@ -467,8 +521,9 @@ def main():
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and a smaller sampling grid")
     ap.add_argument("--batch", type=int, default=32, help="batch of the training-step configurations")
-    ap.add_argument("--only", choices=["vqvae", "prior"], help="the VQ-VAE (training step, quantizer) or the prior "
-                                                               "(training step, sampling) alone")
+    ap.add_argument("--only", choices=["vqvae", "prior", "adversarial", "audio"],
+                    help="the VQ-VAE (training step, quantizer), the prior (training step, sampling), "
+                         "--adversarial's step, or the audio codec, alone")
     args = ap.parse_args()
     xp = vqvae.backend(args.device)
     device = "gpu" if xp is not np else "cpu"
@@ -487,6 +542,10 @@ def main():
     if prior_part:
         report["prior_step"] = bench_prior(device, repeat)
         report["sampling"] = bench_sampling(device, 2 if args.quick else 4, 8 if args.quick else 16)
+    if args.only in (None, "adversarial"):
+        report["adversarial"] = bench_adversarial(repeat)
+    if args.only in (None, "audio"):
+        report["audio"] = bench_audio(device, repeat)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -497,6 +556,12 @@ def main():
         print_vqvae(report)
     if prior_part:
         print_prior(report)
+    if "adversarial" in report:
+        a = report["adversarial"]
+        print(f"\n{'VQ-VAE step':14s} plain {a['plain']['median_s'] * 1e3:6.1f} ms  --adversarial "
+              f"{a['adversarial']['median_s'] * 1e3:6.1f} ms  adversarial/plain {a['ratio_adversarial_over_plain']:5.2f}")
+    if "audio" in report:
+        print_audio(report["audio"])
 
 
 def print_vqvae(report):
@@ -532,6 +597,16 @@ def print_prior(report):
     if "torch" in s:
         print(f"prior loss before any step: ours {s['first_loss_ours']:.7f}, torch {s['first_loss_torch']:.7f}, "
               f"relative difference {s['first_loss_relative_difference']:.1e}")
+
+
+def print_audio(r):
+    print(f"\n{'conv over time':14s} {'C':>3s} {'T':>5s} {'batch':>5s} {'Conv1d ms':>10s} {'Conv2d h=1 ms':>14s} {'1d/2d':>6s}")
+    for row in r["layers"]:
+        print(f"{'k7, fwd+bwd':14s} {row['channels']:3d} {row['T']:5d} {row['batch']:5d} "
+              f"{row['conv1d']['median_s'] * 1e3:10.2f} {row['conv2d_height_1']['median_s'] * 1e3:14.2f} "
+              f"{row['ratio_1d_over_2d']:6.2f}")
+    c = r["codec_step"]
+    print(f"{'codec step':14s} {c['median_s'] * 1e3:.0f} ms ({c['clips_per_s']:.0f} clips/s)  {c['config']}")
 
 
 if __name__ == "__main__":
