@@ -366,22 +366,36 @@ def mel_filterbank(n_mels, w, rate, fmin=0.0, fmax=None, xp=np, dtype="float64")
     return xp.asarray(np.maximum(0.0, np.minimum(rise, fall)).astype(dtype))
 
 
-def log_mel(x, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5):
-    """log(max(P @ mel_filterbank, eps)): x (N, T) -> (N, F, n_mels), P the Hann-windowed power
-    spectrum (stft_power), eps the floor of a silent band. For evaluation: no gradient."""
+def log_mel(x, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5, floor=None):
+    """log(max(P @ mel_filterbank, floor)): x (N, T) -> (N, F, n_mels), P the Hann-windowed power
+    spectrum (stft_power). The floor of a silent band: eps, or per example `floor` (N,) where
+    given (relative_floor). For evaluation: no gradient."""
+    xp = array_module(x)
     P, _ = stft_power(x, w, hop)                                       # (N, F, K)
-    fb = mel_filterbank(n_mels, w, rate, xp=array_module(x), dtype=x.dtype)   # (K, n_mels)
-    return array_module(x).log(array_module(x).maximum(P @ fb, float(eps)))
+    M = P @ mel_filterbank(n_mels, w, rate, xp=xp, dtype=x.dtype)      # (N, F, n_mels)
+    floor = float(eps) if floor is None else xp.asarray(floor, dtype=x.dtype)[:, None, None]
+    return xp.log(xp.maximum(M, floor))
 
 
-def log_mel_distance(x_hat, x, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5):
+def relative_floor(x, top_db, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5):
+    """Per example, top_db below its loudest mel band (and never below eps) -> (N,): what lies
+    further down than that (the recording's noise floor, a codec's faint hiss) is silence."""
+    xp = array_module(x)
+    M = xp.exp(log_mel(x, w, hop, n_mels, rate, eps))                  # (N, F, n_mels), floored at eps
+    return xp.maximum(M.max(axis=(1, 2)) * 10 ** (-top_db / 10), eps)
+
+
+def log_mel_distance(x_hat, x, w=256, hop=64, n_mels=40, rate=8000, top_db=60.0, eps=1e-5):
     """mean over frames and bands of |log_mel(x_hat) - log_mel(x)|, per example -> (N,): the mean
     log-ratio of the two mel spectrograms (1.0: the bands differ by a factor of e on average).
-    Floor 0, for identical signals, and for any two with the same power spectrogram (x and -x):
-    it is blind to phase within a frame."""
+    Both are floored top_db below the target x's loudest band, so that differences under the
+    target's noise floor (silence against a faint hiss) do not count. Floor 0, for identical
+    signals, and for any two with the same power spectrogram (x and -x): it is blind to phase
+    within a frame."""
     if x_hat.shape != x.shape:
         raise ValueError(f"log_mel_distance needs x_hat and x of the same shape, got {x_hat.shape} and {x.shape}")
-    d = log_mel(x_hat, w, hop, n_mels, rate, eps) - log_mel(x, w, hop, n_mels, rate, eps)   # (N, F, n_mels)
+    floor = relative_floor(x, top_db, w, hop, n_mels, rate, eps)       # (N,): from the target alone
+    d = log_mel(x_hat, w, hop, n_mels, rate, eps, floor) - log_mel(x, w, hop, n_mels, rate, eps, floor)
     return array_module(d).abs(d).mean(axis=(1, 2))
 
 

@@ -110,17 +110,33 @@ def codec_figures(cfg, waves, recons, codes):
 
 JUDGE_SAMPLES = 12288  # the first 1.5 s of a clip (every clip of the five speakers is shorter), silence after it
 MEL = dict(w=512, hop=128, n_mels=40)  # 64 ms windows every 16 ms, 40 mel bands: (N, 93, 40) for 1.5 s
+TOP_DB = 60.0        # the judge hears what lies within 60 dB of a clip's loudest band, as log_mel_distance
+NOISE_SNR = (10.0, 40.0)  # while it learns: half the clips with white noise at an SNR (dB) drawn from here ...
+GAIN_DB = 6.0        # ... and every clip louder or quieter by up to this
 
 
 def judge_images(waves, rate, offsets=None):
     """Clips -> log-mel spectrograms as one-channel images (N, frames, mels, 1): each clip placed at
-    its offset (default 0) in JUDGE_SAMPLES of silence, cut there if longer."""
+    its offset (default 0) in JUDGE_SAMPLES of silence, cut there if longer, floored TOP_DB below
+    its loudest band."""
     x = np.zeros((len(waves), JUDGE_SAMPLES), np.float32)
     for i, w in enumerate(waves):
         o = 0 if offsets is None else int(offsets[i])
         w = w[:JUDGE_SAMPLES - o]
         x[i, o:o + len(w)] = w
-    return audio.log_mel(x, rate=rate, **MEL)[..., None]
+    floor = audio.relative_floor(x, TOP_DB, rate=rate, **MEL)
+    return audio.log_mel(x, rate=rate, floor=floor, **MEL)[..., None]
+
+
+def perturbed(w, rng):
+    """A training clip as the judge learns it: louder or quieter by up to GAIN_DB, and half the
+    time with white noise at an SNR drawn from NOISE_SNR (of the clip's mean power), so that it
+    learns the word and not the recording's exact noise floor."""
+    w = w * np.float32(10 ** (rng.uniform(-GAIN_DB, GAIN_DB) / 20))
+    if rng.random() < 0.5:
+        sigma = np.sqrt(np.mean(w.astype(np.float64) ** 2) / 10 ** (rng.uniform(*NOISE_SNR) / 10))
+        w = w + (sigma * rng.standard_normal(len(w))).astype(np.float32)
+    return w
 
 
 def with_frequency(images):
@@ -149,7 +165,8 @@ class AudioJudge:
 
 def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32, lr=2e-3, log=None):
     """An AudioJudge trained on the training clips to tell their labels (K classes), each batch's
-    clips placed at random offsets in the 1.5 s window so that it learns the word, not its place."""
+    clips placed at random offsets in the 1.5 s window so that it learns the word, not its place,
+    and perturbed (gain, noise) so that it learns the word, not the recording."""
     ref = judge_images(waves[:256], rate)
     mean, std = float(ref.mean()), float(ref.std())
     judge = Judge(JudgeConfig(in_channels=2, num_classes=K, seed=seed), device)
@@ -159,7 +176,8 @@ def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32
         idx = batch_indices(seed, s, len(waves), batch_size)
         rng = np.random.default_rng([seed, s])
         offsets = [rng.integers(0, max(1, JUDGE_SAMPLES - len(waves[i]) + 1)) for i in idx]
-        x = with_frequency((judge_images([waves[i] for i in idx], rate, offsets) - mean) / std)
+        clips = [perturbed(waves[i], rng) for i in idx]
+        x = with_frequency((judge_images(clips, rate, offsets) - mean) / std)
         stats = judge.train_step(x, labels[idx], opt)
         if log and (s + 1) % 250 == 0:
             log(f"judge {s + 1}/{steps} loss {float(stats['loss']):.4g} accuracy {float(stats['accuracy']):.3f}")

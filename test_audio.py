@@ -437,6 +437,22 @@ def test_log_mel_distance_is_zero_for_the_same_power_spectrogram_and_positive_ot
     np.testing.assert_allclose(A.log_mel_distance(2 * x, x), np.log(4), rtol=1e-9)   # 4x the power in every band
 
 
+def test_log_mel_distance_ignores_what_lies_under_the_targets_floor_and_counts_what_lies_above():
+    """Both spectrograms are floored top_db below the target's loudest band: a hiss 80 dB under a
+    tone's level in the silence after it does not count, the same hiss 30 dB under it does, and
+    with top_db (and eps) low enough to reach the hiss it counts again."""
+    rng = np.random.default_rng(0)
+    t = np.arange(4000) / 8000
+    x = np.where(t < 0.25, 0.5 * np.sin(2 * np.pi * 440 * t), 0.0)[None]     # a tone, then silence
+    hiss = rng.standard_normal(x.shape)
+    faint, audible = x + 0.5 * 10 ** (-80 / 20) * hiss, x + 0.5 * 10 ** (-30 / 20) * hiss
+    assert A.log_mel_distance(faint, x)[0] < 1e-3
+    assert A.log_mel_distance(audible, x)[0] > 0.5
+    assert A.log_mel_distance(faint, x, top_db=200.0, eps=1e-30)[0] > 0.5
+    floor = A.relative_floor(x, 60.0)
+    np.testing.assert_allclose(floor, np.exp(A.log_mel(x)).max() * 1e-6, rtol=1e-9)
+
+
 @given(st.integers(1, 3), st.integers(16, 400), seeds)
 def test_si_snr_equals_its_formula_ignores_scale_and_rises_as_the_noise_falls(N, T, seed):
     rng = np.random.default_rng(seed)
