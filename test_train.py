@@ -189,16 +189,17 @@ def test_prior_layers_and_attention_defaults_depend_on_the_levels(tmp_path):
 
 
 def test_steps_batch_and_adam_defaults_follow_the_data_and_adversarial(tmp_path):
-    """One table each (train.STEPS, BATCH, BETAS): images 3000 steps of 32 with Adam (0.9, 0.999);
-    --adversarial twice the steps with VQGAN's (0.5, 0.9); speech the codec's steps and batch.
-    Explicit flags win."""
+    """One table each (train.STEPS, BATCH, BETAS, LR, JUDGE_STEPS): images 3000 steps of 32 with
+    Adam (0.9, 0.999) at 1e-3 and a judge of 1500 steps; --adversarial twice the steps with VQGAN's
+    (0.5, 0.9); speech the codec's steps, batch, rate and judges. Explicit flags win."""
     parser = T.build_parser()
-    for flags, expected in [([], (3000, 32, 0.9, 0.999)), (["--adversarial"], (6000, 32, 0.5, 0.9)),
-                            (["--data", "fsdd"], (T.STEPS["audio"], T.BATCH["audio"], 0.9, 0.999)),
-                            (["--adversarial", "--steps", "10", "--batch-size", "4", "--adam-beta1", "0.7"],
-                             (10, 4, 0.7, 0.9))]:
+    audio_row = (T.STEPS["audio"], T.BATCH["audio"], 0.9, 0.999, T.LR["audio"], T.JUDGE_STEPS["audio"])
+    for flags, expected in [([], (3000, 32, 0.9, 0.999, 1e-3, 1500)), (["--adversarial"], (6000, 32, 0.5, 0.9, 1e-3, 1500)),
+                            (["--data", "fsdd"], audio_row),
+                            (["--adversarial", "--steps", "10", "--batch-size", "4", "--adam-beta1", "0.7", "--lr", "0.01",
+                              "--judge-steps", "7"], (10, 4, 0.7, 0.9, 0.01, 7))]:
         cfg = T.configs_from_args(parser.parse_args(["--out", str(tmp_path / "run"), *flags]))[0]
-        assert (cfg.steps, cfg.batch_size, cfg.adam_beta1, cfg.adam_beta2) == expected, flags
+        assert (cfg.steps, cfg.batch_size, cfg.adam_beta1, cfg.adam_beta2, cfg.lr, cfg.judge_steps) == expected, flags
 
 
 @pytest.mark.parametrize("quantizer, flags, K", [("rvq", ["--rvq-stages", "3", "--kmeans-init", "--restart-threshold", "1"], 16),

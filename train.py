@@ -46,6 +46,8 @@ DISC_BETAS = (0.5, 0.9)   # the discriminator's Adam: VQGAN's (for both its netw
 STEPS = {"images": 3000, "adversarial": 6000,  # training steps of the VQ-VAE (docs/decoder.md) ...
          "audio": 2000}                          # ... and of the audio codec (docs/audio.md)
 BATCH = {"images": 32, "audio": 16}     # a step's images, or clips of --crop-samples
+LR = {"images": 1e-3, "audio": 3e-3}    # Adam's learning rate (docs/audio.md: the codec learns faster at 3e-3)
+JUDGE_STEPS = {"images": 1500, "audio": 1000}  # the judge's training steps (each of speech's two judges)
 BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam: Kingma & Ba's; VQGAN's
 VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top prior, attention after every 4th ...
                  {"layers": 8, "attention_every": 0})    # ... and the bottom prior, given the top codes (docs/vqvae2.md)
@@ -76,7 +78,8 @@ class TrainConfig:
     batch_size: int = setting(None, f"images per VQ-VAE step (default {BATCH['images']}), or the codec's clips "
                                     f"(default {BATCH['audio']})", low=1)
     crop_samples: int = setting(2048, "speech: samples of each training clip, cut at a random place", low=1)
-    lr: float = setting(1e-3, "the VQ-VAE's Adam learning rate", above=0)
+    lr: float = setting(None, f"the VQ-VAE's Adam learning rate (default {LR['images']}; the codec's {LR['audio']})",
+                        above=0)
     adam_beta1: float = setting(None, f"the VQ-VAE's Adam beta1 (default {BETAS['plain'][0]}; with --adversarial "
                                       f"VQGAN's {BETAS['adversarial'][0]}) ...", low=0, below=1)
     adam_beta2: float = setting(None, f"... and beta2 ({BETAS['plain'][1]}; VQGAN's {BETAS['adversarial'][1]})",
@@ -115,7 +118,8 @@ class TrainConfig:
                               resumable=True)
     # the evaluation at the end (evaluation.py, docs/evaluation.md)
     evaluate: bool = setting(True, "measure the samples and reconstructions with a judge network", resumable=True)
-    judge_steps: int = setting(1500, "training steps of the evaluation's judge", low=1, resumable=True)
+    judge_steps: int = setting(None, f"training steps of the evaluation's judge (default {JUDGE_STEPS['images']}; "
+                                     f"each of speech's two: {JUDGE_STEPS['audio']})", low=1, resumable=True)
     two_sample_steps: int = setting(600, "training steps of each two-sample test's classifier (0: no test)", low=0,
                                     resumable=True)
     eval_images: int = setting(1000, "held-out images measured, and as many samples", low=2, resumable=True)
@@ -128,6 +132,8 @@ class TrainConfig:
         self.adam_beta1 = betas[0] if self.adam_beta1 is None else self.adam_beta1
         self.adam_beta2 = betas[1] if self.adam_beta2 is None else self.adam_beta2
         self.batch_size = BATCH[kind] if self.batch_size is None else self.batch_size
+        self.lr = LR[kind] if self.lr is None else self.lr
+        self.judge_steps = JUDGE_STEPS[kind] if self.judge_steps is None else self.judge_steps
         if self.prior_flip is None:
             self.prior_flip = self.data in MIRROR_INVARIANT
         check(self)
@@ -915,7 +921,7 @@ def evaluate_command(argv):
     args = subcommand("evaluate", "Measure a run's reconstructions and samples with a judge network trained on "
                                   "the real training images.",
                       ("--judge-seed", dict(type=int, default=0, help="seed of the judge (its initialisation, batches)")),
-                      ("--judge-steps", dict(type=int, default=TrainConfig.judge_steps, help="the judge's training steps")),
+                      ("--judge-steps", dict(type=int, default=JUDGE_STEPS["images"], help="the judge's training steps")),
                       ("--two-sample-steps", dict(type=int, default=TrainConfig.two_sample_steps,
                                                   help="training steps of each two-sample test (0: none)")),
                       ("--images", dict(type=int, default=TrainConfig.eval_images,
