@@ -20,7 +20,6 @@ ours, alternating, and the loss before the first step is compared.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -37,8 +36,9 @@ import vqvae
 
 try:  # optional: the reference we measure against
     import torch
+    import torch_modules
 except ImportError:
-    torch = None
+    torch = torch_modules = None
 
 
 # -----------------------------------------------------------------------------
@@ -141,59 +141,15 @@ def model_flops(model, x_shape):
 
 
 # -----------------------------------------------------------------------------
-# the PyTorch reference: the same architecture, weights copied from ours
-
-
-def torch_model(model, device):
-    """nn modules mirroring a one-level model, with its weights -> (encoder, pre_quant, decoder,
-    codebook). Activations NCHW as PyTorch expects."""
-    nn = torch.nn
-
-    class Residual(nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.body = convert(block)
-
-        def forward(self, x):
-            return x + self.body(x)
-
-    def convert_conv(layer):
-        W = torch.tensor(vqvae.to_numpy(layer.params["W"]))
-        (t, _), (l, _) = layer.padding
-        if isinstance(layer, vqvae.Conv2d):
-            m = nn.Conv2d(W.shape[1], W.shape[0], (layer.kh, layer.kw), layer.stride, (t, l))
-        else:
-            m = nn.ConvTranspose2d(W.shape[0], W.shape[1], (layer.kh, layer.kw), layer.stride, (t, l))
-        with torch.no_grad():
-            m.weight.copy_(W)
-            m.bias.copy_(torch.tensor(vqvae.to_numpy(layer.params["b"])))
-        return m
-
-    def convert(seq):
-        layers = []
-        for layer in seq.layers:
-            if isinstance(layer, vqvae.ResidualBlock):
-                layers.append(Residual(vqvae.Sequential(*layer.layers)))
-            elif isinstance(layer, vqvae.ReLU):
-                layers.append(nn.ReLU())
-            else:
-                layers.append(convert_conv(layer))
-        return nn.Sequential(*layers)
-
-    if model.cfg.levels != 1:
-        raise ValueError("the PyTorch mirror covers the one-level model")
-    codebook = torch.tensor(vqvae.to_numpy(model.quantizer.codebook), device=device)
-    return (convert(model.encoder).to(device), convert_conv(model.pre_quant).to(device),
-            convert(model.decoder).to(device), codebook)
+# the PyTorch reference: the same architecture (torch_modules.py), weights copied from ours
 
 
 def torch_step_fn(model, x_nhwc, device):
     """One PyTorch training step of the same model (plain VQ or EMA, beta, Adam) -> (step, loss of step 1)."""
-    enc, pre, dec, E = torch_model(model, device)
+    net = torch_modules.mirror(model).to(device)
+    enc, pre, dec, E = net.encoder, net.pre_quant, net.decoder, net.quantizer.codebook  # E: a parameter for vq
     cfg = model.cfg
     ema = cfg.quantizer == "ema"
-    if not ema:
-        E = torch.nn.Parameter(E)
     counts, sums = torch.ones(cfg.codebook_size, device=device), E.detach().clone()
     params = list(enc.parameters()) + list(pre.parameters()) + list(dec.parameters()) + ([] if ema else [E])
     opt = torch.optim.Adam(params, lr=2e-4)
@@ -225,103 +181,11 @@ def torch_step_fn(model, x_nhwc, device):
     return step, first_loss
 
 
-def torch_prior(prior, device):
-    """An nn.Module mirroring a PixelCNN prior (embedding, gated layers, class biases, causal
-    self-attention, head), with its weights: (codes (N, h, w), labels (N,) or None) -> logits
-    (N, K, h, w). Activations NCHW. A conditioning map (VQ-VAE-2's bottom prior) is not mirrored."""
-    nn, F = torch.nn, torch.nn.functional
-    cfg = prior.cfg
-    if cfg.cond_channels:
-        raise ValueError("the PyTorch mirror covers the gated layers, class labels and attention, not a cond map")
-    r = cfg.kernel // 2
-
-    def tensor(a):
-        return torch.tensor(vqvae.to_numpy(a))                         # keeps our dtype
-
-    def convert_conv(layer):                                           # no padding: F.pad does ours, asymmetric
-        W = tensor(layer.params["W"])
-        m = nn.Conv2d(W.shape[1], W.shape[0], W.shape[2:], dtype=W.dtype)
-        with torch.no_grad():
-            m.weight.copy_(W)
-            m.bias.copy_(tensor(layer.params["b"]))
-        return m
-
-    def convert_embedding(embedding):
-        return nn.Embedding.from_pretrained(tensor(embedding.params["table"]), freeze=False)
-
-    def gate(a):                                                       # paper eq. 2
-        a_f, a_g = a.chunk(2, dim=1)
-        return torch.tanh(a_f) * torch.sigmoid(a_g)
-
-    class Gated(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.first = layer.first
-            self.conv_v, self.conv_h = convert_conv(layer.conv_v), convert_conv(layer.conv_h)
-            self.link, self.out = convert_conv(layer.link), convert_conv(layer.out)
-            self.drop = nn.Dropout(cfg.dropout)                        # its own masks: a timing, not our numbers
-            if cfg.num_classes:
-                self.class_v, self.class_h = convert_embedding(layer.class_v), convert_embedding(layer.class_h)
-
-        def forward(self, v, h, labels):
-            # F.pad(x, (left, right, top, bottom)): the zeros ours pads with, or shifts in
-            c_v = c_h = 0.0
-            if labels is not None:
-                c_v = self.class_v(labels)[:, :, None, None]           # (N, 2p, 1, 1): a bias per class
-                c_h = self.class_h(labels)[:, :, None, None]
-            v_pre = self.conv_v(F.pad(v, (r, r, r, 0))) + c_v          # rows i-r..i, columns j-r..j+r
-            link = self.link(F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1])    # down one row: rows <= i-1 only
-            h_in = F.pad(h, (1, 0))[..., :-1] if self.first else h     # mask A: right one column
-            h_pre = self.conv_h(F.pad(h_in, (r, 0))) + link + c_h      # columns j-r..j
-            h_out = self.out(self.drop(gate(h_pre)))
-            return gate(v_pre), (h_out if self.first else h_out + h)   # no residual in layer 1
-
-    class Attention(nn.Module):
-        def __init__(self, att):
-            super().__init__()
-            self.n, self.F, self.scale = att.n, att.F, att.scale
-            self.query, self.key = convert_conv(att.query), convert_conv(att.key)
-            self.value, self.out = convert_conv(att.value), convert_conv(att.out)
-
-        def forward(self, h):
-            N, C, H, W = h.shape
-            pos = tensor(P.positional_encoding(H, W, self.F, np, prior.cfg.dtype)).permute(2, 0, 1).to(h.device)
-            x = torch.cat([h, pos.expand(N, -1, -1, -1)], dim=1)       # (N, C + P, H, W)
-
-            def heads(y):                                              # (N, d, H, W) -> (N, n, T, d/n), as split_heads
-                return y.reshape(N, self.n, -1, H * W).transpose(2, 3)
-
-            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(h))
-            later = torch.ones(H * W, H * W, dtype=torch.bool, device=h.device).triu(1)  # key after query
-            a = torch.softmax((q @ k.transpose(2, 3) * self.scale).masked_fill(later, -math.inf), dim=-1)
-            o = (a @ v).transpose(2, 3).reshape(N, -1, H, W)           # heads merged: (N, d, H, W)
-            return h + self.out(o)
-
-    class PixelCNN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = convert_embedding(prior.embed)
-            self.layers = nn.ModuleList(Gated(layer) for layer in prior.layers)
-            self.attention = nn.ModuleDict({str(l): Attention(att) for l, att in prior.attention.items()})
-            self.head = nn.Sequential(*(nn.ReLU() if isinstance(layer, vqvae.ReLU) else convert_conv(layer)
-                                        for layer in prior.head.layers))
-
-        def forward(self, codes, labels=None):
-            v = h = self.embed(codes).permute(0, 3, 1, 2).contiguous()  # (N, p, h, w), NCHW in memory too
-            for l, layer in enumerate(self.layers):
-                v, h = layer(v, h, labels)
-                if str(l) in self.attention:
-                    h = self.attention[str(l)](h)                      # after gated layer l, as ours
-            return self.head(h)                                        # (N, K, h, w)
-
-    return PixelCNN().to(device)
-
-
 def torch_prior_step_fn(prior, codes, labels, device, lr):
     """One PyTorch training step of the same prior (mean cross-entropy, Adam at lr) -> (step,
     loss before any step). That loss is taken in evaluation mode (no dropout), to compare with
     ours at train=False: with dropout the two draw different masks."""
-    net = torch_prior(prior, device)
+    net = torch_modules.mirror(prior).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     codes = torch.tensor(codes, device=device)
     labels = None if labels is None else torch.tensor(labels, device=device)

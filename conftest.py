@@ -8,7 +8,8 @@ or VQVAE_HYPOTHESIS=thorough (many more examples).
 The test files: test_vqvae.py the maths (vqvae.py, vqvae2.py, quantizers.py, vqgan.py, prior.py)
 and the model's input checks; test_audio.py the maths of audio.py (1-D layers, spectral loss,
 codec); test_datasets.py, test_train.py (the command line and the run folder), test_speech.py
-(the codec's run), test_evaluation.py and test_report.py the harness.
+(the codec's run), test_evaluation.py and test_report.py the harness; test_export.py the
+safetensors export and the PyTorch modules (those tests skip without PyTorch).
 """
 import gzip
 import json

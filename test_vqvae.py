@@ -909,7 +909,7 @@ def test_backend_choice_and_errors(monkeypatch):
 @pytest.mark.parametrize("quantizer", ["vq", "ema"])
 def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantizer):
     torch = pytest.importorskip("torch")
-    import bench
+    import torch_modules
     torch.set_default_dtype(torch.float64)
     try:
         # res_hidden 2 <= hidden / 4: the residual blocks' 3x3 convolutions take the col2im form
@@ -918,7 +918,8 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
         x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
         stats = model.forward(x, train=False)
         model.backward()
-        enc, pre, dec, E = bench.torch_model(model, "cpu")
+        net = torch_modules.mirror(model)
+        enc, pre, dec, E = net.encoder, net.pre_quant, net.decoder, net.quantizer.codebook
         E.requires_grad_(quantizer == "vq")
         xt = torch.tensor(x.transpose(0, 3, 1, 2))
         z = pre(enc(xt)).permute(0, 2, 3, 1).reshape(-1, 3)
@@ -950,7 +951,7 @@ def test_prior_loss_and_gradients_equal_its_pytorch_mirror(attention_every):
     """bench.py times the prior against this PyTorch mirror: it must compute the same function.
     Its autograd also checks our hand-written backward of every part, attention included."""
     torch = pytest.importorskip("torch")
-    import bench
+    import torch_modules
     cfg = gated_prior_config(codebook_size=7, channels=8, layers=3, attention_every=attention_every, heads=2,
                         num_classes=3, label_dropout=0.1, dtype="float64", seed=3)
     prior = P.PixelCNN(cfg, device="cpu")
@@ -958,7 +959,7 @@ def test_prior_loss_and_gradients_equal_its_pytorch_mirror(attention_every):
     codes, labels = rng.integers(0, 7, (4, 5, 6)), np.array([0, 1, 2, 3])  # 3: "no class"
     stats = prior.loss(codes, labels)
     prior.backward()
-    net = bench.torch_prior(prior, "cpu")
+    net = torch_modules.mirror(prior)
     loss = torch.nn.functional.cross_entropy(net(torch.tensor(codes), torch.tensor(labels)), torch.tensor(codes))
     loss.backward()
     assert np.isclose(float(loss.detach()), float(stats["loss"]), rtol=1e-12)

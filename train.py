@@ -9,6 +9,7 @@
     python train.py sample --run runs/RUN --temperature 0.8
     python train.py evaluate --run runs/RUN --judge-seed 1   # the sample figures, with another judge
     python train.py report --run runs/RUN           # rebuild report.html
+    python train.py export --run runs/RUN --out model.safetensors   # the weights, for PyTorch (docs/export.md)
 
 The settings are the fields of four dataclasses, each declared once with its help text:
 TrainConfig below (the run), vqvae.Config (the model), prior.PriorConfig (--prior-*) and, for
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import audio
+import export
 import prior as P
 import speech
 import vqvae
@@ -959,7 +961,7 @@ def report_command(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"encode": encode, "decode": decode_command, "sample": sample, "evaluate": evaluate_command,
-                "report": report_command}
+                "report": report_command, "export": export.export_command}
     try:
         if os.environ.get("VQVAE_DEVICE", "auto").strip().lower() not in DEVICES:
             raise UserError(f"VQVAE_DEVICE must be one of {', '.join(DEVICES)}, got {os.environ['VQVAE_DEVICE']!r}")
