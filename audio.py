@@ -435,8 +435,9 @@ WAVE_STD = 0.1  # about the standard deviation of speech samples in [-1, 1]: the
 class CodecConfig:
     """The audio codec's settings (train.py's --codec-* flags with --data fsdd) and its defaults:
     Codec(CodecConfig()) is the codec `python train.py --data fsdd` trains (docs/audio.md)."""
-    channels: int = setting(16, "C: channels of the first convolution, doubled at each downsampling", low=1)
-    strides: tuple = setting((2, 4, 8), "the encoder's strides; their product M is the samples a code frame covers")
+    channels: int = setting(8, "C: channels of the first convolution, doubled at each downsampling", low=1)
+    strides: tuple = setting((2, 4, 4), "the encoder's strides; their product M is the samples a code frame covers "
+                                        "(32: 250 frames a second at 8 kHz, the paper's frame rate at 16 kHz)")
     code_dim: int = setting(64, "D: dimension of a code vector", low=1)
     stages: int = setting(8, "N_q: residual VQ stages (bits per frame: n_q log2 K for the first n_q)", low=1)
     codebook_size: int = setting(256, "K: codes in each stage's codebook", low=2)

@@ -832,7 +832,7 @@ def test_bitrate_is_frames_per_second_times_n_q_log2_k(strides, K, rate, n_q):
     cfg = A.CodecConfig(strides=tuple(strides), codebook_size=K, sample_rate=rate, stages=8)
     assert cfg.hop == math.prod(strides)
     assert math.isclose(cfg.bitrate(n_q), rate / math.prod(strides) * n_q * math.log2(K), rel_tol=1e-12)
-    assert A.CodecConfig().bitrate(1) == 1000.0                        # the default: 8000 / 64 frames/s, 8 bits each
+    assert A.CodecConfig().bitrate(1) == 2000.0                        # the default: 8000 / 32 frames/s, 8 bits each
 
 
 def test_a_float32_codec_keeps_float32_through_a_training_step():
