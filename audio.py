@@ -502,17 +502,10 @@ class Codec:
         self.decoder = Sequential(*up, ELU(), Conv1d(widths[0], 1, 7, padding="same", init=init))
         self.parts = {"encoder": self.encoder, "quantizer": self.quantizer, "decoder": self.decoder}
 
-    @property
-    def params(self):
-        return gather(self.parts, "params")
-
-    @property
-    def grads(self):
-        return gather(self.parts, "grads")
-
-    @property
-    def buffers(self):
-        return gather(self.parts, "buffers")
+    # --- the parts' arrays by name, checkpoints, and the quantizers' state kept on a failed step: as vqvae.VQVAE's
+    params, grads, buffers = VQVAE.params, VQVAE.grads, VQVAE.buffers
+    state_dict, load_state_dict, save, kept_unless_finite = (VQVAE.state_dict, VQVAE.load_state_dict, VQVAE.save,
+                                                             VQVAE.kept_unless_finite)
 
     def check_waves(self, x):
         shape = getattr(x, "shape", None)
@@ -575,10 +568,6 @@ class Codec:
 
     def reconstruct(self, x, n_q=None):
         return self.decode(self.encode(x, n_q))
-
-    # --- checkpoints, and the quantizers' state kept on a failed step: as vqvae.VQVAE's
-    state_dict, load_state_dict, save, kept_unless_finite = (VQVAE.state_dict, VQVAE.load_state_dict, VQVAE.save,
-                                                             VQVAE.kept_unless_finite)
 
     @classmethod
     def load(cls, path, device=None):

@@ -132,18 +132,22 @@ DOWNLOADS = {
 }
 
 
+def fetch(url, instead):
+    """The bytes at url, or one line saying that the download failed and what to do `instead`."""
+    print(f"downloading {url}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.read()
+    except OSError as e:
+        raise UserError(f"could not download {url} ({e}); are you offline? {instead}")
+
+
 def download(dataset, name, folder):
     """Fetch one file over HTTPS into `folder`, verify its SHA-256, then move it into place."""
     base, files = DOWNLOADS[dataset]
     url, dest = base + name, Path(folder) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {url}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            data = r.read()
-    except OSError as e:
-        raise UserError(f"could not download {url} ({e}); are you offline? Put {name} into {folder} "
-                        f"yourself and run again")
+    data = fetch(url, f"Put {name} into {folder} yourself and run again")
     digest = hashlib.sha256(data).hexdigest()
     if digest != files[name]:
         raise UserError(f"{url}: SHA-256 {digest} does not match the expected {files[name]}")
@@ -410,14 +414,8 @@ def fsdd_checksums():
 def download_fsdd(folder):
     """Fetch the release archive and write its recordings/*.wav into `folder`, each by its base name
     only (no member can write elsewhere), after checking every one's SHA-256 and that none is missing."""
-    print(f"downloading {FSDD_URL}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(FSDD_URL, timeout=60) as r:
-            archive = r.read()
-    except OSError as e:
-        raise UserError(f"could not download {FSDD_URL} ({e}); are you offline? Put the recordings "
-                        f"({{digit}}_{{speaker}}_{{index}}.wav) into {folder} yourself, or give --data-dir "
-                        f"the folder that holds them")
+    archive = fetch(FSDD_URL, f"Put the recordings ({{digit}}_{{speaker}}_{{index}}.wav) into {folder} "
+                              f"yourself, or give --data-dir the folder that holds them")
     recordings = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
