@@ -26,7 +26,7 @@ import numpy as np
 
 from quantizers import ResidualVQ
 from settings import SettingError, check, from_dict, setting
-from vqvae import (VQVAE, Sequential, array_module, backend, column_sums, gather, read_checkpoint, step_rng,
+from vqvae import (VQVAE, Sequential, array_module, backend, column_sums, read_checkpoint, step_rng,
                    uniform_init)
 
 
@@ -366,23 +366,29 @@ def mel_filterbank(n_mels, w, rate, fmin=0.0, fmax=None, xp=np, dtype="float64")
     return xp.asarray(np.maximum(0.0, np.minimum(rise, fall)).astype(dtype))
 
 
-def log_mel(x, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5, floor=None):
-    """log(max(P @ mel_filterbank, floor)): x (N, T) -> (N, F, n_mels), P the Hann-windowed power
-    spectrum (stft_power). The floor of a silent band: eps, or per example `floor` (N,) where
-    given (relative_floor). For evaluation: no gradient."""
-    xp = array_module(x)
+def mel_power(x, w=256, hop=64, n_mels=40, rate=8000):
+    """P @ mel_filterbank: x (N, T) -> (N, F, n_mels), P the Hann-windowed power spectrum."""
     P, _ = stft_power(x, w, hop)                                       # (N, F, K)
-    M = P @ mel_filterbank(n_mels, w, rate, xp=xp, dtype=x.dtype)      # (N, F, n_mels)
-    floor = float(eps) if floor is None else xp.asarray(floor, dtype=x.dtype)[:, None, None]
-    return xp.log(xp.maximum(M, floor))
+    return P @ mel_filterbank(n_mels, w, rate, xp=array_module(x), dtype=x.dtype)
+
+
+def floor_below_peak(M, top_db, eps=1e-5):
+    """Per example, top_db below its loudest mel band (and never below eps) -> (N,): what lies
+    further down than that (the recording's noise floor, a codec's faint hiss) is silence."""
+    return array_module(M).maximum(M.max(axis=(1, 2)) * 10 ** (-top_db / 10), eps)
 
 
 def relative_floor(x, top_db, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5):
-    """Per example, top_db below its loudest mel band (and never below eps) -> (N,): what lies
-    further down than that (the recording's noise floor, a codec's faint hiss) is silence."""
-    xp = array_module(x)
-    M = xp.exp(log_mel(x, w, hop, n_mels, rate, eps))                  # (N, F, n_mels), floored at eps
-    return xp.maximum(M.max(axis=(1, 2)) * 10 ** (-top_db / 10), eps)
+    """floor_below_peak of the waveforms x (N, T) -> (N,)."""
+    return floor_below_peak(mel_power(x, w, hop, n_mels, rate), top_db, eps)
+
+
+def log_mel(x, w=256, hop=64, n_mels=40, rate=8000, eps=1e-5, top_db=None):
+    """log(max(mel_power(x), floor)) -> (N, F, n_mels): the floor of a silent band is eps, or with
+    top_db, each example's floor_below_peak. For evaluation: no gradient."""
+    M = mel_power(x, w, hop, n_mels, rate)
+    floor = float(eps) if top_db is None else floor_below_peak(M, top_db, eps)[:, None, None]
+    return array_module(x).log(array_module(x).maximum(M, floor))
 
 
 def log_mel_distance(x_hat, x, w=256, hop=64, n_mels=40, rate=8000, top_db=60.0, eps=1e-5):
@@ -394,9 +400,11 @@ def log_mel_distance(x_hat, x, w=256, hop=64, n_mels=40, rate=8000, top_db=60.0,
     within a frame."""
     if x_hat.shape != x.shape:
         raise ValueError(f"log_mel_distance needs x_hat and x of the same shape, got {x_hat.shape} and {x.shape}")
-    floor = relative_floor(x, top_db, w, hop, n_mels, rate, eps)       # (N,): from the target alone
-    d = log_mel(x_hat, w, hop, n_mels, rate, eps, floor) - log_mel(x, w, hop, n_mels, rate, eps, floor)
-    return array_module(d).abs(d).mean(axis=(1, 2))
+    xp = array_module(x)
+    M_hat, M = mel_power(x_hat, w, hop, n_mels, rate), mel_power(x, w, hop, n_mels, rate)
+    floor = floor_below_peak(M, top_db, eps)[:, None, None]           # from the target alone
+    d = xp.log(xp.maximum(M_hat, floor)) - xp.log(xp.maximum(M, floor))
+    return xp.abs(d).mean(axis=(1, 2))
 
 
 def si_snr(x_hat, x, max_db=100.0):

@@ -124,8 +124,7 @@ def judge_images(waves, rate, offsets=None):
         o = 0 if offsets is None else int(offsets[i])
         w = w[:JUDGE_SAMPLES - o]
         x[i, o:o + len(w)] = w
-    floor = audio.relative_floor(x, TOP_DB, rate=rate, **MEL)
-    return audio.log_mel(x, rate=rate, floor=floor, **MEL)[..., None]
+    return audio.log_mel(x, rate=rate, top_db=TOP_DB, **MEL)[..., None]
 
 
 def perturbed(w, rng):

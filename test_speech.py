@@ -2,7 +2,6 @@
 figures, the judge of spoken digits, what a run leaves, and the command line, on small WAV
 folders written here (never the real recordings)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
