@@ -31,6 +31,7 @@ import audio
 import datasets
 import prior as P
 import speech
+import config
 import train
 import vqvae
 
@@ -272,13 +273,13 @@ def bench_quantizer(device, K, repeat):
 def default_prior_run():
     """The prior that `python train.py` trains with no flags, from the configs' own defaults so
     that the benchmark follows them -> (PriorConfig, batch, grid (h, w), Adam's lr)."""
-    cfg, model_cfg = train.TrainConfig(), vqvae.Config()
+    cfg, model_cfg = config.TrainConfig(), vqvae.Config()
     if cfg.data != "shapes":                                           # the others are downloads
         raise ValueError(f"bench.py reads the default data's image size and classes from the shapes "
                          f"generator, but train.py's default data is now {cfg.data!r}")
     data = datasets.shapes_dataset(n_train=1, n_test=1)                # one image each: the size and classes
     num_classes = data["num_classes"] if cfg.prior_labels else 0
-    prior_cfg = train.prior_configs({}, model_cfg, num_classes, cfg.seed)[0]  # the top-most (or only) level
+    prior_cfg = config.prior_configs({}, model_cfg, num_classes, cfg.seed)[0]  # the top-most (or only) level
     H, W = data["train"].shape[1:3]
     grid = (H // model_cfg.downsample, W // model_cfg.downsample * model_cfg.codes_per_position)
     return prior_cfg, cfg.prior_batch_size, grid, cfg.prior_lr
@@ -351,7 +352,7 @@ def bench_audio(device, repeat, batch=16):
                              [lambda: None] * 2, repeat=repeat)
         rows.append({"channels": C, "T": T, "batch": batch, "conv1d": t1, "conv2d_height_1": t2,
                      "ratio_1d_over_2d": t1["median_s"] / t2["median_s"]})
-    cfg, crop = audio.CodecConfig(), train.TrainConfig(data="fsdd").crop_samples
+    cfg, crop = audio.CodecConfig(), config.TrainConfig(data="fsdd").crop_samples
     codec = audio.Codec(cfg, device=device)
     opt = vqvae.Adam(codec.params, lr=1e-3)
     waves = [rng.standard_normal(crop * 2).astype(np.float32) * 0.1 for _ in range(batch)]

@@ -2,7 +2,7 @@
 
     hidden: int = setting(64, "H: channels of the encoder and decoder", low=2)
 
-Every config of the project (vqvae.Config, prior.PriorConfig, train.TrainConfig,
+Every config of the project (vqvae.Config, prior.PriorConfig, config.TrainConfig,
 evaluation.JudgeConfig) is a dataclass of such fields. check() holds each field to its
 declaration, add_flags() makes a command-line flag of each field with help text (train.py's
 command line), and from_dict() reads a config back from a run's config.json.

@@ -9,21 +9,24 @@ evaluation.py and report.py are for images.
                                         clips to tell the digit (or the speaker)
     write_audio(run, ...)               WAVs of held-out clips and of their reconstructions at each
                                         bitrate; spectrograms.png, originals over reconstructions
+    encode_clips(args), decode_clips    `train.py encode` and `decode` of a speech run: clips -> codes
+                                        (.npz) -> WAV files
 """
 import json
 import math
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 import audio
 import vqvae
-from datasets import batch_indices, write_wav
+from datasets import batch_indices, load_dataset, write_wav
 from evaluation import Judge, JudgeConfig
 from report import image_grid, write_png
-from runs import checkpoint_note, load_model, save_npz
+from runs import READ_ERRORS, UserError, check_output, checkpoint_note, load_model, save_npz, unreadable
 
 
 # -----------------------------------------------------------------------------
@@ -277,3 +280,57 @@ def codec_table(summary):
         lines.append("real held-out clips: " + ", ".join(f"{k[9:]} acc {summary[k + '_real']:.3f}" for k in judged))
     lines.append("codes used per stage: " + " ".join(f"{u:.2f}" for u in summary["codes_used_per_stage"]))
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the codes of clips: `train.py encode` and `decode`
+
+
+def encode_clips(args):
+    """`train.py encode` of a speech run: every clip of the split -> its codes from all stages, in one
+    .npz: 'codes' (N, S, frames), padded with -1 after each clip's 'frames', and 'names'."""
+    model = load_model(Path(args.run) / "checkpoint.npz", audio.Codec, args.device)
+    check_output(args.out, "--out", ".npz", args.force)                # before the data is read
+    data = load_dataset(args.data, args.data_dir)
+    if data.get("sample_rate") != model.cfg.sample_rate:
+        raise UserError(f"{args.data} is not speech at the codec's {model.cfg.sample_rate} Hz")
+    _, codes = reconstruct_clips(model, data[args.split], [])
+    frames = np.array([c.shape[1] for c in codes])
+    padded = np.full((len(codes), model.cfg.stages, frames.max()), -1, np.int16)
+    for i, c in enumerate(codes):
+        padded[i, :, :c.shape[1]] = c
+    save_npz(args.out, {"codes": padded, "frames": frames, "names": np.array(data[f"names_{args.split}"])})
+    print(f"wrote {args.out}: codes {padded.shape} in [0, {model.cfg.codebook_size}) of {len(codes)} clips",
+          file=sys.stderr)
+    return 0
+
+
+def decode_clips(args):
+    """`train.py decode`: the codes of an .npz from `encode_clips` (or a prior) -> a WAV file per clip."""
+    out = Path(args.out)
+    model = load_model(Path(args.run) / "checkpoint.npz", audio.Codec, args.device)
+    if args.stages > model.cfg.stages:
+        raise UserError(f"--stages {args.stages}: the codec has {model.cfg.stages}")
+    try:
+        with np.load(args.codes, allow_pickle=False) as f:
+            codes, frames, names = f["codes"], f["frames"], [str(n) for n in f["names"]]
+    except READ_ERRORS as e:
+        raise unreadable(args.codes, "not codes written by train.py encode (arrays codes, frames, names)", e)
+    if codes.ndim != 3 or len(frames) != len(codes) or len(names) != len(codes) or frames.max() > codes.shape[2]:
+        raise UserError(f"{args.codes}: codes {codes.shape}, frames {frames.shape} and names of {len(names)} "
+                        f"clips do not fit together")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / (Path(n).stem + ".wav") for n in names]
+    if not args.force and (taken := [p for p in paths if p.exists()]):
+        raise UserError(f"--out {out}: {taken[0].name} exists; give --force to write over it, or another folder")
+    n = args.stages or codes.shape[1]
+    for path, c, f in zip(paths, codes, frames):
+        try:
+            wave = vqvae.to_numpy(model.decode(c[None, :n, :f]))[0] * audio.WAVE_STD
+        except ValueError as e:
+            raise UserError(f"{args.codes}: {path.stem}: {e}")
+        write_wav(path, wave, model.cfg.sample_rate)
+    print(f"wrote {len(paths)} WAV files to {out}, decoded from {n} stages", file=sys.stderr)
+    return 0

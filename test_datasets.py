@@ -4,22 +4,17 @@ import gzip
 import hashlib
 import io
 import json
-import struct
 import tarfile
 import wave
-import zipfile
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import datasets as D
 import prior as P
 import runs as R
 import train as T
-import vqvae as V
 from conftest import (seeds, TINY, idx_bytes, write_mnist, mutate, damage)
 
 

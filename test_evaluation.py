@@ -1,11 +1,9 @@
 """evaluation.py: held-out figures, the judge network (its gradients, what it learns), the sample
 metrics' formulas and floors, and `train.py evaluate`."""
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import codes as C
 import datasets as D

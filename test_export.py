@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+import config
 import export as E
 import prior as P
 import runs
@@ -325,7 +326,7 @@ def test_the_default_runs_models_load_strictly_into_torch_modules_and_compute_th
     pytest.importorskip("torch")
     model_cfg = V.Config(levels=levels)
     model = V.make_model(model_cfg, "cpu")
-    priors = [P.PixelCNN(cfg, "cpu") for cfg in T.prior_configs({}, model_cfg, 3, 0)]  # shapes' 3 classes
+    priors = [P.PixelCNN(cfg, "cpu") for cfg in config.prior_configs({}, model_cfg, 3, 0)]  # shapes' 3 classes
     E.write_export(tmp_path / "d.safetensors", model, priors, (32, 32))
     rng = np.random.default_rng(3)
     x = to_model(rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))

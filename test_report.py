@@ -1,12 +1,10 @@
 """report.py: the PNG writer, the charts, and report.html for any run folder, damaged ones too."""
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import report as Rp
 import train as T

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import codes as C
+import config
 import datasets as D
-import evaluation as E
 import prior as P
 import runs as R
 import train as T
@@ -49,10 +49,10 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_data):
     assert [m["step"] for m in metric_lines(run, "prior") if "prior_val_bits_per_code" in m] == [2]
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
         assert int(f["step"]) == 6 and "opt.m.encoder.0.W" in f.files
-    config = json.loads((run / "config.json").read_text())
-    assert config["model"]["codebook_size"] == 16 and config["train"]["steps"] == 6
-    assert config["train"]["seed"] == config["model"]["seed"] == 3 and config["priors"][0]["seed"] == 3
-    assert config["priors"][0]["codebook_size"] == 16 and config["priors"][0]["layers"] == 2
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["codebook_size"] == 16 and saved["train"]["steps"] == 6
+    assert saved["train"]["seed"] == saved["model"]["seed"] == 3 and saved["priors"][0]["seed"] == 3
+    assert saved["priors"][0]["codebook_size"] == 16 and saved["priors"][0]["layers"] == 2
 
 
 # top_K 0: the top codebook has -K 16 codes too; factor and blocks None: the defaults (0.5, 2)
@@ -131,15 +131,15 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, quan
 
 
 def test_prior_learning_rate_warms_up_linearly_then_decays_linearly_to_a_tenth():
-    cfg = T.TrainConfig(prior_lr=4e-3, prior_warmup=4, prior_decay_steps=12)
+    cfg = config.TrainConfig(prior_lr=4e-3, prior_warmup=4, prior_decay_steps=12)
     lrs = [T.prior_lr_at(cfg, s) for s in range(15)]
     np.testing.assert_allclose(lrs[:4], [1e-3, 2e-3, 3e-3, 4e-3])    # (s + 1) / warmup of the peak
     np.testing.assert_allclose(lrs[4:], [4e-4 + 3.6e-3 * (12 - s) / 8 for s in range(4, 12)] + [4e-4] * 3)
-    assert T.prior_lr_at(T.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_decay_steps=5), 0) == 1e-3
-    old = T.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_steps=10)  # a config.json from before: decay_steps 0
+    assert T.prior_lr_at(config.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_decay_steps=5), 0) == 1e-3
+    old = config.TrainConfig(prior_lr=1e-3, prior_warmup=0, prior_steps=10)  # a config.json from before: decay_steps 0
     np.testing.assert_allclose(T.prior_lr_at(old, 5), 1e-3 * (0.1 + 0.9 * 5 / 10))
     with pytest.raises(ValueError, match="prior_warmup must be >= 0"):
-        T.TrainConfig(prior_warmup=-1)
+        config.TrainConfig(prior_warmup=-1)
     stretched = [T.prior_lr_at(cfg, s, scale=3) for s in range(45)]    # a top prior of 3 times the steps
     np.testing.assert_allclose(stretched[2:12:3], lrs[:4])             # warm-up: 12 steps, to the peak at step 11
     np.testing.assert_allclose(stretched[12::3], lrs[4:])              # decay: to a tenth at step 36
@@ -182,18 +182,18 @@ def test_prior_layers_and_attention_defaults_depend_on_the_levels(tmp_path):
                             (["--levels", "2", "--prior-layers", "4"], [(4, 4), (4, 0)])]:
         argv = ["--out", str(tmp_path / "run"), *flags]
         _, model_cfg, settings, _, _ = T.configs_from_args(parser.parse_args(argv))
-        priors = T.prior_configs(settings, model_cfg, num_classes=3, seed=0)
+        priors = config.prior_configs(settings, model_cfg, num_classes=3, seed=0)
         assert [(p.layers, p.attention_every) for p in priors] == expected, flags
         assert len(P.PixelCNN(priors[0]).attention) == (priors[0].layers // priors[0].attention_every
                                                         if priors[0].attention_every else 0)
 
 
 def test_steps_batch_and_adam_defaults_follow_the_data_and_adversarial(tmp_path):
-    """One table each (train.STEPS, BATCH, BETAS, LR, JUDGE_STEPS): images 3000 steps of 32 with
+    """One table each (config.STEPS, BATCH, BETAS, LR, JUDGE_STEPS): images 3000 steps of 32 with
     Adam (0.9, 0.999) at 1e-3 and a judge of 1500 steps; --adversarial twice the steps with VQGAN's
     (0.5, 0.9); speech the codec's steps, batch, rate and judges. Explicit flags win."""
     parser = T.build_parser()
-    audio_row = (T.STEPS["audio"], T.BATCH["audio"], 0.9, 0.999, T.LR["audio"], T.JUDGE_STEPS["audio"])
+    audio_row = (config.STEPS["audio"], config.BATCH["audio"], 0.9, 0.999, config.LR["audio"], config.JUDGE_STEPS["audio"])
     for flags, expected in [([], (3000, 32, 0.9, 0.999, 1e-3, 1500)), (["--adversarial"], (6000, 32, 0.5, 0.9, 1e-3, 1500)),
                             (["--data", "fsdd"], audio_row),
                             (["--adversarial", "--steps", "10", "--batch-size", "4", "--adam-beta1", "0.7", "--lr", "0.01",
@@ -212,8 +212,8 @@ def test_cli_runs_encodes_and_samples_with_every_quantizer(tmp_path, tiny_data, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["quantizer"] == quantizer and 0 < summary["codes_used"] <= 1
     assert 1 <= summary["perplexity"] <= K and np.isfinite(summary["prior_val_bits_per_code"])
-    config = json.loads((run / "config.json").read_text())
-    assert config["priors"][0]["codebook_size"] == K                   # the prior models the codes the quantizer emits
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["priors"][0]["codebook_size"] == K                   # the prior models the codes the quantizer emits
     S = 3 if quantizer == "rvq" else 1
     out = tmp_path / "codes.npy"
     assert T.main(["encode", "--run", str(run), "--data", tiny_data, "--out", str(out)]) == 0
@@ -574,24 +574,24 @@ def test_damaged_run_configs_load_or_give_a_user_error(finished_run, tmp_path_fa
     elif kind == "json":
         text = json.dumps(value).encode()
     else:
-        config = json.loads(good)
+        saved = json.loads(good)
         section = ["train", "model"][seed % 2]
-        key = sorted(config[section])[seed % len(config[section])]
-        config[section][key] = value
-        text = json.dumps(config).encode()
+        key = sorted(saved[section])[seed % len(saved[section])]
+        saved[section][key] = value
+        text = json.dumps(saved).encode()
     (run / "config.json").write_bytes(text)
     try:
-        cfg, model_cfg, priors = T.saved_configs(run)
+        cfg, model_cfg, priors = config.saved_configs(run)
     except R.UserError:
         return
-    assert isinstance(cfg, T.TrainConfig) and len(priors) == model_cfg.levels
+    assert isinstance(cfg, config.TrainConfig) and len(priors) == model_cfg.levels
 
 
 @given(kind=damage, seed=seeds, which=st.sampled_from(["checkpoint.npz", "prior.npz"]))
 def test_damaged_checkpoints_load_or_give_a_user_error(finished_run, tmp_path_factory, kind, seed, which):
     path = tmp_path_factory.mktemp("ckpt") / which
     path.write_bytes(mutate((finished_run / which).read_bytes(), kind, seed))
-    cfg, model_cfg, priors = T.saved_configs(finished_run)
+    cfg, model_cfg, priors = config.saved_configs(finished_run)
     model = V.make_model(model_cfg) if which == "checkpoint.npz" else P.PixelCNN(priors[0])
     for load in (lambda: R.load_checkpoint(path, model, V.Adam(model.params)),
                  lambda: R.load_model(path, type(model), "cpu")):
@@ -638,7 +638,7 @@ def test_class_conditional_runs_train_with_label_dropout_and_sample_with_guidanc
         out = tmp_path / "s.npz"
         assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--per-row", "3", "--force", *flags]) == 0
         return np.load(out, allow_pickle=False)["codes"]
-    np.testing.assert_array_equal(codes(), codes("--guidance", str(T.GUIDANCE)))  # the default for such a prior
+    np.testing.assert_array_equal(codes(), codes("--guidance", str(config.GUIDANCE)))  # the default for such a prior
     assert not np.array_equal(codes("--guidance", "1"), codes("--guidance", "4"))
     capsys.readouterr()
     assert T.main(["sample", "--run", str(run), "--guidance", "-1"]) == 1
@@ -674,10 +674,10 @@ def test_an_adversarial_run_keeps_its_discriminator_in_the_checkpoint_and_refuse
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: T.TrainConfig(lr=float("inf")), "lr must be a finite number, got inf"),
-    (lambda: T.TrainConfig(temperature=-1), "temperature must be >= 0, got -1.0"),
-    (lambda: T.TrainConfig(steps=0), "steps must be >= 1, got 0"),
-    (lambda: T.TrainConfig(stage="both"), "stage must be one of vqvae, prior, all, got 'both'"),
+    (lambda: config.TrainConfig(lr=float("inf")), "lr must be a finite number, got inf"),
+    (lambda: config.TrainConfig(temperature=-1), "temperature must be >= 0, got -1.0"),
+    (lambda: config.TrainConfig(steps=0), "steps must be >= 1, got 0"),
+    (lambda: config.TrainConfig(stage="both"), "stage must be one of vqvae, prior, all, got 'both'"),
 ])
 def test_train_settings_are_refused_with_their_name_value_and_what_is_allowed(make, message):
     with pytest.raises(ValueError, match=message):
@@ -686,7 +686,7 @@ def test_train_settings_are_refused_with_their_name_value_and_what_is_allowed(ma
 
 def test_two_level_priors_model_the_top_and_the_bottom_codebook():
     cfg = tiny_config(levels=2, codebook_size=16, top_codebook_size=4)
-    priors = T.prior_configs(dict(channels=4, layers=2, kernel=3, heads=1, dropout=0.0, attention_every=1),
+    priors = config.prior_configs(dict(channels=4, layers=2, kernel=3, heads=1, dropout=0.0, attention_every=1),
                              cfg, num_classes=0, seed=0)
     assert [p.codebook_size for p in priors] == [4, 16] and priors[1].cond_codebook_size == 4
     assert [p.attention_every for p in priors] == [1, 0] and [p.cond_blocks for p in priors] == [0, 2]
@@ -695,17 +695,17 @@ def test_two_level_priors_model_the_top_and_the_bottom_codebook():
 def test_a_config_from_before_the_bottom_prior_factor_trains_its_priors_as_it_did():
     """--top-prior-factor M (the top prior M times --prior-steps) became --bottom-prior-factor 1/M
     of M times the steps: each prior's steps, warm-up and decay are what they were."""
-    cfg = T.TrainConfig.from_dict({"prior_steps": 3000, "prior_warmup": 300, "prior_decay_steps": 3000,
+    cfg = config.TrainConfig.from_dict({"prior_steps": 3000, "prior_warmup": 300, "prior_decay_steps": 3000,
                                    "top_prior_factor": 2})
     assert (cfg.prior_steps, cfg.prior_warmup, cfg.prior_decay_steps, cfg.bottom_prior_factor) == (6000, 600, 6000, 0.5)
     model = V.make_model(tiny_config(levels=2))
     assert T.prior_steps(cfg, model, "top_prior") == (6000, 1) and T.prior_steps(cfg, model, "prior") == (3000, 0.5)
     old = dict(prior_lr=2e-3, prior_warmup=300, prior_decay_steps=3000, prior_steps=3000)
     for step in (0, 299, 300, 1000, 2999, 3000, 5999):                 # the old schedule: the top's scaled by 2
-        top_then = T.prior_lr_at(T.TrainConfig(**old), step, 2)
-        bottom_then = T.prior_lr_at(T.TrainConfig(**old), step, 1)
+        top_then = T.prior_lr_at(config.TrainConfig(**old), step, 2)
+        bottom_then = T.prior_lr_at(config.TrainConfig(**old), step, 1)
         assert T.prior_lr_at(cfg, step, 1) == top_then and T.prior_lr_at(cfg, step, 0.5) == bottom_then
-    assert T.TrainConfig.from_dict({"top_prior_factor": 1}).bottom_prior_factor == 1.0
+    assert config.TrainConfig.from_dict({"top_prior_factor": 1}).bottom_prior_factor == 1.0
 
 
 # -----------------------------------------------------------------------------

@@ -6,19 +6,16 @@ Hypothesis's profiles and the gradient checks: conftest.py.
 """
 import json
 import math
-import os
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
 import prior as P
 import quantizers as Q
 import vqgan as G
 import vqvae as V
-import vqvae2 as V2
 from conftest import (seeds, f64_init, numerical_grad, rel_error, check_layer_grads, check_sampled_grads, tiny_config)
 
 

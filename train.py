@@ -12,9 +12,9 @@
     python train.py export --run runs/RUN --out model.safetensors   # the weights, for PyTorch (docs/export.md)
 
 The settings are the fields of four dataclasses, each declared once with its help text:
-TrainConfig below (the run), vqvae.Config (the model), prior.PriorConfig (--prior-*) and, for
-speech, audio.CodecConfig (--codec-*). The
-command line is built from them, so `python train.py --help` lists every field that is a flag.
+config.TrainConfig (the run), vqvae.Config (the model), prior.PriorConfig (--prior-*) and, for
+speech, audio.CodecConfig (--codec-*). The command line is built from them, so
+`python train.py --help` lists every field that is a flag.
 """
 import json
 import math
@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections import namedtuple
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,123 +34,14 @@ import speech
 import vqvae
 import vqgan
 from codes import encode_all, level_names, prior_grid, prior_training_set
-from datasets import AUDIO, MIRROR_INVARIANT, batch_indices, load_dataset, pad_to_multiple, to_model, write_wav
+from config import DEVICES, DISC_BETAS, JUDGE_STEPS, TrainConfig, prior_configs, sampling_rule, saved_configs
+from datasets import AUDIO, batch_indices, load_dataset, pad_to_multiple, to_model
 from evaluation import evaluate, evaluate_prior, evaluate_samples, evaluation_table, perceptual_network
 from report import draw_samples, recon_grid, write_png, write_recon_pictures, write_report
-from runs import (READ_ERRORS, CtrlC, Interrupted, RunLock, UserError, check_output, fingerprint, load_checkpoint, load_model, load_trained,
-                  make_run_folder, read_json, read_summary, repair_metrics, save_checkpoint, save_json, save_npy,
-                  save_npz, unreadable)
-from settings import ArgumentParser, SettingError, add_flags, check, check_value, flag, flag_message, from_dict, setting
-
-STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
-GUIDANCE = 1.5            # the guidance of a prior trained with label dropout, unless --guidance (docs/prior.md)
-DISC_BETAS = (0.5, 0.9)   # the discriminator's Adam: VQGAN's (for both its networks), the usual beta1 of GANs
-STEPS = {"images": 3000, "adversarial": 6000,  # training steps of the VQ-VAE (docs/decoder.md) ...
-         "audio": 2000}                          # ... and of the audio codec (docs/audio.md)
-BATCH = {"images": 32, "audio": 16}     # a step's images, or clips of --crop-samples
-LR = {"images": 1e-3, "audio": 3e-3}    # Adam's learning rate (docs/audio.md: the codec learns faster at 3e-3)
-JUDGE_STEPS = {"images": 1500, "audio": 1000}  # the judge's training steps (each of speech's two judges)
-BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam: Kingma & Ba's; VQGAN's
-VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top prior, attention after every 4th ...
-                 {"layers": 8, "attention_every": 0})    # ... and the bottom prior, given the top codes (docs/vqvae2.md)
-
-
-# -----------------------------------------------------------------------------
-# config
-
-
-@dataclass
-class TrainConfig:
-    """The run's settings. resumable: may be given again with --resume (the step counts upwards only)."""
-    # the run
-    data: str = setting("shapes", "shapes (32 x 32 scenes), shapes64 (64 x 64), mnist, fashion-mnist, cifar10, "
-                                  "PATH.npy|PATH.npz (uint8 images; an .npz with train, test and optionally "
-                                  "train_labels, test_labels), or fsdd (spoken digits: the audio codec)")
-    data_dir: str = setting("data", "where dataset files are found or downloaded to")
-    stage: str = setting("all", "vqvae, prior (needs --resume) or all: the VQ-VAE, then the prior over its codes",
-                         choices=STAGES, resumable=True)
-    seed: int = setting(0, "seed of the data order, the initialisation and the samples", low=0)
-    device: str = setting("auto", "cpu, gpu (needs CuPy) or auto", choices=DEVICES, resumable=True)
-    log_every: int = setting(50, "steps between progress lines", low=1, resumable=True)
-    eval_every: int = setting(500, "steps between held-out evaluations, pictures and checkpoints", low=1,
-                              resumable=True)
-    # the VQ-VAE's training
-    steps: int = setting(None, f"VQ-VAE training steps (default {STEPS['images']}, with --adversarial "
-                               f"{STEPS['adversarial']}; the audio codec's: {STEPS['audio']})", low=1, resumable=True)
-    batch_size: int = setting(None, f"images per VQ-VAE step (default {BATCH['images']}), or the codec's clips "
-                                    f"(default {BATCH['audio']})", low=1)
-    crop_samples: int = setting(2048, "speech: samples of each training clip, cut at a random place", low=1)
-    lr: float = setting(None, f"the VQ-VAE's Adam learning rate (default {LR['images']}; the codec's {LR['audio']})",
-                        above=0)
-    adam_beta1: float = setting(None, f"the VQ-VAE's Adam beta1 (default {BETAS['plain'][0]}; with --adversarial "
-                                      f"VQGAN's {BETAS['adversarial'][0]}) ...", low=0, below=1)
-    adam_beta2: float = setting(None, f"... and beta2 ({BETAS['plain'][1]}; VQGAN's {BETAS['adversarial'][1]})",
-                                low=0, below=1)
-    # VQGAN's losses (vqgan.py, docs/adversarial.md, docs/decoder.md)
-    l1_weight: float = setting(0.0, "a: weight of an L1 term beside the squared error", low=0)
-    perceptual_weight: float = setting(0.0, "b: weight of a perceptual term, in the features of a network trained on "
-                                            "the training images to tell their rotation (not the judge)", low=0)
-    perceptual_steps: int = setting(1500, "training steps of that network", low=1)
-    adversarial: bool = setting(False, "train the VQ-VAE against a patch discriminator as well (VQGAN), with VQGAN's "
-                                       "Adam betas and twice the steps by default: the sharp decoder (docs/decoder.md)")
-    disc_start: int = setting(500, "the VQ-VAE step at which the discriminator starts, trained and used", low=0)
-    disc_weight: float = setting(0.8, "w: the adversarial term's weight, times the adaptive lambda", low=0)
-    disc_layers: int = setting(2, "stride-2 convolutions of the discriminator", low=1)
-    disc_width: int = setting(16, "channels of its first convolution (then twice as many a layer, at most 8x)", low=1)
-    disc_lr: float = setting(1e-3, "the discriminator's Adam learning rate", above=0)
-    # the priors' training (docs/prior.md)
-    prior_steps: int = setting(6000, "prior training steps (two levels: the top prior's)", low=1, resumable=True)
-    prior_batch_size: int = setting(8, "code grids per prior step", low=1)
-    prior_lr: float = setting(2e-3, "the prior's peak Adam learning rate, reached after ...", above=0)
-    prior_warmup: int = setting(600, "... a linear warm-up over this many steps, then decayed linearly ...", low=0)
-    prior_decay_steps: int = setting(0, "... to a tenth of it at this step (0: at --prior-steps)", low=0)
-    bottom_prior_factor: float = setting(0.5, "two levels: the bottom prior trains this share of --prior-steps, its "
-                                              "warm-up and decay alike", above=0, only=("levels", (2,)), resumable=True)
-    prior_labels: bool = setting(True, "condition the prior on the class labels, where the data has them")
-    prior_flip: bool = setting(None, "also train the prior on the codes of horizontally mirrored training images "
-                                     f"(default: on for {', '.join(MIRROR_INVARIANT)}, whose classes a mirror keeps)")
-    # the samples drawn at the end (and by `sample` and `evaluate`)
-    temperature: float = setting(1.0, f"below 1: safer samples; 0: the most likely code (else at least "
-                                      f"{P.TEMPERATURE_MIN})", low=0, resumable=True)
-    top_k: int = setting(0, "sample from the k most likely codes only (0: all)", low=0, resumable=True)
-    top_p: float = setting(1.0, "sample from the fewest most likely codes whose probability reaches p (nucleus; "
-                                "1: all)", above=0, high=1, resumable=True)
-    guidance: float = setting(None, "classifier-free guidance s of a prior trained with label dropout (1: none; "
-                                    f"default: {GUIDANCE} for such a prior, else 1)", low=0, high=P.GUIDANCE_MAX,
-                              resumable=True)
-    # the evaluation at the end (evaluation.py, docs/evaluation.md)
-    evaluate: bool = setting(True, "measure the samples and reconstructions with a judge network", resumable=True)
-    judge_steps: int = setting(None, f"training steps of the evaluation's judge (default {JUDGE_STEPS['images']}; "
-                                     f"each of speech's two: {JUDGE_STEPS['audio']})", low=1, resumable=True)
-    two_sample_steps: int = setting(600, "training steps of each two-sample test's classifier (0: no test)", low=0,
-                                    resumable=True)
-    eval_images: int = setting(1000, "held-out images measured, and as many samples", low=2, resumable=True)
-
-    def __post_init__(self):
-        kind = "audio" if self.data in AUDIO else "images"
-        self.steps = STEPS["adversarial" if self.adversarial and kind == "images" else kind] if self.steps is None \
-            else self.steps
-        betas = BETAS["adversarial" if self.adversarial else "plain"]
-        self.adam_beta1 = betas[0] if self.adam_beta1 is None else self.adam_beta1
-        self.adam_beta2 = betas[1] if self.adam_beta2 is None else self.adam_beta2
-        self.batch_size = BATCH[kind] if self.batch_size is None else self.batch_size
-        self.lr = LR[kind] if self.lr is None else self.lr
-        self.judge_steps = JUDGE_STEPS[kind] if self.judge_steps is None else self.judge_steps
-        if self.prior_flip is None:
-            self.prior_flip = self.data in MIRROR_INVARIANT
-        check(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        """From a run's config.json, older ones too: --top-prior-factor M (the top prior trained M
-        times --prior-steps) is now --prior-steps M times as large and --bottom-prior-factor 1/M."""
-        d = dict(d)
-        M = d.pop("top_prior_factor", None)
-        if M is not None and "bottom_prior_factor" not in d:
-            for key in ("prior_steps", "prior_warmup", "prior_decay_steps"):
-                d[key] = d.get(key, getattr(cls, key, 0)) * M
-            d["bottom_prior_factor"] = 1 / M
-        return from_dict(cls, d)
+from runs import (CtrlC, Interrupted, RunLock, UserError, check_output, fingerprint, load_checkpoint,
+                  load_model, load_trained, make_run_folder, read_summary, repair_metrics, save_checkpoint, save_json,
+                  save_npy, save_npz)
+from settings import ArgumentParser, SettingError, add_flags, check_value, flag, flag_message
 
 
 # -----------------------------------------------------------------------------
@@ -615,7 +506,7 @@ def merge_summary(before, summary, stage, stale):
 # the command line, built from the settings' declarations
 
 
-SECTIONS = ((TrainConfig, "", "the run, training, sampling and evaluation (train.TrainConfig)"),
+SECTIONS = ((TrainConfig, "", "the run, training, sampling and evaluation (config.TrainConfig)"),
             (vqvae.Config, "", "the model (vqvae.Config; the descendants' quantizers: quantizers.py)"),
             (P.PriorConfig, "prior_", "the prior (prior.PriorConfig)"),
             (audio.CodecConfig, "codec_", "speech, --data fsdd: the audio codec (audio.CodecConfig)"))
@@ -699,77 +590,6 @@ def resumed_configs(run, given):
     return cfg, model_cfg, priors, run, True
 
 
-def saved_configs(run):
-    """(TrainConfig, vqvae.Config, PriorConfigs) of a run folder's config.json, each checked."""
-    path = run / "config.json"
-    if not run.is_dir():
-        raise UserError(f"{run}: not a run folder" + (" (no such folder)" if not run.exists() else ""))
-    try:
-        saved = read_json(path, "run config")
-    except FileNotFoundError:
-        raise UserError(f"{run}: not a run folder (no config.json)")
-    try:
-        if isinstance(saved.get("train"), dict) and isinstance(saved.get("codec"), dict):  # a run of the audio codec
-            return TrainConfig.from_dict(saved["train"]), audio.CodecConfig.from_dict(saved["codec"]), []
-        if not (isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict)
-                and isinstance(saved.get("priors"), list) and all(isinstance(p, dict) for p in saved["priors"])):
-            raise ValueError("expected objects 'train' and 'model' and a list of objects 'priors'")
-        cfg, model_cfg = TrainConfig.from_dict(saved["train"]), vqvae.Config.from_dict(saved["model"])
-        if len(saved["priors"]) != model_cfg.levels:
-            raise ValueError(f"{len(saved['priors'])} prior configs for a model of {model_cfg.levels} level(s)")
-        priors = [P.PriorConfig.from_dict(p) for p in saved["priors"]]
-        if [p.codebook_size for p in priors] != model_cfg.level_num_codes:
-            raise ValueError(f"the priors' codebook sizes {[p.codebook_size for p in priors]} differ from the "
-                             f"model's codes per level {model_cfg.level_num_codes}")
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{path}: unreadable run config ({e})")
-    return cfg, model_cfg, priors
-
-
-def prior_configs(settings, model_cfg, num_classes, seed):
-    """One PriorConfig per level, coarsest first, from the --prior-* flags given (`settings`) and
-    PriorConfig's defaults. Two levels (VQ-VAE-2): VQVAE2_PRIORS' layers, attention in the top
-    prior only (the flag sets the top one's), and a bottom prior conditioned on the top codes,
-    each of which covers 2 x 2 bottom positions, through residual blocks (its conditioning stack)."""
-    if settings.get("label_dropout", 0) > 0 and not num_classes:
-        raise UserError(f"--prior-label-dropout {settings['label_dropout']} drops the class of a class-conditional "
-                        f"prior; this prior has no classes (--no-prior-labels, or data without labels)")
-    K = model_cfg.level_num_codes                                      # coarsest first
-    base = dict(num_classes=num_classes, dtype=model_cfg.dtype)
-    if model_cfg.levels == 1:
-        return [P.PriorConfig(**base, **settings, codebook_size=K[0], seed=seed)]
-    top = {**VQVAE2_PRIORS[0], **{k: v for k, v in settings.items() if k != "cond_blocks"}}
-    bottom = {**VQVAE2_PRIORS[1], **{k: v for k, v in settings.items() if k != "attention_every"}}
-    return [P.PriorConfig(**base, **top, codebook_size=K[0], seed=seed),
-            P.PriorConfig(**base, **bottom, codebook_size=K[1], seed=seed + 1, cond_codebook_size=K[0],
-                          cond_channels=bottom.get("channels", P.PriorConfig.channels), cond_upsample=2)]
-
-
-def sampling_rule(settings, prior_cfgs):
-    """temperature, top_k, top_p and guidance of a TrainConfig or of parsed flags, checked against
-    their declarations and the PriorConfigs of the priors that will sample -> prior.sample's
-    keywords. Guidance not given: GUIDANCE when every prior was trained with label dropout (it
-    knows the grids without a class), else 1 (none)."""
-    rule = {}
-    for f in fields(TrainConfig):
-        if f.name in ("temperature", "top_k", "top_p", "guidance"):
-            v = getattr(settings, f.name)
-            try:
-                rule[f.name] = f.default if v is None else check_value(f, v)
-            except SettingError as e:
-                raise UserError(flag_message(e))
-    if 0 < rule["temperature"] < P.TEMPERATURE_MIN:
-        raise UserError(f"--temperature {rule['temperature']:g} overflows the logits: give 0 (the most likely code) "
-                        f"or at least {P.TEMPERATURE_MIN}")
-    guided = bool(prior_cfgs) and all(c.label_dropout > 0 for c in prior_cfgs)
-    if rule["guidance"] is None:
-        rule["guidance"] = GUIDANCE if guided else 1.0
-    elif rule["guidance"] != 1 and prior_cfgs and not guided:
-        raise UserError(f"--guidance {rule['guidance']} needs a class-conditional prior trained with "
-                        f"--prior-label-dropout > 0; this run's prior{'s were' if len(prior_cfgs) > 1 else ' was'} not")
-    return rule
-
-
 # -----------------------------------------------------------------------------
 # the subcommands: the tokenizer, the sampler, the evaluation, the report
 
@@ -809,7 +629,7 @@ def encode(argv):
                                                          "each clip's 'frames', and 'names'")),
                       ("--force", dict(action="store_true", help="write over --out if it exists"))).parse_args(argv)
     if is_speech_run(Path(args.run)):
-        return encode_clips(args)
+        return speech.encode_clips(args)
     model = load_model(Path(args.run) / "checkpoint.npz", vqvae.VQVAE, args.device)
     check_output(args.out, "--out", ".npy" if model.cfg.levels == 1 else ".npz", args.force)  # before the data is read
     images = load_dataset(args.data, args.data_dir)[args.split]
@@ -831,61 +651,17 @@ def is_speech_run(run):
     return isinstance(saved_configs(run)[1], audio.CodecConfig)
 
 
-def encode_clips(args):
-    """`encode` for speech: every clip of the split -> its codes from all stages, in one .npz."""
-    model = load_model(Path(args.run) / "checkpoint.npz", audio.Codec, args.device)
-    check_output(args.out, "--out", ".npz", args.force)                # before the data is read
-    data = load_dataset(args.data, args.data_dir)
-    if data.get("sample_rate") != model.cfg.sample_rate:
-        raise UserError(f"{args.data} is not speech at the codec's {model.cfg.sample_rate} Hz")
-    _, codes = speech.reconstruct_clips(model, data[args.split], [])
-    frames = np.array([c.shape[1] for c in codes])
-    padded = np.full((len(codes), model.cfg.stages, frames.max()), -1, np.int16)
-    for i, c in enumerate(codes):
-        padded[i, :, :c.shape[1]] = c
-    save_npz(args.out, {"codes": padded, "frames": frames, "names": np.array(data[f"names_{args.split}"])})
-    print(f"wrote {args.out}: codes {padded.shape} in [0, {model.cfg.codebook_size}) of {len(codes)} clips",
-          file=sys.stderr)
-    return 0
-
-
 def decode_command(argv):
-    """Speech: codes written by `encode` (or a prior) -> a WAV file per clip."""
+    """Speech: codes written by `encode` (or a prior) -> a WAV file per clip (speech.decode_clips)."""
     args = subcommand("decode", "Decode a speech run's codes to WAV files.",
                       ("--codes", dict(required=True, help="an .npz from `train.py encode`")),
                       ("--stages", dict(type=int, default=0, help="decode from the first n stages only (0: all)")),
                       ("--out", dict(required=True, help="the folder to write <name>.wav into (made if absent)")),
                       ("--force", dict(action="store_true", help="write over WAV files there"))).parse_args(argv)
-    run, out = Path(args.run), Path(args.out)
-    if not is_speech_run(run):
-        raise UserError(f"{run}: decode turns a speech run's codes into WAV files; this run is of images")
-    model = load_model(run / "checkpoint.npz", audio.Codec, args.device)
+    if not is_speech_run(Path(args.run)):
+        raise UserError(f"{args.run}: decode turns a speech run's codes into WAV files; this run is of images")
     at_least(args, stages=0)
-    if args.stages > model.cfg.stages:
-        raise UserError(f"--stages {args.stages}: the codec has {model.cfg.stages}")
-    try:
-        with np.load(args.codes, allow_pickle=False) as f:
-            codes, frames, names = f["codes"], f["frames"], [str(n) for n in f["names"]]
-    except READ_ERRORS as e:
-        raise unreadable(args.codes, "not codes written by train.py encode (arrays codes, frames, names)", e)
-    if codes.ndim != 3 or len(frames) != len(codes) or len(names) != len(codes) or frames.max() > codes.shape[2]:
-        raise UserError(f"{args.codes}: codes {codes.shape}, frames {frames.shape} and names of {len(names)} "
-                        f"clips do not fit together")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / (Path(n).stem + ".wav") for n in names]
-    if not args.force and (taken := [p for p in paths if p.exists()]):
-        raise UserError(f"--out {out}: {taken[0].name} exists; give --force to write over it, or another folder")
-    n = args.stages or codes.shape[1]
-    for path, c, f in zip(paths, codes, frames):
-        try:
-            wave = vqvae.to_numpy(model.decode(c[None, :n, :f]))[0] * audio.WAVE_STD
-        except ValueError as e:
-            raise UserError(f"{args.codes}: {path.stem}: {e}")
-        write_wav(path, wave, model.cfg.sample_rate)
-    print(f"wrote {len(paths)} WAV files to {out}, decoded from {n} stages", file=sys.stderr)
-    return 0
+    return speech.decode_clips(args)
 
 
 def sample(argv):
