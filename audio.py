@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prior import Embedding
 from quantizers import ResidualVQ
 from settings import SettingError, check, from_dict, setting
 from vqvae import (VQVAE, Sequential, array_module, backend, column_sums, read_checkpoint, step_rng,
@@ -457,6 +458,10 @@ class CodecConfig:
     wave_weight: float = setting(1.0, "weight of the squared error on the waveform", low=0)
     spectral_weight: float = setting(1.0, "weight of the multi-scale spectral loss", low=0)
     spectral_windows: tuple = setting((64, 128, 256, 512), "its STFT window sizes (hop: a quarter)")
+    speaker_conditioning: bool = setting(True, "the decoder also takes the speaker, an embedding added to its input, "
+                                               "so that a clip's codes decode in another voice (train.py decode "
+                                               "--speaker); where the data names its speakers")
+    speakers: tuple = setting((), absent=())   # their names, from the data: the decoder takes one of them (() none)
     sample_rate: int = setting(8000, low=1)                            # from the data
     dtype: str = setting("float32", choices=("float32", "float64"))
     seed: int = setting(0, low=0)                                      # the parameters' initialisation
@@ -469,9 +474,22 @@ class CodecConfig:
                     isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) and s >= 1 for s in v)):
                 raise SettingError(name, f"{name} must be positive integers, got {v!r}")
             setattr(self, name, tuple(int(s) for s in v))
+        if not (isinstance(self.speakers, (tuple, list)) and all(isinstance(s, str) for s in self.speakers)):
+            raise SettingError("speakers", f"speakers must be names, got {self.speakers!r}")
+        self.speakers = tuple(self.speakers)
         if any(w % 4 for w in self.spectral_windows):
             raise SettingError("spectral_windows", f"spectral_windows must be multiples of 4 (hop: a quarter), "
                                                    f"got {self.spectral_windows}")
+
+    @property
+    def levels(self):
+        """One level of codes (its stages side by side in the prior's grid), as vqvae.Config counts them."""
+        return 1
+
+    @property
+    def level_num_codes(self):
+        """K of each level, as vqvae.Config gives it to the priors."""
+        return [self.codebook_size]
 
     @property
     def hop(self):
@@ -509,6 +527,10 @@ class Codec:
             up += up_block(c_in, c_out, s, init)
         self.decoder = Sequential(*up, ELU(), Conv1d(widths[0], 1, 7, padding="same", init=init))
         self.parts = {"encoder": self.encoder, "quantizer": self.quantizer, "decoder": self.decoder}
+        if cfg.speakers:                                               # a vector per speaker, added to every frame
+            self.speaker = Embedding(len(cfg.speakers), cfg.code_dim, init=init)  # of the decoder's input (the
+            self.speaker.params["table"][...] = 0                      # paper's section 4.3); zero: at first the
+            self.parts["speaker"] = self.speaker                       # codec decodes as one without speakers
 
     # --- the parts' arrays by name, checkpoints, and the quantizers' state kept on a failed step: as vqvae.VQVAE's
     params, grads, buffers = VQVAE.params, VQVAE.grads, VQVAE.buffers
@@ -524,6 +546,27 @@ class Codec:
             raise ValueError(f"expected float waveforms on the model's scale (samples / {WAVE_STD}), got {x.dtype}")
         return self.xp.asarray(x, dtype=self.cfg.dtype)
 
+    def check_speakers(self, speakers, N):
+        """The speakers (N,) of a batch, indices into cfg.speakers: required where the decoder takes them."""
+        S = len(self.cfg.speakers)
+        if not S:
+            if speakers is not None:
+                raise ValueError("this codec's decoder takes no speaker (it was trained without speaker_conditioning)")
+            return None
+        shape = getattr(speakers, "shape", None)
+        if shape != (N,) or not np.issubdtype(speakers.dtype, np.integer):
+            raise ValueError(f"expected a speaker index for each of the {N} clips, an integer array of shape ({N},), "
+                             f"got {shape if shape is not None else type(speakers).__name__}")
+        if N and not (0 <= int(speakers.min()) and int(speakers.max()) < S):
+            raise ValueError(f"speakers must lie in [0, {S}) ({', '.join(self.cfg.speakers)}), got "
+                             f"[{int(speakers.min())}, {int(speakers.max())}]")
+        return self.xp.asarray(speakers)
+
+    def decoder_input(self, z_q, speakers):
+        """z_q (N, T/M, D), plus each clip's speaker vector on every frame where the decoder takes one."""
+        speakers = self.check_speakers(speakers, z_q.shape[0])
+        return z_q if speakers is None else z_q + self.speaker.forward(speakers)[:, None, :]
+
     # --- training
     def dropout_stages(self, seed, step):
         """Quantizer dropout: the n_q of a training step, uniform in [1, N_q], a function of (seed, step)."""
@@ -531,11 +574,11 @@ class Codec:
             return self.cfg.stages
         return int(step_rng((seed, 7), step).integers(1, self.cfg.stages + 1))
 
-    def forward(self, x, train=True, n_q=None):
+    def forward(self, x, train=True, n_q=None, speakers=None):
         x = self.check_waves(x)
         z_e = self.encoder.forward(x[:, :, None])                      # (N, T/M, D)
         z_q, vq = self.quantizer.forward(z_e[:, None], train, n_q)     # ResidualVQ takes (N, h, w, D): h = 1
-        x_hat = self.decoder.forward(z_q[:, 0])[:, :, 0]               # (N, T)
+        x_hat = self.decoder.forward(self.decoder_input(z_q[:, 0], speakers))[:, :, 0]  # (N, T)
         wave = ((x_hat - x) ** 2).mean()                               # |x - x_hat|^2
         spec, dspec = spectral_loss(x_hat, x, self.cfg.spectral_windows) if self.cfg.spectral_weight else (0.0, 0.0)
         self.cache = (x, x_hat, dspec)                                 # the spectral loss's gradient comes with it
@@ -547,14 +590,16 @@ class Codec:
         x, x_hat, dspec = self.cache
         dx_hat = self.cfg.wave_weight * 2 * (x_hat - x) / x.size + self.cfg.spectral_weight * dspec
         dz_q = self.decoder.backward(dx_hat[:, :, None])
+        if self.cfg.speakers:
+            self.speaker.backward(dz_q.sum(1))                         # a speaker's vector: the sum over its frames
         dz_e = self.quantizer.backward(dz_q[:, None])                  # straight-through + each stage's commitment
         self.encoder.backward(dz_e[:, 0])
 
-    def train_step(self, x, opt, n_q=None):
-        """One step of Adam on the waveforms x with the first n_q stages; as vqvae.VQVAE.train_step,
-        a step with non-finite gradients raises NonFiniteError and changes nothing."""
+    def train_step(self, x, opt, n_q=None, speakers=None):
+        """One step of Adam on the waveforms x (of `speakers`) with the first n_q stages; as
+        vqvae.VQVAE.train_step, a step with non-finite gradients raises NonFiniteError and changes nothing."""
         with self.kept_unless_finite():
-            stats = self.forward(x, train=True, n_q=n_q)
+            stats = self.forward(x, train=True, n_q=n_q, speakers=speakers)
             self.backward()
             opt.step(self.grads, self.params)
         return stats
@@ -565,17 +610,19 @@ class Codec:
         z_e = self.encoder.forward(self.check_waves(x)[:, :, None])
         return self.quantizer.quantize(z_e[:, None], n_q)[:, :, 0]
 
-    def decode(self, codes):
-        """Codes (N, n, T/M) of the first n stages -> waveforms (N, T)."""
+    def decode(self, codes, speakers=None):
+        """Codes (N, n, T/M) of the first n stages -> waveforms (N, T), in the voices of `speakers` (N,)
+        where the decoder takes them: any speaker's, not only the one who spoke the clip."""
         shape = getattr(codes, "shape", None)
         if shape is None or len(shape) != 3 or not 1 <= shape[1] <= self.cfg.stages:
             raise ValueError(f"expected integer codes of shape (N, n, frames) for the first n of the "
                              f"{self.cfg.stages} stages, got shape {shape}")
         codes = self.quantizer.check_codes(self.xp.asarray(codes)[:, :, None], self.xp, any_stages=True)
-        return self.decoder.forward(self.quantizer.lookup(codes)[:, 0])[:, :, 0]      # (N, 1, T/M, D) -> (N, T)
+        z_q = self.quantizer.lookup(codes)[:, 0]                       # (N, 1, T/M, D) -> (N, T/M, D)
+        return self.decoder.forward(self.decoder_input(z_q, speakers))[:, :, 0]             # (N, T)
 
-    def reconstruct(self, x, n_q=None):
-        return self.decode(self.encode(x, n_q))
+    def reconstruct(self, x, n_q=None, speakers=None):
+        return self.decode(self.encode(x, n_q), speakers)
 
     @classmethod
     def load(cls, path, device=None):

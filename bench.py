@@ -356,7 +356,7 @@ def bench_audio(device, repeat, batch=16):
     codec = audio.Codec(cfg, device=device)
     opt = vqvae.Adam(codec.params, lr=1e-3)
     waves = [rng.standard_normal(crop * 2).astype(np.float32) * 0.1 for _ in range(batch)]
-    x = codec.xp.asarray(speech.crops(waves, 0, 0, batch, crop))
+    x = codec.xp.asarray(speech.crops(waves, 0, 0, batch, crop)[0])
     step = timings(lambda: codec.train_step(x, opt), codec.xp, repeat=max(3, repeat // 4))
     return {"layers": rows, "codec_step": {"config": f"C={cfg.channels} strides {cfg.strides} D={cfg.code_dim} "
                                                      f"{cfg.stages}x{cfg.codebook_size} codes, {batch} crops of {crop}",

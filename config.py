@@ -28,6 +28,7 @@ BATCH = {"images": 32, "audio": 16}     # a step's images, or clips of --crop-sa
 LR = {"images": 1e-3, "audio": 3e-3}    # Adam's learning rate (docs/audio.md: the codec learns faster at 3e-3)
 JUDGE_STEPS = {"images": 1500, "audio": 1000}  # the judge's training steps (each of speech's two judges)
 BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam: Kingma & Ba's; VQGAN's
+PRIOR_STEPS = {"images": 6000, "audio": 2000}  # the prior's training steps (docs/prior.md, docs/audio.md)
 VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top prior, attention after every 4th ...
                  {"layers": 8, "attention_every": 0})    # ... and the bottom prior, given the top codes (docs/vqvae2.md)
 
@@ -53,6 +54,10 @@ class TrainConfig:
     batch_size: int = setting(None, f"images per VQ-VAE step (default {BATCH['images']}), or the codec's clips "
                                     f"(default {BATCH['audio']})", low=1)
     crop_samples: int = setting(2048, "speech: samples of each training clip, cut at a random place", low=1)
+    prior_stages: int = setting(1, "speech: the prior models the codes of the codec's first n stages, a frame's n "
+                                   "codes side by side, coarse to fine", low=1)
+    prior_frames: int = setting(192, "speech: the code frames of each clip the prior models, silence after a shorter "
+                                     "clip (192: 0.77 s, longer than 97 percent of the clips)", low=1)
     lr: float = setting(None, f"the VQ-VAE's Adam learning rate (default {LR['images']}; the codec's {LR['audio']})",
                         above=0)
     adam_beta1: float = setting(None, f"the VQ-VAE's Adam beta1 (default {BETAS['plain'][0]}; with --adversarial "
@@ -72,7 +77,8 @@ class TrainConfig:
     disc_width: int = setting(16, "channels of its first convolution (then twice as many a layer, at most 8x)", low=1)
     disc_lr: float = setting(1e-3, "the discriminator's Adam learning rate", above=0)
     # the priors' training (docs/prior.md)
-    prior_steps: int = setting(6000, "prior training steps (two levels: the top prior's)", low=1, resumable=True)
+    prior_steps: int = setting(None, f"prior training steps (default {PRIOR_STEPS['images']}, two levels: the top "
+                                     f"prior's; speech: {PRIOR_STEPS['audio']})", low=1, resumable=True)
     prior_batch_size: int = setting(8, "code grids per prior step", low=1)
     prior_lr: float = setting(2e-3, "the prior's peak Adam learning rate, reached after ...", above=0)
     prior_warmup: int = setting(600, "... a linear warm-up over this many steps, then decayed linearly ...", low=0)
@@ -109,6 +115,7 @@ class TrainConfig:
         self.batch_size = BATCH[kind] if self.batch_size is None else self.batch_size
         self.lr = LR[kind] if self.lr is None else self.lr
         self.judge_steps = JUDGE_STEPS[kind] if self.judge_steps is None else self.judge_steps
+        self.prior_steps = PRIOR_STEPS[kind] if self.prior_steps is None else self.prior_steps
         if self.prior_flip is None:
             self.prior_flip = self.data in MIRROR_INVARIANT
         check(self)
@@ -120,6 +127,7 @@ class TrainConfig:
         d = dict(d)
         M = d.pop("top_prior_factor", None)
         if M is not None and "bottom_prior_factor" not in d:
+            d.setdefault("prior_steps", PRIOR_STEPS["images"])
             for key in ("prior_steps", "prior_warmup", "prior_decay_steps"):
                 d[key] = d.get(key, getattr(cls, key, 0)) * M
             d["bottom_prior_factor"] = 1 / M
@@ -129,7 +137,7 @@ class TrainConfig:
 
 
 def saved_configs(run):
-    """(TrainConfig, vqvae.Config, PriorConfigs) of a run folder's config.json, each checked."""
+    """(TrainConfig, vqvae.Config or audio.CodecConfig, PriorConfigs) of a run folder's config.json, each checked."""
     path = run / "config.json"
     if not run.is_dir():
         raise UserError(f"{run}: not a run folder" + (" (no such folder)" if not run.exists() else ""))
@@ -138,15 +146,16 @@ def saved_configs(run):
     except FileNotFoundError:
         raise UserError(f"{run}: not a run folder (no config.json)")
     try:
-        if isinstance(saved.get("train"), dict) and isinstance(saved.get("codec"), dict):  # a run of the audio codec
-            return TrainConfig.from_dict(saved["train"]), audio.CodecConfig.from_dict(saved["codec"]), []
-        if not (isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict)
-                and isinstance(saved.get("priors"), list) and all(isinstance(p, dict) for p in saved["priors"])):
-            raise ValueError("expected objects 'train' and 'model' and a list of objects 'priors'")
-        cfg, model_cfg = TrainConfig.from_dict(saved["train"]), vqvae.Config.from_dict(saved["model"])
-        if len(saved["priors"]) != model_cfg.levels:
-            raise ValueError(f"{len(saved['priors'])} prior configs for a model of {model_cfg.levels} level(s)")
-        priors = [P.PriorConfig.from_dict(p) for p in saved["priors"]]
+        speech = isinstance(saved.get("codec"), dict)                  # a run of the audio codec
+        model, priors = ("codec", saved.get("priors", [])) if speech else ("model", saved.get("priors"))
+        if not (isinstance(saved.get("train"), dict) and isinstance(saved.get(model), dict)
+                and isinstance(priors, list) and all(isinstance(p, dict) for p in priors)):
+            raise ValueError("expected objects 'train' and 'model' (or 'codec') and a list of objects 'priors'")
+        cfg = TrainConfig.from_dict(saved["train"])
+        model_cfg = (audio.CodecConfig if speech else vqvae.Config).from_dict(saved[model])
+        if len(priors) != model_cfg.levels and not (speech and not priors):  # a speech run from before its prior
+            raise ValueError(f"{len(priors)} prior configs for a model of {model_cfg.levels} level(s)")
+        priors = [P.PriorConfig.from_dict(p) for p in priors]
         if [p.codebook_size for p in priors] != model_cfg.level_num_codes:
             raise ValueError(f"the priors' codebook sizes {[p.codebook_size for p in priors]} differ from the "
                              f"model's codes per level {model_cfg.level_num_codes}")

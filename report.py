@@ -247,7 +247,8 @@ def report_html(run):
                     + "".join(stage_charts(stage, [r for r in records if r["stage"] == stage])) + "</div>")
     pictures = [(name, title) for name, title in (("recon.png", "held-out images over their reconstructions"),
                                                   ("recon_top.png", "originals, top code only, both levels"),
-                                                  ("samples.png", "samples (a row per class)"),
+                                                  ("samples.png", "samples (a row per class; speech: "
+                                                                  "spectrograms, a row per digit)"),
                                                   ("spectrograms.png", "held-out clips over their reconstructions from "
                                                                        "all stages, then a quarter of them"))
                 if (run / name).is_file()]
@@ -264,6 +265,12 @@ def report_html(run):
                 for w in [c] + sorted(run.glob(f"audio/{c.name.removesuffix('original.wav')}stages*.wav"),
                                       key=lambda p: int(p.stem.rsplit("stages", 1)[1])))
             + "</tr>" for c in clips) + "</table>")
+    for folder, title in (("samples", "digits spoken from the prior"), ("converted", "held-out clips in another voice")):
+        wavs = sorted((run / folder).glob("*.wav")) if (run / folder).is_dir() else []
+        if wavs:                                                       # speech: the prior's stage
+            body.append(f"<h2>{title}</h2><div class='cols'>" + "".join(
+                f"<figure>{html.escape(w.stem)}<br><audio controls preload='none' src='{folder}/{html.escape(w.name)}'>"
+                f"</audio></figure>" for w in wavs) + "</div>")
     if isinstance(summary.get("per_stages"), list) and summary["per_stages"]:
         rows = [r for r in summary["per_stages"] if isinstance(r, dict)]
         keys = list(dict.fromkeys(k for r in rows for k in r))

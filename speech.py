@@ -16,12 +16,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 import audio
+import evaluation
+import prior as P
 import vqvae
 from datasets import batch_indices, load_dataset, write_wav
 from evaluation import Judge, JudgeConfig
@@ -33,10 +35,31 @@ from runs import READ_ERRORS, UserError, check_output, checkpoint_note, load_mod
 # batches and held-out reconstructions
 
 
+def checked_config(cfg, codec_cfg, data, resuming):
+    """The codec's settings checked against the data and the run's -> the codec's config, which
+    with speaker_conditioning names the data's speakers (the run's own, when resuming)."""
+    if codec_cfg.sample_rate != data["sample_rate"]:
+        raise UserError(f"{cfg.data} is sampled at {data['sample_rate']} Hz, the codec at {codec_cfg.sample_rate} Hz")
+    if cfg.crop_samples % codec_cfg.hop or cfg.crop_samples < max(codec_cfg.spectral_windows):
+        raise UserError(f"--crop-samples {cfg.crop_samples} must be a multiple of the codec's {codec_cfg.hop} samples "
+                        f"a frame and at least its longest spectral window, {max(codec_cfg.spectral_windows)}")
+    for name in ("batch_size", "prior_batch_size"):
+        if getattr(cfg, name) > len(data["train"]):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is larger than the {len(data['train'])} "
+                            f"training clips")
+    if cfg.prior_stages > codec_cfg.stages:
+        raise UserError(f"--prior-stages {cfg.prior_stages}: the codec has {codec_cfg.stages}")
+    speakers = tuple(data["speakers"]) if codec_cfg.speaker_conditioning else ()
+    if resuming and codec_cfg.speakers != speakers:
+        raise UserError(f"the run's codec was trained with the speakers {', '.join(codec_cfg.speakers) or 'none'}; "
+                        f"{cfg.data} has {', '.join(speakers) or 'none'}")
+    return replace(codec_cfg, speakers=speakers)
+
+
 def crops(waves, seed, step, batch_size, length):
     """The training batch of a step: batch_size clips (each epoch a shuffle, as for images), from
     each a window of `length` samples at a random place; a shorter clip lies at a random place in
-    silence -> (B, length) float32 on the model's scale (samples / audio.WAVE_STD)."""
+    silence -> ((B, length) float32 on the model's scale (samples / audio.WAVE_STD), the clips' indices)."""
     idx = batch_indices(seed, step, len(waves), batch_size)
     rng = vqvae.step_rng((seed, 3), step)
     x = np.zeros((len(idx), length), np.float32)
@@ -48,7 +71,7 @@ def crops(waves, seed, step, batch_size, length):
         else:
             start = rng.integers(0, length - len(w) + 1)
             x[row, start:start + len(w)] = w
-    return x / audio.WAVE_STD
+    return x / audio.WAVE_STD, idx
 
 
 def padded_batches(waves, multiple, batch_size):
@@ -67,14 +90,15 @@ def padded_batches(waves, multiple, batch_size):
             yield idx, x / audio.WAVE_STD
 
 
-def reconstruct_clips(model, waves, stages, batch_size=16):
+def reconstruct_clips(model, waves, stages, speakers=None, batch_size=16):
     """Each clip encoded once with all its stages, then decoded from the first n of them for each n
-    in `stages` -> ({n: [reconstructed clips, in [-1, 1] scale]}, [each clip's codes (S, frames)])."""
+    in `stages` (in the voice of its speaker in `speakers`, where the decoder takes one)
+    -> ({n: [reconstructed clips, in [-1, 1] scale]}, [each clip's codes (S, frames)])."""
     out, codes = {n: [None] * len(waves) for n in stages}, [None] * len(waves)
     for idx, x in padded_batches(waves, model.cfg.hop, batch_size):
         c = vqvae.to_numpy(model.encode(x))                            # (B, S, T / M)
         for n in stages:
-            y = vqvae.to_numpy(model.decode(c[:, :n])) * audio.WAVE_STD
+            y = vqvae.to_numpy(model.decode(c[:, :n], None if speakers is None else speakers[idx])) * audio.WAVE_STD
             for row, j in enumerate(idx):
                 out[n][j] = y[row, :len(waves[j])]
         for row, j in enumerate(idx):
@@ -157,12 +181,18 @@ class AudioJudge:
     def __init__(self, judge, mean, std, rate):
         self.judge, self.mean, self.std, self.rate = judge, mean, std, rate
 
-    def predict(self, waves, batch_size=250):
-        preds = []
+    def embed(self, waves, batch_size=250):
+        """Clips -> (features (N, 4w) in float64, as FID's pool features; the predicted class (N,))."""
+        feats, preds = [], []
         for i in range(0, len(waves), batch_size):
             x = with_frequency((judge_images(waves[i:i + batch_size], self.rate) - self.mean) / self.std)
-            preds.append(vqvae.to_numpy(self.judge.forward(x).argmax(1)))
-        return np.concatenate(preds)
+            f = self.judge.features.forward(self.judge.xp.asarray(x, dtype=self.judge.cfg.dtype))
+            preds.append(vqvae.to_numpy(self.judge.head.forward(f)[:, 0, 0].argmax(1)))
+            feats.append(vqvae.to_numpy(f[:, 0, 0]).astype(np.float64))
+        return np.concatenate(feats), np.concatenate(preds)
+
+    def predict(self, waves):
+        return self.embed(waves)[1]
 
 
 def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32, lr=2e-3, log=None):
@@ -269,6 +299,27 @@ def write_audio(run, data, recons, n_clips=8):
     return picks
 
 
+def measure_codec(run, model, data, judge_steps, device):
+    """The codec on every held-out clip at each number of stages (each clip in its own voice where
+    the decoder takes one): codec_figures, write_audio; with judge_steps, the judges of the digit and
+    the speaker (trained once, kept in the run folder) on real clips and reconstructions."""
+    print(f"measuring the {len(data['test'])} held-out clips at each of {model.cfg.stages} numbers of stages",
+          file=sys.stderr)
+    t = time.time()
+    recons, codes = reconstruct_clips(model, data["test"], range(1, model.cfg.stages + 1),
+                                      data["test_speakers"] if model.cfg.speakers else None)
+    summary = dict(zip(("per_stages", "codes_used_per_stage"), codec_figures(model.cfg, data["test"], recons, codes)))
+    write_audio(run, data, recons)
+    if judge_steps:
+        judges = {task: audio_judge_for(run, data, task, 0, judge_steps, device) for task in ("digit", "speaker")}
+        fig = judge_figures(judges, data, recons)
+        for row in summary["per_stages"]:
+            row.update({k.removesuffix(f"_stages{row['stages']}"): v for k, v in fig.items()
+                        if k.endswith(f"_stages{row['stages']}")})
+        summary.update({k: v for k, v in fig.items() if k.endswith("_real")})
+    return {**summary, "evaluate_time_s": time.time() - t}
+
+
 def codec_table(summary):
     """summary.json's figures per number of stages as a small table."""
     judged = [k for k in ("accuracy_digit", "accuracy_speaker") if k in summary["per_stages"][0]]
@@ -279,7 +330,127 @@ def codec_table(summary):
     if judged:
         lines.append("real held-out clips: " + ", ".join(f"{k[9:]} acc {summary[k + '_real']:.3f}" for k in judged))
     lines.append("codes used per stage: " + " ".join(f"{u:.2f}" for u in summary["codes_used_per_stage"]))
+    if "prior_val_bits_per_code" in summary:
+        lines.append(f"prior: {summary['prior_val_bits_per_code']:.3f} bits per code on the held-out clips")
+    if "accuracy_digit_samples" in summary:
+        lines.append(f"spoken from the prior: digit acc {summary['accuracy_digit_samples']:.3f} (its reconstructions "
+                     f"{summary['accuracy_digit_recon']:.3f}); Frechet distance to reconstructions "
+                     f"{summary['fd_samples_recon']:.2f} (floor {summary['fd_recon_halves']:.2f})")
+    if "conversion_speaker_target" in summary:
+        lines.append(f"converted to another voice: the target speaker heard in {summary['conversion_speaker_target']:.3f}"
+                     f" (the source in {summary['conversion_speaker_source']:.3f}), the digit in "
+                     f"{summary['conversion_digit']:.3f}")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# stage 2: a prior over the codes, digits spoken from it; one clip's codes in another voice
+
+
+def measure_prior(run, model, prior, data, cfg, rule):
+    """Stage 2's files and figures: as many digits spoken from the prior as there are held-out clips
+    (RUN/samples/, samples.png), the held-out clips converted to other voices (RUN/converted/, ten of
+    them), and with cfg.evaluate the judges' figures on both (prior_figures)."""
+    t, n, stages = time.time(), len(data["test"]), cfg.prior_stages
+    print(f"speaking {n} digits from the prior, and converting {n} held-out clips to other voices", file=sys.stderr)
+    samples, digits, _ = sample_clips(model, prior, n, cfg.prior_frames, stages, cfg.seed + 1, rule)
+    fig = {"samples": n, "sample_time_s": time.time() - t}
+    write_samples(run, samples, digits, data["sample_rate"])
+    converted = targets = None
+    if model.cfg.speakers:
+        converted, targets = converted_clips(model, data["test"], data["test_speakers"], stages)
+        (run / "converted").mkdir(exist_ok=True)
+        for i in range(0, n, max(1, n // 10))[:10]:
+            write_wav(run / "converted" / f"{data['names_test'][i].removesuffix('.wav')}_as_"
+                      f"{model.cfg.speakers[targets[i]]}.wav", converted[i], data["sample_rate"])
+    if cfg.evaluate:
+        judges = {task: audio_judge_for(run, data, task, 0, cfg.judge_steps, cfg.device) for task in ("digit", "speaker")}
+        recons = reconstruct_clips(model, data["test"], [stages], data["test_speakers"] if model.cfg.speakers else None)
+        fig.update(prior_figures(judges, data, recons[0][stages], samples, digits, converted, targets),
+                   accuracy_digit_recon=float((judges["digit"].predict(recons[0][stages]) == data["test_labels"]).mean()))
+    fig["prior_evaluate_time_s"] = time.time() - t
+    return fig
+
+
+def prior_grids(model, waves, stages, frames, batch_size=64):
+    """Clips -> the code grids a prior models (N, frames, stages): each clip cut, or padded with
+    silence, to `frames` frames, encoded, and its first `stages` stages kept. A row is a frame,
+    its stages coarse to fine along the row: in the prior's raster order a frame's first stage is
+    predicted from the frames before it, each later stage from those and the stages before it in
+    its frame (a stage codes what the earlier ones left, and means nothing without them)."""
+    T, grids = frames * model.cfg.hop, []
+    for i in range(0, len(waves), batch_size):
+        x = np.zeros((len(waves[i:i + batch_size]), T), np.float32)
+        for row, w in zip(x, waves[i:i + batch_size]):
+            row[:min(T, len(w))] = w[:T]
+        grids.append(vqvae.to_numpy(model.encode(x / audio.WAVE_STD, stages)).transpose(0, 2, 1))
+    return np.concatenate(grids).astype(np.int64)
+
+
+def decode_grids(model, grids, speakers=None, batch_size=64):
+    """Code grids (N, frames, stages) -> clips (N, frames * hop) in [-1, 1] scale, in the voices
+    of `speakers` (N,) where the decoder takes one."""
+    out = []
+    for i in range(0, len(grids), batch_size):
+        who = None if speakers is None else speakers[i:i + batch_size]
+        out.append(vqvae.to_numpy(model.decode(grids[i:i + batch_size].transpose(0, 2, 1), who)) * audio.WAVE_STD)
+    return np.concatenate(out)
+
+
+def sample_clips(model, prior, n, frames, stages, seed, rule):
+    """n clips spoken from the prior -> (clips (n, frames * hop), digits, speakers): clip i asked
+    for the digit i mod 10 (an unconditional prior: none asked) and decoded in the voice of
+    speaker (i // 10) mod S where the decoder takes one, so that ten clips hold every digit once."""
+    digits = np.arange(n) % 10
+    S = len(model.cfg.speakers)
+    speakers = (np.arange(n) // 10) % S if S else None
+    grids = vqvae.to_numpy(P.sample(prior, n, frames, stages, seed, labels=digits if prior.cfg.num_classes else None,
+                                    **rule))
+    return decode_grids(model, grids, speakers), digits, speakers
+
+
+def converted_clips(model, waves, speakers, stages):
+    """Each clip's codes from the first `stages` stages decoded in another speaker's voice: clip i
+    in that of speaker (own + 1 + i mod (S - 1)) mod S, every other speaker as often -> (clips, targets)."""
+    S = len(model.cfg.speakers)
+    targets = (speakers + 1 + np.arange(len(waves)) % max(1, S - 1)) % S
+    return reconstruct_clips(model, waves, [stages], speakers=targets)[0][stages], targets
+
+
+def prior_figures(judges, data, recons, samples, digits, converted, targets):
+    """The judges on the spoken digits: the digit judge's accuracy on samples (the digit asked
+    for); the Frechet distance in its features from samples to reconstructions and its floor, two
+    halves of the reconstructions (each distance n/2 against n/2, as for images); for conversion,
+    how often the speaker judge hears the target speaker and the digit judge still the digit."""
+    (f_real, _), (f_rec, _) = judges["digit"].embed(data["test"]), judges["digit"].embed(recons)
+    f_smp, p_smp = judges["digit"].embed(list(samples))
+    h = min(len(f_rec), len(f_smp)) // 2
+    A, B = slice(0, h), slice(h, 2 * h)
+    fig = {"accuracy_digit_samples": float((p_smp == digits).mean()),
+           "fd_recon_halves": evaluation.frechet_distance(f_rec[A], f_rec[B]),  # the floor of fd_samples_recon
+           "fd_samples_recon": evaluation.frechet_distance(f_smp[A], f_rec[B]),
+           "fd_real_halves": evaluation.frechet_distance(f_real[A], f_real[B]),
+           "fd_samples_real": evaluation.frechet_distance(f_smp[A], f_real[B])}
+    if converted is not None:
+        fig["conversion_speaker_target"] = float((judges["speaker"].predict(converted) == targets).mean())
+        fig["conversion_speaker_source"] = float((judges["speaker"].predict(converted) == data["test_speakers"]).mean())
+        fig["conversion_digit"] = float((judges["digit"].predict(converted) == data["test_labels"]).mean())
+    return fig
+
+
+def write_samples(run, samples, digits, rate, per_digit=10):
+    """RUN/samples/: per_digit WAVs of each digit spoken from the prior; RUN/samples.png: their
+    spectrograms, a row per digit (five of each)."""
+    folder = run / "samples"
+    folder.mkdir(exist_ok=True)
+    rows = [[] for _ in range(10)]
+    for i, (w, d) in enumerate(zip(samples, digits)):
+        k = i // 10
+        if k < per_digit:
+            write_wav(folder / f"digit{d}_{k}.wav", w, rate)
+        if k < 5:
+            rows[d].append(spectrogram_image(w, rate))
+    write_png(run / "samples.png", image_grid([np.stack(r) for r in rows if r], scale=1))
 
 
 # -----------------------------------------------------------------------------
@@ -305,6 +476,26 @@ def encode_clips(args):
     return 0
 
 
+def voices_of(model, names, speaker, source):
+    """The speaker each clip is decoded as, (1,) arrays of indices into the codec's speakers: `speaker`
+    (a name) for all, or each clip's own, from its name (digit_speaker_index); Nones for a codec
+    whose decoder takes no speaker."""
+    known = model.cfg.speakers
+    if not known:
+        if speaker:
+            raise UserError(f"--speaker {speaker}: this codec's decoder takes no speaker (trained without "
+                            f"--codec-speaker-conditioning)")
+        return [None] * len(names)
+    wanted = [speaker] * len(names) if speaker else [Path(n).stem.split("_")[1] if n.count("_") == 2 else None
+                                                     for n in names]
+    for name, who in zip(names, wanted):
+        if who not in known:
+            raise UserError((f"--speaker {speaker}" if speaker else f"{source}: clip {name}: speaker {who}") +
+                            f" is not one the codec knows ({', '.join(known)})" +
+                            ("" if speaker else "; give --speaker NAME"))
+    return [np.array([known.index(who)]) for who in wanted]
+
+
 def decode_clips(args):
     """`train.py decode`: the codes of an .npz from `encode_clips` (or a prior) -> a WAV file per clip."""
     out = Path(args.out)
@@ -319,6 +510,7 @@ def decode_clips(args):
     if codes.ndim != 3 or len(frames) != len(codes) or len(names) != len(codes) or frames.max() > codes.shape[2]:
         raise UserError(f"{args.codes}: codes {codes.shape}, frames {frames.shape} and names of {len(names)} "
                         f"clips do not fit together")
+    voices = voices_of(model, names, args.speaker, args.codes)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -326,9 +518,9 @@ def decode_clips(args):
     if not args.force and (taken := [p for p in paths if p.exists()]):
         raise UserError(f"--out {out}: {taken[0].name} exists; give --force to write over it, or another folder")
     n = args.stages or codes.shape[1]
-    for path, c, f in zip(paths, codes, frames):
+    for path, c, f, who in zip(paths, codes, frames, voices):
         try:
-            wave = vqvae.to_numpy(model.decode(c[None, :n, :f]))[0] * audio.WAVE_STD
+            wave = vqvae.to_numpy(model.decode(c[None, :n, :f], who))[0] * audio.WAVE_STD
         except ValueError as e:
             raise UserError(f"{args.codes}: {path.stem}: {e}")
         write_wav(path, wave, model.cfg.sample_rate)

@@ -564,23 +564,32 @@ def spectral_margins(x_hat, x, windows, eps=1e-5):
 # the codec: its gradient
 
 
-@pytest.mark.parametrize("dropout", [False, True], ids=["all-stages", "n_q=1"])
+@pytest.mark.parametrize("dropout, speakers", [(False, False), (True, False), (False, True)],
+                         ids=["all-stages", "n_q=1", "speaker-conditioned"])
 @given(seed=seeds, T=st.sampled_from([16, 32]), weights=st.sampled_from([(1.0, 0.3), (0.3, 0.1)]),
        beta=st.sampled_from([0.25, 1.0]))
 def test_codec_gradients_match_central_differences_of_its_loss_with_the_stop_gradients_frozen(
-        dropout, seed, T, weights, beta):
-    # loss = w_wave |x - x_hat|^2 + w_spec L_spec(x_hat, x) + beta sum_s |r_s - sg[q_s]|^2, the first n_q stages
-    codec = tiny_codec(seed, wave_weight=weights[0], spectral_weight=weights[1], beta=beta)
+        dropout, speakers, seed, T, weights, beta):
+    # loss = w_wave |x - x_hat|^2 + w_spec L_spec(x_hat, x) + beta sum_s |r_s - sg[q_s]|^2, the first n_q stages;
+    # speaker-conditioned: x_hat = dec(z_q + E[speaker]), E drawn at random (it starts at zero)
+    codec = tiny_codec(seed, wave_weight=weights[0], spectral_weight=weights[1], beta=beta,
+                       speakers=("a", "b", "c") if speakers else ())
     n_q = 1 if dropout else codec.cfg.stages
     rng = np.random.default_rng(seed)
+    who = None
+    if speakers:
+        codec.speaker.params["table"][...] = 0.5 * rng.standard_normal(codec.speaker.params["table"].shape)
+        who = np.array([2, 0])
     # x about as loud as the untrained decoder's output and the spectral term weighted down: a loss
     # of a unit or two, whose rounding after the FFTs (~1e-14 |loss|, over a step of 1e-6) stays
     # below the check's absolute floor of 1e-8
     x = 0.2 * rng.standard_normal((2, T))
-    stats = codec.forward(x, train=False, n_q=n_q)
+    stats = codec.forward(x, train=False, n_q=n_q, speakers=who)
     codec.backward()
     grads = {k: g.copy() for k, g in codec.grads.items()}
-    assert grads.keys() == codec.params.keys()
+    assert grads.keys() == codec.params.keys() and ("speaker.table" in grads) == speakers
+    if speakers:
+        assert not grads["speaker.table"][1].any() and grads["speaker.table"][[0, 2]].all()  # only those who spoke
     to_S, to_clamp, quietest = spectral_margins(codec.cache[1], x, codec.cfg.spectral_windows)
     assume(to_S > 1e-5 and to_clamp > 1e-8)                          # +-eps crosses no |S_hat - S| kink nor the clamp
     # and no live bin just above the clamp: there the FFT's rounding (of the frame's loud bins)
@@ -588,7 +597,7 @@ def test_codec_gradients_match_central_differences_of_its_loss_with_the_stop_gra
     assume(quietest > 4)
     z_e0 = codec.encoder.forward(x[:, :, None])[:, None]               # the quantizer's input (N, 1, T/M, D)
     codec.quantizer.forward = frozen_rvq(codec.quantizer, z_e0, n_q, beta)
-    f = lambda: codec.forward(x, train=False, n_q=n_q)["loss"]
+    f = lambda: codec.forward(x, train=False, n_q=n_q, speakers=who)["loss"]
     np.testing.assert_allclose(f(), stats["loss"], rtol=1e-12)        # the surrogate has the forward's value
     check_sampled_grads(f, grads, codec.params, rng, 2)
 
@@ -762,6 +771,27 @@ def test_decode_names_codes_of_the_wrong_rank_by_the_shape_given():
         with pytest.raises(ValueError) as e:
             codec.decode(np.zeros(shape, int))
         assert str(shape) in str(e.value), str(e.value)
+
+
+def test_a_speaker_conditioned_decoder_decodes_the_same_codes_in_each_voice_and_names_a_bad_speaker():
+    codec = tiny_codec(0, speakers=("a", "b", "c"))
+    codec.speaker.params["table"][...] = np.random.default_rng(1).standard_normal(codec.speaker.params["table"].shape)
+    x = tones(2, 32, 0)
+    codes = codec.encode(x)                                            # the encoder never sees the speaker
+    as_a, as_c = codec.decode(codes, np.array([0, 0])), codec.decode(codes, np.array([2, 2]))
+    assert not np.allclose(as_a, as_c)                                 # the voice comes from the speaker's vector
+    np.testing.assert_array_equal(codec.decode(codes, np.array([0, 2]))[1], as_c[1])   # a clip's own speaker only
+    np.testing.assert_array_equal(codec.reconstruct(x, speakers=np.array([0, 2]))[1], as_c[1])
+    for speakers, words in ((None, "a speaker index for each of the 2 clips"), (np.array([0]), "shape (2,)"),
+                            (np.array([0.0, 1.0]), "integer"), (np.array([0, 3]), "[0, 3) (a, b, c)")):
+        with pytest.raises(ValueError) as e:
+            codec.decode(codes, speakers)
+        assert words in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="takes no speaker"):
+        tiny_codec(0).decode(codes, np.array([0, 1]))
+    assert A.CodecConfig.from_dict({"channels": 2}).speakers == ()    # a codec saved before speakers: none
+    with pytest.raises(SettingError, match="speakers must be names"):
+        A.CodecConfig(speakers=(1, 2))
 
 
 def test_asking_encode_or_forward_for_more_stages_than_the_codec_has_or_none_is_a_value_error():

@@ -8,6 +8,7 @@ import pytest
 
 import audio as A
 import datasets as D
+import prior as P
 import speech as S
 import train as T
 from conftest import one_error_line, read_png
@@ -15,7 +16,8 @@ from conftest import one_error_line, read_png
 RATE = 8000
 TINY_CODEC = ["--codec-channels", "2", "--codec-strides", "2,2", "--codec-code-dim", "3", "--codec-stages", "3",
               "--codec-codebook-size", "8", "--codec-spectral-windows", "16,32", "--crop-samples", "64",
-              "--batch-size", "4", "--judge-steps", "2"]
+              "--batch-size", "4", "--judge-steps", "2", "--prior-steps", "2", "--prior-channels", "4",
+              "--prior-layers", "2", "--prior-batch-size", "4", "--prior-frames", "8"]
 
 
 def tone(freq, n, seed):
@@ -57,11 +59,11 @@ def speech_run(tmp_path, fsdd_dir, name="run", steps=4, extra=()):
 
 def test_crops_are_windows_of_their_clips_and_a_function_of_the_step():
     waves = [tone(300, n, i) for i, n in enumerate((50, 200, 64, 500))]
-    x = S.crops(waves, 3, 7, 4, 64)
+    x, idx = S.crops(waves, 3, 7, 4, 64)
     assert x.shape == (4, 64) and x.dtype == np.float32
-    np.testing.assert_array_equal(x, S.crops(waves, 3, 7, 4, 64))      # the step's batch, recomputed
-    assert not np.array_equal(x, S.crops(waves, 3, 8, 4, 64))
-    idx = D.batch_indices(3, 7, len(waves), 4)
+    np.testing.assert_array_equal(x, S.crops(waves, 3, 7, 4, 64)[0])   # the step's batch, recomputed
+    assert not np.array_equal(x, S.crops(waves, 3, 8, 4, 64)[0])
+    np.testing.assert_array_equal(idx, D.batch_indices(3, 7, len(waves), 4))  # the clips the rows come from
     for row, i in zip(x * A.WAVE_STD, idx):
         w = waves[i]
         if len(w) >= 64:                                               # a window of the clip
@@ -114,6 +116,34 @@ def test_codec_figures_give_the_bitrate_the_measures_and_the_codes_each_stage_us
 # the judge of spoken digits, and what a run leaves
 
 
+def test_prior_grids_are_a_clips_first_stages_frame_by_frame_and_decode_back_to_its_codes():
+    codec = tiny_codec(stages=3, speakers=("ann", "bob"))
+    waves = [tone(300, n, i) for i, n in enumerate((10, 40, 100))]     # shorter, as long as, longer than 10 frames
+    grids = S.prior_grids(codec, waves, 2, 10, batch_size=2)
+    assert grids.shape == (3, 10, 2) and grids.dtype == np.int64       # (clips, frames, stages): a frame per row
+    x = np.zeros((3, 40), np.float32)
+    for row, w in zip(x, waves):
+        row[:min(40, len(w))] = w[:40]                                 # silence after, or cut at, 10 frames of 4
+    np.testing.assert_array_equal(grids, codec.encode(x / A.WAVE_STD, 2).transpose(0, 2, 1))
+    who = np.array([1, 0, 1])
+    np.testing.assert_allclose(S.decode_grids(codec, grids, who, batch_size=2),
+                               codec.decode(grids.transpose(0, 2, 1), who) * A.WAVE_STD, rtol=1e-5, atol=1e-7)
+
+
+def test_spoken_samples_ask_for_each_digit_in_turn_and_conversions_for_every_other_speaker():
+    codec = tiny_codec(speakers=("ann", "bob", "cat"))
+    prior = P.PixelCNN(P.PriorConfig(codebook_size=8, num_classes=10, channels=4, layers=2, heads=1))
+    rule = dict(temperature=1.0, top_k=0, top_p=1.0, guidance=1.0)
+    clips, digits, speakers = S.sample_clips(codec, prior, 25, 6, 2, 0, rule)
+    assert clips.shape == (25, 6 * 4) and list(digits[:12]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert list(speakers[8:12]) == [0, 0, 1, 1] and list(speakers[20:]) == [2] * 5
+    np.testing.assert_array_equal(S.sample_clips(codec, prior, 25, 6, 2, 0, rule)[0], clips)  # a function of the seed
+    waves = [tone(300, 64, i) for i in range(6)]
+    converted, targets = S.converted_clips(codec, waves, np.array([0, 0, 1, 1, 2, 2]), 1)
+    assert list(targets) == [1, 2, 2, 0, 0, 1]                         # never the speaker's own, each other one once
+    assert len(converted) == 6 and converted[0].shape == (64,)
+
+
 def test_a_judge_trained_on_tones_tells_them_apart_and_by_their_pitch(fsdd_dir):
     data = D.load_dataset("fsdd", fsdd_dir)
     judge = S.train_audio_judge(data["train"], data["train_labels"], 3, RATE, 0, 150, "cpu")
@@ -148,7 +178,20 @@ def test_a_speech_run_leaves_figures_per_stage_wavs_spectrograms_and_a_report(tm
     page = (run / "report.html").read_text()
     assert "<audio" in page and "spectrograms.png" in page and "held-out SI-SNR" in page
     stages = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in stages} == {"codec"} and any("val_si_snr_db" in r for r in stages)
+    assert {r["stage"] for r in stages} == {"codec", "prior"} and any("val_si_snr_db" in r for r in stages)
+    # stage 2: the prior over the first stage's codes, digits spoken from it, clips in other voices
+    assert config["codec"]["speakers"] == ["ann", "bob"] and config["priors"][0]["num_classes"] == 10
+    for key in ("prior_val_bits_per_code", "accuracy_digit_samples", "accuracy_digit_recon", "fd_samples_recon",
+                "fd_recon_halves", "conversion_speaker_target", "conversion_speaker_source", "conversion_digit"):
+        assert np.isfinite(summary[key]), key
+    assert summary["samples"] == 30 and summary["wall_time_s"] > summary["vqvae_wall_time_s"]
+    spoken = sorted(p.name for p in (run / "samples").iterdir())
+    assert len(spoken) == 30 and "digit0_0.wav" in spoken and "digit9_2.wav" in spoken
+    assert len(D.read_wav(run / "samples" / "digit0_0.wav")) == 8 * 4   # --prior-frames 8 frames of 4 samples
+    converted = sorted(p.name for p in (run / "converted").iterdir())
+    assert len(converted) == 10 and "0_ann_0_as_bob.wav" in converted
+    assert read_png(run / "samples.png").shape[2] == 3
+    assert "samples/digit0_0.wav" in page and "converted/0_ann_0_as_bob.wav" in page
 
 
 def test_a_speech_run_resumes_where_it_stopped_and_refuses_a_changed_codec(tmp_path, fsdd_dir, capsys):
@@ -158,6 +201,13 @@ def test_a_speech_run_resumes_where_it_stopped_and_refuses_a_changed_codec(tmp_p
     assert max(steps) == 4 and json.loads((run / "summary.json").read_text())["steps"] == 4
     assert T.main(["--resume", str(run), "--steps", "6", "--codec-channels", "4"]) == 1
     assert "cannot change --codec-channels when resuming" in one_error_line(capsys)
+    assert T.main(["--resume", str(run), "--stage", "prior", "--prior-steps", "3"]) == 0   # the prior trains on
+    prior_steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                   if r["stage"] == "prior"]
+    # a progress and a held-out record at step 2 of each of the first two runs (the codec trained on: the
+    # prior anew), then the third run's from step 3 only: it continued the prior, not began it again
+    assert prior_steps == [2, 2, 2, 2, 3, 3]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
 def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path, fsdd_dir, capsys):
@@ -176,6 +226,12 @@ def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path
     assert "0_ann_0.wav exists; give --force" in one_error_line(capsys)
     assert T.main(["decode", "--run", str(run), "--codes", str(out), "--out", str(wavs), "--stages", "4"]) == 1
     assert "--stages 4: the codec has 3" in one_error_line(capsys)
+    assert T.main(["decode", "--run", str(run), "--codes", str(out), "--out", str(tmp_path / "bob"), "--speaker",
+                   "bob"]) == 0                                        # every clip in bob's voice
+    own, as_bob = D.read_wav(wavs / "1_ann_0.wav"), D.read_wav(tmp_path / "bob" / "1_ann_0.wav")
+    assert own.shape == as_bob.shape and not np.array_equal(own, as_bob)
+    assert T.main(["decode", "--run", str(run), "--codes", str(out), "--out", str(wavs), "--speaker", "eve"]) == 1
+    assert "--speaker eve is not one the codec knows (ann, bob)" in one_error_line(capsys)
     (tmp_path / "bad.npz").write_bytes(b"PK not a zip")
     assert T.main(["decode", "--run", str(run), "--codes", str(tmp_path / "bad.npz"), "--out", str(wavs)]) == 1
     assert "bad.npz" in one_error_line(capsys)
@@ -184,7 +240,9 @@ def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path
 @pytest.mark.parametrize("argv, message", [
     (["--data", "fsdd", "--adversarial"], "--adversarial applies to images, not to --data fsdd"),
     (["--data", "fsdd", "--hidden", "8"], "--hidden applies to images, not to --data fsdd"),
-    (["--data", "fsdd", "--prior-steps", "8"], "--prior-steps applies to images"),
+    (["--data", "fsdd", "--prior-flip"], "--prior-flip applies to images"),
+    (["--prior-stages", "2"], "--prior-stages applies to speech"),
+    (["--data", "fsdd", "--prior-stages", "9", "--batch-size", "4"], "--prior-stages 9: the codec has 8"),
     (["--codec-stages", "4"], "--codec-stages applies to speech (--data fsdd), not to --data shapes"),
     (["--crop-samples", "512"], "--crop-samples applies to speech"),
     (["--data", "fsdd", "--codec-strides", "2,0"], "--codec-strides must be positive integers"),

@@ -161,7 +161,7 @@ def train(cfg, model_cfg, prior_settings, run, resuming):
     reads is checked before its first step: the settings, the data, and when resuming, every file
     of the folder; one process at a time trains into a folder (runs.RunLock)."""
     if isinstance(model_cfg, audio.CodecConfig):                       # speech: the audio codec's run
-        return train_codec(cfg, model_cfg, run, resuming)
+        return train_speech(cfg, model_cfg, prior_settings, run, resuming)
     if model_cfg.quantizer == "rvq" and model_cfg.levels == 2 and cfg.stage != "vqvae":
         raise UserError("the priors do not model two levels of residual codes (the bottom prior's conditioning "
                         "assumes one code per position): use --levels 1 with --quantizer rvq, or --stage vqvae")
@@ -215,7 +215,8 @@ def train_stages(run, cfg, model_cfg, prior_cfgs, data, model, opt, gan, rule, r
                            vqvae_wall_time_s=wall)
         write_recon_pictures(run, model, data)
         if cfg.stage in ("prior", "all"):                              # stage 2: the priors over its codes
-            priors, figures = train_priors(run, cfg, data, model, levels, num_classes, log, stop)
+            priors, figures = train_priors(run, cfg, model, levels, *image_code_sets(model, data, cfg, num_classes),
+                                           log, stop)
             grid, _, seconds = draw_samples(model, priors, num_classes or 4, 8, cfg.seed, rule, real_hw)
             write_png(run / "samples.png", grid)
             summary.update(figures, sample_time_s=seconds, samples=(num_classes or 4) * 8)
@@ -381,16 +382,21 @@ def train_vqvae(run, cfg, data, model, opt, gan, step, wall, log, stop):
     return {**ev, "steps": cfg.steps, "vqvae_wall_time_s": wall + time.time() - t_start}
 
 
-def train_priors(run, cfg, data, model, levels, num_classes, log, stop):
-    """Stage 2: a PixelCNN over each level's codes, coarsest first, the bottom one given the top
-    codes -> (the priors, their figures and seconds)."""
-    vqvae_sha256 = fingerprint(model)                                  # recorded in each prior's checkpoint
+def image_code_sets(model, data, cfg, num_classes):
+    """The priors' training and held-out sets of images: ((a code grid per level), labels or None) each."""
     print(f"encoding {len(data['train']) * (1 + cfg.prior_flip) + len(data['test'])} images to codes"
           + (" (the training images also mirrored)" if cfg.prior_flip else ""), file=sys.stderr)
-    codes_train, labels_train = prior_training_set(model, data["train_padded"],
-                                                   data["train_labels"] if num_classes else None, cfg.prior_flip)
-    codes_test = tuple(map(prior_grid, encode_all(model, data["test_padded"])))
-    labels_test = data["test_labels"] if num_classes else None
+    train_set = prior_training_set(model, data["train_padded"], data["train_labels"] if num_classes else None,
+                                   cfg.prior_flip)
+    return train_set, (tuple(map(prior_grid, encode_all(model, data["test_padded"]))),
+                       data["test_labels"] if num_classes else None)
+
+
+def train_priors(run, cfg, model, levels, train_set, test_set, log, stop):
+    """Stage 2: a PixelCNN over each level's codes, coarsest first, the bottom one given the top
+    codes; each set is ((a code grid per level), labels or None) -> (the priors, their figures and seconds)."""
+    vqvae_sha256 = fingerprint(model)                                  # recorded in each prior's checkpoint
+    (codes_train, labels_train), (codes_test, labels_test) = train_set, test_set
     priors, figures, seconds_all = [], {}, 0.0
     for level, (name, prior, opt, start, seconds) in enumerate(levels):
         codes, cond = codes_train[level], codes_train[level - 1] if level else None
@@ -418,75 +424,79 @@ def train_priors(run, cfg, data, model, levels, num_classes, log, stop):
     return priors, {**figures, "prior_wall_time_s": seconds_all}
 
 
-def train_codec(cfg, codec_cfg, run, resuming):
-    """Speech: the audio codec (audio.py) on clips cut from the training recordings, then measured
-    at every number of stages on the held-out recordings, and what a run leaves (speech.py)."""
+def train_speech(cfg, codec_cfg, prior_settings, run, resuming):
+    """Speech: the audio codec (audio.py) on clips cut from the training recordings, measured at
+    every number of stages on the held-out recordings (stage 1); then a prior over the codes of its
+    first --prior-stages stages, digits spoken from it, and clips converted to other voices (stage 2)."""
     data = load_dataset(cfg.data, cfg.data_dir)
-    if codec_cfg.sample_rate != data["sample_rate"]:
-        raise UserError(f"{cfg.data} is sampled at {data['sample_rate']} Hz, the codec at {codec_cfg.sample_rate} Hz")
-    if cfg.crop_samples % codec_cfg.hop or cfg.crop_samples < max(codec_cfg.spectral_windows):
-        raise UserError(f"--crop-samples {cfg.crop_samples} must be a multiple of the codec's {codec_cfg.hop} samples "
-                        f"a frame and at least its longest spectral window, {max(codec_cfg.spectral_windows)}")
-    if cfg.batch_size > len(data["train"]):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(data['train'])} training clips")
+    codec_cfg = speech.checked_config(cfg, codec_cfg, data, resuming)
     model = audio.Codec(codec_cfg, device=cfg.device)
     opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    prior_cfgs = (prior_settings if resuming else []) or prior_configs(  # a run from before the prior: made now
+        {} if resuming else prior_settings, codec_cfg, data["num_classes"] if cfg.prior_labels else 0, cfg.seed)
+    rule = sampling_rule(cfg, prior_cfgs)
     make_run_folder(run)
     with RunLock(run):
-        step, wall = 0, 0.0
+        step, wall, before = 0, 0.0, {}
         if resuming:
             if note := repair_metrics(run / "metrics.jsonl"):
                 print(note, file=sys.stderr)
-            step, wall, _ = load_checkpoint(run / "checkpoint.npz", model, opt)
-            if cfg.steps < step:
-                raise UserError(f"the codec of {run} is at step {step}: --steps {cfg.steps} would go back")
-        save_json(run / "config.json", {"train": asdict(cfg), "codec": asdict(codec_cfg)})
+            step, wall, before = resume_vqvae(run, cfg, model, opt, None)
+        codec_trains = cfg.stage in ("vqvae", "all") and step < cfg.steps
+        levels, _ = read_priors(run, cfg, prior_cfgs, model, resuming, before, codec_trains)
+        save_json(run / "config.json", {"train": asdict(cfg), "codec": asdict(codec_cfg),
+                                        "priors": [asdict(c) for c in prior_cfgs]})
         print(f"{run}: {cfg.data} ({len(data['train'])} train, {len(data['test'])} held-out clips at "
               f"{data['sample_rate']} Hz), codec with {sum(p.size for p in model.params.values()):,} parameters, "
               f"{codec_cfg.hop} samples a frame, {codec_cfg.stages} stages of {codec_cfg.codebook_size} codes: "
               f"{codec_cfg.bitrate(1):g} to {codec_cfg.bitrate(codec_cfg.stages):g} bits/s"
               + (f", resuming at step {step}" if resuming else ""), file=sys.stderr)
-        held = data["test"][::5]                                       # every fifth held-out clip, while training
-        t_start = time.time()
-
-        def train_step(s):
-            x = speech.crops(data["train"], cfg.seed, s, cfg.batch_size, cfg.crop_samples)
-            return model.train_step(x, opt, model.dropout_stages(cfg.seed, s))  # quantizer dropout: n_q of this step
-
-        def held_out(s):
-            recons, codes = speech.reconstruct_clips(model, held, [codec_cfg.stages])
-            rows, _ = speech.codec_figures(codec_cfg, held, recons, codes)
-            return {"val_si_snr_db": rows[0]["si_snr_db"], "val_log_mel_distance": rows[0]["log_mel_distance"]}
-
-        def save(s):
-            return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
-
+        summary = {**before, "data": cfg.data, "device": "gpu" if model.xp is not np else "cpu"}
         with open(run / "metrics.jsonl", "ab", buffering=0) as metrics, CtrlC() as stop:
-            stage = Stage("codec", cfg.batch_size, train_step, held_out, save, run / "checkpoint.npz")
-            fit(stage, step, cfg.steps, cfg, model.xp, metrics_log(run, metrics), stop)
-        summary = {"data": cfg.data, "device": "gpu" if model.xp is not np else "cpu", "steps": cfg.steps,
-                   "wall_time_s": wall + time.time() - t_start}
-        print(f"measuring the {len(data['test'])} held-out clips at each of {codec_cfg.stages} numbers of stages",
-              file=sys.stderr)
-        t = time.time()
-        recons, codes = speech.reconstruct_clips(model, data["test"], range(1, codec_cfg.stages + 1))
-        summary["per_stages"], summary["codes_used_per_stage"] = speech.codec_figures(codec_cfg, data["test"], recons,
-                                                                                       codes)
-        speech.write_audio(run, data, recons)
-        if cfg.evaluate:
-            judges = {task: speech.audio_judge_for(run, data, task, 0, cfg.judge_steps, cfg.device)
-                      for task in ("digit", "speaker")}
-            fig = speech.judge_figures(judges, data, recons)
-            for row in summary["per_stages"]:
-                row.update({k.removesuffix(f"_stages{row['stages']}"): v for k, v in fig.items()
-                            if k.endswith(f"_stages{row['stages']}")})
-            summary.update({k: v for k, v in fig.items() if k.endswith("_real")})
-        summary["evaluate_time_s"] = time.time() - t
+            log = metrics_log(run, metrics)
+            if cfg.stage in ("vqvae", "all"):                          # stage 1: the codec
+                summary.update(train_codec(run, cfg, data, model, opt, step, wall, log, stop))
+                summary.update(speech.measure_codec(run, model, data, cfg.evaluate and cfg.judge_steps, cfg.device))
+            if cfg.stage in ("prior", "all"):                          # stage 2: the prior over its codes
+                print(f"encoding {len(data['train']) + len(data['test'])} clips to {cfg.prior_frames} frames of "
+                      f"{cfg.prior_stages} stages", file=sys.stderr)
+                sets = [((speech.prior_grids(model, data[split], cfg.prior_stages, cfg.prior_frames),),
+                         data[f"{split}_labels"] if prior_cfgs[0].num_classes else None) for split in ("train", "test")]
+                priors, figures = train_priors(run, cfg, model, levels, *sets, log, stop)
+                summary.update(figures, **speech.measure_prior(run, model, priors[0], data, cfg, rule))
+        summary["wall_time_s"] = summary["vqvae_wall_time_s"] + summary.get("prior_wall_time_s", 0.0)
         save_json(run / "summary.json", summary)
         print(speech.codec_table(summary), file=sys.stderr)
         write_report(run)
-    print(f"done: {run}/report.html, summary.json, spectrograms.png, audio/", file=sys.stderr)
+    print(f"done: {run}/report.html, summary.json, spectrograms.png, audio/"
+          + (", samples/" if cfg.stage != "vqvae" else ""), file=sys.stderr)
     return 0
+
+
+def train_codec(run, cfg, data, model, opt, step, wall, log, stop):
+    """Stage 1 of speech: the codec from `step` to cfg.steps, each batch with quantizer dropout's n_q
+    -> its held-out figures, steps and seconds."""
+    held = data["test"][::5]                                           # every fifth held-out clip, while training
+    conditioned = bool(model.cfg.speakers)
+    t_start = time.time()
+
+    def train_step(s):
+        x, idx = speech.crops(data["train"], cfg.seed, s, cfg.batch_size, cfg.crop_samples)
+        return model.train_step(x, opt, model.dropout_stages(cfg.seed, s),  # quantizer dropout: n_q of this step
+                                data["train_speakers"][idx] if conditioned else None)
+
+    def held_out(s):
+        recons, codes = speech.reconstruct_clips(model, held, [model.cfg.stages],
+                                                 data["test_speakers"][::5] if conditioned else None)
+        rows, _ = speech.codec_figures(model.cfg, held, recons, codes)
+        return {"val_si_snr_db": rows[0]["si_snr_db"], "val_log_mel_distance": rows[0]["log_mel_distance"]}
+
+    def save(s):
+        return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
+
+    ev = fit(Stage("codec", cfg.batch_size, train_step, held_out, save, run / "checkpoint.npz"), step, cfg.steps,
+             cfg, model.xp, log, stop)
+    return {**ev, "steps": cfg.steps, "vqvae_wall_time_s": wall + time.time() - t_start}
 
 
 def merge_summary(before, summary, stage, stale):
@@ -512,7 +522,10 @@ SECTIONS = ((TrainConfig, "", "the run, training, sampling and evaluation (confi
             (audio.CodecConfig, "codec_", "speech, --data fsdd: the audio codec (audio.CodecConfig)"))
 FLAGS = {prefix + f.name: (cls, f) for cls, prefix, _ in SECTIONS for f in fields(cls) if f.metadata.get("help")}
 SPEECH_FLAGS = ("data", "data_dir", "stage", "seed", "device", "log_every", "eval_every", "steps", "batch_size",
-                "crop_samples", "lr", "adam_beta1", "adam_beta2", "evaluate", "judge_steps")  # TrainConfig's for speech
+                "lr", "adam_beta1", "adam_beta2", "evaluate", "judge_steps", "prior_steps", "prior_batch_size",
+                "prior_lr", "prior_warmup", "prior_decay_steps", "prior_labels", "temperature", "top_k", "top_p",
+                "guidance")                                            # TrainConfig's for speech, and PriorConfig's
+SPEECH_ONLY = ("crop_samples", "prior_stages", "prior_frames")         # TrainConfig's for speech only, and CodecConfig's
 
 
 def build_parser():
@@ -549,8 +562,9 @@ def configs_from_args(args):
         raise UserError(flag_message(e))
     speech_run = cfg.data in AUDIO
     for dest in given:                                                 # images' flags with speech, or the reverse
-        speech_only = FLAGS[dest][0] is audio.CodecConfig or dest == "crop_samples"
-        if (speech_only and not speech_run) or (speech_run and not (speech_only or dest in SPEECH_FLAGS)):
+        speech_only = FLAGS[dest][0] is audio.CodecConfig or dest in SPEECH_ONLY
+        speech_too = dest in SPEECH_FLAGS or FLAGS[dest][0] is P.PriorConfig
+        if (speech_only and not speech_run) or (speech_run and not (speech_only or speech_too)):
             raise UserError(f"{flag(dest)} applies to {'images' if speech_run else 'speech (--data fsdd)'}, "
                             f"not to --data {cfg.data}")
     model_cls, prefix = (audio.CodecConfig, "codec_") if speech_run else (vqvae.Config, "")
@@ -656,6 +670,8 @@ def decode_command(argv):
     args = subcommand("decode", "Decode a speech run's codes to WAV files.",
                       ("--codes", dict(required=True, help="an .npz from `train.py encode`")),
                       ("--stages", dict(type=int, default=0, help="decode from the first n stages only (0: all)")),
+                      ("--speaker", dict(help="decode every clip in this speaker's voice, one the codec was trained "
+                                              "with (default: each clip's own, from its name digit_speaker_index)")),
                       ("--out", dict(required=True, help="the folder to write <name>.wav into (made if absent)")),
                       ("--force", dict(action="store_true", help="write over WAV files there"))).parse_args(argv)
     if not is_speech_run(Path(args.run)):
@@ -677,8 +693,8 @@ def sample(argv):
     sampling_rule(args, [])                                            # the numbers, before anything is read
     run = Path(args.run)
     if is_speech_run(run):
-        raise UserError(f"{run} holds the audio codec, with no prior to sample from; its codes turn into WAV files "
-                        f"with: python train.py decode")
+        raise UserError(f"{run} holds the audio codec: its run spoke digits from its prior at the end (samples/); "
+                        f"codes turn into WAV files with: python train.py decode; this command samples images")
     out = Path(args.out or run / f"samples_seed{args.seed}.png")
     for name, path, suffix in (("--out", out, ".png"), ("--codes-out", args.codes_out, ".npz")):
         check_output(path, name, suffix, args.force)
@@ -710,8 +726,8 @@ def evaluate_command(argv):
     run = Path(args.run)
     cfg, model_cfg, _ = saved_configs(run)
     if isinstance(model_cfg, audio.CodecConfig):
-        raise UserError(f"{run} holds the audio codec: its run measured it at the end (summary.json, per number of "
-                        f"stages); this command measures a run of images")
+        raise UserError(f"{run} holds the audio codec: its run measured it at the end (summary.json: per number of "
+                        f"stages, and the prior's samples); this command measures a run of images")
     with RunLock(run):
         model, priors, real_hw = load_trained(run, args.device, need_priors=False)
         ev = evaluate_samples(run, model, priors, load_dataset(cfg.data, cfg.data_dir), real_hw, args.judge_seed,
