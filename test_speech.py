@@ -130,6 +130,20 @@ def test_prior_grids_are_a_clips_first_stages_frame_by_frame_and_decode_back_to_
                                codec.decode(grids.transpose(0, 2, 1), who) * A.WAVE_STD, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_the_fast_sampler_speaks_the_naive_samplers_codes_on_a_tall_grid_of_frames(stages):
+    # the speech prior's grid: many frames (rows) of one or two stages (columns), class-conditional,
+    # guided, with the attention layer that reaches the frames further back than the convolutions
+    prior = P.PixelCNN(P.PriorConfig(codebook_size=8, num_classes=10, channels=8, layers=3, heads=2, attention_every=2,
+                                     label_dropout=0.1, dtype="float64", seed=stages))
+    for p in prior.params.values():                                   # sharper logits than at initialisation
+        p *= 3
+    digits = np.array([3, 7, 0])
+    fast = P.sample(prior, 3, 12, stages, 5, labels=digits, guidance=1.5)
+    np.testing.assert_array_equal(fast, P.sample_naive(prior, 3, 12, stages, 5, labels=digits, guidance=1.5))
+    assert len(np.unique(fast)) > 1
+
+
 def test_spoken_samples_ask_for_each_digit_in_turn_and_conversions_for_every_other_speaker():
     codec = tiny_codec(speakers=("ann", "bob", "cat"))
     prior = P.PixelCNN(P.PriorConfig(codebook_size=8, num_classes=10, channels=4, layers=2, heads=1))

@@ -3,13 +3,14 @@
     python train.py                                 # built-in shapes data, both stages and the evaluation
     python train.py --levels 2 --data shapes64      # VQ-VAE-2 on 64 x 64 scenes (docs/vqvae2.md)
     python train.py --data mnist --steps 5000       # IDX files from --data-dir, downloaded if absent
-    python train.py --data fsdd                     # spoken digits: the audio codec (audio.py, docs/audio.md)
+    python train.py --data fsdd                     # spoken digits: the codec, then a prior that speaks (docs/audio.md)
     python train.py --resume runs/RUN               # continue a run exactly where it stopped
     python train.py encode --run runs/RUN --data mnist --out codes.npy   # the tokenizer
     python train.py sample --run runs/RUN --temperature 0.8
     python train.py evaluate --run runs/RUN --judge-seed 1   # the sample figures, with another judge
     python train.py report --run runs/RUN           # rebuild report.html
     python train.py export --run runs/RUN --out model.safetensors   # the weights, for PyTorch (docs/export.md)
+    python train.py decode --run runs/SPEECH --codes codes.npz --out wavs --speaker theo   # another voice
 
 The settings are the fields of four dataclasses, each declared once with its help text:
 config.TrainConfig (the run), vqvae.Config (the model), prior.PriorConfig (--prior-*) and, for
