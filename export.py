@@ -30,7 +30,11 @@ import numpy as np
 
 import prior as P
 import vqvae
-from runs import READ_ERRORS, UserError, atomic_write, check_output, load_trained, read_json, unreadable
+from codes import level_names
+from config import TrainConfig, prior_configs
+from datasets import load_dataset
+from runs import (READ_ERRORS, RunLock, UserError, atomic_write, check_output, fingerprint, load_trained,
+                  make_run_folder, read_json, save_checkpoint, save_json, unreadable)
 from settings import ArgumentParser
 
 # -----------------------------------------------------------------------------
@@ -327,4 +331,49 @@ def export_command(argv):
     n = export_run(args.run, args.out)
     print(f"wrote {args.out}: {n} tensors (load them with torch_modules.load, or export.load_export here)",
           file=sys.stderr)
+    return 0
+
+
+def import_command(argv):
+    """`train.py import`: an export (trained or fine-tuned elsewhere) -> a finished run folder here,
+    which `sample`, `evaluate`, `report` and `--resume` read as one of their own."""
+    p = ArgumentParser(prog="train.py import", description="Make a run folder of a .safetensors file written by "
+                                                           "train.py export (or by PyTorch from torch_modules.py).")
+    p.add_argument("--file", required=True, help="the .safetensors file")
+    p.add_argument("--out", required=True, help="the run folder to make (it must not hold a run)")
+    p.add_argument("--data", required=True, help="the data its models fit, as for training (the judge of "
+                                                 "`evaluate` learns on it)")
+    p.add_argument("--data-dir", default="data", help="as for training")
+    args = p.parse_args(argv)
+    run = Path(args.out)
+    if (run / "checkpoint.npz").exists():
+        raise UserError(f"{run} already holds a run; choose another --out")
+    model, priors, image_hw = load_export(args.file)
+    data = load_dataset(args.data, args.data_dir)
+    if data.get("sample_rate") or data["train"].shape[3] != model.cfg.in_channels:
+        raise UserError(f"{args.data}: images of {data['train'].shape[3] if data['train'].ndim == 4 else '?'} "
+                        f"channels; the models of {args.file} take {model.cfg.in_channels}")
+    num_classes = priors[0].cfg.num_classes if priors else 0
+    if num_classes and ("train_labels" not in data or data["num_classes"] > num_classes):
+        raise UserError(f"{args.file}: its prior knows {num_classes} classes; {args.data} has "
+                        f"{data['num_classes'] or 'no'} labelled classes")
+    hw = tuple(data["train"].shape[1:3])
+    if image_hw is not None and tuple(image_hw) != hw:
+        raise UserError(f"{args.file}: its models were trained on {image_hw[0]} x {image_hw[1]} images, "
+                        f"{args.data}'s are {hw[0]} x {hw[1]}")
+    cfg = TrainConfig(data=args.data, data_dir=args.data_dir, prior_labels=bool(num_classes))
+    make_run_folder(run)
+    with RunLock(run):
+        save_checkpoint(run / "checkpoint.npz", model, vqvae.Adam(model.params), cfg.steps, 0.0)  # a finished stage
+        for name, prior in zip(level_names(model), priors or []):
+            save_checkpoint(run / f"{name}prior.npz", prior, vqvae.Adam(prior.params), cfg.prior_steps, 0.0,
+                            vqvae_sha256=fingerprint(model), schedule_end=str(float(cfg.prior_steps)))
+        save_json(run / "config.json", {"train": asdict(cfg), "model": asdict(model.cfg), "priors": [
+            asdict(c) for c in (p.cfg for p in priors)] if priors else [asdict(c) for c in prior_configs(
+                {}, model.cfg, num_classes, cfg.seed)]})
+        save_json(run / "summary.json", {"data": args.data, "image_hw": list(hw), "levels": model.cfg.levels,
+                                         "imported_from": str(args.file), "steps": cfg.steps, "wall_time_s": 0.0,
+                                         "vqvae_wall_time_s": 0.0})
+    print(f"made {run} from {args.file}: the VQ-VAE" + (f" and {len(priors)} prior(s)" if priors else ", no prior")
+          + f"; now: python train.py sample|evaluate|report --run {run}", file=sys.stderr)
     return 0

@@ -263,6 +263,29 @@ def test_the_export_command_writes_once_and_refuses_bad_input_with_one_line(runs
         E.load_export(tmp_path / "c.safetensors")
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_an_imported_export_is_a_run_that_samples_as_the_original_and_is_evaluated_and_resumed(runs_, tmp_path, levels):
+    run, data = runs_[levels], runs_[levels].parent / "data.npz"
+    file, imported = run.parent / f"levels{levels}.safetensors", tmp_path / "imported"
+    assert T.main(["import", "--file", str(file), "--data", str(data), "--out", str(imported)]) == 0
+    for r in (run, imported):                                          # the same codes from the same seed
+        assert T.main(["sample", "--run", str(r), "--seed", "4", "--codes-out", str(tmp_path / f"{r.name}.npz")]) == 0
+    with np.load(tmp_path / f"levels{levels}.npz") as a, np.load(tmp_path / "imported.npz") as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert T.main(["evaluate", "--run", str(imported), "--judge-steps", "2", "--two-sample-steps", "0",
+                   "--images", "4"]) == 0
+    assert (imported / "evaluation.json").is_file() and T.main(["report", "--run", str(imported)]) == 0
+    assert T.main(["--resume", str(imported), "--stage", "vqvae", "--steps", str(config.TrainConfig().steps + 1),
+                   "--no-evaluate"]) == 0                               # fine-tuned here, a step further
+    assert T.main(["import", "--file", str(file), "--data", str(data), "--out", str(imported)]) == 1
+    assert T.main(["import", "--file", str(tmp_path / "none.safetensors"), "--data", str(data),
+                   "--out", str(tmp_path / "x")]) == 1
+    grey = tmp_path / "grey.npy"
+    np.save(grey, np.zeros((10, 16, 16, 1), np.uint8))
+    assert T.main(["import", "--file", str(file), "--data", str(grey), "--out", str(tmp_path / "y")]) == 1
+    assert not (tmp_path / "y").exists()                               # refused before the folder is made
+
+
 def test_a_run_without_its_priors_exports_the_vqvae_alone(runs_, tmp_path):
     run = tmp_path / "vqvae_only"
     assert T.main(["--data", str(runs_[1].parent / "data.npz"), "--out", str(run), "--steps", "2", *TINY,

@@ -10,6 +10,7 @@
     python train.py evaluate --run runs/RUN --judge-seed 1   # the sample figures, with another judge
     python train.py report --run runs/RUN           # rebuild report.html
     python train.py export --run runs/RUN --out model.safetensors   # the weights, for PyTorch (docs/export.md)
+    python train.py import --file tuned.safetensors --data shapes --out runs/TUNED   # and back, a run again
     python train.py decode --run runs/SPEECH --codes codes.npz --out wavs --speaker theo   # another voice
 
 The settings are the fields of four dataclasses, each declared once with its help text:
@@ -532,7 +533,7 @@ SPEECH_ONLY = ("crop_samples", "prior_stages", "prior_frames")         # TrainCo
 def build_parser():
     p = ArgumentParser(prog="train.py", description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN "
                                                     "prior over its codes, and sample and measure new images.",
-                       epilog="Subcommands: encode, decode, sample, evaluate, report ('python train.py sample --help').")
+                       epilog="Subcommands: encode, decode, sample, evaluate, report, export, import ('python train.py sample --help').")
     run = p.add_argument_group("run folder")
     run.add_argument("--out", default=None, help="the run folder (default: runs/<data>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
@@ -754,7 +755,8 @@ def report_command(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"encode": encode, "decode": decode_command, "sample": sample, "evaluate": evaluate_command,
-                "report": report_command, "export": export.export_command}
+                "report": report_command, "export": export.export_command,
+                "import": export.import_command}
     try:
         if os.environ.get("VQVAE_DEVICE", "auto").strip().lower() not in DEVICES:
             raise UserError(f"VQVAE_DEVICE must be one of {', '.join(DEVICES)}, got {os.environ['VQVAE_DEVICE']!r}")
