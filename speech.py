@@ -366,8 +366,7 @@ def measure_prior(run, model, prior, data, cfg, rule):
     if cfg.evaluate:
         judges = {task: audio_judge_for(run, data, task, 0, cfg.judge_steps, cfg.device) for task in ("digit", "speaker")}
         recons = reconstruct_clips(model, data["test"], [stages], data["test_speakers"] if model.cfg.speakers else None)
-        fig.update(prior_figures(judges, data, recons[0][stages], samples, digits, converted, targets),
-                   accuracy_digit_recon=float((judges["digit"].predict(recons[0][stages]) == data["test_labels"]).mean()))
+        fig.update(prior_figures(judges, data, recons[0][stages], samples, digits, converted, targets))
     fig["prior_evaluate_time_s"] = time.time() - t
     return fig
 
@@ -419,21 +418,23 @@ def converted_clips(model, waves, speakers, stages):
 
 def prior_figures(judges, data, recons, samples, digits, converted, targets):
     """The judges on the spoken digits: the digit judge's accuracy on samples (the digit asked
-    for); the Frechet distance in its features from samples to reconstructions and its floor, two
+    for) and on the reconstructions `recons` of the held-out clips; the Frechet distance in its features from samples to reconstructions and its floor, two
     halves of the reconstructions (each distance n/2 against n/2, as for images); for conversion,
     how often the speaker judge hears the target speaker and the digit judge still the digit."""
-    (f_real, _), (f_rec, _) = judges["digit"].embed(data["test"]), judges["digit"].embed(recons)
+    (f_real, _), (f_rec, p_rec) = judges["digit"].embed(data["test"]), judges["digit"].embed(recons)
     f_smp, p_smp = judges["digit"].embed(list(samples))
     h = min(len(f_rec), len(f_smp)) // 2
     A, B = slice(0, h), slice(h, 2 * h)
     fig = {"accuracy_digit_samples": float((p_smp == digits).mean()),
+           "accuracy_digit_recon": float((p_rec == data["test_labels"]).mean()),
            "fd_recon_halves": evaluation.frechet_distance(f_rec[A], f_rec[B]),  # the floor of fd_samples_recon
            "fd_samples_recon": evaluation.frechet_distance(f_smp[A], f_rec[B]),
            "fd_real_halves": evaluation.frechet_distance(f_real[A], f_real[B]),
            "fd_samples_real": evaluation.frechet_distance(f_smp[A], f_real[B])}
     if converted is not None:
-        fig["conversion_speaker_target"] = float((judges["speaker"].predict(converted) == targets).mean())
-        fig["conversion_speaker_source"] = float((judges["speaker"].predict(converted) == data["test_speakers"]).mean())
+        heard = judges["speaker"].predict(converted)
+        fig["conversion_speaker_target"] = float((heard == targets).mean())
+        fig["conversion_speaker_source"] = float((heard == data["test_speakers"]).mean())
         fig["conversion_digit"] = float((judges["digit"].predict(converted) == data["test_labels"]).mean())
     return fig
 
