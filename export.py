@@ -350,9 +350,11 @@ def import_command(argv):
         raise UserError(f"{run} already holds a run; choose another --out")
     model, priors, image_hw = load_export(args.file)
     data = load_dataset(args.data, args.data_dir)
-    if data.get("sample_rate") or data["train"].shape[3] != model.cfg.in_channels:
-        raise UserError(f"{args.data}: images of {data['train'].shape[3] if data['train'].ndim == 4 else '?'} "
-                        f"channels; the models of {args.file} take {model.cfg.in_channels}")
+    if data.get("sample_rate"):
+        raise UserError(f"{args.data} is speech; the models of {args.file} take images")
+    if data["train"].shape[3] != model.cfg.in_channels:
+        raise UserError(f"{args.data}: images of {data['train'].shape[3]} channels; the models of {args.file} take "
+                        f"{model.cfg.in_channels}")
     num_classes = priors[0].cfg.num_classes if priors else 0
     if num_classes and ("train_labels" not in data or data["num_classes"] > num_classes):
         raise UserError(f"{args.file}: its prior knows {num_classes} classes; {args.data} has "
@@ -368,9 +370,9 @@ def import_command(argv):
         for name, prior in zip(level_names(model), priors or []):
             save_checkpoint(run / f"{name}prior.npz", prior, vqvae.Adam(prior.params), cfg.prior_steps, 0.0,
                             vqvae_sha256=fingerprint(model), schedule_end=str(float(cfg.prior_steps)))
-        save_json(run / "config.json", {"train": asdict(cfg), "model": asdict(model.cfg), "priors": [
-            asdict(c) for c in (p.cfg for p in priors)] if priors else [asdict(c) for c in prior_configs(
-                {}, model.cfg, num_classes, cfg.seed)]})
+        prior_cfgs = [p.cfg for p in priors] if priors else prior_configs({}, model.cfg, num_classes, cfg.seed)
+        save_json(run / "config.json", {"train": asdict(cfg), "model": asdict(model.cfg),
+                                        "priors": [asdict(c) for c in prior_cfgs]})
         save_json(run / "summary.json", {"data": args.data, "image_hw": list(hw), "levels": model.cfg.levels,
                                          "imported_from": str(args.file), "steps": cfg.steps, "wall_time_s": 0.0,
                                          "vqvae_wall_time_s": 0.0})

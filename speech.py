@@ -418,9 +418,10 @@ def converted_clips(model, waves, speakers, stages):
 
 def prior_figures(judges, data, recons, samples, digits, converted, targets):
     """The judges on the spoken digits: the digit judge's accuracy on samples (the digit asked
-    for) and on the reconstructions `recons` of the held-out clips; the Frechet distance in its features from samples to reconstructions and its floor, two
-    halves of the reconstructions (each distance n/2 against n/2, as for images); for conversion,
-    how often the speaker judge hears the target speaker and the digit judge still the digit."""
+    for) and on the reconstructions `recons` of the held-out clips; the Frechet distance in its
+    features from samples to reconstructions and its floor, two halves of the reconstructions
+    (each distance n/2 against n/2, as for images); for conversion, how often the speaker judge
+    hears the target speaker and the digit judge still the digit."""
     (f_real, _), (f_rec, p_rec) = judges["digit"].embed(data["test"]), judges["digit"].embed(recons)
     f_smp, p_smp = judges["digit"].embed(list(samples))
     h = min(len(f_rec), len(f_smp)) // 2

@@ -533,7 +533,8 @@ SPEECH_ONLY = ("crop_samples", "prior_stages", "prior_frames")         # TrainCo
 def build_parser():
     p = ArgumentParser(prog="train.py", description="Train a VQ-VAE (van den Oord et al. 2017), then a PixelCNN "
                                                     "prior over its codes, and sample and measure new images.",
-                       epilog="Subcommands: encode, decode, sample, evaluate, report, export, import ('python train.py sample --help').")
+                       epilog="Subcommands: encode, decode, sample, evaluate, report, export, import "
+                              "('python train.py sample --help').")
     run = p.add_argument_group("run folder")
     run.add_argument("--out", default=None, help="the run folder (default: runs/<data>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR")
