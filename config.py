@@ -72,8 +72,11 @@ class TrainConfig:
     adversarial: bool = setting(False, "train the VQ-VAE against a patch discriminator as well (VQGAN), with VQGAN's "
                                        "Adam betas and twice the steps by default: the sharp decoder (docs/decoder.md)")
     disc_start: int = setting(500, "the VQ-VAE step at which the discriminator starts, trained and used", low=0)
-    disc_weight: float = setting(0.8, "w: the adversarial term's weight, times the adaptive lambda (VQGAN's, as "
-                                      "measured on the scenes; MNIST-like digits need 0.1: docs/decoder.md)", low=0)
+    disc_weight: float = setting(0.8, "w: the adversarial term's weight, times the adaptive lambda (VQGAN's), at most",
+                                 low=0)
+    disc_target: float = setting(0.6, "L_D*: w is lowered while the discriminator's hinge loss is above L_D* (nearer "
+                                      "chance), let back up to w below it (0: w held, VQGAN's; docs/decoder.md)",
+                                 low=0, below=1, absent=0.0)
     disc_layers: int = setting(2, "stride-2 convolutions of the discriminator", low=1)
     disc_width: int = setting(16, "channels of its first convolution (then twice as many a layer, at most 8x)", low=1)
     disc_lr: float = setting(1e-3, "the discriminator's Adam learning rate", above=0)

@@ -658,12 +658,21 @@ def test_class_conditional_runs_train_with_label_dropout_and_sample_with_guidanc
 
 
 def test_an_adversarial_run_keeps_its_discriminator_in_the_checkpoint_and_refuses_a_damaged_one(tmp_path, tiny_data, capsys):
-    run = tiny_run(tmp_path, tiny_data, extra=[*ADVERSARIAL, "--stage", "vqvae", "--log-every", "1"])
+    run = tiny_run(tmp_path, tiny_data, extra=[*ADVERSARIAL, "--stage", "vqvae", "--log-every", "1", "--disc-target", "0.6"])
     with np.load(run / "checkpoint.npz", allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     assert int(arrays["disc_opt.t"]) == 2 and arrays["disc.0.W"].shape == (4, 3, 4, 4)  # D trained at steps 2 and 3
     lines = [m for m in metric_lines(run) if "loss" in m]              # steps 1 to 4, the training lines
     assert "gan" not in lines[1] and all(k in lines[2] for k in ("gan", "gan_weight", "disc_loss"))  # from step index 2
+    steered = 1.0                                                      # w_t / w after the steps of D's losses
+    for m in lines[2:]:
+        steered = min(1.0, steered * np.exp(0.01 * (0.6 - m["disc_loss"])))
+    assert steered < 1 and float(arrays["disc_scale"]) == pytest.approx(steered, rel=1e-5)
+    assert T.main(["--resume", str(run), "--steps", "5", "--stage", "vqvae", "--log-every", "1"]) == 0
+    last = [m for m in metric_lines(run) if "loss" in m][-1]
+    with np.load(run / "checkpoint.npz", allow_pickle=False) as f:     # resumed from where it was steered to
+        assert float(f["disc_scale"]) == pytest.approx(min(1.0, steered * np.exp(0.01 * (0.6 - last["disc_loss"]))),
+                                                       rel=1e-5)
     assert json.loads((run / "summary.json").read_text())["adversarial"] is True
     del arrays["disc.2.W"]
     np.savez(run / "checkpoint.npz", **arrays)

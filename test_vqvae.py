@@ -1874,6 +1874,35 @@ def test_before_disc_start_the_step_is_the_vqvae_step_and_the_discriminator_slee
     assert not all(np.array_equal(v, disc_before[k]) for k, v in gan.disc.params.items())
 
 
+def test_the_steered_weight_moves_toward_the_discriminators_target_loss_within_its_bounds():
+    """w_t+1 = min(w, w_t exp(r (L_D* - L_D,t))): a step's lambda is w_t times eq. 7's ratio, and
+    after the step w moves down where D's loss is above the target (nearer chance), back up where
+    below, never above w."""
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2))
+    gan = tiny_vqgan(4, weight=0.5)
+    held = float(gan.forward(x, train=False)["gan_weight"])
+    gan.train_step(x, V.Adam(gan.model.params), V.Adam(gan.disc.params), 0)
+    assert gan.scale == 1.0                                            # no target: VQGAN's w, held
+    gan = tiny_vqgan(4, weight=0.5)
+    gan.target, gan.rate = 0.6, 0.05
+    stats = gan.train_step(x, V.Adam(gan.model.params), V.Adam(gan.disc.params), 0)
+    assert float(stats["gan_weight"]) == held                          # the step used w_0 = w ...
+    assert gan.scale == pytest.approx(min(1, np.exp(0.05 * (0.6 - float(stats["disc_loss"])))), rel=1e-12)  # ... then moved it
+    now = float(gan.forward(x, train=False)["gan_weight"]) / gan.scale  # eq. 7 at the model as it is now
+    gan.scale = 2.0
+    assert float(gan.forward(x, train=False)["gan_weight"]) == pytest.approx(2 * now, rel=1e-12)
+    gan.scale = 1.0
+    gan.steer(1.0), gan.steer(1.0)                                     # D at chance: w down
+    assert gan.scale == pytest.approx(np.exp(-0.05 * 0.8))
+    gan.steer(0.1)                                                     # D ahead: w back up ...
+    assert gan.scale == pytest.approx(np.exp(-0.05 * 0.8 + 0.05 * 0.5))
+    gan.steer(0.1)
+    assert gan.scale == 1.0                                            # ... to w, never above it
+    for _ in range(2000):
+        gan.steer(1.0)
+    assert gan.scale == 1 / gan.bound                                  # nor below w / bound
+
+
 @pytest.mark.parametrize("where", ["everywhere", "discriminator only"])
 def test_a_non_finite_adversarial_step_changes_neither_network_nor_either_adam(where, monkeypatch):
     gan = tiny_vqgan(0, quantizer="ema", dtype="float32")

@@ -273,7 +273,8 @@ def make_vqvae(cfg, model_cfg, data):
         H, W = data["train_padded"].shape[1:3]
         if min(disc.patches(H, W)) < 1:
             raise UserError(f"--disc-layers {cfg.disc_layers} leaves no patch of a {H} x {W} image to judge: give fewer")
-    gan = vqgan.VQGAN(model, disc, cfg.disc_weight, cfg.disc_start, cfg.l1_weight, cfg.perceptual_weight)
+    gan = vqgan.VQGAN(model, disc, cfg.disc_weight, cfg.disc_start, cfg.l1_weight, cfg.perceptual_weight,
+                      target=cfg.disc_target or None)            # 0: VQGAN's w, held
     gan.disc_opt = vqvae.Adam(disc.params, lr=cfg.disc_lr, betas=DISC_BETAS) if disc is not None else None
     return model, opt, gan
 
@@ -281,7 +282,9 @@ def make_vqvae(cfg, model_cfg, data):
 def resume_vqvae(run, cfg, model, opt, gan):
     """The VQ-VAE (and its Adam, and --adversarial's discriminator) from RUN/checkpoint.npz
     -> (its step, seconds so far, the summary of the run so far)."""
-    step, wall, _ = load_checkpoint(run / "checkpoint.npz", model, opt, *gan_parts(gan))
+    step, wall, notes = load_checkpoint(run / "checkpoint.npz", model, opt, *gan_parts(gan))
+    if gan is not None and "disc_scale" in notes:
+        gan.scale = float(notes["disc_scale"])                         # where --disc-target had steered w to
     if cfg.steps < step:
         raise UserError(f"the VQ-VAE of {run} is at step {step}: --steps {cfg.steps} would go back; "
                         f"give --steps {step} or more")
@@ -377,7 +380,9 @@ def train_vqvae(run, cfg, data, model, opt, gan, step, wall, log, stop):
         return evaluate(model, test, real_hw, cfg.batch_size)
 
     def save(s):
-        return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start, *gan_parts(gan))
+        notes = {"disc_scale": repr(gan.scale)} if gan is not None and gan.disc is not None else {}
+        return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start, *gan_parts(gan),
+                               **notes)
 
     stage = Stage("vqvae", cfg.batch_size, train_step, held_out, save, run / "checkpoint.npz")
     ev = fit(stage, step, cfg.steps, cfg, model.xp, log, stop)

@@ -11,6 +11,16 @@ images from reconstructions; the VQ-VAE gets a second loss, which blur does not 
     L_rec  = |x - x_hat|^2 + a |x - x_hat|_1 + b P(x, x_hat)             VQGAN's: L1 and LPIPS
     L      = L_rec + vq (vqvae.py, eq. 3) + lambda L_GAN                 paper eq. 6
     lambda = w |grad_{G_L} L_rec| / (|grad_{G_L} L_GAN| + delta)         paper eq. 7, a constant sg[.]
+    w_t+1  = min(w, w_t exp(r (L_D* - L_D,t))), w_0 = w                 w held back (optional)
+
+The last line is this project's, not VQGAN's: eq. 7 balances the two gradients, not the two
+players. Where D is still at chance (L_D = 1) L_GAN's gradient is small and lambda large, so
+the VQ-VAE fools D after every step and D never gets ahead (docs/decoder.md: the digits). So w
+is lowered, multiplicatively, while D's hinge loss is above L_D* (nearer chance than a D that
+has learned something), and let back up to w, never above it, once D is ahead: a proportional
+controller, as BEGAN's k_t keeps its two losses in a ratio and StyleGAN2-ADA's augmentation
+keeps D's overfitting at a target. Raised above w as well, it pushed the scenes' decoder ever
+harder while D stayed ahead, and one seed's squared error doubled (docs/decoder.md).
 
 P is a perceptual distance: LPIPS compares an ImageNet network's features, which cannot be
 downloaded here, so P compares the features of a network trained on the run's own training
@@ -22,6 +32,8 @@ at x_hat are at hand (L_rec's from its terms, L_GAN's back through D), and G_L's
 is linear in its upstream gradient: two calls of weight_grad, then ONE decoder backward with
 dx_hat = d L_rec + lambda d L_GAN. Below: LeakyReLU, PatchDiscriminator, the losses, and the step.
 """
+import math
+
 from vqvae import Conv2d, NonFiniteError, ReLU, Sequential, array_module, conv_weight, pad_hw, windows
 
 
@@ -157,11 +169,23 @@ class VQGAN:
     formulas): `l1` is a and `perceptual` b of L_rec, `net` the network P is measured in; with a
     discriminator, `weight` is w of eq. 7 (taming's discriminator_weight) and before step `start`
     the discriminator is neither trained nor used (taming's disc_factor 0), so that it meets
-    reconstructions that already look like the images."""
+    reconstructions that already look like the images. With a `target` L_D* each adversarial step
+    moves w by exp(rate (L_D* - L_D)), within [w / bound, w]; without, w stays VQGAN's."""
 
-    def __init__(self, model, disc=None, weight=0.8, start=0, l1=0.0, perceptual=0.0, net=None):
+    def __init__(self, model, disc=None, weight=0.8, start=0, l1=0.0, perceptual=0.0, net=None,
+                 target=None, rate=0.01, bound=100.0):
         self.model, self.disc, self.weight, self.start = model, disc, float(weight), int(start)
         self.l1, self.perceptual, self.net = float(l1), float(perceptual), net
+        self.target, self.rate, self.bound = target, float(rate), float(bound)
+        self.scale = 1.0                                               # w_t / w, kept in the checkpoint
+
+    def steer(self, disc_loss):
+        """w_t+1 = min(w, w_t exp(r (L_D* - L_D,t))): down while D's loss is above the target
+        (nearer chance), back up toward w while below; scale = w_t / w is a Python float, so that
+        a checkpoint can hold it."""
+        if self.target is not None:
+            step = float(self.scale) * math.exp(self.rate * (self.target - float(disc_loss)))
+            self.scale = min(max(step, 1 / self.bound), 1.0)
 
     def reconstruction(self, stats):
         """L_rec's terms beyond the squared error, added to stats -> d L_rec / d x_hat."""
@@ -194,7 +218,7 @@ class VQGAN:
         dx_gan = self.disc.backward(dlogits_fake)                      # dL_GAN/dx_hat; the D gradients this pass
                                                                        # leaves in disc.grads are overwritten below
         G_L = self.model.decoder.layers[-1]                           # the last layer, whose output is x_hat
-        lam = self.weight * adaptive_weight(weight_grad(G_L, dx_rec), weight_grad(G_L, dx_gan))  # eq. 7, sg[]: a constant
+        lam = self.weight * self.scale * adaptive_weight(weight_grad(G_L, dx_rec), weight_grad(G_L, dx_gan))  # eq. 7, sg[]: a constant
         # the discriminator's term: real images and the reconstructions as plain data, sg[x_hat]
         N = len(x)
         logits = self.disc.forward(xp.concatenate([x, x_hat]))         # (2N, h, w, 1): D has no batch statistics,
@@ -226,4 +250,6 @@ class VQGAN:
             opt.step(self.model.grads, self.model.params)
             if adversarial:
                 disc_opt.step(self.disc.grads, self.disc.params)
+        if adversarial:
+            self.steer(stats["disc_loss"])                             # after a step that was taken
         return stats
