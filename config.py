@@ -28,7 +28,8 @@ BATCH = {"images": 32, "audio": 16}     # a step's images, or clips of --crop-sa
 LR = {"images": 1e-3, "audio": 3e-3}    # Adam's learning rate (docs/audio.md: the codec learns faster at 3e-3)
 JUDGE_STEPS = {"images": 1500, "audio": 1000}  # the judge's training steps (each of speech's two judges)
 BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam: Kingma & Ba's; VQGAN's
-PRIOR_STEPS = {"images": 6000, "audio": 2000}  # the prior's training steps (docs/prior.md, docs/audio.md)
+PRIOR_STEPS = {"images": 3000, "audio": 2000}  # the prior's training steps (docs/first_run.md, docs/audio.md) ...
+PRIOR_WARMUP = {"audio": 600}                   # ... its warm-up: speech's as measured; images' a tenth of the steps
 VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top prior, attention after every 4th ...
                  {"layers": 8, "attention_every": 0})    # ... and the bottom prior, given the top codes (docs/vqvae2.md)
 
@@ -81,11 +82,13 @@ class TrainConfig:
     disc_width: int = setting(16, "channels of its first convolution (then twice as many a layer, at most 8x)", low=1)
     disc_lr: float = setting(1e-3, "the discriminator's Adam learning rate", above=0)
     # the priors' training (docs/prior.md)
-    prior_steps: int = setting(None, f"prior training steps (default {PRIOR_STEPS['images']}, two levels: the top "
-                                     f"prior's; speech: {PRIOR_STEPS['audio']})", low=1, resumable=True)
+    prior_steps: int = setting(None, f"prior training steps (default {PRIOR_STEPS['images']}, the first run's; 6000: "
+                                     f"the longer one, docs/first_run.md; two levels: the top prior's; speech: "
+                                     f"{PRIOR_STEPS['audio']})", low=1, resumable=True)
     prior_batch_size: int = setting(8, "code grids per prior step", low=1)
     prior_lr: float = setting(2e-3, "the prior's peak Adam learning rate, reached after ...", above=0)
-    prior_warmup: int = setting(600, "... a linear warm-up over this many steps, then decayed linearly ...", low=0)
+    prior_warmup: int = setting(None, "... a linear warm-up over this many steps (default: a tenth of --prior-steps; "
+                                      f"speech's {PRIOR_WARMUP['audio']}), then decayed linearly ...", low=0, absent=600)
     prior_decay_steps: int = setting(0, "... to a tenth of it at this step (0: at --prior-steps)", low=0)
     bottom_prior_factor: float = setting(0.5, "two levels: the bottom prior trains this share of --prior-steps, its "
                                               "warm-up and decay alike", above=0, only=("levels", (2,)), resumable=True)
@@ -120,6 +123,8 @@ class TrainConfig:
         self.lr = LR[kind] if self.lr is None else self.lr
         self.judge_steps = JUDGE_STEPS[kind] if self.judge_steps is None else self.judge_steps
         self.prior_steps = PRIOR_STEPS[kind] if self.prior_steps is None else self.prior_steps
+        if self.prior_warmup is None:
+            self.prior_warmup = PRIOR_WARMUP.get(kind, self.prior_steps // 10)
         if self.prior_flip is None:
             self.prior_flip = self.data in MIRROR_INVARIANT
         check(self)
@@ -131,9 +136,10 @@ class TrainConfig:
         d = dict(d)
         M = d.pop("top_prior_factor", None)
         if M is not None and "bottom_prior_factor" not in d:
-            d.setdefault("prior_steps", PRIOR_STEPS["images"])
+            d.setdefault("prior_steps", 6000)                         # the defaults of that time
+            d.setdefault("prior_warmup", 600)
             for key in ("prior_steps", "prior_warmup", "prior_decay_steps"):
-                d[key] = d.get(key, getattr(cls, key, 0)) * M
+                d[key] = d.get(key, 0) * M
             d["bottom_prior_factor"] = 1 / M
         return from_dict(cls, d)
 

@@ -202,6 +202,19 @@ def test_steps_batch_and_adam_defaults_follow_the_data_and_adversarial(tmp_path)
         assert (cfg.steps, cfg.batch_size, cfg.adam_beta1, cfg.adam_beta2, cfg.lr, cfg.judge_steps) == expected, flags
 
 
+def test_the_priors_warm_up_is_a_tenth_of_its_steps_for_images_and_speechs_own_for_speech(tmp_path):
+    """config.PRIOR_STEPS and PRIOR_WARMUP: images 3000 steps warmed up over 300, and --prior-steps
+    6000 alone gives the longer schedule of docs/first_run.md (600); speech 2000 over 600; an
+    explicit --prior-warmup wins; a config.json from before the default holds its own."""
+    parser = T.build_parser()
+    for flags, expected in [([], (3000, 300)), (["--prior-steps", "6000"], (6000, 600)),
+                            (["--data", "fsdd"], (config.PRIOR_STEPS["audio"], 600)),
+                            (["--prior-steps", "6000", "--prior-warmup", "7"], (6000, 7))]:
+        cfg = T.configs_from_args(parser.parse_args(["--out", str(tmp_path / "run"), *flags]))[0]
+        assert (cfg.prior_steps, cfg.prior_warmup) == expected, flags
+    assert config.TrainConfig.from_dict({"prior_steps": 6000}).prior_warmup == 600     # a config.json without it
+
+
 @pytest.mark.parametrize("quantizer, flags, K", [("rvq", ["--rvq-stages", "3", "--kmeans-init", "--restart-threshold", "1"], 16),
                                                  ("fsq", ["--fsq-levels", "5,3"], 15), ("lfq", ["-K", "8"], 8),
                                                  ("gumbel", ["--gumbel-anneal-steps", "2"], 16)])
