@@ -184,8 +184,8 @@ class VQGAN:
         (nearer chance), back up toward w while below; scale = w_t / w is a Python float, so that
         a checkpoint can hold it."""
         if self.target is not None:
-            step = float(self.scale) * math.exp(self.rate * (self.target - float(disc_loss)))
-            self.scale = min(max(step, 1 / self.bound), 1.0)
+            moved = float(self.scale) * math.exp(self.rate * (self.target - float(disc_loss)))  # a host sync on a GPU
+            self.scale = min(max(moved, 1 / self.bound), 1.0)
 
     def reconstruction(self, stats):
         """L_rec's terms beyond the squared error, added to stats -> d L_rec / d x_hat."""
@@ -218,7 +218,8 @@ class VQGAN:
         dx_gan = self.disc.backward(dlogits_fake)                      # dL_GAN/dx_hat; the D gradients this pass
                                                                        # leaves in disc.grads are overwritten below
         G_L = self.model.decoder.layers[-1]                           # the last layer, whose output is x_hat
-        lam = self.weight * self.scale * adaptive_weight(weight_grad(G_L, dx_rec), weight_grad(G_L, dx_gan))  # eq. 7, sg[]: a constant
+        lam = self.weight * self.scale * adaptive_weight(weight_grad(G_L, dx_rec),  # eq. 7, sg[]: a constant;
+                                                         weight_grad(G_L, dx_gan))  # w_t = weight * scale
         # the discriminator's term: real images and the reconstructions as plain data, sg[x_hat]
         N = len(x)
         logits = self.disc.forward(xp.concatenate([x, x_hat]))         # (2N, h, w, 1): D has no batch statistics,
