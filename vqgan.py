@@ -182,9 +182,10 @@ class VQGAN:
     def steer(self, disc_loss):
         """w_t+1 = min(w, w_t exp(r (L_D* - L_D,t))): down while D's loss is above the target
         (nearer chance), back up toward w while below; scale = w_t / w is a Python float, so that
-        a checkpoint can hold it."""
+        a checkpoint can hold it (on a GPU one scalar to the host a step, after the two Adams'
+        finiteness checks have waited for the device already)."""
         if self.target is not None:
-            moved = float(self.scale) * math.exp(self.rate * (self.target - float(disc_loss)))  # a host sync on a GPU
+            moved = float(self.scale) * math.exp(self.rate * (self.target - float(disc_loss)))
             self.scale = min(max(moved, 1 / self.bound), 1.0)
 
     def reconstruction(self, stats):
