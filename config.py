@@ -25,7 +25,9 @@ DISC_BETAS = (0.5, 0.9)   # the discriminator's Adam: VQGAN's (for both its netw
 STEPS = {"images": 3000, "adversarial": 6000,  # training steps of the VQ-VAE (docs/decoder.md) ...
          "audio": 2000}                          # ... and of the audio codec (docs/audio.md)
 BATCH = {"images": 32, "audio": 16}     # a step's images, or clips of --crop-samples
-LR = {"images": 1e-3, "audio": 3e-3}    # Adam's learning rate (docs/audio.md: the codec learns faster at 3e-3)
+LR = {"images": 1e-3, "audio": 6e-3}    # Adam's peak learning rate ... (docs/audio.md: the codec's, measured)
+LR_WARMUP = {"images": 0, "audio": 100}  # ... reached after a linear warm-up of these steps ...
+LR_FLOOR = {"images": 1.0, "audio": 0.1}  # ... then decayed linearly to this fraction of it at --steps (1: constant)
 JUDGE_STEPS = {"images": 1500, "audio": 1000}  # the judge's training steps (each of speech's two judges)
 BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam: Kingma & Ba's; VQGAN's
 PRIOR_STEPS = {"images": 3000, "audio": 2000}  # the prior's training steps (docs/first_run.md, docs/audio.md) ...
@@ -59,8 +61,13 @@ class TrainConfig:
                                    "codes side by side, coarse to fine", low=1)
     prior_frames: int = setting(192, "speech: the code frames of each clip the prior models, silence after a shorter "
                                      "clip (192: 0.77 s, longer than 97 percent of the clips)", low=1)
-    lr: float = setting(None, f"the VQ-VAE's Adam learning rate (default {LR['images']}; the codec's {LR['audio']})",
-                        above=0)
+    lr: float = setting(None, f"the VQ-VAE's peak Adam learning rate (default {LR['images']}; the codec's "
+                              f"{LR['audio']}) ...", above=0)
+    lr_warmup: int = setting(None, f"... reached after a linear warm-up over this many steps (default "
+                                   f"{LR_WARMUP['images']}; the codec's {LR_WARMUP['audio']}) ...", low=0, absent=0)
+    lr_floor: float = setting(None, f"... then decayed linearly to this fraction of it at --steps (default "
+                                    f"{LR_FLOOR['images']:g}: constant; the codec's {LR_FLOOR['audio']:g})", low=0,
+                              high=1, absent=1.0)
     adam_beta1: float = setting(None, f"the VQ-VAE's Adam beta1 (default {BETAS['plain'][0]}; with --adversarial "
                                       f"VQGAN's {BETAS['adversarial'][0]}) ...", low=0, below=1)
     adam_beta2: float = setting(None, f"... and beta2 ({BETAS['plain'][1]}; VQGAN's {BETAS['adversarial'][1]})",
@@ -121,6 +128,8 @@ class TrainConfig:
         self.adam_beta2 = betas[1] if self.adam_beta2 is None else self.adam_beta2
         self.batch_size = BATCH[kind] if self.batch_size is None else self.batch_size
         self.lr = LR[kind] if self.lr is None else self.lr
+        self.lr_warmup = LR_WARMUP[kind] if self.lr_warmup is None else self.lr_warmup
+        self.lr_floor = LR_FLOOR[kind] if self.lr_floor is None else self.lr_floor
         self.judge_steps = JUDGE_STEPS[kind] if self.judge_steps is None else self.judge_steps
         self.prior_steps = PRIOR_STEPS[kind] if self.prior_steps is None else self.prior_steps
         if self.prior_warmup is None:

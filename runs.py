@@ -197,8 +197,8 @@ def repair_metrics(path):
 # checkpoints: a model, its optimiser, its step, in one .npz
 
 
-CHECKPOINT_NOTES = ("vqvae_sha256", "schedule_end",  # a prior's: the VQ-VAE whose codes it was fitted to, and
-                                                       # the step its learning rate decays to a tenth at;
+CHECKPOINT_NOTES = ("vqvae_sha256", "schedule_end",  # a prior's: the VQ-VAE whose codes it was fitted to; a
+                                                       # model's: the step its learning rate decays to its floor at;
                     "disc_scale")                      # an adversarial VQ-VAE's: its steered weight, w_t / w
 
 

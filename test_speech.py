@@ -11,6 +11,7 @@ import datasets as D
 import prior as P
 import speech as S
 import train as T
+import vqvae as V
 from conftest import one_error_line, read_png
 
 RATE = 8000
@@ -222,6 +223,23 @@ def test_a_speech_run_resumes_where_it_stopped_and_refuses_a_changed_codec(tmp_p
     # prior anew), then the third run's from step 3 only: it continued the prior, not began it again
     assert prior_steps == [2, 2, 2, 2, 3, 3]
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_the_codecs_learning_rate_warms_up_decays_to_its_floor_and_a_resume_keeps_that_schedule(
+        tmp_path, fsdd_dir, capsys, monkeypatch):
+    """--lr after --lr-warmup steps, down linearly to --lr-floor times it at --steps, step by step
+    as Adam takes them; a run resumed after the warm-up with other --steps is refused (its steps
+    so far followed a decay to the old end), and with the same --steps it trains on."""
+    seen, adam_step = [], V.Adam.step
+    monkeypatch.setattr(V.Adam, "step", lambda self, grads, params: (seen.append(self.lr), adam_step(self, grads, params)))
+    run = speech_run(tmp_path, fsdd_dir, steps=6, extra=("--lr", "0.01", "--lr-warmup", "2", "--stage", "vqvae",
+                                                         "--no-evaluate"))
+    # warm-up: (s + 1) / 2 of the peak; then from the peak at step 2 to 0.1 of it at step 6
+    np.testing.assert_allclose(seen, [0.005, 0.01] + [0.01 * (0.1 + 0.9 * (6 - s) / 4) for s in range(2, 6)])
+    assert T.main(["--resume", str(run), "--steps", "8"]) == 1
+    assert "give --steps 6, or train a new run" in one_error_line(capsys)
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert (saved["lr_warmup"], saved["lr_floor"]) == (2, 0.1)
 
 
 def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path, fsdd_dir, capsys):

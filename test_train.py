@@ -189,17 +189,27 @@ def test_prior_layers_and_attention_defaults_depend_on_the_levels(tmp_path):
 
 
 def test_steps_batch_and_adam_defaults_follow_the_data_and_adversarial(tmp_path):
-    """One table each (config.STEPS, BATCH, BETAS, LR, JUDGE_STEPS): images 3000 steps of 32 with
-    Adam (0.9, 0.999) at 1e-3 and a judge of 1500 steps; --adversarial twice the steps with VQGAN's
-    (0.5, 0.9); speech the codec's steps, batch, rate and judges. Explicit flags win."""
+    """One table each (config.STEPS, BATCH, BETAS, LR, LR_WARMUP, LR_FLOOR, JUDGE_STEPS): images 3000
+    steps of 32 with Adam (0.9, 0.999) at a constant 1e-3 and a judge of 1500 steps; --adversarial
+    twice the steps with VQGAN's (0.5, 0.9); speech the codec's steps, batch, rate and its schedule,
+    and judges. Explicit flags win; a config.json from before the schedule kept its rate constant."""
     parser = T.build_parser()
-    audio_row = (config.STEPS["audio"], config.BATCH["audio"], 0.9, 0.999, config.LR["audio"], config.JUDGE_STEPS["audio"])
-    for flags, expected in [([], (3000, 32, 0.9, 0.999, 1e-3, 1500)), (["--adversarial"], (6000, 32, 0.5, 0.9, 1e-3, 1500)),
+    audio_row = (config.STEPS["audio"], config.BATCH["audio"], 0.9, 0.999, config.LR["audio"], config.LR_WARMUP["audio"],
+                 config.LR_FLOOR["audio"], config.JUDGE_STEPS["audio"])
+    for flags, expected in [([], (3000, 32, 0.9, 0.999, 1e-3, 0, 1.0, 1500)),
+                            (["--adversarial"], (6000, 32, 0.5, 0.9, 1e-3, 0, 1.0, 1500)),
                             (["--data", "fsdd"], audio_row),
                             (["--adversarial", "--steps", "10", "--batch-size", "4", "--adam-beta1", "0.7", "--lr", "0.01",
-                              "--judge-steps", "7"], (10, 4, 0.7, 0.9, 0.01, 7))]:
+                              "--lr-warmup", "3", "--lr-floor", "0.5", "--judge-steps", "7"],
+                             (10, 4, 0.7, 0.9, 0.01, 3, 0.5, 7))]:
         cfg = T.configs_from_args(parser.parse_args(["--out", str(tmp_path / "run"), *flags]))[0]
-        assert (cfg.steps, cfg.batch_size, cfg.adam_beta1, cfg.adam_beta2, cfg.lr, cfg.judge_steps) == expected, flags
+        assert (cfg.steps, cfg.batch_size, cfg.adam_beta1, cfg.adam_beta2, cfg.lr, cfg.lr_warmup, cfg.lr_floor,
+                cfg.judge_steps) == expected, flags
+    assert audio_row[5:7] == (100, 0.1)                                # docs/audio.md's schedule
+    old = config.TrainConfig.from_dict({"data": "fsdd", "lr": 3e-3})   # a codec's config.json from before it
+    assert (old.lr_warmup, old.lr_floor) == (0, 1.0) and T.vqvae_lr_at(old, 1999) == 3e-3
+    plain = config.TrainConfig()
+    assert [T.vqvae_lr_at(plain, s) for s in (0, 1500, 2999, 5000)] == [1e-3] * 4  # images: constant
 
 
 def test_the_priors_warm_up_is_a_tenth_of_its_steps_for_images_and_speechs_own_for_speech(tmp_path):

@@ -139,19 +139,30 @@ def schedule_end(cfg, scale=1):
     return (cfg.prior_decay_steps or cfg.prior_steps) * scale
 
 
-def prior_lr_at(cfg, step, scale=1):
-    """The prior's learning rate at a step (from 0): up linearly from 0 to --prior-lr over
-    --prior-warmup steps, then down linearly to a tenth of it at --prior-decay-steps, and a
-    tenth after that (a run resumed with more --prior-steps trains on at that rate). Adam's
-    first steps, with second moments estimated from a few batches, are the least reliable: the
-    warm-up keeps them small. The decay ends training at a low rate, where the last steps
-    average out the batch-to-batch noise instead of following it. A prior that trains `scale`
-    times the steps (two levels' bottom one, --bottom-prior-factor) has both stretched alike."""
-    peak, warmup, end = cfg.prior_lr, cfg.prior_warmup * scale, schedule_end(cfg, scale)
+def lr_at(step, peak, warmup, end, floor):
+    """A learning rate at a step (from 0): up linearly from 0 to `peak` over `warmup` steps, then
+    down linearly to floor * peak at step `end`, and that after it. Adam's first steps, with
+    second moments estimated from a few batches, are the least reliable: the warm-up keeps them
+    small. The decay ends training at a low rate, where the last steps average out the
+    batch-to-batch noise instead of following it."""
     if step < warmup:
         return peak * (step + 1) / warmup
     left = max(0.0, (end - step) / max(1, end - warmup))               # 1 at the peak, 0 from `end` on
-    return peak * (0.1 + 0.9 * left)
+    return peak * (floor + (1 - floor) * left)
+
+
+def prior_lr_at(cfg, step, scale=1):
+    """The prior's learning rate at a step: --prior-lr after --prior-warmup steps, a tenth of it at
+    --prior-decay-steps (and after: a run resumed with more --prior-steps trains on at that rate).
+    A prior that trains `scale` times the steps (two levels' bottom one, --bottom-prior-factor)
+    has both stretched alike."""
+    return lr_at(step, cfg.prior_lr, cfg.prior_warmup * scale, schedule_end(cfg, scale), 0.1)
+
+
+def vqvae_lr_at(cfg, step):
+    """The VQ-VAE's (or the codec's) learning rate at a step: --lr after --lr-warmup steps, --lr-floor
+    times it at --steps (the images' default: --lr throughout; the codec's: docs/audio.md)."""
+    return lr_at(step, cfg.lr, cfg.lr_warmup, cfg.steps, cfg.lr_floor)
 
 
 # -----------------------------------------------------------------------------
@@ -288,6 +299,11 @@ def resume_vqvae(run, cfg, model, opt, gan):
     if cfg.steps < step:
         raise UserError(f"the VQ-VAE of {run} is at step {step}: --steps {cfg.steps} would go back; "
                         f"give --steps {step} or more")
+    trained_to = float(notes.get("schedule_end", cfg.steps))          # where its learning rate reaches the floor
+    if cfg.lr_floor != 1 and trained_to != cfg.steps and step > cfg.lr_warmup:
+        raise UserError(f"the VQ-VAE of {run} trained {step} steps of a learning rate that decays to "
+                        f"{cfg.lr_floor:g} of --lr at step {trained_to:g}; --steps {cfg.steps} would follow another "
+                        f"schedule than the steps already trained: give --steps {trained_to:g}, or train a new run")
     if cfg.stage == "prior" and step < cfg.steps:
         raise UserError(f"the VQ-VAE of {run} stopped at step {step} of {cfg.steps}: finish it first "
                         f"(--resume {run} --stage vqvae)")
@@ -371,6 +387,7 @@ def train_vqvae(run, cfg, data, model, opt, gan, step, wall, log, stop):
 
     def train_step(s):
         x = to_model(images[batch_indices(cfg.seed, s, len(images), cfg.batch_size)])
+        opt.lr = vqvae_lr_at(cfg, s)
         if gan is not None:                                            # VQGAN's losses, D from disc_start
             return gan.train_step(x, opt, gan.disc_opt, s)
         return model.train_step(x, opt)                                # forward, backward, Adam
@@ -382,7 +399,7 @@ def train_vqvae(run, cfg, data, model, opt, gan, step, wall, log, stop):
     def save(s):
         notes = {"disc_scale": repr(gan.scale)} if gan is not None and gan.disc is not None else {}
         return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start, *gan_parts(gan),
-                               **notes)
+                               schedule_end=str(float(cfg.steps)), **notes)
 
     stage = Stage("vqvae", cfg.batch_size, train_step, held_out, save, run / "checkpoint.npz")
     ev = fit(stage, step, cfg.steps, cfg, model.xp, log, stop)
@@ -488,6 +505,7 @@ def train_codec(run, cfg, data, model, opt, step, wall, log, stop):
     t_start = time.time()
 
     def train_step(s):
+        opt.lr = vqvae_lr_at(cfg, s)
         x, idx = speech.crops(data["train"], cfg.seed, s, cfg.batch_size, cfg.crop_samples)
         return model.train_step(x, opt, model.dropout_stages(cfg.seed, s),  # quantizer dropout: n_q of this step
                                 data["train_speakers"][idx] if conditioned else None)
@@ -499,7 +517,8 @@ def train_codec(run, cfg, data, model, opt, step, wall, log, stop):
         return {"val_si_snr_db": rows[0]["si_snr_db"], "val_log_mel_distance": rows[0]["log_mel_distance"]}
 
     def save(s):
-        return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start)
+        return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start,
+                               schedule_end=str(float(cfg.steps)))
 
     ev = fit(Stage("codec", cfg.batch_size, train_step, held_out, save, run / "checkpoint.npz"), step, cfg.steps,
              cfg, model.xp, log, stop)
@@ -529,7 +548,7 @@ SECTIONS = ((TrainConfig, "", "the run, training, sampling and evaluation (confi
             (audio.CodecConfig, "codec_", "speech, --data fsdd: the audio codec (audio.CodecConfig)"))
 FLAGS = {prefix + f.name: (cls, f) for cls, prefix, _ in SECTIONS for f in fields(cls) if f.metadata.get("help")}
 SPEECH_FLAGS = ("data", "data_dir", "stage", "seed", "device", "log_every", "eval_every", "steps", "batch_size",
-                "lr", "adam_beta1", "adam_beta2", "evaluate", "judge_steps", "prior_steps", "prior_batch_size",
+                "lr", "lr_warmup", "lr_floor", "adam_beta1", "adam_beta2", "evaluate", "judge_steps", "prior_steps", "prior_batch_size",
                 "prior_lr", "prior_warmup", "prior_decay_steps", "prior_labels", "temperature", "top_k", "top_p",
                 "guidance")                                            # TrainConfig's for speech, and PriorConfig's
 SPEECH_ONLY = ("crop_samples", "prior_stages", "prior_frames")         # TrainConfig's for speech only, and CodecConfig's
