@@ -20,7 +20,7 @@ from runs import UserError, read_json
 from settings import SettingError, check, check_value, flag_message, from_dict, setting
 
 STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
-GUIDANCE = 1.5            # the guidance of a prior trained with label dropout, unless --guidance (docs/prior.md)
+GUIDANCE = {"images": 1.5, "audio": 2.0}  # guidance of a prior trained with label dropout (docs/prior.md, audio.md)
 DISC_BETAS = (0.5, 0.9)   # the discriminator's Adam: VQGAN's (for both its networks), the usual beta1 of GANs
 STEPS = {"images": 3000, "adversarial": 6000,  # training steps of the VQ-VAE (docs/decoder.md) ...
          "audio": 2000}                          # ... and of the audio codec (docs/audio.md)
@@ -109,7 +109,7 @@ class TrainConfig:
     top_p: float = setting(1.0, "sample from the fewest most likely codes whose probability reaches p (nucleus; "
                                 "1: all)", above=0, high=1, resumable=True)
     guidance: float = setting(None, "classifier-free guidance s of a prior trained with label dropout (1: none; "
-                                    f"default: {GUIDANCE} for such a prior, else 1)", low=0, high=P.GUIDANCE_MAX,
+                                    f"default: {GUIDANCE['images']} for such a prior, speech's {GUIDANCE['audio']:g}, else 1)", low=0, high=P.GUIDANCE_MAX,
                               resumable=True)
     # the evaluation at the end (evaluation.py, docs/evaluation.md)
     evaluate: bool = setting(True, "measure the samples and reconstructions with a judge network", resumable=True)
@@ -202,10 +202,10 @@ def prior_configs(settings, model_cfg, num_classes, seed):
                           cond_channels=bottom.get("channels", P.PriorConfig.channels), cond_upsample=2)]
 
 
-def sampling_rule(settings, prior_cfgs):
+def sampling_rule(settings, prior_cfgs, kind="images"):
     """temperature, top_k, top_p and guidance of a TrainConfig or of parsed flags, checked against
     their declarations and the PriorConfigs of the priors that will sample -> prior.sample's
-    keywords. Guidance not given: GUIDANCE when every prior was trained with label dropout (it
+    keywords. Guidance not given: GUIDANCE of the data's kind when every prior was trained with label dropout (it
     knows the grids without a class), else 1 (none)."""
     rule = {}
     for f in fields(TrainConfig):
@@ -220,7 +220,7 @@ def sampling_rule(settings, prior_cfgs):
                         f"or at least {P.TEMPERATURE_MIN}")
     guided = bool(prior_cfgs) and all(c.label_dropout > 0 for c in prior_cfgs)
     if rule["guidance"] is None:
-        rule["guidance"] = GUIDANCE if guided else 1.0
+        rule["guidance"] = GUIDANCE[kind] if guided else 1.0
     elif rule["guidance"] != 1 and prior_cfgs and not guided:
         raise UserError(f"--guidance {rule['guidance']} needs a class-conditional prior trained with "
                         f"--prior-label-dropout > 0; this run's prior{'s were' if len(prior_cfgs) > 1 else ' was'} not")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import audio as A
+import config
 import datasets as D
 import prior as P
 import speech as S
@@ -240,6 +241,18 @@ def test_the_codecs_learning_rate_warms_up_decays_to_its_floor_and_a_resume_keep
     assert "give --steps 6, or train a new run" in one_error_line(capsys)
     saved = json.loads((run / "config.json").read_text())["train"]
     assert (saved["lr_warmup"], saved["lr_floor"]) == (2, 0.1)
+
+
+def test_speech_samples_with_its_own_guidance_unless_one_is_given(tmp_path, fsdd_dir, monkeypatch):
+    """config.GUIDANCE: a speech run's prior, trained with label dropout, speaks with guidance 2
+    (docs/audio.md), the images' 1.5; --guidance wins; a prior without label dropout takes none."""
+    rules, sample_clips = [], S.sample_clips
+    monkeypatch.setattr(S, "sample_clips", lambda *a: (rules.append(a[-1]), sample_clips(*a))[1])
+    speech_run(tmp_path, fsdd_dir, "plain", steps=2, extra=("--no-evaluate",))
+    speech_run(tmp_path, fsdd_dir, "given", steps=2, extra=("--no-evaluate", "--guidance", "3"))
+    speech_run(tmp_path, fsdd_dir, "unguided", steps=2, extra=("--no-evaluate", "--prior-label-dropout", "0"))
+    assert [r["guidance"] for r in rules] == [config.GUIDANCE["audio"], 3.0, 1.0]
+    assert config.GUIDANCE == {"images": 1.5, "audio": 2.0}
 
 
 def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path, fsdd_dir, capsys):

@@ -458,7 +458,7 @@ def train_speech(cfg, codec_cfg, prior_settings, run, resuming):
     opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     prior_cfgs = (prior_settings if resuming else []) or prior_configs(  # a run from before the prior: made now
         {} if resuming else prior_settings, codec_cfg, data["num_classes"] if cfg.prior_labels else 0, cfg.seed)
-    rule = sampling_rule(cfg, prior_cfgs)
+    rule = sampling_rule(cfg, prior_cfgs, "audio")
     make_run_folder(run)
     with RunLock(run):
         step, wall, before = 0, 0.0, {}
