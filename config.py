@@ -109,8 +109,8 @@ class TrainConfig:
     top_p: float = setting(1.0, "sample from the fewest most likely codes whose probability reaches p (nucleus; "
                                 "1: all)", above=0, high=1, resumable=True)
     guidance: float = setting(None, "classifier-free guidance s of a prior trained with label dropout (1: none; "
-                                    f"default: {GUIDANCE['images']} for such a prior, speech's {GUIDANCE['audio']:g}, else 1)", low=0, high=P.GUIDANCE_MAX,
-                              resumable=True)
+                                    f"default: {GUIDANCE['images']} for such a prior, speech's {GUIDANCE['audio']:g}, "
+                                    "else 1)", low=0, high=P.GUIDANCE_MAX, resumable=True)
     # the evaluation at the end (evaluation.py, docs/evaluation.md)
     evaluate: bool = setting(True, "measure the samples and reconstructions with a judge network", resumable=True)
     judge_steps: int = setting(None, f"training steps of the evaluation's judge (default {JUDGE_STEPS['images']}; "
@@ -205,8 +205,8 @@ def prior_configs(settings, model_cfg, num_classes, seed):
 def sampling_rule(settings, prior_cfgs, kind="images"):
     """temperature, top_k, top_p and guidance of a TrainConfig or of parsed flags, checked against
     their declarations and the PriorConfigs of the priors that will sample -> prior.sample's
-    keywords. Guidance not given: GUIDANCE of the data's kind when every prior was trained with label dropout (it
-    knows the grids without a class), else 1 (none)."""
+    keywords. Guidance not given: GUIDANCE of the data's `kind` when every prior was trained with
+    label dropout (it knows the grids without a class), else 1 (none)."""
     rule = {}
     for f in fields(TrainConfig):
         if f.name in ("temperature", "top_k", "top_p", "guidance"):

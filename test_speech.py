@@ -232,13 +232,15 @@ def test_the_codecs_learning_rate_warms_up_decays_to_its_floor_and_a_resume_keep
     as Adam takes them; a run resumed after the warm-up with other --steps is refused (its steps
     so far followed a decay to the old end), and with the same --steps it trains on."""
     seen, adam_step = [], V.Adam.step
-    monkeypatch.setattr(V.Adam, "step", lambda self, grads, params: (seen.append(self.lr), adam_step(self, grads, params)))
+    monkeypatch.setattr(V.Adam, "step", lambda self, grads, params: (seen.append(self.lr),
+                                                                     adam_step(self, grads, params)))
     run = speech_run(tmp_path, fsdd_dir, steps=6, extra=("--lr", "0.01", "--lr-warmup", "2", "--stage", "vqvae",
                                                          "--no-evaluate"))
     # warm-up: (s + 1) / 2 of the peak; then from the peak at step 2 to 0.1 of it at step 6
     np.testing.assert_allclose(seen, [0.005, 0.01] + [0.01 * (0.1 + 0.9 * (6 - s) / 4) for s in range(2, 6)])
     assert T.main(["--resume", str(run), "--steps", "8"]) == 1
     assert "give --steps 6, or train a new run" in one_error_line(capsys)
+    assert T.main(["--resume", str(run), "--steps", "6"]) == 0         # the same schedule: nothing left, measured again
     saved = json.loads((run / "config.json").read_text())["train"]
     assert (saved["lr_warmup"], saved["lr_floor"]) == (2, 0.1)
 

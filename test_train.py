@@ -661,7 +661,7 @@ def test_class_conditional_runs_train_with_label_dropout_and_sample_with_guidanc
         out = tmp_path / "s.npz"
         assert T.main(["sample", "--run", str(run), "--codes-out", str(out), "--per-row", "3", "--force", *flags]) == 0
         return np.load(out, allow_pickle=False)["codes"]
-    np.testing.assert_array_equal(codes(), codes("--guidance", str(config.GUIDANCE["images"])))  # the default for such a prior
+    np.testing.assert_array_equal(codes(), codes("--guidance", str(config.GUIDANCE["images"])))  # such a prior's default
     assert not np.array_equal(codes("--guidance", "1"), codes("--guidance", "4"))
     capsys.readouterr()
     assert T.main(["sample", "--run", str(run), "--guidance", "-1"]) == 1

@@ -548,9 +548,9 @@ SECTIONS = ((TrainConfig, "", "the run, training, sampling and evaluation (confi
             (audio.CodecConfig, "codec_", "speech, --data fsdd: the audio codec (audio.CodecConfig)"))
 FLAGS = {prefix + f.name: (cls, f) for cls, prefix, _ in SECTIONS for f in fields(cls) if f.metadata.get("help")}
 SPEECH_FLAGS = ("data", "data_dir", "stage", "seed", "device", "log_every", "eval_every", "steps", "batch_size",
-                "lr", "lr_warmup", "lr_floor", "adam_beta1", "adam_beta2", "evaluate", "judge_steps", "prior_steps", "prior_batch_size",
-                "prior_lr", "prior_warmup", "prior_decay_steps", "prior_labels", "temperature", "top_k", "top_p",
-                "guidance")                                            # TrainConfig's for speech, and PriorConfig's
+                "lr", "lr_warmup", "lr_floor", "adam_beta1", "adam_beta2", "evaluate", "judge_steps", "prior_steps",
+                "prior_batch_size", "prior_lr", "prior_warmup", "prior_decay_steps", "prior_labels", "temperature",
+                "top_k", "top_p", "guidance")                                            # TrainConfig's for speech, and PriorConfig's
 SPEECH_ONLY = ("crop_samples", "prior_stages", "prior_frames")         # TrainConfig's for speech only, and CodecConfig's
 
 
