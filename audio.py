@@ -157,13 +157,17 @@ class ELU:
 
     def forward(self, x):
         xp = array_module(x)
-        y = xp.where(x > 0, x, xp.expm1(xp.minimum(x, 0)))            # expm1 of x <= 0 only: no overflow
-        self.cache = (x, y)
+        y = xp.minimum(x, 0)                                           # expm1 of x <= 0 only: no overflow
+        xp.expm1(y, out=y)
+        xp.maximum(x, y, out=y)                                        # e^x - 1 >= x: the max picks x above 0
+        self.cache = y
         return y
 
     def backward(self, dy):
-        x, y = self.cache
-        return dy * array_module(x).where(x > 0, 1, y + 1)             # d(exp(x) - 1)/dx = exp(x) = y + 1
+        g = array_module(dy).minimum(self.cache, 0)                    # d/dx: 1 above 0, exp(x) = y + 1 below
+        g += 1
+        g *= dy
+        return g
 
 
 class ResidualUnit(Sequential):

@@ -70,12 +70,13 @@ def conv_transpose1d_case(draw):
 
 
 def elu_inputs(layer):
-    """The inputs of every ELU inside a layer, a Sequential or a model part, from their caches."""
+    """The outputs of every ELU inside a layer, a Sequential or a model part, from their caches:
+    near 0 exactly where the inputs are (y = x above 0, e^x - 1 below)."""
     stack, found = [layer], []
     while stack:
         l = stack.pop()
         if isinstance(l, A.ELU):
-            found.append(l.cache[0])
+            found.append(l.cache)
         stack.extend(getattr(l, "layers", []))
     return found
 
