@@ -27,7 +27,8 @@ import numpy as np
 from prior import Embedding
 from quantizers import ResidualVQ
 from settings import SettingError, check, from_dict, setting
-from vqvae import (VQVAE, Sequential, array_module, backend, column_sums, read_checkpoint, step_rng,
+from vqgan import PatchDiscriminator, check_finite_grads, generator_loss, hinge_d_loss
+from vqvae import (VQVAE, Adam, Sequential, array_module, backend, column_sums, read_checkpoint, step_rng,
                    uniform_init)
 
 
@@ -339,6 +340,64 @@ def spectral_loss(x_hat, x, windows=(64, 128, 256, 512), alpha=1.0, eps=1e-5):
 
 
 # -----------------------------------------------------------------------------
+# the adversarial term: a patch discriminator of log-power spectrograms (SoundStream, EnCodec)
+
+
+LOG_POWER = (3.0, 4.0)  # about the mean and standard deviation of log P over training crops (x / WAVE_STD, w 256)
+
+
+def log_power_image(x, w, eps=1e-5):
+    """What the discriminator sees of waveforms (N, T): the log-power spectrogram at window w, hop
+    w/4, standardised by LOG_POWER, as one-channel images (N, F, w//2 + 1, 1) -> (images, cache)."""
+    xp = array_module(x)
+    P, cache = stft_power(x, w, w // 4)
+    mean, std = LOG_POWER
+    return ((xp.log(xp.maximum(P, eps)) - mean) / std)[..., None], (P, eps, cache)
+
+
+def log_power_image_backward(dimages, cache):
+    """dL/dimages (N, F, K, 1) -> dL/dx (N, T); no gradient where the clamp holds (P < eps)."""
+    P, eps, stft_cache = cache
+    xp = array_module(P)
+    dP = dimages[..., 0] / (LOG_POWER[1] * xp.maximum(P, eps)) * (P > eps)  # d log(P) / dP = 1 / P
+    return stft_power_backward(dP, stft_cache)
+
+
+class SpectrogramAdversary:
+    """SoundStream's and EnCodec's answer to a codec's smoothed spectra (docs/audio.md): a patch
+    discriminator D (vqgan.PatchDiscriminator) over the log-power spectrogram S of a waveform,
+    trained with the hinge loss to tell training crops from their reconstructions, and an
+    adversarial term for the codec through it:
+
+        L_D    = 1/2 (mean relu(1 - D(S(x))) + mean relu(1 + D(S(sg[x_hat]))))   moves D only
+        L_adv  = -mean D(S(x_hat))                                              moves the codec only
+        dx_hat = dL_rec/dx_hat + w |dL_rec/dx_hat| / |dL_adv/dx_hat| dL_adv/dx_hat
+
+    The last line is EnCodec's loss balancer for one term: L_adv's gradient at x_hat is scaled to
+    w times the reconstruction's, whatever D's scale (VQGAN's eq. 7 balances the two at the
+    decoder's last layer; at x_hat it is two norms). D has its own Adam, with SoundStream's betas."""
+
+    def __init__(self, window, width, weight, init, layers=2, lr=1e-3):
+        self.window, self.weight = window, float(weight)
+        self.disc = PatchDiscriminator(1, width, layers, init=init)
+        self.disc_opt = Adam(self.disc.params, lr=lr, betas=(0.5, 0.9))   # train.py saves both as VQGAN's
+
+    def forward(self, x, x_hat, d_rec):
+        """-> (the codec's adversarial gradient at x_hat, balanced against d_rec; stats), and
+        L_D's gradients in disc.grads for step()."""
+        xp = array_module(x_hat)
+        fake, cache = log_power_image(x_hat, self.window)
+        adv, dlogits = generator_loss(self.disc.forward(fake))        # through D as it is before this step
+        d_adv = log_power_image_backward(self.disc.backward(dlogits), cache)  # (D's gradients: overwritten below)
+        lam = self.weight * xp.sqrt((d_rec ** 2).sum()) / (xp.sqrt((d_adv ** 2).sum()) + 1e-12)
+        real, _ = log_power_image(x, self.window)
+        logits = self.disc.forward(xp.concatenate([real, fake]))       # D has no batch statistics:
+        disc_loss, d_real, d_fake = hinge_d_loss(logits[:len(x)], logits[len(x):])  # one pass of both
+        self.disc.backward(xp.concatenate([d_real, d_fake]))           # L_D: x_hat is data to D
+        return lam * d_adv, {"adversarial": adv, "adversarial_weight": lam, "disc_loss": disc_loss}
+
+
+# -----------------------------------------------------------------------------
 # the measures of audio: log-mel distance, SI-SNR (no gradient)
 
 
@@ -462,6 +521,12 @@ class CodecConfig:
     wave_weight: float = setting(1.0, "weight of the squared error on the waveform", low=0)
     spectral_weight: float = setting(1.0, "weight of the multi-scale spectral loss", low=0)
     spectral_windows: tuple = setting((64, 128, 256, 512), "its STFT window sizes (hop: a quarter)")
+    adversarial_weight: float = setting(0.0, "w: with a spectrogram discriminator, the adversarial term's gradient "
+                                             "at the waveform is w times the reconstruction's (0: none; "
+                                             "docs/audio.md measured 0.3)", low=0)
+    adversarial_start: int = setting(300, "the training step from which the discriminator learns and is used", low=0)
+    disc_window: int = setting(256, "window of the spectrogram the discriminator sees (hop: a quarter)", low=4)
+    disc_width: int = setting(16, "channels of the discriminator's first layer (two layers of stride 2)", low=1)
     speaker_conditioning: bool = setting(True, "the decoder also takes the speaker, an embedding added to its input, "
                                                "so that a clip's codes decode in another voice (train.py decode "
                                                "--speaker); where the data names its speakers")
@@ -481,6 +546,8 @@ class CodecConfig:
         if not (isinstance(self.speakers, (tuple, list)) and all(isinstance(s, str) for s in self.speakers)):
             raise SettingError("speakers", f"speakers must be names, got {self.speakers!r}")
         self.speakers = tuple(self.speakers)
+        if self.disc_window % 4:
+            raise SettingError("disc_window", f"disc_window must be a multiple of 4 (hop: a quarter), got {self.disc_window}")
         if any(w % 4 for w in self.spectral_windows):
             raise SettingError("spectral_windows", f"spectral_windows must be multiples of 4 (hop: a quarter), "
                                                    f"got {self.spectral_windows}")
@@ -535,6 +602,9 @@ class Codec:
             self.speaker = Embedding(len(cfg.speakers), cfg.code_dim, init=init)  # of the decoder's input (the
             self.speaker.params["table"][...] = 0                      # paper's section 4.3); zero: at first the
             self.parts["speaker"] = self.speaker                       # codec decodes as one without speakers
+        self.adversary = None                                          # not a part: its own Adam, saved beside
+        if cfg.adversarial_weight:
+            self.adversary = SpectrogramAdversary(cfg.disc_window, cfg.disc_width, cfg.adversarial_weight, init)
 
     # --- the parts' arrays by name, checkpoints, and the quantizers' state kept on a failed step: as vqvae.VQVAE's
     params, grads, buffers = VQVAE.params, VQVAE.grads, VQVAE.buffers
@@ -578,34 +648,45 @@ class Codec:
             return self.cfg.stages
         return int(step_rng((seed, 7), step).integers(1, self.cfg.stages + 1))
 
-    def forward(self, x, train=True, n_q=None, speakers=None):
+    def forward(self, x, train=True, n_q=None, speakers=None, adversarial=False):
+        """The losses; with adversarial (a codec with a discriminator, in training), the adversarial
+        term's gradient joins the reconstruction's, and D's own gradients are left in its grads."""
         x = self.check_waves(x)
         z_e = self.encoder.forward(x[:, :, None])                      # (N, T/M, D)
         z_q, vq = self.quantizer.forward(z_e[:, None], train, n_q)     # ResidualVQ takes (N, h, w, D): h = 1
         x_hat = self.decoder.forward(self.decoder_input(z_q[:, 0], speakers))[:, :, 0]  # (N, T)
         wave = ((x_hat - x) ** 2).mean()                               # |x - x_hat|^2
         spec, dspec = spectral_loss(x_hat, x, self.cfg.spectral_windows) if self.cfg.spectral_weight else (0.0, 0.0)
-        self.cache = (x, x_hat, dspec)                                 # the spectral loss's gradient comes with it
         loss = self.cfg.wave_weight * wave + self.cfg.spectral_weight * spec + vq["vq"]
+        dx_hat = self.cfg.wave_weight * 2 * (x_hat - x) / x.size + self.cfg.spectral_weight * dspec  # d L_rec
         vq["codes"] = vq["codes"][:, :, 0]                             # (N, n_q, T/M), as encode gives them
-        return {"loss": loss, "wave": wave, "spectral": spec, **vq}
+        stats = {"loss": loss, "wave": wave, "spectral": spec, **vq}
+        if adversarial:
+            d_adv, adv = self.adversary.forward(x, x_hat, dx_hat)
+            dx_hat = dx_hat + d_adv
+            stats.update(adv, loss=loss + adv["adversarial_weight"] * adv["adversarial"])
+        self.cache = (x, x_hat, dx_hat)                                # dx_hat: the loss's gradient, for backward
+        return stats
 
     def backward(self):
-        x, x_hat, dspec = self.cache
-        dx_hat = self.cfg.wave_weight * 2 * (x_hat - x) / x.size + self.cfg.spectral_weight * dspec
-        dz_q = self.decoder.backward(dx_hat[:, :, None])
+        dz_q = self.decoder.backward(self.cache[2][:, :, None])
         if self.cfg.speakers:
             self.speaker.backward(dz_q.sum(1))                         # a speaker's vector: the sum over its frames
         dz_e = self.quantizer.backward(dz_q[:, None])                  # straight-through + each stage's commitment
         self.encoder.backward(dz_e[:, 0])
 
-    def train_step(self, x, opt, n_q=None, speakers=None):
-        """One step of Adam on the waveforms x (of `speakers`) with the first n_q stages; as
-        vqvae.VQVAE.train_step, a step with non-finite gradients raises NonFiniteError and changes nothing."""
+    def train_step(self, x, opt, n_q=None, speakers=None, adversarial=False):
+        """One step of Adam on the waveforms x (of `speakers`) with the first n_q stages, and with
+        adversarial one of D's Adam too; as vqvae.VQVAE.train_step, a step with non-finite gradients
+        raises NonFiniteError and changes nothing (D's are checked before either Adam moves)."""
         with self.kept_unless_finite():
-            stats = self.forward(x, train=True, n_q=n_q, speakers=speakers)
+            stats = self.forward(x, train=True, n_q=n_q, speakers=speakers, adversarial=adversarial)
             self.backward()
+            if adversarial:
+                check_finite_grads(self.adversary.disc.grads)
             opt.step(self.grads, self.params)
+            if adversarial:
+                self.adversary.disc_opt.step(self.adversary.disc.grads, self.adversary.disc.params)
         return stats
 
     # --- the tokenizer

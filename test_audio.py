@@ -505,6 +505,94 @@ def test_numpy_and_cupy_agree_on_the_spectral_loss_and_the_measures():
 
 
 # -----------------------------------------------------------------------------
+# the adversarial term: the discriminator's spectrogram, the codec's gradient through it, D's
+
+
+@given(st.integers(1, 2), st.sampled_from([16, 32]), st.integers(0, 9), seeds)
+def test_log_power_image_is_the_standardised_log_power_and_its_gradient_matches_finite_differences(N, w, extra, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, w + extra))
+    x[:, :w // 4] = 0                                                  # a quiet start: frame 0 partly clamped
+    images, cache = A.log_power_image(x, w)
+    P, _ = A.stft_power(x, w, w // 4)
+    assert images.shape == (*P.shape, 1)
+    np.testing.assert_allclose(images[..., 0], (np.log(np.maximum(P, 1e-5)) - 3) / 4, rtol=1e-12, atol=1e-12)
+    assume(np.min(np.abs(np.log(P / 1e-5))) > 0.1 and P[P > 1e-5].min() > 1e-3)  # off the clamp; 1/P tame
+    d = rng.standard_normal(images.shape)                              # random upstream gradient
+    dx = A.log_power_image_backward(d, cache)
+    f = lambda: np.sum(A.log_power_image(x, w)[0] * d)
+    assert rel_error(dx, numerical_grad(f, x), floor=1e-3) < 1e-6
+
+
+def test_no_gradient_passes_from_the_clamped_bins_of_silence():
+    x = np.zeros((1, 64))
+    x[0, 40:] = np.random.default_rng(0).standard_normal(24)           # frames 0-2 (samples 0-39) silent
+    images, cache = A.log_power_image(x, 32)
+    d = np.zeros(images.shape)
+    d[:, :2] = 1                                                       # upstream only on silent frames 0 and 1
+    assert not A.log_power_image_backward(d, cache).any()
+
+
+def tiny_adversary(seed, weight=0.3):
+    """A spectrogram discriminator over windows of 32 samples, 2 channels wide, in float64."""
+    return A.SpectrogramAdversary(32, 2, weight, f64_init(seed))
+
+
+@given(seeds)
+def test_the_codecs_adversarial_gradient_is_lambda_times_that_of_minus_mean_d_and_ds_those_of_the_hinge(seed):
+    """forward(x, x_hat, d_rec) gives lambda d(-mean D(S(x_hat)))/dx_hat with lambda such that its
+    norm is w |d_rec| (the balancer), and leaves in D's grads those of L_D with x_hat a constant."""
+    rng = np.random.default_rng(seed)
+    adv = tiny_adversary(seed % 1000)
+    x, x_hat, d_rec = (rng.standard_normal((2, 160)) for _ in range(3))
+    d_adv, stats = adv.forward(x, x_hat, d_rec)
+    disc_grads = {k: g.copy() for k, g in adv.disc.grads.items()}
+    np.testing.assert_allclose(np.linalg.norm(d_adv), 0.3 * np.linalg.norm(d_rec), rtol=1e-6)  # up to the 1e-12
+    images = lambda w: A.log_power_image(w, 32)[0]
+    logits = adv.disc.forward(np.concatenate([images(x), images(x_hat)]))
+    leaky = [layer.cache for layer in adv.disc.layers if isinstance(layer, type(adv.disc.layers[1]))]
+    assume(min(np.min(np.abs(a)) for a in leaky) > 1e-4 and np.min(np.abs(np.abs(logits) - 1)) > 1e-4)
+    assume(min(A.stft_power(w, 32, 8)[0].min() for w in (x, x_hat)) > 1e-3)   # off the clamp; 1/P tame
+    np.testing.assert_allclose(stats["adversarial"], -logits[2:].mean(), rtol=1e-12)
+    gan = numerical_grad(lambda: -adv.disc.forward(images(x_hat)).mean(), x_hat)
+    assert rel_error(d_adv, float(stats["adversarial_weight"]) * gan, floor=1e-3) < 1e-6
+    hinge = lambda: A.hinge_d_loss(adv.disc.forward(images(x)), adv.disc.forward(images(x_hat)))[0]
+    check_sampled_grads(hinge, disc_grads, adv.disc.params, rng, 4)
+
+
+def test_an_adversarial_forward_adds_the_adversarys_gradient_and_term_to_the_reconstructions():
+    codec = tiny_codec(0, adversarial_weight=0.5, disc_window=32, disc_width=2)
+    x = tones(2, 160, 0)
+    plain = codec.forward(x, train=False, n_q=3)
+    x64, x_hat, d_rec = (a.copy() for a in codec.cache)
+    stats = codec.forward(x, train=False, n_q=3, adversarial=True)
+    d_adv, adv = codec.adversary.forward(x64, x_hat, d_rec)            # D as it was: forward does not step it
+    np.testing.assert_allclose(codec.cache[2], d_rec + d_adv, rtol=1e-12, atol=1e-15)
+    assert float(stats["loss"]) == pytest.approx(float(plain["loss"]) + float(adv["adversarial_weight"])
+                                                 * float(adv["adversarial"]), rel=1e-12)
+    assert {"adversarial", "adversarial_weight", "disc_loss"} <= stats.keys()
+
+
+def test_an_adversarial_step_trains_both_and_a_non_finite_one_changes_neither_nor_either_adam(monkeypatch):
+    codec = tiny_codec(0, kmeans_init=True, restart_threshold=0.5, adversarial_weight=0.3, disc_window=32,
+                       disc_width=2)
+    adv, opt = codec.adversary, V.Adam(codec.params, lr=1e-3)
+    D_before = {k: v.copy() for k, v in adv.disc.params.items()}
+    codec.train_step(tones(2, 160, 0), opt, 3, adversarial=True)       # k-means done, both Adams moved
+    assert opt.t == adv.disc_opt.t == 1
+    assert all(not np.array_equal(v, D_before[k]) for k, v in adv.disc.params.items() if k.endswith("W"))
+    state = lambda: {**codec.state_dict(), **{f"opt.{k}": v for k, v in opt.state_dict().items()},
+                     **{f"disc.{k}": v for k, v in adv.disc.params.items()},
+                     **{f"disc_opt.{k}": v for k, v in adv.disc_opt.state_dict().items()}}
+    before = {k: np.copy(v) for k, v in state().items()}
+    real_hinge = A.hinge_d_loss                                        # the codec's gradients finite, D's not
+    monkeypatch.setattr(A, "hinge_d_loss", lambda r, f: (lambda l, dr, df: (l, dr * np.nan, df))(*real_hinge(r, f)))
+    with np.errstate(all="ignore"), pytest.raises(V.NonFiniteError, match="no parameter was changed"):
+        codec.train_step(tones(2, 160, 1), opt, 3, adversarial=True)
+    assert [k for k, v in state().items() if not np.array_equal(before[k], v)] == []
+
+
+# -----------------------------------------------------------------------------
 # the codec: helpers
 
 
@@ -842,7 +930,8 @@ def test_save_and_load_round_trip_without_pickle_gives_identical_reconstructions
 
 @pytest.mark.parametrize("name, value", [("strides", (2, 0)), ("strides", ()), ("spectral_windows", (8, 18)),
                                          ("spectral_windows", (0,)), ("codebook_size", 1), ("stages", 0),
-                                         ("dtype", "float16")])
+                                         ("dtype", "float16"), ("disc_window", 30), ("adversarial_weight", -1.0),
+                                         ("disc_width", 0)])
 def test_codec_config_refuses_bad_settings_naming_the_setting(name, value):
     with pytest.raises(SettingError) as e:
         A.CodecConfig(**{name: value})

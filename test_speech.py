@@ -226,6 +226,29 @@ def test_a_speech_run_resumes_where_it_stopped_and_refuses_a_changed_codec(tmp_p
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
+ADVERSARIAL_CODEC = ["--codec-adversarial-weight", "0.3", "--codec-adversarial-start", "1", "--codec-disc-window", "32",
+                     "--codec-disc-width", "2", "--crop-samples", "256", "--lr-warmup", "0", "--lr-floor", "1",
+                     "--stage", "vqvae", "--no-evaluate", "--log-every", "1"]
+
+
+def test_an_adversarial_codec_keeps_its_discriminator_in_the_checkpoint_and_resumes_as_if_never_stopped(
+        tmp_path, fsdd_dir, capsys):
+    whole = speech_run(tmp_path, fsdd_dir, "whole", steps=4, extra=ADVERSARIAL_CODEC)
+    halves = speech_run(tmp_path, fsdd_dir, "halves", steps=2, extra=ADVERSARIAL_CODEC)
+    assert T.main(["--resume", str(halves), "--steps", "4"]) == 0
+    with np.load(whole / "checkpoint.npz", allow_pickle=False) as a, np.load(halves / "checkpoint.npz",
+                                                                              allow_pickle=False) as b:
+        assert int(a["disc_opt.t"]) == 3 and a["disc.0.W"].shape == (2, 1, 4, 4)  # D trained at steps 1 to 3
+        for k in a.files:
+            if k != "wall_time_s":
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    lines = [m for m in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert "disc_loss" not in lines[0] and all("disc_loss" in m for m in lines[1:])  # from step index 1
+    assert T.main(["--data", "fsdd", "--data-dir", str(fsdd_dir), "--out", str(tmp_path / "short"), *TINY_CODEC,
+                   *ADVERSARIAL_CODEC, "--crop-samples", "64"]) == 1
+    assert "--crop-samples 64 is too short for the discriminator" in one_error_line(capsys)
+
+
 def test_the_codecs_learning_rate_warms_up_decays_to_its_floor_and_a_resume_keeps_that_schedule(
         tmp_path, fsdd_dir, capsys, monkeypatch):
     """--lr after --lr-warmup steps, down linearly to --lr-floor times it at --steps, step by step

@@ -311,7 +311,8 @@ def resume_vqvae(run, cfg, model, opt, gan):
 
 
 def gan_parts(gan):
-    """(discriminator, its Adam), saved in the VQ-VAE's checkpoint beside it; (None, None) without."""
+    """(discriminator, its Adam) of a VQGAN or of the codec's audio.SpectrogramAdversary, saved in the
+    checkpoint beside the model; (None, None) without."""
     return (gan.disc, gan.disc_opt) if gan is not None and gan.disc is not None else (None, None)
 
 
@@ -465,7 +466,7 @@ def train_speech(cfg, codec_cfg, prior_settings, run, resuming):
         if resuming:
             if note := repair_metrics(run / "metrics.jsonl"):
                 print(note, file=sys.stderr)
-            step, wall, before = resume_vqvae(run, cfg, model, opt, None)
+            step, wall, before = resume_vqvae(run, cfg, model, opt, model.adversary)
         codec_trains = cfg.stage in ("vqvae", "all") and step < cfg.steps
         levels, _ = read_priors(run, cfg, prior_cfgs, model, resuming, before, codec_trains)
         save_json(run / "config.json", {"train": asdict(cfg), "codec": asdict(codec_cfg),
@@ -508,7 +509,8 @@ def train_codec(run, cfg, data, model, opt, step, wall, log, stop):
         opt.lr = vqvae_lr_at(cfg, s)
         x, idx = speech.crops(data["train"], cfg.seed, s, cfg.batch_size, cfg.crop_samples)
         return model.train_step(x, opt, model.dropout_stages(cfg.seed, s),  # quantizer dropout: n_q of this step
-                                data["train_speakers"][idx] if conditioned else None)
+                                data["train_speakers"][idx] if conditioned else None,
+                                adversarial=model.adversary is not None and s >= model.cfg.adversarial_start)
 
     def held_out(s):
         recons, codes = speech.reconstruct_clips(model, held, [model.cfg.stages],
@@ -518,7 +520,7 @@ def train_codec(run, cfg, data, model, opt, step, wall, log, stop):
 
     def save(s):
         return save_checkpoint(run / "checkpoint.npz", model, opt, s, wall + time.time() - t_start,
-                               schedule_end=str(float(cfg.steps)))
+                               *gan_parts(model.adversary), schedule_end=str(float(cfg.steps)))
 
     ev = fit(Stage("codec", cfg.batch_size, train_step, held_out, save, run / "checkpoint.npz"), step, cfg.steps,
              cfg, model.xp, log, stop)
