@@ -384,7 +384,7 @@ class SpectrogramAdversary:
 
     def forward(self, x, x_hat, d_rec):
         """-> (the codec's adversarial gradient at x_hat, balanced against d_rec; stats), and
-        L_D's gradients in disc.grads for step()."""
+        L_D's gradients in disc.grads for its Adam (Codec.train_step takes both steps)."""
         xp = array_module(x_hat)
         fake, cache = log_power_image(x_hat, self.window)
         adv, dlogits = generator_loss(self.disc.forward(fake))        # through D as it is before this step
@@ -547,7 +547,8 @@ class CodecConfig:
             raise SettingError("speakers", f"speakers must be names, got {self.speakers!r}")
         self.speakers = tuple(self.speakers)
         if self.disc_window % 4:
-            raise SettingError("disc_window", f"disc_window must be a multiple of 4 (hop: a quarter), got {self.disc_window}")
+            raise SettingError("disc_window", f"disc_window must be a multiple of 4 (hop: a quarter), "
+                                              f"got {self.disc_window}")
         if any(w % 4 for w in self.spectral_windows):
             raise SettingError("spectral_windows", f"spectral_windows must be multiples of 4 (hop: a quarter), "
                                                    f"got {self.spectral_windows}")

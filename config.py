@@ -23,7 +23,7 @@ STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
 GUIDANCE = {"images": 1.5, "audio": 2.0}  # guidance of a prior trained with label dropout (docs/prior.md, audio.md)
 DISC_BETAS = (0.5, 0.9)   # the discriminator's Adam: VQGAN's (for both its networks), the usual beta1 of GANs
 STEPS = {"images": 3000, "adversarial": 6000,  # training steps of the VQ-VAE (docs/decoder.md) ...
-         "audio": 2000}                          # ... and of the audio codec (docs/audio.md)
+         "audio": 2400}                          # ... and of the audio codec (docs/audio.md)
 BATCH = {"images": 32, "audio": 16}     # a step's images, or clips of --crop-samples
 LR = {"images": 1e-3, "audio": 6e-3}    # Adam's peak learning rate ... (docs/audio.md: the codec's, measured)
 LR_WARMUP = {"images": 0, "audio": 100}  # ... reached after a linear warm-up of these steps ...
