@@ -382,6 +382,11 @@ class SpectrogramAdversary:
         self.disc = PatchDiscriminator(1, width, layers, init=init)
         self.disc_opt = Adam(self.disc.params, lr=lr, betas=(0.5, 0.9))   # train.py saves both as VQGAN's
 
+    def patches(self, T):
+        """(h, w) of D's logit map for crops of T samples (a dimension below 1: too short to judge)."""
+        w = self.window
+        return self.disc.patches(1 + (T - w) // (w // 4), w // 2 + 1)  # spectrogram frames x bins
+
     def forward(self, x, x_hat, d_rec):
         """-> (the codec's adversarial gradient at x_hat, balanced against d_rec; stats), and
         L_D's gradients in disc.grads for its Adam (Codec.train_step takes both steps)."""

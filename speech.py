@@ -29,7 +29,6 @@ from datasets import batch_indices, load_dataset, write_wav
 from evaluation import Judge, JudgeConfig
 from report import image_grid, write_png
 from runs import READ_ERRORS, UserError, check_output, checkpoint_note, load_model, save_npz, unreadable
-from vqgan import PatchDiscriminator
 
 
 # -----------------------------------------------------------------------------
@@ -44,11 +43,6 @@ def checked_config(cfg, codec_cfg, data, resuming):
     if cfg.crop_samples % codec_cfg.hop or cfg.crop_samples < max(codec_cfg.spectral_windows):
         raise UserError(f"--crop-samples {cfg.crop_samples} must be a multiple of the codec's {codec_cfg.hop} samples "
                         f"a frame and at least its longest spectral window, {max(codec_cfg.spectral_windows)}")
-    w = codec_cfg.disc_window                                          # the discriminator's spectrogram of a crop
-    if codec_cfg.adversarial_weight and min(PatchDiscriminator(1, 1, 2).patches(
-            1 + (cfg.crop_samples - w) // (w // 4), w // 2 + 1)) < 1:
-        raise UserError(f"--crop-samples {cfg.crop_samples} is too short for the discriminator: its spectrogram at "
-                        f"window {w} leaves no patch to judge; give longer crops or a shorter --codec-disc-window")
     for name in ("batch_size", "prior_batch_size"):
         if getattr(cfg, name) > len(data["train"]):
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is larger than the {len(data['train'])} "

@@ -456,6 +456,10 @@ def train_speech(cfg, codec_cfg, prior_settings, run, resuming):
     data = load_dataset(cfg.data, cfg.data_dir)
     codec_cfg = speech.checked_config(cfg, codec_cfg, data, resuming)
     model = audio.Codec(codec_cfg, device=cfg.device)
+    if model.adversary is not None and min(model.adversary.patches(cfg.crop_samples)) < 1:
+        raise UserError(f"--crop-samples {cfg.crop_samples} is too short for the discriminator: its spectrogram at "
+                        f"window {codec_cfg.disc_window} leaves no patch to judge; give longer crops or a shorter "
+                        f"--codec-disc-window")
     opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     prior_cfgs = (prior_settings if resuming else []) or prior_configs(  # a run from before the prior: made now
         {} if resuming else prior_settings, codec_cfg, data["num_classes"] if cfg.prior_labels else 0, cfg.seed)
@@ -552,7 +556,7 @@ FLAGS = {prefix + f.name: (cls, f) for cls, prefix, _ in SECTIONS for f in field
 SPEECH_FLAGS = ("data", "data_dir", "stage", "seed", "device", "log_every", "eval_every", "steps", "batch_size",
                 "lr", "lr_warmup", "lr_floor", "adam_beta1", "adam_beta2", "evaluate", "judge_steps", "prior_steps",
                 "prior_batch_size", "prior_lr", "prior_warmup", "prior_decay_steps", "prior_labels", "temperature",
-                "top_k", "top_p", "guidance")                                            # TrainConfig's for speech, and PriorConfig's
+                "top_k", "top_p", "guidance")                          # TrainConfig's for speech, and PriorConfig's
 SPEECH_ONLY = ("crop_samples", "prior_stages", "prior_frames")         # TrainConfig's for speech only, and CodecConfig's
 
 
