@@ -121,8 +121,8 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d(shape, seed):
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
        st.integers(1, 9), st.integers(1, 9), seeds)
 def test_fast_conv_adjoint_equals_the_col2im_definition(C, O, s, bh, bw, H, W, seed):
-    # kernels that the stride divides and padded sizes that it divides: the space-to-depth path;
-    # the other draws exercise the fallback, which must be the definition itself
+    # kernels that the stride divides: the space-to-depth path, on padded sizes it divides or not
+    # (those extended by zeros); the other draws exercise the fallback, the definition itself
     kh, kw = bh * s, bw * s
     Hp, Wp = max(H, kh), max(W, kw)
     rng = np.random.default_rng(seed)

@@ -945,8 +945,10 @@ def col2im_is_cheaper(c_in, c_out):
 
 def conv_adjoint(dy, W, stride, x_pad_shape, crop=((0, 0), (0, 0))):
     """crop_hw(conv_adjoint_by_col2im(dy, W, stride, x_pad_shape), crop), computed as a convolution
-    where the stride divides the kernel and the padded input: col2im's kh*kw strided adds run on one
-    core in NumPy, a matmul on all. Fold each s x s block of pixels into channels (space-to-depth):
+    where the stride divides the kernel: col2im's kh*kw strided adds run on one core in NumPy, a
+    matmul on all. A padded input the stride does not divide is extended by zero rows (columns) to
+    a multiple of it, dy by the zero outputs they would add, and the extension cropped again: the
+    first Ho x Wo outputs read the same pixels. Fold each s x s block of pixels into channels (space-to-depth):
     the convolution becomes a stride-1 one with kernel (kh/s, kw/s), whose adjoint is a convolution
     of the zero-padded dy with the kernel rotated by 180 degrees, in/out swapped; unfold the blocks
     again. The crop (the forward's padding) is taken from dy's padding where whole blocks allow it,
@@ -955,8 +957,14 @@ def conv_adjoint(dy, W, stride, x_pad_shape, crop=((0, 0), (0, 0))):
     O, C, kh, kw = W.shape
     N, Hp, Wp, _ = x_pad_shape
     s = stride
-    if kh % s or kw % s or Hp % s or Wp % s:
+    if kh % s or kw % s:
         return conv_adjoint_by_col2im(dy, W, stride, x_pad_shape, crop)
+    eh, ew = -Hp % s, -Wp % s                                          # rows, columns short of whole blocks
+    if eh or ew:
+        (t, b), (l, r) = crop
+        Ho, Wo = (Hp + eh - kh) // s + 1, (Wp + ew - kw) // s + 1      # outputs of the extended input
+        dy = pad_hw(dy, ((0, Ho - dy.shape[1]), (0, Wo - dy.shape[2])))  # the added outputs: no gradient
+        return conv_adjoint(dy, W, s, (N, Hp + eh, Wp + ew, C), ((t, b + eh), (l, r + ew)))
     bh, bw = kh // s, kw // s
     W_blocks = W.reshape(O, C, bh, s, bw, s).transpose(0, 3, 5, 1, 2, 4).reshape(O, s * s * C, bh, bw)
     (t, b), (l, r) = crop
