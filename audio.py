@@ -26,9 +26,10 @@ import numpy as np
 
 from prior import Embedding
 from quantizers import ResidualVQ
+from evaluation import softmax_cross_entropy
 from settings import SettingError, check, from_dict, setting
 from vqgan import PatchDiscriminator, check_finite_grads, generator_loss, hinge_d_loss
-from vqvae import (VQVAE, Adam, Sequential, array_module, backend, column_sums, read_checkpoint, step_rng,
+from vqvae import (VQVAE, Adam, Sequential, array_module, backend, column_sums, gather, one_hot, read_checkpoint, step_rng,
                    uniform_init)
 
 
@@ -403,6 +404,84 @@ class SpectrogramAdversary:
 
 
 # -----------------------------------------------------------------------------
+# a speaker critic: codes that keep what is said and leave out who says it
+
+
+class SpeakerCritic:
+    """The paper's section 4.3 converts voices by decoding one speaker's codes with another's
+    conditioning; that needs codes that do not carry the voice themselves. A critic C learns to
+    tell the speaker from the encoder's output z_e, and the encoder learns to leave it guessing
+    (domain-adversarial training, Ganin & Lempitsky 2015, with the uniform guess as the encoder's
+    target where theirs reverses C's gradient):
+
+        C(z_e) = head(mean over frames of body(z_e)),   body: two Conv1d of window 5, ELU, w channels
+        L_C    = CE(C(sg[z_e]), speaker)                                   moves C only
+        dz_e  += lambda g,   g = d CE(C(z_e), 1/S) / dz_e,   |lambda g| = weight |dL/dz_e|   the encoder only
+
+    The last line balances the two as SpectrogramAdversary does: the push is `weight` times the
+    gradient the encoder gets from the reconstruction and the commitments. C learns with its own
+    Adam (lr 1e-3; the codec's 6e-3 cost the codec more, docs/audio.md). To the codec C is what the
+    EMA codebooks are, state that the training step moves and its Adam does not: its weights and
+    its Adam's moments and step are the codec's buffers, saved, resumed and kept on a failed step
+    with the codebooks."""
+
+    def __init__(self, code_dim, speakers, weight, init, width=64, lr=1e-3):
+        self.weight = float(weight)
+        self.body = Sequential(Conv1d(code_dim, width, 5, padding="same", init=init), ELU(),
+                               Conv1d(width, width, 5, padding="same", init=init), ELU())
+        self.head = Conv1d(width, speakers, 1, init=init)
+        self.layers = {"body": self.body, "head": self.head}
+        self.opt = Adam(self.weights, lr=lr)
+        self.steps = np.zeros((), np.int64)                            # the Adam's t, as an array to save
+        self.params, self.grads = {}, {}                               # nothing for the codec's Adam
+
+    @property
+    def weights(self):
+        return gather(self.layers, "params")
+
+    @property
+    def weight_grads(self):
+        return gather(self.layers, "grads")
+
+    @property
+    def buffers(self):
+        return {**{f"weights.{k}": v for k, v in self.weights.items()}, "adam.t": self.steps,
+                **{f"adam.m.{k}": v for k, v in self.opt.m.items()},
+                **{f"adam.v.{k}": v for k, v in self.opt.v.items()}}
+
+    def forward(self, z_e, speakers):
+        """z_e (N, frames, D), speakers (N,) -> stats: L_C and how often C names the speaker."""
+        h = self.body.forward(z_e)                                     # (N, F, w)
+        logits = self.head.forward(h.mean(1, keepdims=True))[:, 0]     # (N, S)
+        loss, dlogits = softmax_cross_entropy(logits, speakers)        # (softmax - onehot) / N
+        self.cache = (h.shape, dlogits, speakers)
+        return {"speaker_critic": loss, "speaker_critic_accuracy": (logits.argmax(1) == speakers).mean()}
+
+    def backward(self, dz_rec):
+        """The reconstruction's gradient at z_e -> the encoder's push, lambda g; leaves L_C's
+        gradients in C's weight_grads."""
+        xp = array_module(dz_rec)
+        shape, dlogits, speakers = self.cache
+        N, S = dlogits.shape
+        to_uniform = dlogits + (one_hot(speakers, S, dlogits.dtype) - 1 / S) / N  # (softmax - 1/S) / N
+        g = self.backward_through(to_uniform, shape)                   # d CE(C(z_e), 1/S) / dz_e
+        self.backward_through(dlogits, shape)                          # L_C's gradients, kept in C's grads
+        lam = self.weight * xp.sqrt((dz_rec ** 2).sum()) / (xp.sqrt((g ** 2).sum()) + 1e-12)
+        return lam * g
+
+    def step(self):
+        """One step of C's own Adam on L_C's gradients (Codec.train_step, after the codec's)."""
+        self.opt.t = int(self.steps)
+        self.opt.step(self.weight_grads, self.weights)
+        self.steps[...] = self.opt.t
+
+    def backward_through(self, dlogits, shape):
+        """dlogits (N, S) back through head, the mean over frames and body -> dz_e (N, F, D)."""
+        dm = self.head.backward(dlogits[:, None])                      # (N, 1, w)
+        return self.body.backward(array_module(dm).broadcast_to(dm / shape[1], shape).copy())
+
+
+# -----------------------------------------------------------------------------
 # the measures of audio: log-mel distance, SI-SNR (no gradient)
 
 
@@ -535,6 +614,9 @@ class CodecConfig:
     speaker_conditioning: bool = setting(True, "the decoder also takes the speaker, an embedding added to its input, "
                                                "so that a clip's codes decode in another voice (train.py decode "
                                                "--speaker); where the data names its speakers")
+    speaker_critic: float = setting(0.0, "w: a critic learns the speaker from the encoder's output, and the encoder "
+                                         "to leave it guessing, pushed w times as hard as the reconstruction pulls "
+                                         "(0: none; with speaker_conditioning; docs/audio.md measured 0.1)", low=0)
     speakers: tuple = setting((), absent=())   # their names, from the data: the decoder takes one of them (() none)
     sample_rate: int = setting(8000, low=1)                            # from the data
     dtype: str = setting("float32", choices=("float32", "float64"))
@@ -551,6 +633,9 @@ class CodecConfig:
         if not (isinstance(self.speakers, (tuple, list)) and all(isinstance(s, str) for s in self.speakers)):
             raise SettingError("speakers", f"speakers must be names, got {self.speakers!r}")
         self.speakers = tuple(self.speakers)
+        if self.speaker_critic and not self.speaker_conditioning:
+            raise SettingError("speaker_critic", "speaker_critic needs speaker_conditioning: the decoder must be told "
+                                                 "the voice that the codes are to leave out")
         if self.disc_window % 4:
             raise SettingError("disc_window", f"disc_window must be a multiple of 4 (hop: a quarter), "
                                               f"got {self.disc_window}")
@@ -608,6 +693,9 @@ class Codec:
             self.speaker = Embedding(len(cfg.speakers), cfg.code_dim, init=init)  # of the decoder's input (the
             self.speaker.params["table"][...] = 0                      # paper's section 4.3); zero: at first the
             self.parts["speaker"] = self.speaker                       # codec decodes as one without speakers
+        self.critic, self.critic_trains = None, False
+        if cfg.speaker_critic and cfg.speakers:                        # a part of buffers only: its own Adam
+            self.critic = self.parts["critic"] = SpeakerCritic(cfg.code_dim, len(cfg.speakers), cfg.speaker_critic, init)
         self.adversary = None                                          # not a part: its own Adam, saved beside
         if cfg.adversarial_weight:
             self.adversary = SpectrogramAdversary(cfg.disc_window, cfg.disc_width, cfg.adversarial_weight, init)
@@ -659,6 +747,8 @@ class Codec:
         term's gradient joins the reconstruction's, and D's own gradients are left in its grads."""
         x = self.check_waves(x)
         z_e = self.encoder.forward(x[:, :, None])                      # (N, T/M, D)
+        self.critic_trains = train and self.critic is not None and speakers is not None
+        critic = self.critic.forward(z_e, self.check_speakers(speakers, len(x))) if self.critic_trains else {}
         z_q, vq = self.quantizer.forward(z_e[:, None], train, n_q)     # ResidualVQ takes (N, h, w, D): h = 1
         x_hat = self.decoder.forward(self.decoder_input(z_q[:, 0], speakers))[:, :, 0]  # (N, T)
         wave = ((x_hat - x) ** 2).mean()                               # |x - x_hat|^2
@@ -666,7 +756,7 @@ class Codec:
         loss = self.cfg.wave_weight * wave + self.cfg.spectral_weight * spec + vq["vq"]
         dx_hat = self.cfg.wave_weight * 2 * (x_hat - x) / x.size + self.cfg.spectral_weight * dspec  # d L_rec
         vq["codes"] = vq["codes"][:, :, 0]                             # (N, n_q, T/M), as encode gives them
-        stats = {"loss": loss, "wave": wave, "spectral": spec, **vq}
+        stats = {"loss": loss, "wave": wave, "spectral": spec, **vq, **critic}
         if adversarial:
             d_adv, adv = self.adversary.forward(x, x_hat, dx_hat)
             dx_hat = dx_hat + d_adv
@@ -678,21 +768,28 @@ class Codec:
         dz_q = self.decoder.backward(self.cache[2][:, :, None])
         if self.cfg.speakers:
             self.speaker.backward(dz_q.sum(1))                         # a speaker's vector: the sum over its frames
-        dz_e = self.quantizer.backward(dz_q[:, None])                  # straight-through + each stage's commitment
-        self.encoder.backward(dz_e[:, 0])
+        dz_e = self.quantizer.backward(dz_q[:, None])[:, 0]            # straight-through + each stage's commitment
+        if self.critic_trains:
+            dz_e = dz_e + self.critic.backward(dz_e)                   # leave the critic guessing the speaker
+        self.encoder.backward(dz_e)
 
     def train_step(self, x, opt, n_q=None, speakers=None, adversarial=False):
         """One step of Adam on the waveforms x (of `speakers`) with the first n_q stages, and with
-        adversarial one of D's Adam too; as vqvae.VQVAE.train_step, a step with non-finite gradients
-        raises NonFiniteError and changes nothing (D's are checked before either Adam moves)."""
+        adversarial one of D's Adam too (and with a speaker critic one of its own); as
+        vqvae.VQVAE.train_step, a step with non-finite gradients raises NonFiniteError and changes
+        nothing (D's and C's are checked before any Adam moves)."""
         with self.kept_unless_finite():
             stats = self.forward(x, train=True, n_q=n_q, speakers=speakers, adversarial=adversarial)
             self.backward()
             if adversarial:
                 check_finite_grads(self.adversary.disc.grads)
+            if self.critic_trains:
+                check_finite_grads(self.critic.weight_grads)
             opt.step(self.grads, self.params)
             if adversarial:
                 self.adversary.disc_opt.step(self.adversary.disc.grads, self.adversary.disc.params)
+            if self.critic_trains:
+                self.critic.step()
         return stats
 
     # --- the tokenizer

@@ -592,6 +592,66 @@ def test_an_adversarial_step_trains_both_and_a_non_finite_one_changes_neither_no
     assert [k for k, v in state().items() if not np.array_equal(before[k], v)] == []
 
 
+@given(seeds)
+def test_the_speaker_critic_learns_the_speaker_and_pushes_the_encoder_toward_a_uniform_guess(seed):
+    """backward(d_rec) gives lambda d CE(C(z_e), 1/S)/dz_e, its norm w |d_rec| (the balancer), and
+    leaves in C's grads those of CE(C(z_e), speaker) with z_e a constant."""
+    rng = np.random.default_rng(seed)
+    critic = A.SpeakerCritic(3, 4, 0.2, f64_init(seed % 1000), width=3)
+    z, d_rec = rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 6, 3))
+    speakers = rng.integers(0, 4, 2)
+    stats = critic.forward(z, speakers)
+    push = critic.backward(d_rec)
+    grads = {k: g.copy() for k, g in critic.weight_grads.items()}
+    np.testing.assert_allclose(np.linalg.norm(push), 0.2 * np.linalg.norm(d_rec), rtol=1e-6)
+    logits = lambda: critic.head.forward(critic.body.forward(z).mean(1, keepdims=True))[:, 0]
+    log_softmax = lambda: (lambda l: l - np.log(np.exp(l).sum(1, keepdims=True)))(logits())
+    assert float(stats["speaker_critic"]) == pytest.approx(-log_softmax()[[0, 1], speakers].mean(), rel=1e-12)
+    to_uniform = numerical_grad(lambda: -log_softmax().mean(), z)     # CE against 1/S each, mean over clips
+    assert rel_error(push, 0.2 * np.linalg.norm(d_rec) / np.linalg.norm(to_uniform) * to_uniform) < 1e-6
+    check_sampled_grads(lambda: -log_softmax()[[0, 1], speakers].mean(), grads, critic.weights, rng, 4)
+
+
+def test_a_codec_with_a_speaker_critic_adds_its_push_to_the_encoders_gradient():
+    codec = tiny_codec(0, speakers=("a", "b"), speaker_critic=0.5)
+    x, speakers = tones(2, 160, 0), np.array([0, 1])
+    seen, backward = [], codec.critic.backward
+    codec.critic.backward = lambda d: (lambda push: (seen.append((d.copy(), push)), push)[1])(backward(d))
+    stats = codec.forward(x, n_q=3, speakers=speakers)
+    codec.backward()
+    with_push = {k: g.copy() for k, g in codec.encoder.grads.items()}
+    (d_rec, push), = seen
+    np.testing.assert_allclose(np.linalg.norm(push), 0.5 * np.linalg.norm(d_rec), rtol=1e-6)  # up to the 1e-12
+    parts = [codec.encoder.backward(d) is not None and {k: g.copy() for k, g in codec.encoder.grads.items()}
+             for d in (d_rec, push)]                                   # the encoder's gradient is linear in dz_e
+    for k, g in with_push.items():
+        np.testing.assert_allclose(g, parts[0][k] + parts[1][k], rtol=1e-9, atol=1e-12, err_msg=k)
+    assert {"speaker_critic", "speaker_critic_accuracy"} <= stats.keys()
+    assert "speaker_critic" not in codec.forward(x, train=False, n_q=3, speakers=speakers)
+    with pytest.raises(SettingError, match="speaker_critic needs speaker_conditioning"):
+        A.CodecConfig(speaker_critic=0.1, speaker_conditioning=False)
+
+
+def test_the_speaker_critic_learns_by_its_own_adam_and_a_non_finite_step_changes_nothing(monkeypatch):
+    """C's weights and its Adam are the codec's buffers, not its parameters: the codec's Adam never
+    sees them, a step moves them, and a step whose C gradients are not finite moves nothing."""
+    codec = tiny_codec(0, speakers=("a", "b"), speaker_critic=0.5)
+    opt, x, speakers = V.Adam(codec.params, lr=1e-2), tones(2, 160, 0), np.array([0, 1])
+    assert not any(k.startswith("critic.") for k in codec.params) and "critic.adam.t" in codec.buffers
+    before = {k: v.copy() for k, v in codec.critic.weights.items()}
+    codec.train_step(x, opt, 3, speakers)
+    assert int(codec.critic.steps) == 1 and opt.t == 1
+    assert all(not np.array_equal(codec.critic.weights[k], v) for k, v in before.items() if k.endswith("W"))
+    state = lambda: {**codec.state_dict(), **{f"opt.{k}": v for k, v in opt.state_dict().items()}}
+    before = {k: np.copy(v) for k, v in state().items()}
+    backward = A.SpeakerCritic.backward                                # the codec's gradients finite, C's not
+    monkeypatch.setattr(A.SpeakerCritic, "backward", lambda self, d: (
+        backward(self, d), self.head.grads["W"].fill(np.nan))[0])
+    with np.errstate(all="ignore"), pytest.raises(V.NonFiniteError, match="no parameter was changed"):
+        codec.train_step(tones(2, 160, 1), opt, 3, speakers)
+    assert [k for k, v in state().items() if not np.array_equal(before[k], v)] == []
+
+
 # -----------------------------------------------------------------------------
 # the codec: helpers
 
