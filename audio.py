@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evaluation import softmax_cross_entropy
 from prior import Embedding
 from quantizers import ResidualVQ
-from evaluation import softmax_cross_entropy
 from settings import SettingError, check, from_dict, setting
 from vqgan import PatchDiscriminator, check_finite_grads, generator_loss, hinge_d_loss
-from vqvae import (VQVAE, Adam, Sequential, array_module, backend, column_sums, gather, one_hot, read_checkpoint, step_rng,
-                   uniform_init)
+from vqvae import (VQVAE, Adam, Sequential, array_module, backend, column_sums, gather, one_hot, read_checkpoint,
+                   step_rng, uniform_init)
 
 
 # -----------------------------------------------------------------------------
@@ -465,7 +465,7 @@ class SpeakerCritic:
         N, S = dlogits.shape
         to_uniform = dlogits + (one_hot(speakers, S, dlogits.dtype) - 1 / S) / N  # (softmax - 1/S) / N
         g = self.backward_through(to_uniform, shape)                   # d CE(C(z_e), 1/S) / dz_e
-        self.backward_through(dlogits, shape)                          # L_C's gradients, kept in C's grads
+        self.backward_through(dlogits, shape)                          # L_C's gradients, kept in C's weight_grads
         lam = self.weight * xp.sqrt((dz_rec ** 2).sum()) / (xp.sqrt((g ** 2).sum()) + 1e-12)
         return lam * g
 
@@ -695,7 +695,8 @@ class Codec:
             self.parts["speaker"] = self.speaker                       # codec decodes as one without speakers
         self.critic, self.critic_trains = None, False
         if cfg.speaker_critic and cfg.speakers:                        # a part of buffers only: its own Adam
-            self.critic = self.parts["critic"] = SpeakerCritic(cfg.code_dim, len(cfg.speakers), cfg.speaker_critic, init)
+            self.critic = SpeakerCritic(cfg.code_dim, len(cfg.speakers), cfg.speaker_critic, init)
+            self.parts["critic"] = self.critic
         self.adversary = None                                          # not a part: its own Adam, saved beside
         if cfg.adversarial_weight:
             self.adversary = SpectrogramAdversary(cfg.disc_window, cfg.disc_width, cfg.adversarial_weight, init)
