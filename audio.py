@@ -416,17 +416,20 @@ class SpeakerCritic:
 
         C(z_e) = head(mean over frames of body(z_e)),   body: two Conv1d of window 5, ELU, w channels
         L_C    = CE(C(sg[z_e]), speaker)                                   moves C only
-        dz_e  += lambda g,   g = d CE(C(z_e), 1/S) / dz_e,   |lambda g| = weight |dL/dz_e|   the encoder only
+        dz_e  += lambda g,   g = d CE(C(z_e), 1/S) / dz_e                  the encoder only
+        lambda = min(weight |dL/dz_e| / |g|, most)
 
     The last line balances the two as SpectrogramAdversary does: the push is `weight` times the
-    gradient the encoder gets from the reconstruction and the commitments. C learns with its own
-    Adam (lr 1e-3; the codec's 6e-3 cost the codec more, docs/audio.md). To the codec C is what the
-    EMA codebooks are, state that the training step moves and its Adam does not: its weights and
-    its Adam's moments and step are the codec's buffers, saved, resumed and kept on a failed step
-    with the codebooks."""
+    gradient the encoder gets from the reconstruction and the commitments, while C knows the
+    speaker. Where C only guesses, g goes to zero and the balancer alone would scale noise up to
+    the full push; the cap `most` lets the push fade there (uncapped, w = 0.15-0.2 collapsed the
+    codec; docs/audio.md). C learns with its own Adam (lr 1e-3; the codec's 6e-3 cost the codec
+    more). To the codec C is what the EMA codebooks are, state that the training step moves and
+    its Adam does not: its weights and its Adam's moments and step are the codec's buffers, saved,
+    resumed and kept on a failed step with the codebooks."""
 
-    def __init__(self, code_dim, speakers, weight, init, width=64, lr=1e-3):
-        self.weight = float(weight)
+    def __init__(self, code_dim, speakers, weight, init, width=64, lr=1e-3, most=0.3):
+        self.weight, self.most = float(weight), float(most)
         self.body = Sequential(Conv1d(code_dim, width, 5, padding="same", init=init), ELU(),
                                Conv1d(width, width, 5, padding="same", init=init), ELU())
         self.head = Conv1d(width, speakers, 1, init=init)
@@ -467,7 +470,7 @@ class SpeakerCritic:
         g = self.backward_through(to_uniform, shape)                   # d CE(C(z_e), 1/S) / dz_e
         self.backward_through(dlogits, shape)                          # L_C's gradients, kept in C's weight_grads
         lam = self.weight * xp.sqrt((dz_rec ** 2).sum()) / (xp.sqrt((g ** 2).sum()) + 1e-12)
-        return lam * g
+        return xp.minimum(lam, self.most) * g                          # C at a guess: g -> 0, and so the push
 
     def step(self):
         """One step of C's own Adam on L_C's gradients (Codec.train_step, after the codec's)."""

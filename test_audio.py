@@ -594,10 +594,11 @@ def test_an_adversarial_step_trains_both_and_a_non_finite_one_changes_neither_no
 
 @given(seeds)
 def test_the_speaker_critic_learns_the_speaker_and_pushes_the_encoder_toward_a_uniform_guess(seed):
-    """backward(d_rec) gives lambda d CE(C(z_e), 1/S)/dz_e, its norm w |d_rec| (the balancer), and
-    leaves in C's grads those of CE(C(z_e), speaker) with z_e a constant."""
+    """backward(d_rec) gives lambda d CE(C(z_e), 1/S)/dz_e, its norm w |d_rec| (the balancer) where
+    lambda stays under the cap, and leaves in C's grads those of CE(C(z_e), speaker) with z_e a
+    constant."""
     rng = np.random.default_rng(seed)
-    critic = A.SpeakerCritic(3, 4, 0.2, f64_init(seed % 1000), width=3)
+    critic = A.SpeakerCritic(3, 4, 0.2, f64_init(seed % 1000), width=3, most=np.inf)
     z, d_rec = rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 6, 3))
     speakers = rng.integers(0, 4, 2)
     stats = critic.forward(z, speakers)
@@ -612,8 +613,33 @@ def test_the_speaker_critic_learns_the_speaker_and_pushes_the_encoder_toward_a_u
     check_sampled_grads(lambda: -log_softmax()[[0, 1], speakers].mean(), grads, critic.weights, rng, 4)
 
 
+@given(seeds)
+def test_the_speaker_critics_push_fades_where_it_only_guesses(seed):
+    """lambda = min(w |d_rec| / |g|, most): under a cap it gives most g, and a critic whose logits
+    are all but equal (g near zero) then pushes next to nothing, where the balancer alone would
+    scale its g up to the full w |d_rec|."""
+    rng = np.random.default_rng(seed)
+    z, d_rec, speakers = rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 6, 3)), rng.integers(0, 4, 2)
+
+    def push(most, head_scale=1.0):
+        critic = A.SpeakerCritic(3, 4, 0.2, f64_init(seed % 1000), width=3, most=most)
+        for v in critic.head.params.values():
+            v *= head_scale
+        critic.forward(z, speakers)
+        return critic, critic.backward(d_rec)
+
+    critic, capped = push(1e-6)
+    logits = lambda: critic.head.forward(critic.body.forward(z).mean(1, keepdims=True))[:, 0]
+    g = numerical_grad(lambda: -(lambda l: l - np.log(np.exp(l).sum(1, keepdims=True)))(logits()).mean(), z)
+    assert rel_error(capped, 1e-6 * g) < 1e-6                          # lambda = most
+    (_, guessing), (_, capped) = push(np.inf, 1e-2), push(0.3, 1e-2)   # logits ~ 0: C guesses 1/S
+    np.testing.assert_allclose(np.linalg.norm(guessing), 0.2 * np.linalg.norm(d_rec), rtol=1e-4)
+    assert np.linalg.norm(capped) < 1e-3 * np.linalg.norm(guessing)
+
+
 def test_a_codec_with_a_speaker_critic_adds_its_push_to_the_encoders_gradient():
     codec = tiny_codec(0, speakers=("a", "b"), speaker_critic=0.5)
+    codec.critic.most = np.inf                                         # the balancer's norm, uncapped
     x, speakers = tones(2, 160, 0), np.array([0, 1])
     seen, backward = [], codec.critic.backward
     codec.critic.backward = lambda d: (lambda push: (seen.append((d.copy(), push)), push)[1])(backward(d))
