@@ -618,8 +618,9 @@ class CodecConfig:
                                                "so that a clip's codes decode in another voice (train.py decode "
                                                "--speaker); where the data names its speakers")
     speaker_critic: float = setting(0.0, "w: a critic learns the speaker from the encoder's output, and the encoder "
-                                         "to leave it guessing, pushed w times as hard as the reconstruction pulls "
-                                         "(0: none; with speaker_conditioning; docs/audio.md measured 0.1)", low=0)
+                                         "to leave it guessing, pushed w times as hard as the reconstruction pulls, "
+                                         "less while the critic guesses (0: none; with speaker_conditioning; "
+                                         "docs/audio.md measured 0.1 and 0.2)", low=0)
     speakers: tuple = setting((), absent=())   # their names, from the data: the decoder takes one of them (() none)
     sample_rate: int = setting(8000, low=1)                            # from the data
     dtype: str = setting("float32", choices=("float32", "float64"))
