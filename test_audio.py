@@ -592,6 +592,12 @@ def test_an_adversarial_step_trains_both_and_a_non_finite_one_changes_neither_no
     assert [k for k, v in state().items() if not np.array_equal(before[k], v)] == []
 
 
+def critic_log_softmax(critic, z):
+    """log softmax of C(z), written out: head(mean over frames of body(z))."""
+    logits = critic.head.forward(critic.body.forward(z).mean(1, keepdims=True))[:, 0]
+    return logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+
 @given(seeds)
 def test_the_speaker_critic_learns_the_speaker_and_pushes_the_encoder_toward_a_uniform_guess(seed):
     """backward(d_rec) gives lambda d CE(C(z_e), 1/S)/dz_e, its norm w |d_rec| (the balancer) where
@@ -605,8 +611,7 @@ def test_the_speaker_critic_learns_the_speaker_and_pushes_the_encoder_toward_a_u
     push = critic.backward(d_rec)
     grads = {k: g.copy() for k, g in critic.weight_grads.items()}
     np.testing.assert_allclose(np.linalg.norm(push), 0.2 * np.linalg.norm(d_rec), rtol=1e-6)
-    logits = lambda: critic.head.forward(critic.body.forward(z).mean(1, keepdims=True))[:, 0]
-    log_softmax = lambda: (lambda l: l - np.log(np.exp(l).sum(1, keepdims=True)))(logits())
+    log_softmax = lambda: critic_log_softmax(critic, z)
     assert float(stats["speaker_critic"]) == pytest.approx(-log_softmax()[[0, 1], speakers].mean(), rel=1e-12)
     to_uniform = numerical_grad(lambda: -log_softmax().mean(), z)     # CE against 1/S each, mean over clips
     assert rel_error(push, 0.2 * np.linalg.norm(d_rec) / np.linalg.norm(to_uniform) * to_uniform) < 1e-6
@@ -629,8 +634,7 @@ def test_the_speaker_critics_push_fades_where_it_only_guesses(seed):
         return critic, critic.backward(d_rec)
 
     critic, capped = push(1e-6)
-    logits = lambda: critic.head.forward(critic.body.forward(z).mean(1, keepdims=True))[:, 0]
-    g = numerical_grad(lambda: -(lambda l: l - np.log(np.exp(l).sum(1, keepdims=True)))(logits()).mean(), z)
+    g = numerical_grad(lambda: -critic_log_softmax(critic, z).mean(), z)      # d CE(C(z), 1/S) / dz
     assert rel_error(capped, 1e-6 * g) < 1e-6                          # lambda = most
     (_, guessing), (_, capped) = push(np.inf, 1e-2), push(0.3, 1e-2)   # logits ~ 0: C guesses 1/S
     np.testing.assert_allclose(np.linalg.norm(guessing), 0.2 * np.linalg.norm(d_rec), rtol=1e-4)

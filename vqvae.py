@@ -951,9 +951,10 @@ def conv_adjoint(dy, W, stride, x_pad_shape, crop=((0, 0), (0, 0))):
     first Ho x Wo outputs read the same pixels. Fold each s x s block of pixels into channels
     (space-to-depth): the convolution becomes a stride-1 one with kernel (kh/s, kw/s), whose adjoint
     is a convolution of the zero-padded dy with the kernel rotated by 180 degrees, in/out swapped;
-    unfold the blocks again. The crop (the forward's padding) is taken from dy's padding where whole blocks allow it,
-    so the border that would be cropped is never computed (a 3x3 conv on 8x8: 36 % of the work).
-    Proved equal by test_fast_conv_adjoint_equals_the_col2im_definition and its cropped twin."""
+    unfold the blocks again. The crop (the forward's padding) is taken from dy's padding where whole
+    blocks allow it, so the border that would be cropped is never computed (a 3x3 conv on 8x8: 36 %
+    of the work). Proved equal by test_fast_conv_adjoint_equals_the_col2im_definition and its
+    cropped twin."""
     O, C, kh, kw = W.shape
     N, Hp, Wp, _ = x_pad_shape
     s = stride
