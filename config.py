@@ -32,6 +32,7 @@ JUDGE_STEPS = {"images": 1500, "audio": 1000}  # the judge's training steps (eac
 BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam: Kingma & Ba's; VQGAN's
 PRIOR_STEPS = {"images": 3000, "audio": 3000}  # the prior's training steps (docs/first_run.md, docs/audio.md) ...
 PRIOR_WARMUP = {"audio": 600}                   # ... its warm-up: speech's as measured; images' a tenth of the steps
+PRIOR_DILATION = {"images": 1, "audio": 2}      # ... its layer l's rows g^l apart: speech's frames (docs/audio.md)
 VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top prior, attention after every 4th ...
                  {"layers": 8, "attention_every": 0})    # ... and the bottom prior, given the top codes (docs/vqvae2.md)
 
@@ -192,6 +193,8 @@ def prior_configs(settings, model_cfg, num_classes, seed):
         raise UserError(f"--prior-label-dropout {settings['label_dropout']} drops the class of a class-conditional "
                         f"prior; this prior has no classes (--no-prior-labels, or data without labels)")
     K = model_cfg.level_num_codes                                      # coarsest first
+    kind = "audio" if isinstance(model_cfg, audio.CodecConfig) else "images"
+    settings = {"dilation": PRIOR_DILATION[kind], **settings}         # the flag's, else the data's
     base = dict(num_classes=num_classes, dtype=model_cfg.dtype)
     if model_cfg.levels == 1:
         return [P.PriorConfig(**base, **settings, codebook_size=K[0], seed=seed)]

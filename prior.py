@@ -18,7 +18,13 @@ is why it reaches the horizontal stack only one row down); the horizontal stack 
 so far. Together they cover everything before (i, j) with no blind spot. The first layer
 shifts its horizontal input one column right (mask type A), so (i, j) never sees its own code.
 
-The convolutional stacks reach only L * r codes back. For VQ-VAE-2's top prior (Razavi, van den
+The convolutional stacks reach only L * r codes back, unless the vertical stacks are dilated:
+with `dilation` g > 1 layer l's kernel reads rows g^l apart (rows i-r g^l, .., i-g^l, i), as
+WaveNet dilates its causal convolutions along time (van den Oord et al. 2016, "WaveNet: A
+Generative Model for Raw Audio", https://arxiv.org/abs/1609.03499): L layers then reach
+r (g^L - 1) / (g - 1) rows up, every row of them when g <= r + 1 (for g = 2 and r = 1, the binary
+digits of the distance). A spoken clip's codes are a tall grid of one frame per row, and there
+the undilated stack's few frames are a few milliseconds. For VQ-VAE-2's top prior (Razavi, van den
 Oord, Vinyals, "Generating Diverse High-Fidelity Images with VQ-VAE-2", NeurIPS 2019,
 https://arxiv.org/abs/1906.00446) an optional causal self-attention layer after every
 `attention_every`-th gated layer lets the horizontal stack at (i, j) read every earlier position
@@ -153,6 +159,29 @@ class Dropout:
         return dy if self.cache is None else dy * self.cache           # y = x * mask / (1 - p)
 
 
+def rows_to_batch(x, d):
+    """(N, H, W, C) -> (d N, ceil(H / d), W, C): the rows i = a d + c of each grid go to grid
+    (c, n) as its row a (H zero-padded at the bottom to a multiple of d). A convolution over
+    adjacent rows of the result is one over rows d apart of x (the "space to batch" of atrous
+    convolutions: the dilated convolution becomes a plain one). Its inverse is batch_to_rows."""
+    if d == 1:
+        return x
+    xp = array_module(x)
+    N, H, W, C = x.shape
+    Hp = -(-H // d) * d                                                # H rounded up to a multiple of d
+    x = xp.concatenate([x, xp.zeros((N, Hp - H, W, C), x.dtype)], axis=1) if Hp > H else x
+    return x.reshape(N, Hp // d, d, W, C).transpose(2, 0, 1, 3, 4).reshape(d * N, Hp // d, W, C)
+
+
+def batch_to_rows(y, d, H):
+    """The inverse of rows_to_batch: (d N, Hp / d, W, C) -> (N, H, W, C), the padding rows cut off.
+    Both are permutations plus zero rows: each one's adjoint is the other (used as such by backward)."""
+    if d == 1:
+        return y
+    dN, A, W, C = y.shape
+    return y.reshape(d, dN // d, A, W, C).transpose(1, 2, 0, 3, 4).reshape(dN // d, A * d, W, C)[:, :H]
+
+
 class GatedLayer:
     """One gated layer (paper Figure 2): (v, h) -> (v_out, h_out), p channels in each stack.
 
@@ -165,11 +194,14 @@ class GatedLayer:
 
     dropout > 0 drops numbers of the horizontal gate's output in training, before its 1x1
     convolution (where PixelCNN++ puts it in its gated residual blocks).
+
+    dilation d > 1: conv_v reads rows d apart, i-r d .. i-d, i (on a grid of H rows, min(d, H):
+    beyond the grid every row but i is padding either way).
     """
 
-    def __init__(self, p, k, first, num_classes=0, cond_channels=0, init=None, dropout=0.0):
+    def __init__(self, p, k, first, num_classes=0, cond_channels=0, init=None, dropout=0.0, dilation=1):
         r = k // 2
-        self.first = first
+        self.first, self.dilation = first, dilation
         self.conv_v = Conv2d(p, 2 * p, (r + 1, k), padding=((r, 0), (r, r)), init=init)  # rows i-r..i
         self.conv_h = Conv2d(p, 2 * p, (1, r + 1), padding=((0, 0), (r, 0)), init=init)  # cols j-r..j
         self.link = Conv2d(2 * p, 2 * p, 1, init=init)                 # vertical -> horizontal
@@ -208,7 +240,8 @@ class GatedLayer:
     def forward(self, v, h, labels=None, cond=None, rng=None):
         """rng: a generator for dropout's masks in training; None at evaluation."""
         c_v, c_h = self.conditioning(labels, cond)
-        v_pre = self.conv_v.forward(v) + c_v                           # (N, H, W, 2p), rows <= i
+        H, d = v.shape[1], min(self.dilation, v.shape[1])
+        v_pre = batch_to_rows(self.conv_v.forward(rows_to_batch(v, d)), d, H) + c_v  # (N, H, W, 2p), rows <= i
         v_out = self.gate_v.forward(v_pre)                             # (N, H, W, p)
         link = self.link.forward(self.down.forward(v_pre))             # row i: rows <= i-1 only
         h_in = self.right.forward(h) if self.first else h              # mask A: not (i, j) itself
@@ -216,18 +249,19 @@ class GatedLayer:
         h_out = self.out.forward(self.drop.forward(self.gate_h.forward(h_pre), rng))  # (N, H, W, p)
         if not self.first:
             h_out = h_out + h                                          # residual
-        self.cache = (labels is not None, cond is not None)
+        self.cache = (labels is not None, cond is not None, d)
         return v_out, h_out
 
     def backward(self, dv_out, dh_out):
         """-> dv, dh, dcond (None without a cond map)."""
-        has_labels, has_cond = self.cache
+        has_labels, has_cond, d = self.cache
         dh_pre = self.gate_h.backward(self.drop.backward(self.out.backward(dh_out)))  # h_out = out(drop(gate(h_pre)))
         dh = self.conv_h.backward(dh_pre)                              # h_pre = conv_h(h_in) + ...
         dh = self.right.backward(dh) if self.first else dh + dh_out    # h_in = shift(h); h_out = ... + h
         dlink = self.down.backward(self.link.backward(dh_pre))         # h_pre = ... + link(down(v_pre))
         dv_pre = self.gate_v.backward(dv_out) + dlink                  # v_out = gate(v_pre)
-        dv = self.conv_v.backward(dv_pre)                              # v_pre = conv_v(v) + ...
+        H = dv_pre.shape[1]                                            # v_pre = rows(conv_v(batch(v))) + ...:
+        dv = batch_to_rows(self.conv_v.backward(rows_to_batch(dv_pre, d)), d, H)  # the adjoints, in reverse
         if has_labels:                                                 # the class bias is broadcast over H, W
             self.class_v.backward(dv_pre.sum((1, 2), keepdims=True))   # v_pre = ... + class_v(labels)
             self.class_h.backward(dh_pre.sum((1, 2), keepdims=True))   # h_pre = ... + class_h(labels)
@@ -380,6 +414,10 @@ class PriorConfig:
     channels: int = setting(64, "p: channels of each stack", low=1)
     layers: int = setting(7, "L: gated layers (two levels: 8 each)", low=1)
     kernel: int = setting(3, "k: odd; each layer reaches k // 2 codes further", low=1)
+    dilation: int = setting(None, "g: gated layer l's vertical stack reads rows g^l apart, as WaveNet's "
+                                  "doubling (at most k // 2 + 1, so that no row is skipped; default: 2 for "
+                                  "speech, whose grids are a frame a row; 1, adjacent rows, for images)", low=1,
+                            absent=1)
     num_classes: int = setting(0, low=0)       # class-conditional when > 0: labels (N,) in [0, num_classes)
     cond_channels: int = setting(0, low=0)     # spatially conditioned when > 0: cond (N, h, w, cond_channels)
     dtype: str = setting("float32", choices=("float32", "float64"))
@@ -405,11 +443,17 @@ class PriorConfig:
             self.attention_every = self.layers
         if self.cond_blocks is None:                                  # VQ-VAE-2's conditioning stack
             self.cond_blocks = 2 if self.cond_codebook_size else 0
+        if self.dilation is None:                                     # adjacent rows: the paper's PixelCNN
+            self.dilation = 1
         if self.label_dropout is None:                                # classifier-free guidance's training
             self.label_dropout = 0.1 if self.num_classes else 0.0
         check(self)
         if self.kernel % 2 == 0:
             raise SettingError("kernel", f"kernel must be odd (centred on the current column), got {self.kernel}")
+        if self.dilation > self.kernel // 2 + 1:
+            raise SettingError("dilation", f"dilation={self.dilation} with kernel={self.kernel} would skip rows: a "
+                                           f"kernel of {self.kernel // 2 + 1} rows reaches every row for a dilation "
+                                           f"of at most {self.kernel // 2 + 1}")
         if self.attention_every > self.layers:
             raise SettingError("attention_every", f"attention_every={self.attention_every} is more than "
                                                   f"layers={self.layers}: no attention layer would be placed")
@@ -435,8 +479,10 @@ class PriorConfig:
 class PixelCNN:
     """Codes (N, h, w) -> logits (N, h, w, K) of each code given the codes before it.
 
-    With r = k // 2, the logits at (i, j) see the codes in rows i-1-L*r .. i-1 over columns
-    j-L*r .. j+L*r, and in row i over columns j-1-L*r .. j-1 (clipped to the grid).
+    With r = k // 2, the logits at (i, j) see the codes in rows i-1-R .. i-1 over columns
+    j-L*r .. j+L*r, and in row i over columns j-1-L*r .. j-1 (clipped to the grid), where the
+    vertical stacks reach R = r (1 + g + .. + g^(L-1)) rows up: L*r, or with dilation g = 2 and
+    r = 1, 2^L - 1.
 
     With attention layers they see every code before (i, j) but at most one. An attention layer
     reads the features of every position up to (i, j), and each earlier code has been seen by
@@ -452,8 +498,8 @@ class PixelCNN:
         p = cfg.channels
         self.embed = Embedding(cfg.codebook_size, p, init)
         rows = cfg.num_classes + (cfg.label_dropout > 0)                 # + the "no class" label, for guidance
-        self.layers = [GatedLayer(p, cfg.kernel, l == 0, rows, cfg.cond_channels, init, cfg.dropout)
-                       for l in range(cfg.layers)]
+        self.layers = [GatedLayer(p, cfg.kernel, l == 0, rows, cfg.cond_channels, init, cfg.dropout,
+                                  cfg.dilation ** l) for l in range(cfg.layers)]
         self.head = make_head(p, cfg.codebook_size, init)
         # the VQ-VAE-2 parts come last, so that the parts above start from the same draws with or without them
         every = cfg.attention_every
@@ -802,11 +848,12 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
     """The codes of sample_naive (same seed, same uniforms), computing each pixel of each layer once.
 
     Row by row: once row i-1 is final, every layer's vertical stack is computed for row i-1 only
-    (from the cached vertical inputs of rows i-1-r .. i-1), which gives the links of row i. Then
-    row i left to right: for pixel (i, j) the horizontal stack of all layers (from the cached
-    horizontal inputs of columns j-r .. j of row i), the head, and the code. The caches are
-    zero-padded exactly as conv_v and conv_h pad, so the arithmetic is the forward's (the same
-    sums, some in another order: equal up to rounding, like a pixel's matmul and a grid's).
+    (from the cached vertical inputs of rows i-1-r d .. i-1, d apart for a layer of dilation d),
+    which gives the links of row i. Then row i left to right: for pixel (i, j) the horizontal
+    stack of all layers (from the cached horizontal inputs of columns j-r .. j of row i), the
+    head, and the code. The caches are zero-padded exactly as conv_v and conv_h pad, so the
+    arithmetic is the forward's (the same sums, some in another order: equal up to rounding,
+    like a pixel's matmul and a grid's).
 
     On a GPU each array operation is a kernel launch for a few hundred numbers, so the pixel loop
     does as few as it can: the weights become matrices once; what a row's horizontal
@@ -835,8 +882,10 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
 
     half, W_h, W_out, KV, pos = _sampler_state(model, N, h, w)
     gate_at, residual_at = pixel_kernels(xp, p)
-    # vertical inputs of every layer, padded as conv_v pads: r zero rows on top, r columns each side
-    V = [xp.zeros((N, h + r, w + 2 * r, p), dtype) for _ in layers]    # (N, h + r, w + 2r, p)
+    # vertical inputs of every layer, padded as conv_v pads: r d zero rows on top (d: the layer's
+    # dilation), r columns each side; grid row a is row a + r d here
+    D = [min(layer.dilation, h) for layer in layers]
+    V = [xp.zeros((N, h + r * d, w + 2 * r, p), dtype) for d in D]   # (N, h + r d, w + 2r, p)
     for i in range(h):
         # 1. every layer's vertical stack on row i-1 -> the links of row i, and with them all that
         #    row i's h_pre adds to conv_h(h) without the bias: base (w, N, 2p) per layer
@@ -845,9 +894,10 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
             if i == 0:
                 v_pre = xp.zeros((N, 1, w, 2 * p), dtype)              # the zero row of down_shift
             else:
-                v_pre = layer.conv_v.apply(V[l][:, i - 1:i + r])[0] + conditioning_row(layer, i - 1)[0]  # (N, 1, w, 2p)
+                rows = V[l][:, i - 1:i + r * D[l]:D[l]]                # rows i-1-r d, .., i-1: (N, r+1, w + 2r, p)
+                v_pre = layer.conv_v.apply(rows)[0] + conditioning_row(layer, i - 1)[0]  # (N, 1, w, 2p)
                 if l + 1 < len(layers):
-                    V[l + 1][:, i - 1 + r, r:r + w] = gate(v_pre)[0][:, 0]     # v_out of row i-1
+                    V[l + 1][:, i - 1 + r * D[l + 1], r:r + w] = gate(v_pre)[0][:, 0]  # v_out of row i-1
             link = layer.link.apply(v_pre)[0]                          # (N, 1, w, 2p)
             base_row = (link + conditioning_row(layer, i)[1] + layer.conv_h.params["b"])[:, 0] * half  # (N, w, 2p)
             base.append(xp.ascontiguousarray(base_row.transpose(1, 0, 2)))  # (w, N, 2p): base[l][j] contiguous
@@ -871,5 +921,5 @@ def sample(model, N, h, w, seed, temperature=1.0, labels=None, cond=None, cond_c
             logits = model.head.forward(h_out[:, None, None])[:, 0, 0]  # (N, K)
             codes[:, i, j] = code = _pick_guided(logits, u[:, i, j], rule, guidance)
             H[0][:, j + r + 1] = table[code]                           # layer 0 sees it from (i, j+1) on
-        V[0][:, i + r, r:r + w] = table[codes[:, i]]                   # the vertical stack, from row i+1 on
+        V[0][:, i + r * D[0], r:r + w] = table[codes[:, i]]            # the vertical stack, from row i+1 on
     return _finite(codes[:samples], rule)

@@ -133,11 +133,13 @@ def test_prior_grids_are_a_clips_first_stages_frame_by_frame_and_decode_back_to_
 
 
 @pytest.mark.parametrize("stages", [1, 2])
-def test_the_fast_sampler_speaks_the_naive_samplers_codes_on_a_tall_grid_of_frames(stages):
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_the_fast_sampler_speaks_the_naive_samplers_codes_on_a_tall_grid_of_frames(stages, dilation):
     # the speech prior's grid: many frames (rows) of one or two stages (columns), class-conditional,
-    # guided, with the attention layer that reaches the frames further back than the convolutions
+    # guided, with the attention layer that reaches the frames further back than the convolutions,
+    # and the vertical stacks dilated (frames 1, 2, 4 apart) or not
     prior = P.PixelCNN(P.PriorConfig(codebook_size=8, num_classes=10, channels=8, layers=3, heads=2, attention_every=2,
-                                     label_dropout=0.1, dtype="float64", seed=stages))
+                                     label_dropout=0.1, dtype="float64", seed=stages, dilation=dilation))
     for p in prior.params.values():                                   # sharper logits than at initialisation
         p *= 3
     digits = np.array([3, 7, 0])

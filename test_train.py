@@ -188,6 +188,15 @@ def test_prior_layers_and_attention_defaults_depend_on_the_levels(tmp_path):
                                                         if priors[0].attention_every else 0)
 
 
+def test_the_priors_dilation_follows_the_data(tmp_path):
+    """config.PRIOR_DILATION: adjacent rows for images, rows 2^l apart over speech's frames; the flag wins."""
+    parser = T.build_parser()
+    for flags, expected in [([], [1]), (["--levels", "2"], [1, 1]), (["--data", "fsdd"], [2]),
+                            (["--data", "fsdd", "--prior-dilation", "1"], [1]), (["--prior-dilation", "2"], [2])]:
+        _, model_cfg, settings, _, _ = T.configs_from_args(parser.parse_args(["--out", str(tmp_path / "run"), *flags]))
+        assert [p.dilation for p in config.prior_configs(settings, model_cfg, num_classes=3, seed=0)] == expected, flags
+
+
 def test_steps_batch_and_adam_defaults_follow_the_data_and_adversarial(tmp_path):
     """One table each (config.STEPS, BATCH, BETAS, LR, LR_WARMUP, LR_FLOOR, JUDGE_STEPS): images 3000
     steps of 32 with Adam (0.9, 0.999) at a constant 1e-3 and a judge of 1500 steps; --adversarial

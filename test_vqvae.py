@@ -17,6 +17,7 @@ import quantizers as Q
 import vqgan as G
 import vqvae as V
 from conftest import (seeds, f64_init, numerical_grad, rel_error, check_layer_grads, check_sampled_grads, tiny_config)
+from settings import SettingError
 
 
 def direct_conv(x, W, b, stride, padding):
@@ -943,14 +944,14 @@ def test_loss_and_gradients_equal_pytorch_autograd_for_the_same_weights(quantize
         torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize("attention_every", [0, 1, 3])
-def test_prior_loss_and_gradients_equal_its_pytorch_mirror(attention_every):
+@pytest.mark.parametrize("attention_every, dilation", [(0, 1), (1, 1), (3, 1), (1, 2), (0, 2)])
+def test_prior_loss_and_gradients_equal_its_pytorch_mirror(attention_every, dilation):
     """bench.py times the prior against this PyTorch mirror: it must compute the same function.
     Its autograd also checks our hand-written backward of every part, attention included."""
     torch = pytest.importorskip("torch")
     import torch_modules
     cfg = gated_prior_config(codebook_size=7, channels=8, layers=3, attention_every=attention_every, heads=2,
-                        num_classes=3, label_dropout=0.1, dtype="float64", seed=3)
+                        num_classes=3, label_dropout=0.1, dtype="float64", seed=3, dilation=dilation)
     prior = P.PixelCNN(cfg, device="cpu")
     rng = np.random.default_rng(0)
     codes, labels = rng.integers(0, 7, (4, 5, 6)), np.array([0, 1, 2, 3])  # 3: "no class"
@@ -1961,6 +1962,14 @@ def gated_prior_config(**kw):
     return P.PriorConfig(**{**dict(codebook_size=512, layers=8, attention_every=0, label_dropout=0.0, cond_blocks=0), **kw})
 
 
+def test_a_dilation_that_would_skip_rows_is_refused():
+    assert P.PriorConfig(kernel=5, dilation=3).dilation == 3                     # digits 0..2 in base 3: every row
+    with pytest.raises(SettingError, match="dilation=3 with kernel=3 would skip rows") as e:
+        P.PriorConfig(kernel=3, dilation=3)
+    assert e.value.name == "dilation"
+    assert P.PriorConfig.from_dict({"layers": 2}).dilation == 1                  # a config saved before dilation
+
+
 def test_prior_config_defaults_are_the_prior_train_py_trains():
     cfg = P.PriorConfig()
     assert (cfg.layers, cfg.attention_every, cfg.label_dropout, cfg.cond_blocks) == (7, 7, 0.0, 0)
@@ -1990,14 +1999,17 @@ def prior_case(draw, max_hw=4):
     cfg = dict(codebook_size=draw(st.integers(2, 6)), channels=draw(st.integers(1, 4)),
                layers=draw(st.integers(1, 3)), kernel=draw(st.sampled_from([1, 3, 5])),
                num_classes=draw(st.sampled_from([0, 3])), cond_channels=draw(st.sampled_from([0, 2])))
+    cfg["dilation"] = draw(st.integers(1, cfg["kernel"] // 2 + 1))    # 1, or rows 2^l (3^l) apart
     N, h, w = draw(st.integers(1, 2)), draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
     return cfg, (N, h, w), draw(seeds)
 
 
-def receptive_field(i, j, h, w, L, r):
+def receptive_field(i, j, h, w, L, r, g=1):
     """The positions the logits at (i, j) should depend on (PixelCNN's docstring): rows
-    i-1-L*r .. i-1 over columns j-L*r .. j+L*r, and row i over columns j-1-L*r .. j-1."""
-    above = {(a, b) for a in range(i - 1 - L * r, i) for b in range(j - L * r, j + L * r + 1)}
+    i-1-R .. i-1 over columns j-L*r .. j+L*r, and row i over columns j-1-L*r .. j-1, where the
+    vertical stacks reach R = r (1 + g + .. + g^(L-1)) rows up (L*r undilated, g = 1)."""
+    R = r * sum(g ** l for l in range(L))
+    above = {(a, b) for a in range(i - 1 - R, i) for b in range(j - L * r, j + L * r + 1)}
     left = {(i, b) for b in range(j - 1 - L * r, j)}
     return {(a, b) for a, b in above | left if 0 <= a < h and 0 <= b < w}
 
@@ -2063,11 +2075,45 @@ def test_shift_backward_is_the_adjoint_of_forward(axis, N, H, W, seed):
     np.testing.assert_allclose(np.sum(Sx * y), np.sum(x * shift.backward(y)), rtol=1e-12, atol=1e-12)
 
 
-@given(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.booleans(), st.sampled_from([0, 3]),
-       st.sampled_from([0, 2]), st.integers(1, 4), st.integers(1, 4), seeds)
-def test_gated_layer_gradients_match_finite_differences(p, k, first, nc, cc, H, W, seed):
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 3), st.integers(1, 4), seeds)
+def test_rows_to_batch_is_undone_by_batch_to_rows_and_each_is_the_others_adjoint(N, H, W, d, seed):
     rng = np.random.default_rng(seed)
-    layer = P.GatedLayer(p, k, first, nc, cc, init=f64_init(seed))
+    x = rng.standard_normal((N, H, W, 2))
+    b = P.rows_to_batch(x, d)
+    Hp = -(-H // d) * d
+    assert b.shape == (d * N, Hp // d, W, 2)
+    for i in range(H):                                                 # row i = a d + c is row a of grid (c, n)
+        np.testing.assert_array_equal(b[(i % d) * N:(i % d + 1) * N, i // d], x[:, i])
+    np.testing.assert_array_equal(P.batch_to_rows(b, d, H), x)
+    y = rng.standard_normal(b.shape)                                   # <B x, y> = <x, B* y>: the zero rows drop out
+    np.testing.assert_allclose(np.sum(b * y), np.sum(x * P.batch_to_rows(y, d, H)), rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.integers(1, 9), st.integers(1, 3), st.integers(1, 4), seeds)
+def test_a_dilated_vertical_stack_reads_rows_d_apart(p, k, H, W, d, seed):
+    # v_pre[i, j] = b + sum over m = 0..r, n = -r..r of W[:, :, r-m, r+n] v[i - m d, j + n], zero off the grid:
+    # the definition, summed tap by tap, against the layer's space-to-batch convolution
+    rng = np.random.default_rng(seed)
+    layer = P.GatedLayer(p, k, True, init=f64_init(seed), dilation=d)
+    v = rng.standard_normal((2, H, W, p))
+    layer.forward(v, np.zeros_like(v))
+    r, Wv = k // 2, layer.conv_v.params["W"]                           # (2p, p, r+1, k)
+    expected = np.zeros((2, H, W, 2 * p)) + layer.conv_v.params["b"]
+    for i in range(H):
+        for j in range(W):
+            for m in range(r + 1):
+                for n in range(-r, r + 1):
+                    if 0 <= i - m * d and 0 <= j + n < W:
+                        expected[:, i, j] += v[:, i - m * d, j + n] @ Wv[:, :, r - m, r + n].T
+    v_out = layer.gate_v.forward(expected)                             # v_out = gate(v_pre)
+    np.testing.assert_allclose(layer.forward(v, np.zeros_like(v))[0], v_out, rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.booleans(), st.sampled_from([0, 3]),
+       st.sampled_from([0, 2]), st.integers(1, 5), st.integers(1, 4), st.sampled_from([1, 2, 3]), seeds)
+def test_gated_layer_gradients_match_finite_differences(p, k, first, nc, cc, H, W, d, seed):
+    rng = np.random.default_rng(seed)
+    layer = P.GatedLayer(p, k, first, nc, cc, init=f64_init(seed), dilation=d)
     N = 2
     v, h = rng.standard_normal((N, H, W, p)), rng.standard_normal((N, H, W, p))
     labels = rng.integers(0, nc, N) if nc else None
@@ -2145,12 +2191,13 @@ def test_changing_a_code_never_changes_the_logits_at_or_before_it(case, data):
     np.testing.assert_array_equal(after[:, :q + 1], before[:, :q + 1])  # exactly: no path at all
 
 
-@given(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.integers(1, 6), st.integers(1, 6), seeds, st.data())
+@given(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.integers(1, 8), st.integers(1, 6), seeds, st.data())
 def test_logits_depend_on_exactly_the_receptive_field(L, k, h, w, seed, data):
     # no blind spot: every earlier position in the field, the row above to the right of (i, j)
-    # included, changes the logits at (i, j); nothing outside it does
+    # included, changes the logits at (i, j); nothing outside it does. Dilated too: no row skipped
     i, j = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
-    model = tiny_prior(codebook_size=5, channels=16, layers=L, kernel=k, seed=seed % 1000)
+    g = data.draw(st.integers(1, k // 2 + 1))                          # rows g^l apart in layer l
+    model = tiny_prior(codebook_size=5, channels=16, layers=L, kernel=k, dilation=g, seed=seed % 1000)
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 5, (1, h, w))
     base = model.forward(codes)[0, i, j]
@@ -2163,7 +2210,7 @@ def test_logits_depend_on_exactly_the_receptive_field(L, k, h, w, seed, data):
             changed[0, a, b] = (codes[0, a, b] + 1 + rng.integers(0, 4)) % 5  # any other code
             if not np.array_equal(model.forward(changed)[0, i, j], base):
                 depends.add((a, b))
-    field = receptive_field(i, j, h, w, L, k // 2)
+    field = receptive_field(i, j, h, w, L, k // 2, g)
     assert depends == field, (sorted(field - depends), sorted(depends - field))
     if k > 1 and i >= 1 and j + 1 < w:
         assert (i - 1, j + 1) in depends                               # the classic blind-spot pixel

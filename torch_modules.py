@@ -179,10 +179,10 @@ class Gated(nn.Module):
     """prior.GatedLayer. Ours pads inside its convolutions; here F.pad pads, asymmetrically,
     with the zeros ours pads with or shifts in: F.pad(x, (left, right, top, bottom))."""
 
-    def __init__(self, cfg, first, rows):
+    def __init__(self, cfg, first, rows, dilation=1):
         super().__init__()
-        p, k, self.r, self.first = cfg.channels, cfg.kernel, cfg.kernel // 2, first
-        self.conv_v = nn.Conv2d(p, 2 * p, (self.r + 1, k))             # rows i-r..i, columns j-r..j+r
+        p, k, self.r, self.first, self.d = cfg.channels, cfg.kernel, cfg.kernel // 2, first, dilation
+        self.conv_v = nn.Conv2d(p, 2 * p, (self.r + 1, k), dilation=(dilation, 1))  # rows i-r d..i, d apart
         self.conv_h = nn.Conv2d(p, 2 * p, (1, self.r + 1))             # row i, columns j-r..j
         self.link = nn.Conv2d(2 * p, 2 * p, 1)                         # vertical -> horizontal
         self.out = nn.Conv2d(p, p, 1)
@@ -202,7 +202,7 @@ class Gated(nn.Module):
         if cond is not None:
             c_v = c_v + self.cond_v(cond)                              # (N, 2p, h, w)
             c_h = c_h + self.cond_h(cond)
-        v_pre = self.conv_v(F.pad(v, (r, r, r, 0))) + c_v              # rows <= i
+        v_pre = self.conv_v(F.pad(v, (r, r, r * self.d, 0))) + c_v     # rows <= i
         link = self.link(F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1])        # down one row: rows <= i-1 only
         h_in = F.pad(h, (1, 0))[..., :-1] if self.first else h         # mask A: right one column
         h_pre = self.conv_h(F.pad(h_in, (r, 0))) + link + c_h
@@ -244,7 +244,7 @@ class PixelCNN(nn.Module):
         p, every, self.f = cfg.channels, cfg.attention_every, cfg.cond_upsample
         rows = cfg.num_classes + (cfg.label_dropout > 0)               # + the "no class" label, for guidance
         self.embed = nn.Embedding(cfg.codebook_size, p)
-        self.layers = nn.ModuleList(Gated(cfg, l == 0, rows) for l in range(cfg.layers))
+        self.layers = nn.ModuleList(Gated(cfg, l == 0, rows, cfg.dilation ** l) for l in range(cfg.layers))
         self.attention = nn.ModuleDict({str(l): Attention(p, cfg.attention_dim or p, cfg.heads)  # after gated layer l
                                         for l in range(cfg.layers) if every and (l + 1) % every == 0})
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(p, p, 1), nn.ReLU(), nn.Conv2d(p, cfg.codebook_size, 1))
