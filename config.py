@@ -20,7 +20,7 @@ from runs import UserError, read_json
 from settings import SettingError, check, check_value, flag_message, from_dict, setting
 
 STAGES, DEVICES = ("vqvae", "prior", "all"), ("auto", "cpu", "gpu")
-GUIDANCE = {"images": 1.5, "audio": 2.0}  # guidance of a prior trained with label dropout (docs/prior.md, audio.md)
+GUIDANCE = {"images": 1.5, "audio": 2.5}  # guidance of a prior trained with label dropout (docs/prior.md, audio.md)
 DISC_BETAS = (0.5, 0.9)   # the discriminator's Adam: VQGAN's (for both its networks), the usual beta1 of GANs
 STEPS = {"images": 3000, "adversarial": 6000,  # training steps of the VQ-VAE (docs/decoder.md) ...
          "audio": 2400}                          # ... and of the audio codec (docs/audio.md)

@@ -286,7 +286,7 @@ def test_the_codecs_learning_rate_warms_up_decays_to_its_floor_and_a_resume_keep
 
 
 def test_speech_samples_with_its_own_guidance_unless_one_is_given(tmp_path, fsdd_dir, monkeypatch):
-    """config.GUIDANCE: a speech run's prior, trained with label dropout, speaks with guidance 2
+    """config.GUIDANCE: a speech run's prior, trained with label dropout, speaks with guidance 2.5
     (docs/audio.md), the images' 1.5; --guidance wins; a prior without label dropout takes none."""
     rules, sample_clips = [], S.sample_clips
     monkeypatch.setattr(S, "sample_clips", lambda *a: (rules.append(a[-1]), sample_clips(*a))[1])
@@ -294,7 +294,7 @@ def test_speech_samples_with_its_own_guidance_unless_one_is_given(tmp_path, fsdd
     speech_run(tmp_path, fsdd_dir, "given", steps=2, extra=("--no-evaluate", "--guidance", "3"))
     speech_run(tmp_path, fsdd_dir, "unguided", steps=2, extra=("--no-evaluate", "--prior-label-dropout", "0"))
     assert [r["guidance"] for r in rules] == [config.GUIDANCE["audio"], 3.0, 1.0]
-    assert config.GUIDANCE == {"images": 1.5, "audio": 2.0}
+    assert config.GUIDANCE == {"images": 1.5, "audio": 2.5}
 
 
 def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path, fsdd_dir, capsys):
