@@ -196,13 +196,16 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     kind = "audio" if isinstance(model_cfg, audio.CodecConfig) else "images"
     settings = {"dilation": PRIOR_DILATION[kind], **settings}         # the flag's, else the data's
     base = dict(num_classes=num_classes, dtype=model_cfg.dtype)
-    if model_cfg.levels == 1:
-        return [P.PriorConfig(**base, **settings, codebook_size=K[0], seed=seed)]
-    top = {**VQVAE2_PRIORS[0], **{k: v for k, v in settings.items() if k != "cond_blocks"}}
-    bottom = {**VQVAE2_PRIORS[1], **{k: v for k, v in settings.items() if k != "attention_every"}}
-    return [P.PriorConfig(**base, **top, codebook_size=K[0], seed=seed),
-            P.PriorConfig(**base, **bottom, codebook_size=K[1], seed=seed + 1, cond_codebook_size=K[0],
-                          cond_channels=bottom.get("channels", P.PriorConfig.channels), cond_upsample=2)]
+    try:
+        if model_cfg.levels == 1:
+            return [P.PriorConfig(**base, **settings, codebook_size=K[0], seed=seed)]
+        top = {**VQVAE2_PRIORS[0], **{k: v for k, v in settings.items() if k != "cond_blocks"}}
+        bottom = {**VQVAE2_PRIORS[1], **{k: v for k, v in settings.items() if k != "attention_every"}}
+        return [P.PriorConfig(**base, **top, codebook_size=K[0], seed=seed),
+                P.PriorConfig(**base, **bottom, codebook_size=K[1], seed=seed + 1, cond_codebook_size=K[0],
+                              cond_channels=bottom.get("channels", P.PriorConfig.channels), cond_upsample=2)]
+    except SettingError as e:                                          # named as the flag the user typed
+        raise UserError(flag_message(e, "prior_"))
 
 
 def sampling_rule(settings, prior_cfgs, kind="images"):

@@ -334,6 +334,10 @@ def test_encode_writes_each_clips_codes_and_decode_turns_them_into_wavs(tmp_path
     (["--crop-samples", "512"], "--crop-samples applies to speech"),
     (["--data", "fsdd", "--codec-strides", "2,0"], "--codec-strides must be positive integers"),
     (["--data", "fsdd", "--crop-samples", "100"], "--crop-samples 100 must be a multiple of the codec's 32"),
+    (["--data", "fsdd", "--prior-dilation", "3", "--batch-size", "4", "--prior-batch-size", "4"],
+     "--prior-dilation=3 with kernel=3 would skip rows"),
+    (["--data", "fsdd", "--prior-attention-every", "9", "--batch-size", "4", "--prior-batch-size", "4"],
+     "--prior-attention-every=9 is more than layers=7"),
 ])
 def test_flags_of_the_other_kind_of_data_and_bad_codec_settings_are_refused(tmp_path, fsdd_dir, capsys, argv, message):
     assert T.main([*argv, "--data-dir", str(fsdd_dir), "--out", str(tmp_path / "run")]) == 1

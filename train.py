@@ -255,11 +255,8 @@ def load_data(cfg, model_cfg, prior_settings, resuming):
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is larger than the "
                             f"{len(data['train'])} training images")
     labelled = data["num_classes"] > 0 and "train_labels" in data
-    try:
-        prior_cfgs = prior_settings if resuming else prior_configs(
-            prior_settings, model_cfg, data["num_classes"] if cfg.prior_labels and labelled else 0, cfg.seed)
-    except SettingError as e:
-        raise UserError(flag_message(e, "prior_"))
+    prior_cfgs = prior_settings if resuming else prior_configs(
+        prior_settings, model_cfg, data["num_classes"] if cfg.prior_labels and labelled else 0, cfg.seed)
     num_classes = prior_cfgs[0].num_classes
     if num_classes and not labelled:
         raise UserError(f"the run's prior is class-conditional, but {cfg.data} has no labels")
