@@ -2096,7 +2096,6 @@ def test_a_dilated_vertical_stack_reads_rows_d_apart(p, k, H, W, d, seed):
     rng = np.random.default_rng(seed)
     layer = P.GatedLayer(p, k, True, init=f64_init(seed), dilation=d)
     v = rng.standard_normal((2, H, W, p))
-    layer.forward(v, np.zeros_like(v))
     r, Wv = k // 2, layer.conv_v.params["W"]                           # (2p, p, r+1, k)
     expected = np.zeros((2, H, W, 2 * p)) + layer.conv_v.params["b"]
     for i in range(H):
