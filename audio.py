@@ -407,30 +407,16 @@ class SpectrogramAdversary:
 # a speaker critic: codes that keep what is said and leave out who says it
 
 
-class SpeakerCritic:
-    """The paper's section 4.3 converts voices by decoding one speaker's codes with another's
-    conditioning; that needs codes that do not carry the voice themselves. A critic C learns to
-    tell the speaker from the encoder's output z_e, and the encoder learns to leave it guessing
-    (domain-adversarial training, Ganin & Lempitsky 2015, with the uniform guess as the encoder's
-    target where theirs reverses C's gradient):
+class SpeakerNet:
+    """A small speaker classifier that learns beside the codec: features (N, frames, d) ->
+    logits = head(mean over frames of body(features)), body two Conv1d of window 5 with ELUs, w
+    channels. It learns with its own Adam (lr 1e-3). To the codec it is what the EMA codebooks are,
+    state that the training step moves and its Adam does not: its weights and its Adam's moments
+    and step are the codec's buffers, saved, resumed and kept on a failed step with the codebooks."""
 
-        C(z_e) = head(mean over frames of body(z_e)),   body: two Conv1d of window 5, ELU, w channels
-        L_C    = CE(C(sg[z_e]), speaker)                                   moves C only
-        dz_e  += lambda g,   g = d CE(C(z_e), 1/S) / dz_e                  the encoder only
-        lambda = min(weight |dL/dz_e| / |g|, most)
-
-    The last line balances the two as SpectrogramAdversary does: the push is `weight` times the
-    gradient the encoder gets from the reconstruction and the commitments, while C knows the
-    speaker. Where C only guesses, g goes to zero and the balancer alone would scale noise up to
-    the full push; the cap `most` lets the push fade there (uncapped, w = 0.15-0.2 collapsed the
-    codec; docs/audio.md). C learns with its own Adam (lr 1e-3; the codec's 6e-3 cost the codec
-    more). To the codec C is what the EMA codebooks are, state that the training step moves and
-    its Adam does not: its weights and its Adam's moments and step are the codec's buffers, saved,
-    resumed and kept on a failed step with the codebooks."""
-
-    def __init__(self, code_dim, speakers, weight, init, width=64, lr=1e-3, most=0.3):
-        self.weight, self.most = float(weight), float(most)
-        self.body = Sequential(Conv1d(code_dim, width, 5, padding="same", init=init), ELU(),
+    def __init__(self, in_dim, speakers, init, width=64, lr=1e-3):
+        self.speakers = speakers                                       # S: how many
+        self.body = Sequential(Conv1d(in_dim, width, 5, padding="same", init=init), ELU(),
                                Conv1d(width, width, 5, padding="same", init=init), ELU())
         self.head = Conv1d(width, speakers, 1, init=init)
         self.layers = {"body": self.body, "head": self.head}
@@ -452,36 +438,109 @@ class SpeakerCritic:
                 **{f"adam.m.{k}": v for k, v in self.opt.m.items()},
                 **{f"adam.v.{k}": v for k, v in self.opt.v.items()}}
 
+    def logits(self, features):
+        """features (N, F, d) -> logits (N, S)."""
+        h = self.body.forward(features)                                # (N, F, w)
+        self.shape = h.shape
+        return self.head.forward(h.mean(1, keepdims=True))[:, 0]
+
+    def backward_through(self, dlogits):
+        """dlogits (N, S) back through head, the mean over frames and body -> d features (N, F, d);
+        the weights' gradients are left in weight_grads (each call overwrites them)."""
+        dm = self.head.backward(dlogits[:, None])                      # (N, 1, w)
+        return self.body.backward(array_module(dm).broadcast_to(dm / self.shape[1], self.shape).copy())
+
+    def step(self):
+        """One step of the own Adam on weight_grads (Codec.train_step, after the codec's)."""
+        self.opt.t = int(self.steps)
+        self.opt.step(self.weight_grads, self.weights)
+        self.steps[...] = self.opt.t
+
+
+def balanced(weight, d_rec, g, most):
+    """EnCodec's balancer for one term, capped: lambda = min(weight |d_rec| / |g|, most)."""
+    xp = array_module(g)
+    return xp.minimum(weight * xp.sqrt((d_rec ** 2).sum()) / (xp.sqrt((g ** 2).sum()) + 1e-12), most)
+
+
+class SpeakerCritic(SpeakerNet):
+    """The paper's section 4.3 converts voices by decoding one speaker's codes with another's
+    conditioning; that needs codes that do not carry the voice themselves. A critic C (a SpeakerNet)
+    learns to tell the speaker from the encoder's output z_e, and the encoder learns to leave it
+    guessing (domain-adversarial training, Ganin & Lempitsky 2015, with the uniform guess as the
+    encoder's target where theirs reverses C's gradient):
+
+        L_C    = CE(C(sg[z_e]), speaker)                                   moves C only
+        dz_e  += lambda g,   g = d CE(C(z_e), 1/S) / dz_e                  the encoder only
+        lambda = min(weight |dL/dz_e| / |g|, most)
+
+    The last line balances the two as SpectrogramAdversary does: the push is `weight` times the
+    gradient the encoder gets from the reconstruction and the commitments, while C knows the
+    speaker. Where C only guesses, g goes to zero and the balancer alone would scale noise up to
+    the full push; the cap `most` lets the push fade there (uncapped, w = 0.15-0.2 collapsed the
+    codec; docs/audio.md). C's own Adam at 1e-3: the codec's 6e-3 cost the codec more."""
+
+    def __init__(self, code_dim, speakers, weight, init, width=64, lr=1e-3, most=0.3):
+        super().__init__(code_dim, speakers, init, width, lr)
+        self.weight, self.most = float(weight), float(most)
+
     def forward(self, z_e, speakers):
         """z_e (N, frames, D), speakers (N,) -> stats: L_C and how often C names the speaker."""
-        h = self.body.forward(z_e)                                     # (N, F, w)
-        logits = self.head.forward(h.mean(1, keepdims=True))[:, 0]     # (N, S)
+        logits = self.logits(z_e)                                      # (N, S)
         loss, dlogits = softmax_cross_entropy(logits, speakers)        # (softmax - onehot) / N
-        self.cache = (h.shape, dlogits, speakers)
+        self.cache = (dlogits, speakers)
         return {"speaker_critic": loss, "speaker_critic_accuracy": (logits.argmax(1) == speakers).mean()}
 
     def backward(self, dz_rec):
         """The reconstruction's gradient at z_e -> the encoder's push, lambda g; leaves L_C's
         gradients in C's weight_grads."""
-        xp = array_module(dz_rec)
-        shape, dlogits, speakers = self.cache
+        dlogits, speakers = self.cache
         N, S = dlogits.shape
         to_uniform = dlogits + (one_hot(speakers, S, dlogits.dtype) - 1 / S) / N  # (softmax - 1/S) / N
-        g = self.backward_through(to_uniform, shape)                   # d CE(C(z_e), 1/S) / dz_e
-        self.backward_through(dlogits, shape)                          # L_C's gradients, kept in C's weight_grads
-        lam = self.weight * xp.sqrt((dz_rec ** 2).sum()) / (xp.sqrt((g ** 2).sum()) + 1e-12)
-        return xp.minimum(lam, self.most) * g                          # C at a guess: g -> 0, and so the push
+        g = self.backward_through(to_uniform)                          # d CE(C(z_e), 1/S) / dz_e
+        self.backward_through(dlogits)                                 # L_C's gradients, kept in C's weight_grads
+        return balanced(self.weight, dz_rec, g, self.most) * g         # C at a guess: g -> 0, and so the push
 
-    def step(self):
-        """One step of C's own Adam on L_C's gradients (Codec.train_step, after the codec's)."""
-        self.opt.t = int(self.steps)
-        self.opt.step(self.weight_grads, self.weights)
-        self.steps[...] = self.opt.t
 
-    def backward_through(self, dlogits, shape):
-        """dlogits (N, S) back through head, the mean over frames and body -> dz_e (N, F, D)."""
-        dm = self.head.backward(dlogits[:, None])                      # (N, 1, w)
-        return self.body.backward(array_module(dm).broadcast_to(dm / shape[1], shape).copy())
+class SpeakerListener(SpeakerNet):
+    """The other half of conversion: a decoder trained only to reconstruct need not listen to the
+    speaker vector where the codes carry the voice. A listener L (a SpeakerNet over the frames of
+    the log-power spectrogram, window 256) learns to tell the speaker from the training crops, and
+    the decoder also decodes the first-stage codes of some of the batch's crops in another voice,
+    x' = D(sg[z_q1] + e_t), and learns to make L hear that voice t:
+
+        L_L    = CE(L(S(x)), speaker)                                      moves L only
+        dx'    = lambda g,   g = d CE(L(S(x')), t) / dx'                   the decoder and e_t only
+        lambda = min(weight |dL_rec/dx_hat| / |g|, most)
+
+    x' has no waveform to match: L's ear is its only target, so the digit it says must survive on
+    the codes alone (docs/audio.md measures both with judges trained apart from L). The target
+    voice of crop i at L's step t is (own + 1 + (i + t) mod (S - 1)) mod S: every other speaker as
+    often, and a function of the saved step, so that a resumed run converts as an unbroken one."""
+
+    def __init__(self, speakers, weight, init, window=256, width=64, lr=1e-3, most=10.0):
+        super().__init__(window // 2 + 1, speakers, init, width, lr)
+        self.window, self.weight, self.most = window, float(weight), float(most)
+
+    def targets(self, speakers):
+        """The voice each of the converted crops is decoded in (never its own)."""
+        xp, S = array_module(speakers), self.speakers
+        return (speakers + 1 + (xp.arange(len(speakers)) + int(self.steps)) % (S - 1)) % S
+
+    def forward(self, x, speakers, x_conv, targets, d_rec):
+        """Real crops x (N, T) of `speakers`, converted ones x_conv (B, T) meant as `targets`, the
+        reconstruction's gradient d_rec at x_hat -> (the decoder's gradient at x_conv, stats); L_L's
+        gradients are left in weight_grads."""
+        image, cache = log_power_image(x_conv, self.window)            # (B, frames, bins, 1)
+        logits = self.logits(image[..., 0])
+        heard, dlogits = softmax_cross_entropy(logits, targets)
+        g = log_power_image_backward(self.backward_through(dlogits)[..., None], cache)  # d CE(L(S(x')), t) / dx'
+        lam = balanced(self.weight, d_rec, g, self.most)
+        real_logits = self.logits(log_power_image(x, self.window)[0][..., 0])
+        loss, dlogits = softmax_cross_entropy(real_logits, speakers)   # L learns from the real crops only
+        self.backward_through(dlogits)
+        return lam * g, {"listener": loss, "listener_accuracy": (real_logits.argmax(1) == speakers).mean(),
+                         "listener_heard_target": (logits.argmax(1) == targets).mean(), "listener_weight": lam}
 
 
 # -----------------------------------------------------------------------------
@@ -621,6 +680,11 @@ class CodecConfig:
                                          "to leave it guessing, pushed w times as hard as the reconstruction pulls, "
                                          "less while the critic guesses (0: none; with speaker_conditioning; "
                                          "docs/audio.md measured 0.1 and 0.2)", low=0)
+    speaker_listener: float = setting(0.0, "w: a listener learns the speaker from spectrograms of training crops, and "
+                                           "the decoder, decoding half the batch's first-stage codes in other voices, "
+                                           "to make it hear them, pushed w times as hard as the reconstruction pulls "
+                                           "(0: none; with speaker_conditioning; docs/audio.md measured 0.3 with "
+                                           "speaker_critic 0.1)", low=0)
     speakers: tuple = setting((), absent=())   # their names, from the data: the decoder takes one of them (() none)
     sample_rate: int = setting(8000, low=1)                            # from the data
     dtype: str = setting("float32", choices=("float32", "float64"))
@@ -640,6 +704,9 @@ class CodecConfig:
         if self.speaker_critic and not self.speaker_conditioning:
             raise SettingError("speaker_critic", "speaker_critic needs speaker_conditioning: the decoder must be told "
                                                  "the voice that the codes are to leave out")
+        if self.speaker_listener and not self.speaker_conditioning:
+            raise SettingError("speaker_listener", "speaker_listener needs speaker_conditioning: the decoder must be "
+                                                   "told the voice that it is to be heard in")
         if self.disc_window % 4:
             raise SettingError("disc_window", f"disc_window must be a multiple of 4 (hop: a quarter), "
                                               f"got {self.disc_window}")
@@ -701,6 +768,10 @@ class Codec:
         if cfg.speaker_critic and cfg.speakers:                        # a part of buffers only: its own Adam
             self.critic = SpeakerCritic(cfg.code_dim, len(cfg.speakers), cfg.speaker_critic, init)
             self.parts["critic"] = self.critic
+        self.listener, self.listening = None, False
+        if cfg.speaker_listener and len(cfg.speakers) > 1:             # a part of buffers only, as the critic
+            self.listener = SpeakerListener(len(cfg.speakers), cfg.speaker_listener, init)
+            self.parts["listener"] = self.listener
         self.adversary = None                                          # not a part: its own Adam, saved beside
         if cfg.adversarial_weight:
             self.adversary = SpectrogramAdversary(cfg.disc_window, cfg.disc_width, cfg.adversarial_weight, init)
@@ -749,13 +820,24 @@ class Codec:
 
     def forward(self, x, train=True, n_q=None, speakers=None, adversarial=False):
         """The losses; with adversarial (a codec with a discriminator, in training), the adversarial
-        term's gradient joins the reconstruction's, and D's own gradients are left in its grads."""
-        x = self.check_waves(x)
+        term's gradient joins the reconstruction's, and D's own gradients are left in its grads; with
+        a listener (in training), the decoder also decodes the first-stage codes of the batch's first
+        half in other voices, and the listener's gradient at them joins the reconstruction's."""
+        x, xp = self.check_waves(x), self.xp
         z_e = self.encoder.forward(x[:, :, None])                      # (N, T/M, D)
         self.critic_trains = train and self.critic is not None and speakers is not None
         critic = self.critic.forward(z_e, self.check_speakers(speakers, len(x))) if self.critic_trains else {}
         z_q, vq = self.quantizer.forward(z_e[:, None], train, n_q)     # ResidualVQ takes (N, h, w, D): h = 1
-        x_hat = self.decoder.forward(self.decoder_input(z_q[:, 0], speakers))[:, :, 0]  # (N, T)
+        z_in, voices = z_q[:, 0], speakers
+        self.listening = train and self.listener is not None and speakers is not None
+        if self.listening:                                             # one decoder pass for both: N + B clips
+            voices = self.check_speakers(speakers, len(x))
+            B = max(1, len(x) // 2)
+            targets = self.listener.targets(voices[:B])
+            z_in = xp.concatenate([z_in, self.quantizer.lookup(vq["codes"][:B, :1])[:, 0]])  # sg[z_q1]: constants
+            voices = xp.concatenate([voices, targets])
+        out = self.decoder.forward(self.decoder_input(z_in, voices))[:, :, 0]
+        x_hat = out[:len(x)]                                           # (N, T)
         wave = ((x_hat - x) ** 2).mean()                               # |x - x_hat|^2
         spec, dspec = spectral_loss(x_hat, x, self.cfg.spectral_windows) if self.cfg.spectral_weight else (0.0, 0.0)
         loss = self.cfg.wave_weight * wave + self.cfg.spectral_weight * spec + vq["vq"]
@@ -766,6 +848,10 @@ class Codec:
             d_adv, adv = self.adversary.forward(x, x_hat, dx_hat)
             dx_hat = dx_hat + d_adv
             stats.update(adv, loss=loss + adv["adversarial_weight"] * adv["adversarial"])
+        if self.listening:
+            d_conv, heard = self.listener.forward(x, voices[:len(x)], out[len(x):], targets, dx_hat)
+            dx_hat = xp.concatenate([dx_hat, d_conv])                  # (N + B, T): both halves of the pass
+            stats.update(heard)
         self.cache = (x, x_hat, dx_hat)                                # dx_hat: the loss's gradient, for backward
         return stats
 
@@ -773,6 +859,7 @@ class Codec:
         dz_q = self.decoder.backward(self.cache[2][:, :, None])
         if self.cfg.speakers:
             self.speaker.backward(dz_q.sum(1))                         # a speaker's vector: the sum over its frames
+        dz_q = dz_q[:len(self.cache[0])]                               # the converted clips' codes: constants
         dz_e = self.quantizer.backward(dz_q[:, None])[:, 0]            # straight-through + each stage's commitment
         if self.critic_trains:
             dz_e = dz_e + self.critic.backward(dz_e)                   # leave the critic guessing the speaker
@@ -780,9 +867,9 @@ class Codec:
 
     def train_step(self, x, opt, n_q=None, speakers=None, adversarial=False):
         """One step of Adam on the waveforms x (of `speakers`) with the first n_q stages, and with
-        adversarial one of D's Adam too (and with a speaker critic one of its own); as
+        adversarial one of D's Adam too (and with a speaker critic or listener one of its own); as
         vqvae.VQVAE.train_step, a step with non-finite gradients raises NonFiniteError and changes
-        nothing (D's and C's are checked before any Adam moves)."""
+        nothing (D's, C's and L's are checked before any Adam moves)."""
         with self.kept_unless_finite():
             stats = self.forward(x, train=True, n_q=n_q, speakers=speakers, adversarial=adversarial)
             self.backward()
@@ -790,11 +877,15 @@ class Codec:
                 check_finite_grads(self.adversary.disc.grads)
             if self.critic_trains:
                 check_finite_grads(self.critic.weight_grads)
+            if self.listening:
+                check_finite_grads(self.listener.weight_grads)
             opt.step(self.grads, self.params)
             if adversarial:
                 self.adversary.disc_opt.step(self.adversary.disc.grads, self.adversary.disc.params)
             if self.critic_trains:
                 self.critic.step()
+            if self.listening:
+                self.listener.step()
         return stats
 
     # --- the tokenizer

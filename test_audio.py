@@ -662,24 +662,106 @@ def test_a_codec_with_a_speaker_critic_adds_its_push_to_the_encoders_gradient():
         A.CodecConfig(speaker_critic=0.1, speaker_conditioning=False)
 
 
-def test_the_speaker_critic_learns_by_its_own_adam_and_a_non_finite_step_changes_nothing(monkeypatch):
-    """C's weights and its Adam are the codec's buffers, not its parameters: the codec's Adam never
-    sees them, a step moves them, and a step whose C gradients are not finite moves nothing."""
-    codec = tiny_codec(0, speakers=("a", "b"), speaker_critic=0.5)
-    opt, x, speakers = V.Adam(codec.params, lr=1e-2), tones(2, 160, 0), np.array([0, 1])
-    assert not any(k.startswith("critic.") for k in codec.params) and "critic.adam.t" in codec.buffers
-    before = {k: v.copy() for k, v in codec.critic.weights.items()}
+@pytest.mark.parametrize("part, cls, method", [("critic", A.SpeakerCritic, "backward"),
+                                                ("listener", A.SpeakerListener, "forward")])
+def test_a_speaker_critic_or_listener_learns_by_its_own_adam_and_a_non_finite_step_changes_nothing(
+        monkeypatch, part, cls, method):
+    """C's and L's weights and Adams are the codec's buffers, not its parameters: the codec's Adam
+    never sees them, a step moves them, and a step whose C or L gradients are not finite moves nothing."""
+    codec = tiny_codec(0, speakers=("a", "b"), **{f"speaker_{part}": 0.5})
+    net, opt = getattr(codec, part), V.Adam(codec.params, lr=1e-2)
+    x, speakers = tones(2, 512, 0), np.array([0, 1])
+    assert not any(k.startswith(f"{part}.") for k in codec.params) and f"{part}.adam.t" in codec.buffers
+    before = {k: v.copy() for k, v in net.weights.items()}
     codec.train_step(x, opt, 3, speakers)
-    assert int(codec.critic.steps) == 1 and opt.t == 1
-    assert all(not np.array_equal(codec.critic.weights[k], v) for k, v in before.items() if k.endswith("W"))
+    assert int(net.steps) == 1 and opt.t == 1
+    assert all(not np.array_equal(net.weights[k], v) for k, v in before.items() if k.endswith("W"))
     state = lambda: {**codec.state_dict(), **{f"opt.{k}": v for k, v in opt.state_dict().items()}}
     before = {k: np.copy(v) for k, v in state().items()}
-    backward = A.SpeakerCritic.backward                                # the codec's gradients finite, C's not
-    monkeypatch.setattr(A.SpeakerCritic, "backward", lambda self, d: (
-        backward(self, d), self.head.grads["W"].fill(np.nan))[0])
+    real = getattr(cls, method)                                        # the codec's gradients finite, C's or L's not
+    monkeypatch.setattr(cls, method, lambda self, *a: (real(self, *a), self.head.grads["W"].fill(np.nan))[0])
     with np.errstate(all="ignore"), pytest.raises(V.NonFiniteError, match="no parameter was changed"):
-        codec.train_step(tones(2, 160, 1), opt, 3, speakers)
+        codec.train_step(tones(2, 512, 1), opt, 3, speakers)
     assert [k for k, v in state().items() if not np.array_equal(before[k], v)] == []
+
+
+def listener_log_softmax(listener, x):
+    """log softmax of L(S(x)), written out: head(mean over frames of body(log-power image of x))."""
+    image = A.log_power_image(x, listener.window)[0][..., 0]
+    logits = listener.head.forward(listener.body.forward(image).mean(1, keepdims=True))[:, 0]
+    return logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+
+@given(seeds)
+def test_the_speaker_listener_learns_from_real_crops_and_pulls_the_converted_ones_toward_their_voice(seed):
+    """forward gives lambda d CE(L(S(x')), t)/dx' for the converted crops x', its norm w |d_rec|
+    (the balancer) under the cap, and leaves in L's grads those of CE(L(S(x)), speaker) on the
+    real crops, through the log-power spectrogram."""
+    rng = np.random.default_rng(seed)
+    listener = A.SpeakerListener(4, 0.2, f64_init(seed % 1000), window=16, width=3, most=np.inf)
+    x, x_conv, d_rec = rng.standard_normal((2, 40)), rng.standard_normal((3, 40)), rng.standard_normal((2, 40))
+    speakers, targets = rng.integers(0, 4, 2), rng.integers(0, 4, 3)
+    push, stats = listener.forward(x, speakers, x_conv, targets, d_rec)
+    grads = {k: g.copy() for k, g in listener.weight_grads.items()}
+    np.testing.assert_allclose(np.linalg.norm(push), 0.2 * np.linalg.norm(d_rec), rtol=1e-6)
+    heard = lambda: -listener_log_softmax(listener, x_conv)[np.arange(3), targets].mean()
+    g = numerical_grad(heard, x_conv)                                  # d CE(L(S(x')), t) / dx'
+    assert rel_error(push, 0.2 * np.linalg.norm(d_rec) / np.linalg.norm(g) * g) < 1e-6
+    real = lambda: -listener_log_softmax(listener, x)[[0, 1], speakers].mean()
+    assert float(stats["listener"]) == pytest.approx(real(), rel=1e-12)
+    check_sampled_grads(real, grads, listener.weights, rng, 4)
+
+
+def test_the_listeners_voices_are_never_the_speakers_own_and_take_each_other_in_turn():
+    listener = A.SpeakerListener(4, 0.2, f64_init(0), window=16, width=3)
+    speakers = np.array([0, 1, 2, 3, 3, 0])
+    seen = []
+    for t in range(3):                                                 # S - 1 steps: each other voice once
+        listener.steps[...] = t
+        seen.append(listener.targets(speakers))
+    seen = np.array(seen)                                              # (steps, crops)
+    assert not (seen == speakers).any()
+    for i, s in enumerate(speakers):
+        assert sorted(seen[:, i]) == [v for v in range(4) if v != s]
+
+
+def test_a_codec_with_a_listener_decodes_half_its_batch_in_other_voices_and_only_the_decoder_learns_from_it():
+    """The decoder's pass holds N clips and, after them, the first N/2 clips' first-stage codes in
+    their target voices; the listener's gradient at those reaches the decoder and the speakers'
+    vectors, and neither the encoder nor the codebooks (the codes are constants)."""
+    codec = tiny_codec(0, speakers=("a", "b", "c"), speaker_listener=0.5)
+    x, speakers = tones(4, 512, 0), np.array([0, 1, 2, 0])
+    frozen = codec.quantizer.forward                                   # no EMA move, so that decode sees the
+    codec.quantizer.forward = lambda z, train, n: frozen(z, False, n)  # codebooks the pass saw
+    listener = codec.listener
+    seen, forward = [], listener.forward
+    listener.forward = lambda *a: (lambda r: (seen.append([np.copy(v) for v in a]), r)[1])(forward(*a))
+    stats = codec.forward(x, n_q=3, speakers=speakers)
+    codec.backward()
+    got = {k: g.copy() for k, g in codec.grads.items()}
+    (_, voices, x_conv, targets, d_rec), = seen
+    np.testing.assert_array_equal(voices, speakers)
+    np.testing.assert_array_equal(targets, codec.listener.targets(speakers[:2]))
+    np.testing.assert_allclose(x_conv, codec.decode(stats["codes"][:2, :1], targets), rtol=1e-12, atol=1e-12)
+    d_conv = codec.cache[2][4:]
+    assert codec.cache[2].shape == (6, 512) and np.linalg.norm(d_conv) > 0
+    codec.listener = None                                              # the same clips, no listener
+    codec.forward(x, n_q=3, speakers=speakers)
+    codec.backward()
+    plain = {k: g.copy() for k, g in codec.grads.items()}
+    for k in got:
+        if k.startswith(("encoder.", "quantizer.")):
+            np.testing.assert_allclose(got[k], plain[k], rtol=1e-12, atol=1e-15, err_msg=k)
+    codec.decoder.forward(codec.decoder_input(codec.quantizer.lookup(stats["codes"][:2, :1, None])[:, 0], targets))
+    dz = codec.decoder.backward(d_conv[:, :, None])                    # the converted clips' part alone
+    codec.speaker.backward(dz.sum(1))
+    for k, g in {**V.gather({"decoder": codec.decoder}, "grads"), "speaker.table": codec.speaker.grads["table"]}.items():
+        np.testing.assert_allclose(got[k], plain[k] + g, rtol=1e-9, atol=1e-12, err_msg=k)
+    assert {"listener", "listener_accuracy", "listener_heard_target", "listener_weight"} <= stats.keys()
+    codec.listener = listener
+    assert "listener" not in codec.forward(x, train=False, n_q=3, speakers=speakers)
+    with pytest.raises(SettingError, match="speaker_listener needs speaker_conditioning"):
+        A.CodecConfig(speaker_listener=0.1, speaker_conditioning=False)
 
 
 # -----------------------------------------------------------------------------

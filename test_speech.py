@@ -251,19 +251,26 @@ def test_an_adversarial_codec_keeps_its_discriminator_in_the_checkpoint_and_resu
     assert "--crop-samples 64 is too short for the discriminator" in one_error_line(capsys)
 
 
-def test_a_codec_with_a_speaker_critic_keeps_it_in_the_checkpoint_and_resumes_as_if_never_stopped(tmp_path, fsdd_dir):
-    critic = ["--codec-speaker-critic", "0.5", "--stage", "vqvae", "--no-evaluate", "--log-every", "1"]
-    whole = speech_run(tmp_path, fsdd_dir, "whole", steps=4, extra=critic)
-    halves = speech_run(tmp_path, fsdd_dir, "halves", steps=2, extra=critic)
+@pytest.mark.parametrize("part, accuracy", [("critic", "speaker_critic_accuracy"), ("listener", "listener_accuracy")])
+def test_a_codec_with_a_speaker_critic_or_listener_keeps_it_in_the_checkpoint_and_resumes_as_if_never_stopped(
+        tmp_path, fsdd_dir, capsys, part, accuracy):
+    extra = [f"--codec-speaker-{part}", "0.5", "--crop-samples", "256", "--stage", "vqvae", "--no-evaluate",
+             "--log-every", "1"]
+    whole = speech_run(tmp_path, fsdd_dir, "whole", steps=4, extra=extra)
+    halves = speech_run(tmp_path, fsdd_dir, "halves", steps=2, extra=extra)
     assert T.main(["--resume", str(halves), "--steps", "4"]) == 0
     with np.load(whole / "checkpoint.npz", allow_pickle=False) as a, np.load(halves / "checkpoint.npz",
                                                                               allow_pickle=False) as b:
-        assert int(a["critic.adam.t"]) == 4 and "critic.weights.head.W" in a.files
+        assert int(a[f"{part}.adam.t"]) == 4 and f"{part}.weights.head.W" in a.files
         for k in a.files:
             if k != "wall_time_s":
                 np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     lines = [m for m in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    assert all(0 <= m["speaker_critic_accuracy"] <= 1 for m in lines)
+    assert all(0 <= m[accuracy] <= 1 for m in lines)
+    if part == "listener":                                             # it hears spectrograms at window 256
+        assert T.main(["--data", "fsdd", "--data-dir", str(fsdd_dir), "--out", str(tmp_path / "short"), *TINY_CODEC,
+                       *extra[:2], "--crop-samples", "128"]) == 1
+        assert "--crop-samples 128 is too short for the speaker listener" in one_error_line(capsys)
 
 
 def test_the_codecs_learning_rate_warms_up_decays_to_its_floor_and_a_resume_keeps_that_schedule(

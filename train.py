@@ -457,6 +457,9 @@ def train_speech(cfg, codec_cfg, prior_settings, run, resuming):
         raise UserError(f"--crop-samples {cfg.crop_samples} is too short for the discriminator: its spectrogram at "
                         f"window {codec_cfg.disc_window} leaves no patch to judge; give longer crops or a shorter "
                         f"--codec-disc-window")
+    if model.listener is not None and cfg.crop_samples < model.listener.window:
+        raise UserError(f"--crop-samples {cfg.crop_samples} is too short for the speaker listener: it hears "
+                        f"spectrograms at window {model.listener.window}; give at least that")
     opt = vqvae.Adam(model.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     prior_cfgs = (prior_settings if resuming else []) or prior_configs(  # a run from before the prior: made now
         {} if resuming else prior_settings, codec_cfg, data["num_classes"] if cfg.prior_labels else 0, cfg.seed)
