@@ -364,6 +364,12 @@ def log_power_image_backward(dimages, cache):
     return stft_power_backward(dP, stft_cache)
 
 
+def balanced(weight, d_rec, g, most):
+    """EnCodec's balancer for one term, capped: lambda = min(weight |d_rec| / |g|, most)."""
+    xp = array_module(g)
+    return xp.minimum(weight * xp.sqrt((d_rec ** 2).sum()) / (xp.sqrt((g ** 2).sum()) + 1e-12), most)
+
+
 class SpectrogramAdversary:
     """SoundStream's and EnCodec's answer to a codec's smoothed spectra (docs/audio.md): a patch
     discriminator D (vqgan.PatchDiscriminator) over the log-power spectrogram S of a waveform,
@@ -395,7 +401,7 @@ class SpectrogramAdversary:
         fake, cache = log_power_image(x_hat, self.window)
         adv, dlogits = generator_loss(self.disc.forward(fake))        # through D as it is before this step
         d_adv = log_power_image_backward(self.disc.backward(dlogits), cache)  # (D's gradients: overwritten below)
-        lam = self.weight * xp.sqrt((d_rec ** 2).sum()) / (xp.sqrt((d_adv ** 2).sum()) + 1e-12)
+        lam = balanced(self.weight, d_rec, d_adv, float("inf"))        # EnCodec's, uncapped
         real, _ = log_power_image(x, self.window)
         logits = self.disc.forward(xp.concatenate([real, fake]))       # D has no batch statistics:
         disc_loss, d_real, d_fake = hinge_d_loss(logits[:len(x)], logits[len(x):])  # one pass of both
@@ -455,12 +461,6 @@ class SpeakerNet:
         self.opt.t = int(self.steps)
         self.opt.step(self.weight_grads, self.weights)
         self.steps[...] = self.opt.t
-
-
-def balanced(weight, d_rec, g, most):
-    """EnCodec's balancer for one term, capped: lambda = min(weight |d_rec| / |g|, most)."""
-    xp = array_module(g)
-    return xp.minimum(weight * xp.sqrt((d_rec ** 2).sum()) / (xp.sqrt((g ** 2).sum()) + 1e-12), most)
 
 
 class SpeakerCritic(SpeakerNet):
