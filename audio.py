@@ -826,18 +826,18 @@ class Codec:
         a listener (in training), the decoder also decodes the first-stage codes of the batch's first
         half in other voices, and the listener's gradient at them joins the reconstruction's."""
         x, xp = self.check_waves(x), self.xp
+        speakers = None if speakers is None else self.check_speakers(speakers, len(x))  # (N,) on the device
         z_e = self.encoder.forward(x[:, :, None])                      # (N, T/M, D)
         self.critic_trains = train and self.critic is not None and speakers is not None
-        critic = self.critic.forward(z_e, self.check_speakers(speakers, len(x))) if self.critic_trains else {}
+        critic = self.critic.forward(z_e, speakers) if self.critic_trains else {}
         z_q, vq = self.quantizer.forward(z_e[:, None], train, n_q)     # ResidualVQ takes (N, h, w, D): h = 1
         z_in, voices = z_q[:, 0], speakers
         self.listening = train and self.listener is not None and speakers is not None
         if self.listening:                                             # one decoder pass for both: N + B clips
-            voices = self.check_speakers(speakers, len(x))
             B = max(1, len(x) // 2)
-            targets = self.listener.targets(voices[:B])
+            targets = self.listener.targets(speakers[:B])
             z_in = xp.concatenate([z_in, self.quantizer.lookup(vq["codes"][:B, :1])[:, 0]])  # sg[z_q1]: constants
-            voices = xp.concatenate([voices, targets])
+            voices = xp.concatenate([speakers, targets])
         out = self.decoder.forward(self.decoder_input(z_in, voices))[:, :, 0]
         x_hat = out[:len(x)]                                           # (N, T)
         wave = ((x_hat - x) ** 2).mean()                               # |x - x_hat|^2
@@ -851,7 +851,7 @@ class Codec:
             dx_hat = dx_hat + d_adv
             stats.update(adv, loss=loss + adv["adversarial_weight"] * adv["adversarial"])
         if self.listening:
-            d_conv, heard = self.listener.forward(x, voices[:len(x)], out[len(x):], targets, dx_hat)
+            d_conv, heard = self.listener.forward(x, speakers, out[len(x):], targets, dx_hat)
             dx_hat = xp.concatenate([dx_hat, d_conv])                  # (N + B, T): both halves of the pass
             stats.update(heard)
         self.cache = (x, x_hat, dx_hat)                                # dx_hat: the loss's gradient, for backward
