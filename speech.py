@@ -352,21 +352,21 @@ def measure_prior(run, model, prior, data, cfg, rule):
     (RUN/samples/, samples.png), the held-out clips converted to other voices (RUN/converted/, ten of
     them), and with cfg.evaluate the judges' figures on both (prior_figures)."""
     t, n, stages = time.time(), len(data["test"]), cfg.prior_stages
-    print(f"speaking {n} digits from the prior, and converting {n} held-out clips to other voices", file=sys.stderr)
+    print(f"speaking {n} digits from the prior, and converting {n} held-out clips into each other voice", file=sys.stderr)
     samples, digits, _ = sample_clips(model, prior, n, cfg.prior_frames, stages, cfg.seed + 1, rule)
     fig = {"samples": n, "sample_time_s": time.time() - t}
     write_samples(run, samples, digits, data["sample_rate"])
-    converted = targets = None
+    converted = sources = targets = None
     if model.cfg.speakers:
-        converted, targets = converted_clips(model, data["test"], data["test_speakers"], stages)
+        converted, sources, targets = converted_clips(model, data["test"], data["test_speakers"], stages)
         (run / "converted").mkdir(exist_ok=True)
-        for i in range(0, n, max(1, n // 10))[:10]:
-            write_wav(run / "converted" / f"{data['names_test'][i].removesuffix('.wav')}_as_"
+        for i in range(0, len(converted), max(1, len(converted) // 10))[:10]:
+            write_wav(run / "converted" / f"{data['names_test'][sources[i]].removesuffix('.wav')}_as_"
                       f"{model.cfg.speakers[targets[i]]}.wav", converted[i], data["sample_rate"])
     if cfg.evaluate:
         judges = {task: audio_judge_for(run, data, task, 0, cfg.judge_steps, cfg.device) for task in ("digit", "speaker")}
         recons = reconstruct_clips(model, data["test"], [stages], data["test_speakers"] if model.cfg.speakers else None)
-        fig.update(prior_figures(judges, data, recons[0][stages], samples, digits, converted, targets))
+        fig.update(prior_figures(judges, data, recons[0][stages], samples, digits, converted, sources, targets))
     fig["prior_evaluate_time_s"] = time.time() - t
     return fig
 
@@ -409,19 +409,22 @@ def sample_clips(model, prior, n, frames, stages, seed, rule):
 
 
 def converted_clips(model, waves, speakers, stages):
-    """Each clip's codes from the first `stages` stages decoded in another speaker's voice: clip i
-    in that of speaker (own + 1 + i mod (S - 1)) mod S, every other speaker as often -> (clips, targets)."""
-    S = len(model.cfg.speakers)
-    targets = (speakers + 1 + np.arange(len(waves)) % max(1, S - 1)) % S
-    return reconstruct_clips(model, waves, [stages], speakers=targets)[0][stages], targets
+    """Each clip's codes from the first `stages` stages decoded in the voice of every other speaker
+    (S - 1 conversions a clip: the judges' figures on them then vary half as much from clip to
+    clip as on one) -> (clips, the index in `waves` of each one's source, its target speaker):
+    the k-th block of len(waves) holds every clip in the voice of speaker (own + k) mod S."""
+    S, n = len(model.cfg.speakers), len(waves)
+    sources = np.tile(np.arange(n), S - 1)
+    targets = (speakers[sources] + np.repeat(np.arange(1, S), n)) % S
+    return reconstruct_clips(model, [waves[i] for i in sources], [stages], speakers=targets)[0][stages], sources, targets
 
 
-def prior_figures(judges, data, recons, samples, digits, converted, targets):
+def prior_figures(judges, data, recons, samples, digits, converted, sources, targets):
     """The judges on the spoken digits: the digit judge's accuracy on samples (the digit asked
     for) and on the reconstructions `recons` of the held-out clips; the Frechet distance in its
     features from samples to reconstructions and its floor, two halves of the reconstructions
-    (each distance n/2 against n/2, as for images); for conversion, how often the speaker judge
-    hears the target speaker and the digit judge still the digit."""
+    (each distance n/2 against n/2, as for images); for the clips converted from `sources`, how
+    often the speaker judge hears the target speaker (or the source's) and the digit judge the digit."""
     (f_real, _), (f_rec, p_rec) = judges["digit"].embed(data["test"]), judges["digit"].embed(recons)
     f_smp, p_smp = judges["digit"].embed(list(samples))
     h = min(len(f_rec), len(f_smp)) // 2
@@ -435,8 +438,8 @@ def prior_figures(judges, data, recons, samples, digits, converted, targets):
     if converted is not None:
         heard = judges["speaker"].predict(converted)
         fig["conversion_speaker_target"] = float((heard == targets).mean())
-        fig["conversion_speaker_source"] = float((heard == data["test_speakers"]).mean())
-        fig["conversion_digit"] = float((judges["digit"].predict(converted) == data["test_labels"]).mean())
+        fig["conversion_speaker_source"] = float((heard == data["test_speakers"][sources]).mean())
+        fig["conversion_digit"] = float((judges["digit"].predict(converted) == data["test_labels"][sources]).mean())
     return fig
 
 

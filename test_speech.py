@@ -157,9 +157,14 @@ def test_spoken_samples_ask_for_each_digit_in_turn_and_conversions_for_every_oth
     assert list(speakers[8:12]) == [0, 0, 1, 1] and list(speakers[20:]) == [2] * 5
     np.testing.assert_array_equal(S.sample_clips(codec, prior, 25, 6, 2, 0, rule)[0], clips)  # a function of the seed
     waves = [tone(300, 64, i) for i in range(6)]
-    converted, targets = S.converted_clips(codec, waves, np.array([0, 0, 1, 1, 2, 2]), 1)
-    assert list(targets) == [1, 2, 2, 0, 0, 1]                         # never the speaker's own, each other one once
-    assert len(converted) == 6 and converted[0].shape == (64,)
+    own = np.array([0, 0, 1, 1, 2, 2])
+    converted, sources, targets = S.converted_clips(codec, waves, own, 1)
+    assert list(sources) == [0, 1, 2, 3, 4, 5] * 2
+    assert list(targets) == [1, 1, 2, 2, 0, 0, 2, 2, 0, 0, 1, 1]       # every clip in each other voice once
+    assert len(converted) == 12 and converted[0].shape == (64,)
+    for i in (0, 7):                                                   # each its source's first-stage codes
+        np.testing.assert_allclose(converted[i], S.reconstruct_clips(codec, [waves[sources[i]]], [1],
+                                                                     targets[i:i + 1])[0][1][0], rtol=1e-6, atol=1e-7)
 
 
 def test_a_judge_trained_on_tones_tells_them_apart_and_by_their_pitch(fsdd_dir):
