@@ -352,7 +352,8 @@ def measure_prior(run, model, prior, data, cfg, rule):
     (RUN/samples/, samples.png), the held-out clips converted to other voices (RUN/converted/, ten of
     them), and with cfg.evaluate the judges' figures on both (prior_figures)."""
     t, n, stages = time.time(), len(data["test"]), cfg.prior_stages
-    print(f"speaking {n} digits from the prior, and converting {n} held-out clips into each other voice", file=sys.stderr)
+    print(f"speaking {n} digits from the prior, and converting {n} held-out clips into each other voice",
+          file=sys.stderr)
     samples, digits, _ = sample_clips(model, prior, n, cfg.prior_frames, stages, cfg.seed + 1, rule)
     fig = {"samples": n, "sample_time_s": time.time() - t}
     write_samples(run, samples, digits, data["sample_rate"])
@@ -410,13 +411,14 @@ def sample_clips(model, prior, n, frames, stages, seed, rule):
 
 def converted_clips(model, waves, speakers, stages):
     """Each clip's codes from the first `stages` stages decoded in the voice of every other speaker
-    (S - 1 conversions a clip: the judges' figures on them then vary half as much from clip to
-    clip as on one) -> (clips, the index in `waves` of each one's source, its target speaker):
-    the k-th block of len(waves) holds every clip in the voice of speaker (own + k) mod S."""
+    (S - 1 conversions a clip, for the judges S - 1 times as many as one each) -> (clips, the index
+    in `waves` of each one's source, its target speaker): the k-th block of len(waves) holds every
+    clip in the voice of speaker (own + k) mod S."""
     S, n = len(model.cfg.speakers), len(waves)
     sources = np.tile(np.arange(n), S - 1)
     targets = (speakers[sources] + np.repeat(np.arange(1, S), n)) % S
-    return reconstruct_clips(model, [waves[i] for i in sources], [stages], speakers=targets)[0][stages], sources, targets
+    clips = reconstruct_clips(model, [waves[i] for i in sources], [stages], speakers=targets)[0][stages]
+    return clips, sources, targets
 
 
 def prior_figures(judges, data, recons, samples, digits, converted, sources, targets):
