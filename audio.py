@@ -516,7 +516,7 @@ class SpeakerListener(SpeakerNet):
 
     x' has no waveform to match: L's ear is its only target, so the digit it says must survive on
     the codes alone (docs/audio.md measures both with judges trained apart from L). The cap on
-    lambda guards where g vanishes (it stayed within 0.8-4.8 over the last 600 steps of the runs at
+    lambda guards where g vanishes (it stayed within 0.8-5.9 over the last 600 steps of the runs at
     w = 0.3). The target voice of crop i at L's step t is (own + 1 + (i + t) mod (S - 1)) mod S:
     every other speaker as often, and a function of the saved step, so that a resumed run converts
     as an unbroken one."""
