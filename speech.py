@@ -195,16 +195,23 @@ class AudioJudge:
         return self.embed(waves)[1]
 
 
-def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32, lr=2e-3, log=None):
+def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32, lr=4e-3, warmup=50, log=None):
     """An AudioJudge trained on the training clips to tell their labels (K classes), each batch's
     clips placed at random offsets in the 1.5 s window so that it learns the word, not its place,
-    and perturbed (gain, noise) so that it learns the word, not the recording."""
+    and perturbed (gain, noise) so that it learns the word, not the recording.
+
+    Its learning rate rises to `lr` over `warmup` steps, then falls linearly to zero at the last
+    step, so that the judge ends where its loss has settled rather than wherever its last batch
+    threw it. A judge still learning is not only noisier but biased: it hears less of every kind
+    of clip, and a ratio of two of its accuracies (converted against reconstructed) comes out
+    higher the weaker it is (docs/audio.md, The judges)."""
     ref = judge_images(waves[:256], rate)
     mean, std = float(ref.mean()), float(ref.std())
     judge = Judge(JudgeConfig(in_channels=2, num_classes=K, seed=seed), device)
     opt = vqvae.Adam(judge.params, lr=lr)
-    batch_size = min(batch_size, len(waves))
+    batch_size, warmup = min(batch_size, len(waves)), min(warmup, steps // 2)
     for s in range(steps):
+        opt.lr = lr * min((s + 1) / max(1, warmup), (steps - s) / max(1, steps - warmup))
         idx = batch_indices(seed, s, len(waves), batch_size)
         rng = np.random.default_rng([seed, s])
         offsets = [rng.integers(0, max(1, JUDGE_SAMPLES - len(waves[i]) + 1)) for i in idx]
@@ -217,11 +224,12 @@ def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32
 
 
 def audio_judge_for(run, data, task, seed, steps, device):
-    """The run's judge of `task` (digit or speaker): RUN/judge_<task>_seed<seed>.npz, or trained and saved there."""
+    """The run's judge of `task` (digit or speaker): RUN/judge_<task>_seed<seed>.npz, or trained and saved
+    there (anew where the saved one had other steps, or the constant learning rate of earlier judges)."""
     path = run / f"judge_{task}_seed{seed}.npz"
     labels = data["train_labels"] if task == "digit" else data["train_speakers"]
     K = data["num_classes"] if task == "digit" else len(data["speakers"])
-    if path.is_file() and checkpoint_note(path, "steps") == str(steps):
+    if path.is_file() and (checkpoint_note(path, "steps"), checkpoint_note(path, "schedule")) == (str(steps), "decayed"):
         judge = load_model(path, Judge, device)
         if judge.cfg.num_classes == K:
             return AudioJudge(judge, float(checkpoint_note(path, "mean")), float(checkpoint_note(path, "std")),
@@ -231,7 +239,8 @@ def audio_judge_for(run, data, task, seed, steps, device):
     j = train_audio_judge(data["train"], labels, K, data["sample_rate"], seed, steps, device,
                           log=lambda text: print(text, file=sys.stderr))
     save_npz(path, {**j.judge.state_dict(), "config": np.array(json.dumps(asdict(j.judge.cfg))),
-                    "steps": np.array(str(steps)), "mean": np.array(str(j.mean)), "std": np.array(str(j.std)),
+                    "steps": np.array(str(steps)), "schedule": np.array("decayed"),
+                    "mean": np.array(str(j.mean)), "std": np.array(str(j.std)),
                     "train_time_s": np.array(time.time() - t)})
     return j
 

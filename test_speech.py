@@ -174,6 +174,24 @@ def test_a_judge_trained_on_tones_tells_them_apart_and_by_their_pitch(fsdd_dir):
     assert S.judge_images(data["test"][:2], RATE).shape == (2, 93, 40, 1)
 
 
+def test_a_run_keeps_its_judge_and_retrains_one_of_other_steps_or_the_old_constant_rate(tmp_path, fsdd_dir):
+    data = D.load_dataset("fsdd", fsdd_dir)
+    path = tmp_path / "judge_digit_seed0.npz"
+    note = lambda key: str(np.load(path, allow_pickle=False)[key])
+    first = S.audio_judge_for(tmp_path, data, "digit", 0, 6, "cpu")
+    saved = dict(np.load(path, allow_pickle=False))
+    again = S.audio_judge_for(tmp_path, data, "digit", 0, 6, "cpu")  # read back, not trained again
+    assert (again.predict(data["test"]) == first.predict(data["test"])).all()
+    assert note("train_time_s") == str(saved["train_time_s"])
+    old = {k: v for k, v in saved.items() if k != "schedule"}        # a judge of the earlier, constant rate
+    old["train_time_s"] = np.array(-1.0)
+    np.savez(path, **old)
+    S.audio_judge_for(tmp_path, data, "digit", 0, 6, "cpu")
+    assert float(note("train_time_s")) >= 0 and note("schedule") == "decayed"
+    S.audio_judge_for(tmp_path, data, "digit", 0, 7, "cpu")
+    assert note("steps") == "7"
+
+
 def test_spectrogram_images_put_low_frequencies_at_the_bottom():
     low, high = S.spectrogram_image(tone(300, 2000, 0), RATE), S.spectrogram_image(tone(3500, 2000, 0), RATE)
     assert low.shape == high.shape == (129, 28, 3) and low.dtype == np.uint8
