@@ -229,7 +229,8 @@ def audio_judge_for(run, data, task, seed, steps, device):
     path = run / f"judge_{task}_seed{seed}.npz"
     labels = data["train_labels"] if task == "digit" else data["train_speakers"]
     K = data["num_classes"] if task == "digit" else len(data["speakers"])
-    if path.is_file() and (checkpoint_note(path, "steps"), checkpoint_note(path, "schedule")) == (str(steps), "decayed"):
+    saved = (checkpoint_note(path, "steps"), checkpoint_note(path, "schedule")) if path.is_file() else None
+    if saved == (str(steps), "decayed"):
         judge = load_model(path, Judge, device)
         if judge.cfg.num_classes == K:
             return AudioJudge(judge, float(checkpoint_note(path, "mean")), float(checkpoint_note(path, "std")),
