@@ -200,11 +200,11 @@ def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32
     clips placed at random offsets in the 1.5 s window so that it learns the word, not its place,
     and perturbed (gain, noise) so that it learns the word, not the recording.
 
-    Its learning rate rises to `lr` over `warmup` steps, then falls linearly to zero at the last
-    step, so that the judge ends where its loss has settled rather than wherever its last batch
-    threw it. A judge still learning is not only noisier but biased: it hears less of every kind
-    of clip, and a ratio of two of its accuracies (converted against reconstructed) comes out
-    higher the weaker it is (docs/audio.md, The judges)."""
+    Its learning rate rises to `lr` over `warmup` steps, then falls linearly to nearly zero at the
+    last step, so that the judge ends where its loss has settled rather than wherever its last
+    batch threw it. A judge still learning is not only noisier but can be biased: training on
+    taught it more of the reconstructions than of the conversions, so the ratio of the two was
+    high while it was still learning (docs/audio.md, How long the judges learn)."""
     ref = judge_images(waves[:256], rate)
     mean, std = float(ref.mean()), float(ref.std())
     judge = Judge(JudgeConfig(in_channels=2, num_classes=K, seed=seed), device)
