@@ -211,7 +211,7 @@ def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32
     opt = vqvae.Adam(judge.params, lr=lr)
     batch_size, warmup = min(batch_size, len(waves)), min(warmup, steps // 2)
     for s in range(steps):
-        opt.lr = lr * min((s + 1) / max(1, warmup), (steps - s) / max(1, steps - warmup))
+        opt.lr = vqvae.lr_at(s, lr, warmup, steps, 0.0)
         idx = batch_indices(seed, s, len(waves), batch_size)
         rng = np.random.default_rng([seed, s])
         offsets = [rng.integers(0, max(1, JUDGE_SAMPLES - len(waves[i]) + 1)) for i in idx]

@@ -44,6 +44,7 @@ from runs import (CtrlC, Interrupted, RunLock, UserError, check_output, fingerpr
                   load_model, load_trained, make_run_folder, read_summary, repair_metrics, save_checkpoint, save_json,
                   save_npy, save_npz)
 from settings import ArgumentParser, SettingError, add_flags, check_value, flag, flag_message
+from vqvae import lr_at
 
 
 # -----------------------------------------------------------------------------
@@ -137,18 +138,6 @@ def schedule_end(cfg, scale=1):
     """The step at which the prior's learning rate has decayed to a tenth: --prior-decay-steps, or
     (0) --prior-steps, times the prior's scale (the bottom prior of two levels: --bottom-prior-factor)."""
     return (cfg.prior_decay_steps or cfg.prior_steps) * scale
-
-
-def lr_at(step, peak, warmup, end, floor):
-    """A learning rate at a step (from 0): up linearly from 0 to `peak` over `warmup` steps, then
-    down linearly to floor * peak at step `end`, and that after it. Adam's first steps, with
-    second moments estimated from a few batches, are the least reliable: the warm-up keeps them
-    small. The decay ends training at a low rate, where the last steps average out the
-    batch-to-batch noise instead of following it."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    left = max(0.0, (end - step) / max(1, end - warmup))               # 1 at the peak, 0 from `end` on
-    return peak * (floor + (1 - floor) * left)
 
 
 def prior_lr_at(cfg, step, scale=1):

@@ -924,6 +924,18 @@ class Adam:
         self.t = int(t)
 
 
+def lr_at(step, peak, warmup, end, floor):
+    """A learning rate at a step (from 0): up linearly from 0 to `peak` over `warmup` steps, then
+    down linearly to floor * peak at step `end`, and that after it. Adam's first steps, with
+    second moments estimated from a few batches, are the least reliable: the warm-up keeps them
+    small. The decay ends training at a low rate, where the last steps average out the
+    batch-to-batch noise instead of following it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    left = max(0.0, (end - step) / max(1, end - warmup))               # 1 at the peak, 0 from `end` on
+    return peak * (floor + (1 - floor) * left)
+
+
 # -----------------------------------------------------------------------------
 # speed paths: faster twins of the plain definitions above, each proven equal by a test. The matmuls
 # run near the CPU's peak; these cut im2col's copies and NumPy's one-core elementwise work (docs/speed.md).
