@@ -33,6 +33,7 @@ BETAS = {"plain": (0.9, 0.999), "adversarial": (0.5, 0.9)}  # the VQ-VAE's Adam:
 PRIOR_STEPS = {"images": 3000, "audio": 3000}  # the prior's training steps (docs/first_run.md, docs/audio.md) ...
 PRIOR_WARMUP = {"audio": 600}                   # ... its warm-up: speech's as measured; images' a tenth of the steps
 PRIOR_DILATION = {"images": 1, "audio": 2}      # ... its layer l's rows g^l apart: speech's frames (docs/audio.md)
+PRIOR_SPEAKER_CHANNELS = 16                     # speech's prior is told the speaker: an embedding this wide
 VQVAE2_PRIORS = ({"layers": 8, "attention_every": 4},    # two levels: the top prior, attention after every 4th ...
                  {"layers": 8, "attention_every": 0})    # ... and the bottom prior, given the top codes (docs/vqvae2.md)
 
@@ -188,13 +189,18 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     """One PriorConfig per level, coarsest first, from the --prior-* flags given (`settings`) and
     PriorConfig's defaults. Two levels (VQ-VAE-2): VQVAE2_PRIORS' layers, attention in the top
     prior only (the flag sets the top one's), and a bottom prior conditioned on the top codes,
-    each of which covers 2 x 2 bottom positions, through residual blocks (its conditioning stack)."""
+    each of which covers 2 x 2 bottom positions, through residual blocks (its conditioning stack).
+    Speech whose codec takes the speaker: a prior told the speaker too, an embedding of it added to
+    every layer, so that its codes are those of the voice they will be decoded in (docs/audio.md)."""
     if settings.get("label_dropout", 0) > 0 and not num_classes:
         raise UserError(f"--prior-label-dropout {settings['label_dropout']} drops the class of a class-conditional "
                         f"prior; this prior has no classes (--no-prior-labels, or data without labels)")
     K = model_cfg.level_num_codes                                      # coarsest first
     kind = "audio" if isinstance(model_cfg, audio.CodecConfig) else "images"
     settings = {"dilation": PRIOR_DILATION[kind], **settings}         # the flag's, else the data's
+    if kind == "audio" and model_cfg.speakers:   # told the voice its codes will be decoded in: the speaker's index as
+        settings = {"cond_blocks": 0, **settings,  # a conditioning code in every cell (speech.speaker_grids)
+                    "cond_codebook_size": len(model_cfg.speakers), "cond_channels": PRIOR_SPEAKER_CHANNELS}
     base = dict(num_classes=num_classes, dtype=model_cfg.dtype)
     try:
         if model_cfg.levels == 1:

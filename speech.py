@@ -397,6 +397,15 @@ def prior_grids(model, waves, stages, frames, batch_size=64):
     return np.concatenate(grids).astype(np.int64)
 
 
+def speaker_grids(speakers, frames, stages):
+    """Speakers (N,) -> grids (N, frames, stages) of each one's index: how a prior is told the voice
+    that its codes will be decoded in. The speaker is a conditioning code in every cell (prior.py's
+    cond_codes, the path VQ-VAE-2's bottom prior takes the top codes by), so that each gated layer
+    adds an embedding of it, as WaveNet's global conditioning adds the speaker's."""
+    speakers = np.asarray(speakers, np.int64)
+    return np.ascontiguousarray(np.broadcast_to(speakers[:, None, None], (len(speakers), frames, stages)))
+
+
 def decode_grids(model, grids, speakers=None, batch_size=64):
     """Code grids (N, frames, stages) -> clips (N, frames * hop) in [-1, 1] scale, in the voices
     of `speakers` (N,) where the decoder takes one."""
@@ -410,12 +419,14 @@ def decode_grids(model, grids, speakers=None, batch_size=64):
 def sample_clips(model, prior, n, frames, stages, seed, rule):
     """n clips spoken from the prior -> (clips (n, frames * hop), digits, speakers): clip i asked
     for the digit i mod 10 (an unconditional prior: none asked) and decoded in the voice of
-    speaker (i // 10) mod S where the decoder takes one, so that ten clips hold every digit once."""
+    speaker (i // 10) mod S where the decoder takes one, so that ten clips hold every digit once; a
+    prior told the speaker (config.prior_configs) is told that one."""
     digits = np.arange(n) % 10
     S = len(model.cfg.speakers)
     speakers = (np.arange(n) // 10) % S if S else None
+    voices = speaker_grids(speakers, frames, stages) if prior.cfg.cond_codebook_size else None
     grids = vqvae.to_numpy(P.sample(prior, n, frames, stages, seed, labels=digits if prior.cfg.num_classes else None,
-                                    **rule))
+                                    cond_codes=voices, **rule))
     return decode_grids(model, grids, speakers), digits, speakers
 
 

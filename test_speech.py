@@ -148,6 +148,29 @@ def test_the_fast_sampler_speaks_the_naive_samplers_codes_on_a_tall_grid_of_fram
     assert len(np.unique(fast)) > 1
 
 
+def test_a_prior_told_the_speaker_hears_it_in_every_cell_and_speaks_the_voice_it_is_given():
+    # config.prior_configs: a codec that takes the speaker gets a prior told it too (one conditioning
+    # code a clip, embedded, no conditioning stack); a codec without speakers, a prior without
+    codec = tiny_codec(speakers=("ann", "bob", "cat"))
+    told, = config.prior_configs({"channels": 4, "layers": 2, "heads": 1}, codec.cfg, 10, 0)
+    assert (told.cond_codebook_size, told.cond_channels, told.cond_blocks) == (3, config.PRIOR_SPEAKER_CHANNELS, 0)
+    plain, = config.prior_configs({}, tiny_codec().cfg, 10, 0)
+    assert plain.cond_codebook_size == plain.cond_channels == 0
+    grids = S.speaker_grids(np.array([2, 0]), 5, 2)
+    assert grids.shape == (2, 5, 2) and (grids[0] == 2).all() and (grids[1] == 0).all()
+    prior = P.PixelCNN(told)
+    for p in prior.params.values():                                   # sharper logits than at initialisation
+        p *= 3
+    rule = dict(temperature=1.0, top_k=0, top_p=1.0, guidance=1.5)
+    clips, digits, speakers = S.sample_clips(codec, prior, 30, 6, 2, 0, rule)
+    codes = P.sample(prior, 30, 6, 2, 0, labels=digits, cond_codes=S.speaker_grids(speakers, 6, 2), **rule)
+    np.testing.assert_allclose(clips, S.decode_grids(codec, V.to_numpy(codes), speakers), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(codes, P.sample_naive(prior, 30, 6, 2, 0, labels=digits,
+                                                        cond_codes=S.speaker_grids(speakers, 6, 2), **rule))
+    others = P.sample(prior, 30, 6, 2, 0, labels=digits, cond_codes=S.speaker_grids((speakers + 1) % 3, 6, 2), **rule)
+    assert not np.array_equal(codes, others)                           # the voice it is told changes what it says
+
+
 def test_spoken_samples_ask_for_each_digit_in_turn_and_conversions_for_every_other_speaker():
     codec = tiny_codec(speakers=("ann", "bob", "cat"))
     prior = P.PixelCNN(P.PriorConfig(codebook_size=8, num_classes=10, channels=4, layers=2, heads=1))
@@ -222,6 +245,7 @@ def test_a_speech_run_leaves_figures_per_stage_wavs_spectrograms_and_a_report(tm
     assert {r["stage"] for r in stages} == {"codec", "prior"} and any("val_si_snr_db" in r for r in stages)
     # stage 2: the prior over the first stage's codes, digits spoken from it, clips in other voices
     assert config["codec"]["speakers"] == ["ann", "bob"] and config["priors"][0]["num_classes"] == 10
+    assert config["priors"][0]["cond_codebook_size"] == 2                # told the speaker of each clip
     for key in ("prior_val_bits_per_code", "accuracy_digit_samples", "accuracy_digit_recon", "fd_samples_recon",
                 "fd_recon_halves", "conversion_speaker_target", "conversion_speaker_source", "conversion_digit"):
         assert np.isfinite(summary[key]), key

@@ -403,14 +403,16 @@ def image_code_sets(model, data, cfg, num_classes):
                        data["test_labels"] if num_classes else None)
 
 
-def train_priors(run, cfg, model, levels, train_set, test_set, log, stop):
+def train_priors(run, cfg, model, levels, train_set, test_set, log, stop, voices=(None, None)):
     """Stage 2: a PixelCNN over each level's codes, coarsest first, the bottom one given the top
-    codes; each set is ((a code grid per level), labels or None) -> (the priors, their figures and seconds)."""
+    codes; each set is ((a code grid per level), labels or None); `voices`, the speaker grids of the
+    train and test sets where speech's prior is told them (speech.speaker_grids) -> (the priors,
+    their figures and seconds)."""
     vqvae_sha256 = fingerprint(model)                                  # recorded in each prior's checkpoint
     (codes_train, labels_train), (codes_test, labels_test) = train_set, test_set
     priors, figures, seconds_all = [], {}, 0.0
     for level, (name, prior, opt, start, seconds) in enumerate(levels):
-        codes, cond = codes_train[level], codes_train[level - 1] if level else None
+        codes, cond = codes_train[level], codes_train[level - 1] if level else voices[0]
         steps, scale = prior_steps(cfg, model, name)
         t_start = time.time()
 
@@ -421,7 +423,7 @@ def train_priors(run, cfg, model, levels, train_set, test_set, log, stop):
                                     cond_codes=None if cond is None else cond[idx])
 
         def held_out(s):
-            return evaluate_prior(prior, codes_test[level], labels_test, codes_test[level - 1] if level else None,
+            return evaluate_prior(prior, codes_test[level], labels_test, codes_test[level - 1] if level else voices[1],
                                   cfg.prior_batch_size, name)
 
         def save(s):
@@ -480,7 +482,9 @@ def train_speech(cfg, codec_cfg, prior_settings, run, resuming):
                       f"{cfg.prior_stages} stages", file=sys.stderr)
                 sets = [((speech.prior_grids(model, data[split], cfg.prior_stages, cfg.prior_frames),),
                          data[f"{split}_labels"] if prior_cfgs[0].num_classes else None) for split in ("train", "test")]
-                priors, figures = train_priors(run, cfg, model, levels, *sets, log, stop)
+                voices = [speech.speaker_grids(data[f"{split}_speakers"], cfg.prior_frames, cfg.prior_stages)
+                          if prior_cfgs[0].cond_codebook_size else None for split in ("train", "test")]
+                priors, figures = train_priors(run, cfg, model, levels, *sets, log, stop, voices)
                 summary.update(figures, **speech.measure_prior(run, model, priors[0], data, cfg, rule))
         summary["wall_time_s"] = summary["vqvae_wall_time_s"] + summary.get("prior_wall_time_s", 0.0)
         save_json(run / "summary.json", summary)
