@@ -198,9 +198,9 @@ def prior_configs(settings, model_cfg, num_classes, seed):
     K = model_cfg.level_num_codes                                      # coarsest first
     kind = "audio" if isinstance(model_cfg, audio.CodecConfig) else "images"
     settings = {"dilation": PRIOR_DILATION[kind], **settings}         # the flag's, else the data's
-    if kind == "audio" and model_cfg.speakers:   # told the voice its codes will be decoded in: the speaker's index as
-        settings = {"cond_blocks": 0, **settings,  # a conditioning code in every cell (speech.speaker_grids)
-                    "cond_codebook_size": len(model_cfg.speakers), "cond_channels": PRIOR_SPEAKER_CHANNELS}
+    if kind == "audio" and model_cfg.speakers:   # told the voice its codes will be decoded in (speech.speaker_grids)
+        settings = {"cond_blocks": 0, **settings, "cond_codebook_size": len(model_cfg.speakers),
+                    "cond_channels": PRIOR_SPEAKER_CHANNELS}
     base = dict(num_classes=num_classes, dtype=model_cfg.dtype)
     try:
         if model_cfg.levels == 1:

@@ -402,8 +402,7 @@ def speaker_grids(speakers, frames, stages):
     that its codes will be decoded in. The speaker is a conditioning code in every cell (prior.py's
     cond_codes, the path VQ-VAE-2's bottom prior takes the top codes by), so that each gated layer
     adds an embedding of it, as WaveNet's global conditioning adds the speaker's."""
-    speakers = np.asarray(speakers, np.int64)
-    return np.ascontiguousarray(np.broadcast_to(speakers[:, None, None], (len(speakers), frames, stages)))
+    return np.tile(np.asarray(speakers, np.int64)[:, None, None], (1, frames, stages))
 
 
 def decode_grids(model, grids, speakers=None, batch_size=64):
