@@ -202,9 +202,9 @@ def train_audio_judge(waves, labels, K, rate, seed, steps, device, batch_size=32
 
     Its learning rate rises to `lr` over `warmup` steps, then falls linearly to nearly zero at the
     last step, so that the judge ends where its loss has settled rather than wherever its last
-    batch threw it. A judge still learning is not only noisier but can be biased: training on
-    taught it more of the reconstructions than of the conversions, so the ratio of the two was
-    high while it was still learning (docs/audio.md, How long the judges learn)."""
+    batch threw it. A judge still learning is not only noisier but can be biased: training it
+    longer taught it more of the reconstructions than of the conversions, so the ratio of the two
+    read high while it was still learning (docs/audio.md, How long the judges learn)."""
     ref = judge_images(waves[:256], rate)
     mean, std = float(ref.mean()), float(ref.std())
     judge = Judge(JudgeConfig(in_channels=2, num_classes=K, seed=seed), device)
